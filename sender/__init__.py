@@ -1,0 +1,37 @@
+"""Clients that submit messages to an sqm queue and receive workers' replies.
+
+>>> from sender import Sender
+>>> with Sender("myqueue") as s:                      # doctest: +SKIP
+...     s.rpc("myfunc", {"name": "value"}, timeout=5)
+"""
+
+from sqm.errors import (
+    BrokerShutdown,
+    Expired,
+    MessageTooLarge,
+    ProtocolError,
+    QueueFull,
+    RemoteError,
+    SerializerError,
+    SQMError,
+    Timeout,
+    WorkerLost,
+)
+
+from .aio import AsyncSender
+from .sync import Sender
+
+__all__ = [
+    "AsyncSender",
+    "BrokerShutdown",
+    "Expired",
+    "MessageTooLarge",
+    "ProtocolError",
+    "QueueFull",
+    "RemoteError",
+    "SQMError",
+    "Sender",
+    "SerializerError",
+    "Timeout",
+    "WorkerLost",
+]

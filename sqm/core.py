@@ -1,0 +1,542 @@
+"""The broker's decisions, with no sockets and no clock.
+
+:class:`QueueCore` holds one queue's pending messages (FIFO per priority),
+its workers' free slots (longest idle first), in-flight assignments and
+worker liveness. Every method takes ``now`` (unix seconds) as an argument;
+what the broker must send is appended to :attr:`QueueCore.outbox` as plain
+tuples, which the I/O loop (:mod:`sqm.broker`) drains after each batch of
+input. That split lets tests drive thousands of random event sequences in
+milliseconds (see tests/test_core_properties.py).
+
+Invariants kept after every public call:
+
+- a message is in flight on at most one live worker;
+- no worker has a free slot while a message is pending;
+- within a priority level, the message dispatched is always the oldest one
+  pending (by submission order, redeliveries included);
+- every accepted message ends exactly once: completed by a worker
+  (:meth:`done`) or failed back to its originator (an ``OUT_FAIL`` entry).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from typing import Any
+
+# Outbox entry kinds. Entries are tuples whose first item is the kind:
+#   (OUT_DISPATCH, worker_rid, message)
+#   (OUT_FAIL, message, error_type, text)
+#   (OUT_HEARTBEAT, worker_rid)
+#   (OUT_BYE, worker_rid)          tell a worker to (re-)register / we stop
+OUT_DISPATCH = 1
+OUT_FAIL = 2
+OUT_HEARTBEAT = 3
+OUT_BYE = 4
+
+PENDING, INFLIGHT, FINISHED = 0, 1, 2
+LEVELS = 3  # high, normal, low
+
+
+class Message:
+    """One submitted message, as the broker tracks it.
+
+    ``frames`` is opaque to the core: the I/O layer keeps the received frame
+    list there so a dispatch forwards it without re-encoding.
+    """
+
+    __slots__ = (
+        "id",
+        "origin",
+        "frames",
+        "size",
+        "oneway",
+        "retries",
+        "priority",
+        "deadline",
+        "submitted_at",
+        "seq",
+        "deliveries",
+        "worker",
+        "state",
+    )
+
+    def __init__(
+        self,
+        id: bytes,  # noqa: A002
+        origin: bytes,
+        frames: Any = None,
+        *,
+        size: int = 0,
+        oneway: bool = False,
+        retries: int = 0,
+        priority: int = 1,
+        deadline: float = 0.0,
+    ) -> None:
+        self.id = id
+        self.origin = origin
+        self.frames = frames
+        self.size = size
+        self.oneway = oneway
+        self.retries = retries
+        self.priority = priority if 0 <= priority < LEVELS else 1
+        self.deadline = deadline
+        self.submitted_at = 0.0
+        self.seq = 0
+        self.deliveries = 0
+        self.worker: WorkerState | None = None
+        self.state = PENDING
+
+    def __repr__(self) -> str:
+        return f"<Message {self.id!r} seq={self.seq} state={self.state}>"
+
+
+class WorkerState:
+    """A registered worker connection and its bookkeeping."""
+
+    __slots__ = (
+        "rid",
+        "id",
+        "info",
+        "slots",
+        "free",
+        "in_flight",
+        "registered_at",
+        "expires_at",
+        "last_sent",
+        "idle_since",
+        "busy_since",
+        "busy_s",
+        "tasks_done",
+        "alive",
+        "leaving",
+    )
+
+    def __init__(self, rid: bytes, wid: str, info: dict[str, Any], slots: int, now: float) -> None:
+        self.rid = rid
+        self.id = wid
+        self.info = info
+        self.slots = slots
+        self.free = slots
+        self.in_flight: dict[bytes, Message] = {}
+        self.registered_at = now
+        self.expires_at = 0.0
+        self.last_sent = now
+        self.idle_since = now
+        self.busy_since = 0.0
+        self.busy_s = 0.0
+        self.tasks_done = 0
+        self.alive = True
+        self.leaving = False
+
+
+class QueueCore:
+    """One queue's state machine. Not thread-safe; owned by one I/O loop."""
+
+    def __init__(
+        self,
+        name: str,
+        now: float,
+        *,
+        heartbeat: float = 1.0,
+        liveness: int = 3,
+        max_pending: int = 100_000,
+        max_message_size: int = 64 * 1024 * 1024,
+        max_deliveries: int | None = None,
+    ) -> None:
+        self.name = name
+        self.started_at = now
+        self.heartbeat = heartbeat
+        self.liveness = liveness
+        self.max_pending = max_pending
+        self.max_message_size = max_message_size
+        self.max_deliveries = max_deliveries
+        self.outbox: list[tuple[Any, ...]] = []
+        self._levels: list[deque[Message]] = [deque() for _ in range(LEVELS)]
+        self.pending = 0
+        self.in_flight = 0
+        self._live: dict[bytes, Message] = {}
+        self._seq = 0
+        self._idle: deque[WorkerState] = deque()  # one entry per free slot
+        self.workers: dict[bytes, WorkerState] = {}
+        self._by_id: dict[str, WorkerState] = {}
+        self._ever: set[str] = set()
+        self._dead_busy_s = 0.0
+        self._dead_lifetime_s = 0.0
+        self._last_sweep = now
+        self.assigned_total = 0
+        self.completed_total = 0
+        self.failed_total = 0
+        self.expired_total = 0
+        self.rejected_total = 0
+        self.redelivered_total = 0
+        self.malformed_total = 0
+
+    # ------------------------------------------------------------------ senders
+
+    def submit(self, now: float, msg: Message) -> None:
+        """Accept a message (or refuse it at once) and dispatch what can be."""
+        if msg.id in self._live:
+            self.malformed_total += 1
+            self.outbox.append((OUT_FAIL, msg, "Malformed", "message id already in use"))
+            return
+        if msg.size > self.max_message_size:
+            self.rejected_total += 1
+            self.outbox.append(
+                (
+                    OUT_FAIL,
+                    msg,
+                    "MessageTooLarge",
+                    f"payload of {msg.size} bytes exceeds this queue's limit of "
+                    f"{self.max_message_size} bytes",
+                )
+            )
+            return
+        if msg.deadline and msg.deadline <= now:
+            self.expired_total += 1
+            self.outbox.append((OUT_FAIL, msg, "Expired", "deadline passed before sqm got it"))
+            return
+        idle = self._idle
+        if idle and not self.pending:
+            # Fast path: a free slot and nothing queued ahead of this message.
+            w = idle.popleft()
+            while not w.alive or w.free <= 0:
+                if not idle:
+                    w = None
+                    break
+                w = idle.popleft()
+            if w is not None:
+                self._seq += 1
+                msg.seq = self._seq
+                msg.submitted_at = now
+                self._live[msg.id] = msg
+                self._dispatch(now, w, msg)
+                return
+        if self.pending >= self.max_pending:
+            self.rejected_total += 1
+            self.outbox.append(
+                (OUT_FAIL, msg, "QueueFull", f"queue {self.name!r} has {self.pending} pending")
+            )
+            return
+        self._seq += 1
+        msg.seq = self._seq
+        msg.submitted_at = now
+        self._live[msg.id] = msg
+        self._levels[msg.priority].append(msg)
+        self.pending += 1
+        if idle:
+            self._assign(now)
+
+    # ------------------------------------------------------------------ workers
+
+    def hello(self, now: float, rid: bytes, info: dict[str, Any]) -> WorkerState:
+        """Register a worker connection (again) with ``info['slots']`` free slots."""
+        old = self.workers.get(rid)
+        if old is not None:
+            # The worker reset itself (it thought we were gone): what it held
+            # is treated like a death, then it starts afresh.
+            self._remove_worker(now, old, "worker re-registered while holding it")
+        slots = info.get("slots", 1)
+        if not isinstance(slots, int) or not 1 <= slots <= 10_000:
+            slots = 1
+        wid = str(info.get("id") or rid.hex())
+        w = WorkerState(rid, wid, info, slots, now)
+        w.expires_at = now + self.heartbeat * self.liveness
+        self.workers[rid] = w
+        self._by_id[wid] = w
+        self._ever.add(wid)
+        self._idle.extend([w] * slots)
+        if self.pending:
+            self._assign(now)
+        return w
+
+    def done(self, now: float, rid: bytes, msg_id: bytes, ok: bool = True) -> bool:
+        """A worker finished ``msg_id`` (its reply went straight to the sender).
+
+        Returns False when the worker or the assignment is unknown, e.g. after
+        a broker restart; the I/O layer then asks the worker to re-register.
+        """
+        w = self.workers.get(rid)
+        if w is None:
+            return False
+        w.expires_at = now + self.heartbeat * self.liveness
+        msg = w.in_flight.pop(msg_id, None)
+        if msg is None:
+            return True
+        msg.state = FINISHED
+        del self._live[msg_id]
+        self.in_flight -= 1
+        w.tasks_done += 1
+        if ok:
+            self.completed_total += 1
+        else:
+            self.failed_total += 1
+        if not w.in_flight:
+            w.busy_s += now - w.busy_since
+            w.idle_since = now
+        if w.leaving:
+            if not w.in_flight:
+                self._remove_worker(now, w, "worker left")
+            return True
+        w.free += 1
+        if self.pending:
+            self._levels_dispatch_to(now, w)
+        else:
+            self._idle.append(w)
+        return True
+
+    def seen(self, now: float, rid: bytes) -> bool:
+        """Any traffic from a worker proves it alive. False if unknown."""
+        w = self.workers.get(rid)
+        if w is None:
+            return False
+        w.expires_at = now + self.heartbeat * self.liveness
+        return True
+
+    def seen_id(self, now: float, wid: str) -> bool:
+        """A heartbeat naming the worker by id (sent from its heartbeat thread)."""
+        w = self._by_id.get(wid)
+        if w is None:
+            return False
+        w.expires_at = now + self.heartbeat * self.liveness
+        return True
+
+    def unreachable(self, now: float, rid: bytes, msg: Message) -> None:
+        """A dispatch of ``msg`` to ``rid`` could not be sent: the connection is gone.
+
+        ``msg`` never reached the worker, so it goes back to the queue without
+        using a retry; whatever else the worker held follows the death rules.
+        """
+        w = self.workers.get(rid)
+        if w is None or w.in_flight.get(msg.id) is not msg:
+            return
+        del w.in_flight[msg.id]
+        if not w.in_flight:
+            w.busy_s += now - w.busy_since
+        self.in_flight -= 1
+        self.assigned_total -= 1
+        msg.deliveries -= 1
+        self._requeue(msg)
+        self._remove_worker(now, w, "worker connection lost while holding it")
+
+    def bye(self, now: float, rid: bytes) -> None:
+        """A worker asks to leave: no new work for it; it finishes what it holds.
+
+        The acknowledgement (OUT_BYE) tells the worker that nothing more was
+        sent after it, so it may exit once it has finished what it holds.
+        """
+        w = self.workers.get(rid)
+        if w is None:
+            self.outbox.append((OUT_BYE, rid))
+            return
+        w.leaving = True
+        w.free = 0  # its idle slots become stale entries
+        self.outbox.append((OUT_BYE, rid))
+        if not w.in_flight:
+            self._remove_worker(now, w, "worker left")
+
+    # ------------------------------------------------------------------ time
+
+    def tick(self, now: float) -> None:
+        """Expire silent workers, heartbeat quiet ones, sweep expired pending."""
+        dead = [w for w in self.workers.values() if w.expires_at < now]
+        for w in dead:
+            self._remove_worker(now, w, "worker stopped heartbeating")
+        for w in self.workers.values():
+            if now - w.last_sent >= self.heartbeat:
+                w.last_sent = now
+                self.outbox.append((OUT_HEARTBEAT, w.rid))
+        if self.pending and now - self._last_sweep >= self.heartbeat:
+            self._last_sweep = now
+            self._sweep_expired(now)
+
+    def shutdown(self, now: float) -> None:
+        """Fail every pending message back and tell every worker we stop.
+
+        In-flight messages are not failed: their workers still reply
+        straight to the originators.
+        """
+        for level in self._levels:
+            while level:
+                msg = level.popleft()
+                if msg.state == PENDING:
+                    self._finish_failed(msg, "BrokerShutdown", "sqm stopped before a worker took it")
+        self.pending = 0
+        for w in self.workers.values():
+            self.outbox.append((OUT_BYE, w.rid))
+
+    def purge(self, now: float) -> int:
+        """Drop every pending message, failing each back to its originator."""
+        n = 0
+        for level in self._levels:
+            while level:
+                msg = level.popleft()
+                if msg.state == PENDING:
+                    n += 1
+                    self._finish_failed(msg, "BrokerShutdown", "purged by an operator")
+        self.pending = 0
+        return n
+
+    # ------------------------------------------------------------------ status
+
+    def status(self, now: float) -> dict[str, Any]:
+        """The figures ``sqm status --json`` prints."""
+        workers = []
+        busy = self._dead_busy_s
+        lifetime = self._dead_lifetime_s
+        for w in self.workers.values():
+            w_busy = w.busy_s + (now - w.busy_since if w.in_flight else 0.0)
+            busy += w_busy
+            lifetime += now - w.registered_at
+            info = w.info
+            workers.append(
+                {
+                    "id": w.id,
+                    "host": info.get("host", ""),
+                    "pid": info.get("pid", 0),
+                    "state": "leaving" if w.leaving else ("busy" if w.in_flight else "idle"),
+                    "started_at": info.get("started_at", w.registered_at),
+                    "registered_at": w.registered_at,
+                    "idle_s": 0.0 if w.in_flight else max(0.0, now - w.idle_since),
+                    "tasks_done": w.tasks_done,
+                    "in_flight": len(w.in_flight),
+                    "slots": w.slots,
+                    "busy_s": round(w_busy, 6),
+                }
+            )
+        return {
+            "queue": self.name,
+            "started_at": self.started_at,
+            "uptime_s": max(0.0, now - self.started_at),
+            "pending": self.pending,
+            "in_flight": self.in_flight,
+            "workers": workers,
+            "workers_current": len(self.workers),
+            "workers_ever": len(self._ever),
+            "assigned_total": self.assigned_total,
+            "completed_total": self.completed_total,
+            "failed_total": self.failed_total,
+            "expired_total": self.expired_total,
+            "rejected_total": self.rejected_total,
+            "redelivered_total": self.redelivered_total,
+            "malformed_total": self.malformed_total,
+            "utilization": min(1.0, busy / lifetime) if lifetime > 0 else 0.0,
+        }
+
+    # ------------------------------------------------------------------ internals
+
+    def _dispatch(self, now: float, w: WorkerState, msg: Message) -> None:
+        msg.state = INFLIGHT
+        msg.worker = w
+        msg.deliveries += 1
+        if not w.in_flight:
+            w.busy_since = now
+        w.in_flight[msg.id] = msg
+        w.free -= 1
+        w.last_sent = now
+        self.in_flight += 1
+        self.assigned_total += 1
+        self.outbox.append((OUT_DISPATCH, w.rid, msg))
+
+    def _pop_pending(self, now: float) -> Message | None:
+        """The oldest live pending message of the highest priority, or None."""
+        for level in self._levels:
+            while level:
+                msg = level.popleft()
+                if msg.state != PENDING:
+                    continue
+                self.pending -= 1
+                if msg.deadline and msg.deadline <= now:
+                    self.expired_total += 1
+                    del self._live[msg.id]
+                    msg.state = FINISHED
+                    self.outbox.append(
+                        (OUT_FAIL, msg, "Expired", "deadline passed before a worker was free")
+                    )
+                    continue
+                return msg
+        return None
+
+    def _levels_dispatch_to(self, now: float, w: WorkerState) -> None:
+        """Give the freed slot of ``w`` the oldest pending message, if any."""
+        msg = self._pop_pending(now)
+        if msg is None:
+            self._idle.append(w)
+        else:
+            self._dispatch(now, w, msg)
+
+    def _assign(self, now: float) -> None:
+        idle = self._idle
+        while self.pending and idle:
+            w = idle.popleft()
+            if not w.alive or w.free <= 0:
+                continue  # stale slot of a dead or re-registered worker
+            msg = self._pop_pending(now)
+            if msg is None:
+                idle.appendleft(w)
+                return
+            self._dispatch(now, w, msg)
+
+    def _requeue(self, msg: Message) -> None:
+        """Put a redelivered message back in submission order within its level."""
+        level = self._levels[msg.priority]
+        msg.state = PENDING
+        msg.worker = None
+        if not level or level[-1].seq < msg.seq:
+            level.append(msg)
+        else:
+            # Older than something queued: insert by seq (rare; short scan).
+            seqs = [m.seq for m in level]
+            level.insert(bisect.bisect_left(seqs, msg.seq), msg)
+        self.pending += 1
+
+    def _remove_worker(self, now: float, w: WorkerState, why: str) -> None:
+        w.alive = False
+        del self.workers[w.rid]
+        if self._by_id.get(w.id) is w:
+            del self._by_id[w.id]
+        if w.in_flight:
+            w.busy_s += now - w.busy_since
+        self._dead_busy_s += w.busy_s
+        self._dead_lifetime_s += now - w.registered_at
+        held = sorted(w.in_flight.values(), key=lambda m: m.seq)
+        w.in_flight.clear()
+        self.in_flight -= len(held)
+        for msg in held:
+            can_retry = msg.retries > 0 and (
+                self.max_deliveries is None or msg.deliveries < self.max_deliveries
+            )
+            if can_retry:
+                msg.retries -= 1
+                self.redelivered_total += 1
+                self._requeue(msg)
+            else:
+                self._finish_failed(msg, "WorkerLost", why)
+        if self.pending and self._idle:
+            self._assign(now)
+
+    def _finish_failed(self, msg: Message, kind: str, text: str) -> None:
+        msg.state = FINISHED
+        msg.worker = None
+        self._live.pop(msg.id, None)
+        if kind in ("WorkerLost", "BrokerShutdown"):
+            self.failed_total += 1
+        self.outbox.append((OUT_FAIL, msg, kind, text))
+
+    def _sweep_expired(self, now: float) -> None:
+        for i, level in enumerate(self._levels):
+            if not level:
+                continue
+            keep: deque[Message] = deque()
+            for msg in level:
+                if msg.state != PENDING:
+                    continue
+                if msg.deadline and msg.deadline <= now:
+                    self.pending -= 1
+                    self.expired_total += 1
+                    msg.state = FINISHED
+                    del self._live[msg.id]
+                    self.outbox.append((OUT_FAIL, msg, "Expired", "deadline passed while pending"))
+                else:
+                    keep.append(msg)
+            self._levels[i] = keep

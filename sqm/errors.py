@@ -1,0 +1,79 @@
+"""Exceptions shared by the broker, Sender and Worker.
+
+Every error a caller can see is an :class:`SQMError`, so ``except SQMError``
+catches everything this library raises on purpose.
+"""
+
+from __future__ import annotations
+
+
+class SQMError(Exception):
+    """Base class of every sqm error."""
+
+
+class ConfigError(SQMError):
+    """The queue name, endpoint or configuration file is missing or invalid."""
+
+
+class ProtocolError(SQMError):
+    """A peer sent frames that do not follow docs/PROTOCOL.md."""
+
+
+class SerializerError(SQMError):
+    """A payload could not be encoded or decoded, or its serializer is refused."""
+
+
+class Timeout(SQMError, TimeoutError):
+    """No reply arrived before the deadline."""
+
+
+class QueueFull(SQMError):
+    """sqm refused the message because the queue's pending limit was reached."""
+
+
+class MessageTooLarge(SQMError):
+    """The encoded payload is larger than the allowed maximum message size."""
+
+
+class Expired(SQMError):
+    """The message's deadline passed before any worker could take it."""
+
+
+class BrokerShutdown(SQMError):
+    """sqm stopped (or purged the message) before a worker took it."""
+
+
+class WorkerLost(SQMError):
+    """The worker holding the message died and no retry was left.
+
+    ``deliveries`` is how many workers the message was handed to.
+    """
+
+    def __init__(self, message: str = "worker lost", deliveries: int = 1) -> None:
+        super().__init__(message)
+        self.deliveries = deliveries
+
+
+class RemoteError(SQMError):
+    """The worker's callback raised, or the method is unknown.
+
+    ``type``, ``message`` and ``traceback`` are strings; ``type`` is the
+    exception class name on the worker, or ``"UnknownMethod"``.
+    """
+
+    def __init__(self, type: str, message: str, traceback: str = "") -> None:  # noqa: A002
+        super().__init__(f"{type}: {message}")
+        self.type = type
+        self.message = message
+        self.traceback = traceback
+
+
+#: Error types sqm or a worker may put on the wire, mapped to the exception
+#: the Sender raises. Anything else becomes a RemoteError.
+BROKER_ERRORS: dict[str, type[SQMError]] = {
+    "QueueFull": QueueFull,
+    "MessageTooLarge": MessageTooLarge,
+    "Expired": Expired,
+    "BrokerShutdown": BrokerShutdown,
+    "Malformed": ProtocolError,
+}

@@ -1,0 +1,157 @@
+"""The sqm wire protocol: frame layouts, constants and validation.
+
+See docs/PROTOCOL.md for the prose version. Every message starts with the
+signature frame ``SQM1`` (protocol version 1) and a one-byte command. The
+broker only ever reads the envelope frames; the payload frame is forwarded
+untouched and never decoded.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import struct
+from typing import Any
+
+SIGNATURE = b"SQM1"
+
+# client (Sender) -> broker
+SUBMIT = b"S"
+STATUS = b"?"
+# worker -> broker
+HELLO = b"W"
+DONE = b"R"
+HEARTBEAT = b"H"
+BYE = b"X"
+# broker -> worker
+DISPATCH = b"D"
+# broker -> client, and worker -> mailbox
+ERROR = b"E"
+# worker -> mailbox
+ACK = b"A"
+PROGRESS = b"P"
+RESULT = b"Y"
+
+# Positions in a SUBMIT/DISPATCH message (without the routing-id frame).
+F_SIG, F_CMD, F_ID, F_MAILBOX, F_METHOD, F_SER, F_META, F_PAYLOAD = range(8)
+SUBMIT_FRAMES = 8
+
+# The meta frame: flags, retries, priority, one pad byte, deadline (unix s, 0 = none).
+META = struct.Struct("!BBBxd")
+FLAG_ONEWAY = 0x01
+PRIORITY_HIGH, PRIORITY_NORMAL, PRIORITY_LOW = 0, 1, 2
+PRIORITIES = {"high": PRIORITY_HIGH, "normal": PRIORITY_NORMAL, "low": PRIORITY_LOW}
+
+DONE_OK = b"1"
+DONE_FAILED = b"0"
+
+MAX_ID = 128
+MAX_MAILBOX = 256
+MAX_METHOD = 256
+MAX_SERIALIZER = 32
+DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+
+
+def encode_meta(*, oneway: bool, retries: int, priority: int, deadline: float | None) -> bytes:
+    if not 0 <= retries <= 255:
+        raise ValueError("retries must be between 0 and 255")
+    return META.pack(FLAG_ONEWAY if oneway else 0, retries, priority, deadline or 0.0)
+
+
+def encode_json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def decode_json(data: bytes) -> Any:
+    return json.loads(data)
+
+
+# --------------------------------------------------------------------------
+# Mailbox addresses: where workers send replies. A sender names its own
+# mailbox; workers only connect to addresses the deployment allows.
+# --------------------------------------------------------------------------
+
+
+def parse_mailbox(addr: str) -> tuple[str, str, int]:
+    """Split ``tcp://IP:PORT`` or ``ipc:///abs/path`` into (scheme, host-or-path, port).
+
+    Raises ValueError on anything else: other transports, host names (no DNS
+    lookups on the hot path), relative ipc paths, ``..`` tricks.
+    """
+    if addr.startswith("ipc://"):
+        path = addr[6:]
+        if not path.startswith("/") or "\x00" in path:
+            raise ValueError("ipc mailbox must be an absolute path")
+        norm = os.path.normpath(path)
+        if norm != path:
+            raise ValueError("ipc mailbox path must be normalised")
+        return "ipc", path, 0
+    if addr.startswith("tcp://"):
+        rest = addr[6:]
+        host, sep, port = rest.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("tcp mailbox needs a numeric port")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        ipaddress.ip_address(host)  # raises ValueError for names
+        return "tcp", host, int(port)
+    raise ValueError("mailbox must be tcp://IP:PORT or ipc:///path")
+
+
+class MailboxPolicy:
+    """Which mailbox addresses a deployment allows workers to connect to.
+
+    - ``ipc``: the socket file must sit directly in one of ``ipc_dirs`` (by
+      default the run directory and the directory of the queue's own ipc
+      endpoint), so a sender cannot aim workers at arbitrary local sockets.
+    - ``tcp``: the host must be an IP literal. If ``networks`` is given
+      (config ``mailbox_networks``) it must fall inside one of them. The
+      broker additionally requires it to equal the sender's own address as
+      seen on its connection (see :meth:`check` ``peer``), so a sender can
+      only make workers connect back to itself.
+    """
+
+    def __init__(self, ipc_dirs: list[str] | tuple[str, ...] = (), networks: Any = None) -> None:
+        self.ipc_dirs = tuple(sorted({os.path.abspath(d) for d in ipc_dirs if d}))
+        self.networks = (
+            tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+            if networks
+            else None
+        )
+
+    @classmethod
+    def for_settings(cls, settings: Any) -> MailboxPolicy:
+        dirs = [settings.rundir, settings.ipc_dir, *(settings.get("mailbox_dirs") or [])]
+        return cls(dirs, settings.get("mailbox_networks"))
+
+    def check(self, addr: str, peer: str | None = None) -> str | None:
+        """Return why ``addr`` is refused, or None when it is allowed.
+
+        ``peer`` is the sender's connection address (ZeroMQ's Peer-Address
+        property): an IP for tcp connections, something else for ipc.
+        """
+        if len(addr) > MAX_MAILBOX:
+            return "mailbox address too long"
+        try:
+            scheme, where, _port = parse_mailbox(addr)
+        except ValueError as exc:
+            return str(exc)
+        if scheme == "ipc":
+            if os.path.dirname(where) not in self.ipc_dirs:
+                return "ipc mailbox outside the allowed directories"
+            return None
+        ip = ipaddress.ip_address(where)
+        if self.networks is not None and not any(ip in n for n in self.networks):
+            return "tcp mailbox outside mailbox_networks"
+        if peer is not None:
+            try:
+                peer_ip = ipaddress.ip_address(peer)
+            except ValueError:
+                # connected over ipc: the sender is on this host
+                if not ip.is_loopback:
+                    return "sender on a local ipc connection must use a loopback or ipc mailbox"
+                return None
+            if peer_ip != ip and not (peer_ip.is_loopback and ip.is_loopback):
+                return "tcp mailbox host differs from the sender's own address"
+        return None

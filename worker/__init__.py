@@ -1,0 +1,12 @@
+"""Workers: serve an sqm queue with a dict of callbacks.
+
+>>> from worker import Worker
+>>> def myfunc(worker, originator, payload):
+...     worker.respond(originator, {"response": "I heard you!"})
+>>> w = Worker("myqueue", callbacks={"myfunc": myfunc})   # doctest: +SKIP
+>>> w.run()                                              # doctest: +SKIP
+"""
+
+from .core import Originator, Worker
+
+__all__ = ["Originator", "Worker"]

@@ -1,0 +1,379 @@
+"""The Worker: takes messages from sqm, runs callbacks, replies to mailboxes."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from sqm import protocol, serializers
+from sqm.config import resolve
+from sqm.errors import SQMError
+from sqm.protocol import (
+    ACK,
+    BYE,
+    DISPATCH,
+    DONE,
+    DONE_FAILED,
+    DONE_OK,
+    ERROR,
+    HEARTBEAT,
+    HELLO,
+    META,
+    RESULT,
+    SIGNATURE,
+    MailboxPolicy,
+)
+from sqm.sockets import make_socket
+
+from .mailboxes import MailboxPool
+
+log = logging.getLogger("sqm.worker")
+
+Callback = Callable[["Worker", "Originator", Any], Any]
+_counter = itertools.count(1)
+
+
+class Originator:
+    """Opaque handle for where a reply goes. Pass it back to :meth:`Worker.respond`."""
+
+    __slots__ = ("id", "mailbox", "sertag", "oneway", "responded", "method")
+
+    def __init__(self, msg_id: bytes, mailbox: bytes, sertag: bytes, oneway: bool, method: str):
+        self.id = msg_id
+        self.mailbox = mailbox
+        self.sertag = sertag
+        self.oneway = oneway
+        self.method = method
+        self.responded = False
+
+    @property
+    def message_id(self) -> str:
+        return self.id.decode("ascii", "replace")
+
+    def __repr__(self) -> str:
+        return f"<Originator {self.message_id} {self.method}>"
+
+
+class Worker:
+    """Serve a queue with callbacks ``fn(worker, originator, payload)``.
+
+    The callback's return value is the reply unless it called
+    :meth:`respond` itself; an exception becomes a ``RemoteError`` at the
+    sender and the worker carries on. Heartbeats go out from a background
+    thread, so a long callback does not look like a dead worker. If sqm
+    restarts, the worker registers again by itself.
+    """
+
+    def __init__(
+        self,
+        queue: str | None = None,
+        *,
+        callbacks: Mapping[str, Callback] | None = None,
+        endpoint: str | None = None,
+        config: str | dict[str, Any] | None = None,
+        heartbeat: float | None = None,
+        allow_pickle: bool = False,
+        max_mailboxes: int = 64,
+        mailbox_idle_s: float = 60.0,
+    ) -> None:
+        self.settings = resolve(queue, endpoint=endpoint, config=config)
+        self.queue = self.settings.queue
+        self.endpoint = self.settings.endpoint
+        self.heartbeat = float(heartbeat or self.settings.get("heartbeat", 1.0))
+        self.liveness = 3
+        self.allow_pickle = allow_pickle
+        self.max_mailboxes = max_mailboxes
+        self.mailbox_idle_s = mailbox_idle_s
+        self._callbacks: dict[str, Callback] = {}
+        if callbacks:
+            self.callbacks(**dict(callbacks))
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.id = f"{self.host}:{self.pid}:{next(_counter)}:{secrets.token_hex(2)}"
+        self.started_at = time.time()
+        self.tasks_done = 0
+        self.busy_s = 0.0
+        self._stop = threading.Event()
+        self._hb_stop = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._current: Originator | None = None
+        self._pool: MailboxPool | None = None
+        self._running = False
+
+    # ------------------------------------------------------------ public API
+
+    def callbacks(self, **fns: Callback) -> Worker:
+        """Add or replace callbacks by method name."""
+        for name, fn in fns.items():
+            if not callable(fn):
+                raise TypeError(f"callback for {name!r} is not callable")
+            self._callbacks[name] = fn
+        return self
+
+    def respond(self, originator: Originator, value: Any) -> None:
+        """Send ``value`` as the reply to ``originator`` (at most once per message)."""
+        if originator.oneway:
+            return
+        if originator.responded:
+            raise SQMError(f"message {originator.message_id} was already answered")
+        codec = serializers.get(originator.sertag.decode("ascii"), allow_pickle=self.allow_pickle)
+        try:
+            body = codec.dumps(value)
+        except Exception as exc:
+            raise serializers.SerializerError(
+                f"cannot encode the reply with {codec.name}: {exc}"
+            ) from exc
+        originator.responded = True
+        self._to_mailbox(originator, [SIGNATURE, RESULT, originator.id, originator.sertag, body])
+
+    def terminate(self) -> None:
+        """Finish the message in hand, tell sqm we are gone, and make run() return."""
+        self._stop.set()
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------ run loop
+
+    def run(self) -> None:
+        """Serve until terminate(), SIGTERM or SIGINT."""
+        if self._running:
+            raise SQMError("this Worker is already running")
+        self._running = True
+        self._stop.clear()
+        self._hb_stop.clear()
+        restore = self._install_signals()
+        ctx = zmq.Context()
+        self._pool = MailboxPool(
+            ctx,
+            MailboxPolicy.for_settings(self.settings),
+            max_open=self.max_mailboxes,
+            idle_s=self.mailbox_idle_s,
+        )
+        hb = threading.Thread(target=self._heartbeat_loop, args=(ctx,), daemon=True,
+                              name=f"sqm-heartbeat-{self.id}")
+        sock, monitor = self._connect(ctx)
+        hb.start()
+        log.info("worker %s serving queue %s at %s", self.id, self.queue, self.endpoint)
+        last_heard = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                poller = zmq.Poller()
+                poller.register(sock, zmq.POLLIN)
+                poller.register(monitor, zmq.POLLIN)
+                poller.register(self._wake_r, zmq.POLLIN)
+                reconnect = False
+                while not self._stop.is_set():
+                    events = dict(poller.poll(int(self.heartbeat * 500)))
+                    now = time.monotonic()
+                    if sock in events:
+                        last_heard = now
+                        if self._drain(sock):
+                            self._hello(sock)
+                    if monitor in events:
+                        self._drain_monitor(monitor, sock)
+                    if now - last_heard > self.heartbeat * self.liveness:
+                        reconnect = True
+                        break
+                    self._pool.expire(now)
+                if reconnect:
+                    log.info("worker %s: sqm silent, reconnecting to %s", self.id, self.endpoint)
+                    monitor.close(0)
+                    sock.close(0)
+                    sock, monitor = self._connect(ctx)
+                    last_heard = time.monotonic()
+            self._leave(sock)
+        finally:
+            self._stop.set()
+            self._hb_stop.set()
+            hb.join(timeout=self.heartbeat * 2)
+            sock.disable_monitor()
+            monitor.close(0)
+            sock.close(linger=1000)
+            self._pool.close()
+            ctx.term()
+            restore()
+            self._running = False
+            log.info("worker %s stopped after %d task(s)", self.id, self.tasks_done)
+
+    def _install_signals(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in old:
+            signal.signal(s, lambda *_: self.terminate())
+
+        def restore() -> None:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+        return restore
+
+    def _connect(self, ctx: zmq.Context) -> tuple[zmq.Socket, zmq.Socket]:
+        sock = make_socket(ctx, zmq.DEALER, routing_id=b"W" + self.id.encode())
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        sock.connect(self.endpoint)
+        self._hello(sock)
+        self._was_disconnected = False
+        return sock, monitor
+
+    def _hello(self, sock: zmq.Socket) -> None:
+        info = {
+            "id": self.id,
+            "host": self.host,
+            "pid": self.pid,
+            "started_at": self.started_at,
+            "slots": 1,
+            "methods": sorted(self._callbacks),
+            "version": protocol.SIGNATURE.decode(),
+        }
+        sock.send_multipart([SIGNATURE, HELLO, protocol.encode_json(info)], zmq.NOBLOCK)
+
+    def _drain_monitor(self, monitor: zmq.Socket, sock: zmq.Socket) -> None:
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                self._was_disconnected = True
+            elif event == zmq.EVENT_CONNECTED and self._was_disconnected:
+                # sqm came back (restart): register again without waiting.
+                self._was_disconnected = False
+                self._hello(sock)
+
+    def _drain(self, sock: zmq.Socket) -> bool:
+        """Handle everything waiting from sqm. True if sqm asked us to register again."""
+        rehello = False
+        while not self._stop.is_set():
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if len(frames) < 2 or frames[0] != SIGNATURE:
+                continue
+            cmd = frames[1]
+            if cmd == DISPATCH and len(frames) == protocol.SUBMIT_FRAMES:
+                self._handle(sock, frames)
+            elif cmd == BYE:
+                rehello = True  # sqm restarted or is stopping: say hello again
+            elif cmd != HEARTBEAT:
+                log.debug("worker %s: ignoring command %r", self.id, cmd)
+        return rehello
+
+    def _leave(self, sock: zmq.Socket) -> None:
+        """Tell sqm we go; finish whatever it dispatched before it acknowledged."""
+        try:
+            sock.send_multipart([SIGNATURE, BYE], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return
+        deadline = time.monotonic() + self.heartbeat * self.liveness
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
+                return  # sqm is gone: nothing more can arrive
+            frames = sock.recv_multipart()
+            if len(frames) < 2 or frames[0] != SIGNATURE:
+                continue
+            if frames[1] == DISPATCH and len(frames) == protocol.SUBMIT_FRAMES:
+                self._handle(sock, frames)
+            elif frames[1] == BYE:
+                return
+
+    def _handle(self, sock: zmq.Socket, frames: list[bytes]) -> None:
+        msg_id, mailbox, method_b, sertag, meta, body = frames[2:8]
+        try:
+            flags = META.unpack(meta)[0]
+        except Exception:
+            flags = 0
+        method = method_b.decode("utf-8", "replace")
+        orig = Originator(msg_id, mailbox, sertag, bool(flags & protocol.FLAG_ONEWAY), method)
+        if not orig.oneway:
+            self._to_mailbox(orig, [SIGNATURE, ACK, msg_id])
+        started = time.monotonic()
+        self._current = orig
+        ok = False
+        try:
+            fn = self._callbacks.get(method)
+            if fn is None:
+                self._fail(orig, "UnknownMethod", f"no callback for method {method!r} on this worker")
+            else:
+                try:
+                    codec = serializers.get(sertag.decode("ascii", "replace"),
+                                            allow_pickle=self.allow_pickle)
+                    payload = codec.loads(body)
+                except Exception as exc:
+                    self._fail(orig, "SerializerError", str(exc))
+                else:
+                    try:
+                        value = fn(self, orig, payload)
+                    except Exception as exc:
+                        self._fail(orig, type(exc).__name__, str(exc), traceback.format_exc())
+                    else:
+                        if not orig.responded and not orig.oneway:
+                            try:
+                                self.respond(orig, value)
+                                ok = True
+                            except Exception as exc:
+                                self._fail(orig, type(exc).__name__, str(exc))
+                        else:
+                            ok = True
+        finally:
+            self._current = None
+            self.tasks_done += 1
+            self.busy_s += time.monotonic() - started
+            try:
+                sock.send_multipart([SIGNATURE, DONE, msg_id, DONE_OK if ok else DONE_FAILED],
+                                    zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def _fail(self, orig: Originator, etype: str, message: str, trace: str = "") -> None:
+        if orig.oneway or orig.responded:
+            if etype != "UnknownMethod":
+                log.warning("worker %s: %s in oneway/answered %s: %s", self.id, etype, orig, message)
+            return
+        orig.responded = True
+        self._to_mailbox(
+            orig, [SIGNATURE, ERROR, orig.id, etype.encode(), message.encode(), trace.encode()]
+        )
+
+    def _to_mailbox(self, orig: Originator, frames: list[bytes]) -> None:
+        assert self._pool is not None, "respond() is only valid while the worker runs"
+        try:
+            sock = self._pool.get(orig.mailbox)
+        except ValueError as exc:
+            log.warning("worker %s: refusing mailbox %r: %s", self.id, orig.mailbox[:80], exc)
+            return
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            log.debug("worker %s: mailbox %r not keeping up; reply dropped", self.id, orig.mailbox)
+
+    # ------------------------------------------------------------ heartbeats
+
+    def _heartbeat_loop(self, ctx: zmq.Context) -> None:
+        """Own socket, own thread: keeps beating while a callback runs."""
+        sock = make_socket(ctx, zmq.DEALER, linger_ms=0)
+        sock.connect(self.endpoint)
+        frames = [SIGNATURE, HEARTBEAT, self.id.encode()]
+        try:
+            while not self._hb_stop.wait(self.heartbeat):
+                try:
+                    sock.send_multipart(frames, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+        finally:
+            sock.close(0)
