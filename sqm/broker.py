@@ -85,6 +85,8 @@ class QueueServer:
             self.sock.close(0)
             raise ConfigError(f"cannot bind {self.bind} for queue {self.name!r}: {exc}") from None
         self.sent_dropped = 0
+        # Heartbeats carry our interval (ms) so workers judge our silence by it.
+        self._heartbeat_frames = [SIGNATURE, HEARTBEAT, b"%d" % int(opts.heartbeat * 1000)]
 
     # -------------------------------------------------------------- input
 
@@ -254,7 +256,7 @@ class QueueServer:
                     [SIGNATURE, ERROR, msg.id, entry[2].encode(), entry[3].encode(), detail],
                 )
             elif kind == OUT_HEARTBEAT:
-                self._send(entry[1], [SIGNATURE, HEARTBEAT])
+                self._send(entry[1], self._heartbeat_frames)
             elif kind == OUT_BYE:
                 self._send(entry[1], [SIGNATURE, BYE])
         out.clear()

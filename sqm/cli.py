@@ -366,10 +366,12 @@ def load_target(target: str) -> Any:
 @endpoint_option
 @config_option
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle payloads (runs code!).")
+@click.option("--heartbeat", type=float, default=None, help="Seconds between heartbeats [1.0].")
 @log_level_option
 @one_line_errors
 def worker_cmd(target: str, queue: str | None, processes: int, endpoint: str | None,
-               config: str | None, allow_pickle: bool, log_level: str) -> None:
+               config: str | None, allow_pickle: bool, heartbeat: float | None,
+               log_level: str) -> None:
     """Run workers from a callbacks dict (or a Worker) found at MODULE:ATTR.
 
     With --processes N, a parent starts N worker processes, restarts any that
@@ -394,7 +396,8 @@ def worker_cmd(target: str, queue: str | None, processes: int, endpoint: str | N
     if processes > 1:
         argv = [sys.executable, "-m", "sqm", "worker", target, "--processes", "1",
                 "--log-level", log_level]
-        for flag, value in (("--queue", queue), ("--endpoint", endpoint), ("--config", config)):
+        for flag, value in (("--queue", queue), ("--endpoint", endpoint), ("--config", config),
+                            ("--heartbeat", heartbeat and str(heartbeat))):
             if value:
                 argv += [flag, value]
         if allow_pickle:
@@ -402,4 +405,4 @@ def worker_cmd(target: str, queue: str | None, processes: int, endpoint: str | N
         sys.exit(pool.Pool(argv, processes).run())
     pool.die_with_parent()
     Worker(queue, callbacks=callbacks, endpoint=endpoint, config=config,
-           allow_pickle=allow_pickle).run()
+           allow_pickle=allow_pickle, heartbeat=heartbeat).run()

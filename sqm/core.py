@@ -110,6 +110,7 @@ class WorkerState:
         "tasks_done",
         "alive",
         "leaving",
+        "ttl",
     )
 
     def __init__(self, rid: bytes, wid: str, info: dict[str, Any], slots: int, now: float) -> None:
@@ -128,6 +129,7 @@ class WorkerState:
         self.tasks_done = 0
         self.alive = True
         self.leaving = False
+        self.ttl = 3.0  # seconds of silence after which the worker is dead
 
 
 class QueueCore:
@@ -241,7 +243,10 @@ class QueueCore:
             slots = 1
         wid = str(info.get("id") or rid.hex())
         w = WorkerState(rid, wid, info, slots, now)
-        w.expires_at = now + self.heartbeat * self.liveness
+        own = info.get("heartbeat")
+        own = float(own) if isinstance(own, (int, float)) and 0 < own <= 3600 else 0.0
+        w.ttl = self.liveness * max(self.heartbeat, own)
+        w.expires_at = now + w.ttl
         self.workers[rid] = w
         self._by_id[wid] = w
         self._ever.add(wid)
@@ -259,7 +264,7 @@ class QueueCore:
         w = self.workers.get(rid)
         if w is None:
             return False
-        w.expires_at = now + self.heartbeat * self.liveness
+        w.expires_at = now + w.ttl
         msg = w.in_flight.pop(msg_id, None)
         if msg is None:
             return True
@@ -290,7 +295,7 @@ class QueueCore:
         w = self.workers.get(rid)
         if w is None:
             return False
-        w.expires_at = now + self.heartbeat * self.liveness
+        w.expires_at = now + w.ttl
         return True
 
     def seen_id(self, now: float, wid: str) -> bool:
@@ -298,7 +303,7 @@ class QueueCore:
         w = self._by_id.get(wid)
         if w is None:
             return False
-        w.expires_at = now + self.heartbeat * self.liveness
+        w.expires_at = now + w.ttl
         return True
 
     def unreachable(self, now: float, rid: bytes, msg: Message) -> None:

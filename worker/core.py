@@ -113,6 +113,7 @@ class Worker:
         self._current: Originator | None = None
         self._pool: MailboxPool | None = None
         self._running = False
+        self._broker_heartbeat = 0.0
 
     # ------------------------------------------------------------ public API
 
@@ -187,7 +188,8 @@ class Worker:
                             self._hello(sock)
                     if monitor in events:
                         self._drain_monitor(monitor, sock)
-                    if now - last_heard > self.heartbeat * self.liveness:
+                    if now - last_heard > self.liveness * max(self.heartbeat,
+                                                              self._broker_heartbeat):
                         reconnect = True
                         break
                     self._pool.expire(now)
@@ -239,6 +241,7 @@ class Worker:
             "pid": self.pid,
             "started_at": self.started_at,
             "slots": 1,
+            "heartbeat": self.heartbeat,
             "methods": sorted(self._callbacks),
             "version": protocol.SIGNATURE.decode(),
         }
@@ -269,7 +272,10 @@ class Worker:
                 self._handle(sock, frames)
             elif cmd == BYE:
                 rehello = True  # sqm restarted or is stopping: say hello again
-            elif cmd != HEARTBEAT:
+            elif cmd == HEARTBEAT:
+                if len(frames) == 3 and frames[2].isdigit():
+                    self._broker_heartbeat = max(0.001, int(frames[2]) / 1000)
+            else:
                 log.debug("worker %s: ignoring command %r", self.id, cmd)
         return rehello
 

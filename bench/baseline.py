@@ -1,0 +1,278 @@
+"""Baseline: a minimal raw-pyzmq load-balancing broker with direct replies.
+
+Same topology as sqm, no features (no heartbeats, retries, metrics, logging):
+
+* broker: one ROUTER socket, for senders and workers alike;
+* worker: DEALER to the broker, sends ``READY`` (credit 1); the broker hands
+  the oldest pending request to the longest-idle worker;
+* sender: DEALER to the broker for requests ``[mailbox, body]``, and a PULL
+  socket bound on its own ipc mailbox; the worker replies straight to that
+  mailbox through a cached PUSH socket, then sends ``READY`` again.
+
+Frames on the broker's ROUTER::
+
+    worker -> broker   [worker-id, b"R"]
+    sender -> broker   [sender-id, mailbox, body]
+    broker -> worker   [worker-id, mailbox, body]
+
+Bodies are cbor2; the broker never decodes them. The broker blocks in one
+``recv`` (with a receive timeout, to notice SIGTERM) and then drains its socket
+with ``NOBLOCK`` so one wake-up handles a whole batch; the sender polls its
+mailbox and drains it the same way. A worker holds one credit, so it simply
+blocks in ``recv``. (A blocking ``recv`` with ``RCVTIMEO`` equals ``poll`` +
+``recv`` minus one system call per message.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import cbor2
+import zmq
+
+from bench.common import (
+    BenchError,
+    Tally,
+    ipc_endpoint,
+    payload,
+    pipelined_result,
+    rpc_result,
+    run_sender_process,
+    warm_done,
+    work,
+    write_json_atomic,
+)
+
+READY = b"R"
+_POLL_MS = 200
+
+
+class _Stop:
+    """Stop flag set from a SIGTERM handler."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def install(self) -> None:
+        """Turn SIGTERM into a stop request; ignore SIGINT (the parent handles it)."""
+        signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def broker_main(endpoint: str) -> None:
+    """Run the baseline broker on ``endpoint`` until SIGTERM."""
+    stop = _Stop()
+    stop.install()
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    router.rcvtimeo = _POLL_MS
+    router.bind(endpoint)
+    idle: deque[bytes] = deque()
+    pending: deque[tuple[bytes, bytes]] = deque()
+    recv = router.recv_multipart
+    send = router.send_multipart
+    noblock = zmq.NOBLOCK
+    try:
+        while not stop.event.is_set():
+            try:
+                frames = recv()  # blocks up to _POLL_MS, then re-checks the stop flag
+            except zmq.Again:
+                continue
+            while True:  # handle this message, then drain everything queued
+                if len(frames) == 2:  # [worker, READY]
+                    if pending:
+                        mailbox, body = pending.popleft()
+                        send([frames[0], mailbox, body])
+                    else:
+                        idle.append(frames[0])
+                elif len(frames) == 3:  # [sender, mailbox, body]
+                    if idle:
+                        send([idle.popleft(), frames[1], frames[2]])
+                    else:
+                        pending.append((frames[1], frames[2]))
+                try:
+                    frames = recv(noblock)
+                except zmq.Again:
+                    break
+    finally:
+        router.close()
+        ctx.term()
+
+
+def _worker_loop(ctx: zmq.Context, endpoint: str, wid: str, counts: dict[str, int],
+                 stop: threading.Event) -> None:
+    """One baseline worker: take a request, reply to its mailbox, send READY."""
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.linger = 0
+    dealer.rcvtimeo = _POLL_MS
+    dealer.connect(endpoint)
+    pushes: dict[bytes, zmq.Socket] = {}
+    dumps, loads = cbor2.dumps, cbor2.loads
+    try:
+        dealer.send(READY)
+        while not stop.is_set():
+            try:
+                mailbox, body = dealer.recv_multipart()
+            except zmq.Again:  # receive timeout: re-check the stop flag
+                continue
+            reply = dumps(work(loads(body), wid, counts))
+            push = pushes.get(mailbox)
+            if push is None:
+                push = ctx.socket(zmq.PUSH)
+                push.linger = 1000
+                push.connect(mailbox.decode())
+                pushes[mailbox] = push
+            push.send(reply)
+            dealer.send(READY)
+    finally:
+        for push in pushes.values():
+            push.close()
+        dealer.close()
+
+
+def worker_host(queue: str, endpoint: str, nthreads: int, counts_path: str) -> None:
+    """Run ``nthreads`` baseline workers in this process until SIGTERM.
+
+    Writes ``{worker-id: {"measured": n, "warmup": n}}`` to ``counts_path``
+    on the way out. ``queue`` is unused (one broker serves one queue).
+    """
+    del queue
+    stop = _Stop()
+    stop.install()
+    ctx = zmq.Context()
+    counters = {f"{os.getpid()}-{t}": {"measured": 0, "warmup": 0} for t in range(nthreads)}
+    try:
+        if nthreads == 1:
+            ((wid, c),) = counters.items()
+            _worker_loop(ctx, endpoint, wid, c, stop.event)
+        else:
+            threads = [threading.Thread(target=_worker_loop,
+                                        args=(ctx, endpoint, wid, c, stop.event), daemon=True)
+                       for wid, c in counters.items()]
+            for t in threads:
+                t.start()
+            stop.event.wait()
+            for t in threads:
+                t.join(5)
+            if any(t.is_alive() for t in threads):
+                raise BenchError("baseline worker thread did not stop")
+    finally:
+        write_json_atomic(counts_path, counters)
+    ctx.term()
+
+
+class _Client:
+    """The baseline sender: DEALER to the broker, PULL on its own mailbox."""
+
+    def __init__(self, endpoint: str, tmp: str, timeout_ms: int) -> None:
+        self.ctx = zmq.Context()
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer.linger = 0
+        self.dealer.connect(endpoint)
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.linger = 0
+        self.pull.rcvtimeo = timeout_ms
+        mailbox = ipc_endpoint(tmp, f"mb-{os.getpid()}.sock")
+        self.pull.bind(mailbox)
+        self.mailbox = mailbox.encode()
+        self.timeout_ms = timeout_ms
+
+    def send(self, i: int) -> None:
+        """Submit request ``i``."""
+        self.dealer.send_multipart([self.mailbox, cbor2.dumps(payload(i))])
+
+    def recv(self) -> Any:
+        """Block (up to the timeout) for one reply."""
+        try:
+            return cbor2.loads(self.pull.recv())
+        except zmq.Again:
+            raise BenchError(f"no reply within {self.timeout_ms} ms") from None
+
+    def drain(self) -> list[Any]:
+        """Wait for at least one reply, then take every reply already queued."""
+        if not self.pull.poll(self.timeout_ms):
+            raise BenchError(f"no reply within {self.timeout_ms} ms")
+        out = []
+        recv, loads, noblock = self.pull.recv, cbor2.loads, zmq.NOBLOCK
+        while True:
+            try:
+                out.append(loads(recv(noblock)))
+            except zmq.Again:
+                return out
+
+    def close(self) -> None:
+        """Close sockets and the context."""
+        self.dealer.close()
+        self.pull.close()
+        self.ctx.term()
+
+
+def _run(job: dict[str, Any]) -> dict[str, Any]:
+    wl = job["workload"]
+    cl = _Client(job["endpoint"], job["tmp"], int(job["rpc_timeout"] * 1000))
+    tally = Tally()
+    try:
+        if wl["kind"] == "rpc":
+            for i in range(-wl["warmup"], 0):
+                cl.send(i)
+                tally.expect(i, cl.recv())
+            lat: list[int] = []
+            clock = time.perf_counter_ns
+            t0 = time.perf_counter()
+            for i in range(wl["n"]):
+                s = clock()
+                cl.send(i)
+                r = cl.recv()
+                lat.append(clock() - s)
+                tally.expect(i, r)
+            elapsed = time.perf_counter() - t0
+            return rpc_result(wl["n"], elapsed, lat, tally, wl["warmup"])
+
+        window, expected = wl["window"], wl["procs"] * wl["threads"]
+        # Warm-up: keep the window full until every worker has answered.
+        outstanding: set[int] = set()
+        deadline = time.monotonic() + job["warmup_timeout"]
+        nxt = -1
+        warm_count = 0
+        while not warm_done(tally, expected, warm_count, wl["warmup"]):
+            if time.monotonic() > deadline:
+                raise BenchError(f"warm-up: only {len(tally.warmup)}/{expected} workers answered")
+            while len(outstanding) < window:
+                cl.send(nxt)
+                outstanding.add(nxt)
+                nxt -= 1
+            for r in cl.drain():
+                tally.take(outstanding, r)
+                warm_count += 1
+        while outstanding:
+            for r in cl.drain():
+                tally.take(outstanding, r)
+                warm_count += 1
+
+        n = wl["n"]
+        nxt = done = 0
+        t0 = time.perf_counter()
+        while done < n:
+            while len(outstanding) < window and nxt < n:
+                cl.send(nxt)
+                outstanding.add(nxt)
+                nxt += 1
+            for r in cl.drain():
+                tally.take(outstanding, r)
+                done += 1
+        elapsed = time.perf_counter() - t0
+        return pipelined_result(n, elapsed, tally, warm_count)
+    finally:
+        cl.close()
+
+
+def sender_main(job: dict[str, Any]) -> None:
+    """Child-process entry: run the job's workload, write the result file."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    run_sender_process(job, _run)

@@ -1,0 +1,214 @@
+"""sqm adapters: worker host and senders written against the public SPEC API.
+
+* broker: ``sqm serve QUEUE --endpoint ipc://...`` (started by the orchestrator);
+* workers: ``worker.Worker(queue, endpoint=..., callbacks={"work": cb}).run()``;
+* sync sender: ``sender.Sender`` -- W1 with ``rpc``, W2/W3 with ``submit`` +
+  ``receive()`` keeping at most ``window`` messages outstanding;
+* async sender: ``sender.AsyncSender`` -- W1 with ``await rpc``, W2/W3 with
+  ``window`` concurrent tasks each awaiting ``rpc`` in a loop.
+
+``sender`` / ``worker`` are imported inside the functions so that the rest of
+the suite works while sqm is absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from bench.common import (
+    METHOD,
+    BenchError,
+    Tally,
+    payload,
+    pipelined_result,
+    rpc_result,
+    run_sender_process,
+    warm_done,
+    work,
+    write_json_atomic,
+)
+
+
+def worker_host(queue: str, endpoint: str, nthreads: int, counts_path: str) -> None:
+    """Run ``nthreads`` sqm Workers in this process until SIGTERM.
+
+    With one worker, ``Worker.run()`` runs in the main thread and handles
+    SIGTERM itself (per SPEC). With several, each runs in a thread and the main
+    thread turns SIGTERM into ``terminate()`` calls. Per-worker counts are
+    written to ``counts_path`` once ``run()`` has returned.
+    """
+    from worker import Worker
+
+    counters: dict[str, dict[str, int]] = {}
+    workers = []
+    for t in range(nthreads):
+        wid = f"{os.getpid()}-{t}"
+        c = {"measured": 0, "warmup": 0}
+        counters[wid] = c
+
+        def cb(_w: Any, _orig: Any, body: Any, _wid: str = wid,
+               _c: dict[str, int] = c) -> dict[str, Any]:
+            return work(body, _wid, _c)
+
+        workers.append(Worker(queue, endpoint=endpoint, callbacks={METHOD: cb}))
+    try:
+        if nthreads == 1:
+            workers[0].run()
+        else:
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            signal.signal(signal.SIGINT, lambda *_: stop.set())
+            errors: list[BaseException] = []
+
+            def runner(w: Any) -> None:
+                try:
+                    w.run()
+                except BaseException as exc:  # noqa: BLE001 - re-raised below
+                    errors.append(exc)
+                    stop.set()
+
+            threads = [threading.Thread(target=runner, args=(w,), daemon=True) for w in workers]
+            for th in threads:
+                th.start()
+            stop.wait()
+            for w in workers:
+                w.terminate()
+            for th in threads:
+                th.join(5)
+            if errors:
+                raise errors[0]
+            if any(th.is_alive() for th in threads):
+                raise BenchError("sqm Worker.run() did not return after terminate()")
+    finally:
+        write_json_atomic(counts_path, counters)
+
+
+def _run_sync(job: dict[str, Any]) -> dict[str, Any]:
+    from sender import Sender
+
+    wl = job["workload"]
+    timeout = job["rpc_timeout"]
+    tally = Tally()
+    with Sender(job["queue"], endpoint=job["endpoint"], timeout=timeout) as s:
+        if wl["kind"] == "rpc":
+            for i in range(-wl["warmup"], 0):
+                tally.expect(i, s.rpc(METHOD, payload(i), timeout=timeout))
+            lat: list[int] = []
+            clock = time.perf_counter_ns
+            t0 = time.perf_counter()
+            for i in range(wl["n"]):
+                st = clock()
+                r = s.rpc(METHOD, payload(i), timeout=timeout)
+                lat.append(clock() - st)
+                tally.expect(i, r)
+            elapsed = time.perf_counter() - t0
+            return rpc_result(wl["n"], elapsed, lat, tally, wl["warmup"])
+
+        window, expected = wl["window"], wl["procs"] * wl["threads"]
+        outstanding: set[int] = set()
+        deadline = time.monotonic() + job["warmup_timeout"]
+        nxt = -1
+        warm_count = 0
+        while not warm_done(tally, expected, warm_count, wl["warmup"]):
+            if time.monotonic() > deadline:
+                raise BenchError(f"warm-up: only {len(tally.warmup)}/{expected} workers answered")
+            while len(outstanding) < window:
+                s.submit(METHOD, payload(nxt))
+                outstanding.add(nxt)
+                nxt -= 1
+            tally.take(outstanding, s.receive(timeout=timeout))
+            warm_count += 1
+        while outstanding:
+            tally.take(outstanding, s.receive(timeout=timeout))
+            warm_count += 1
+
+        n = wl["n"]
+        nxt = done = 0
+        t0 = time.perf_counter()
+        while done < n:
+            while len(outstanding) < window and nxt < n:
+                s.submit(METHOD, payload(nxt))
+                outstanding.add(nxt)
+                nxt += 1
+            tally.take(outstanding, s.receive(timeout=timeout))
+            done += 1
+        elapsed = time.perf_counter() - t0
+        return pipelined_result(n, elapsed, tally, warm_count)
+
+
+async def _maybe_await(x: Any) -> Any:
+    return await x if inspect.isawaitable(x) else x
+
+
+async def _run_async(job: dict[str, Any]) -> dict[str, Any]:
+    from sender import AsyncSender
+
+    wl = job["workload"]
+    timeout = job["rpc_timeout"]
+    tally = Tally()
+    s = AsyncSender(job["queue"], endpoint=job["endpoint"], timeout=timeout)
+    try:
+        if wl["kind"] == "rpc":
+            for i in range(-wl["warmup"], 0):
+                tally.expect(i, await s.rpc(METHOD, payload(i), timeout=timeout))
+            lat: list[int] = []
+            clock = time.perf_counter_ns
+            t0 = time.perf_counter()
+            for i in range(wl["n"]):
+                st = clock()
+                r = await s.rpc(METHOD, payload(i), timeout=timeout)
+                lat.append(clock() - st)
+                tally.expect(i, r)
+            elapsed = time.perf_counter() - t0
+            return rpc_result(wl["n"], elapsed, lat, tally, wl["warmup"])
+
+        window, expected = wl["window"], wl["procs"] * wl["threads"]
+
+        # Warm-up: `window` concurrent rpc loops until every worker answered.
+        deadline = time.monotonic() + job["warmup_timeout"]
+        warm = {"count": 0, "next": -1}
+
+        async def warm_lane() -> None:
+            while not warm_done(tally, expected, warm["count"], wl["warmup"]):
+                if time.monotonic() > deadline:
+                    raise BenchError(
+                        f"warm-up: only {len(tally.warmup)}/{expected} workers answered")
+                i = warm["next"]
+                warm["next"] -= 1
+                tally.expect(i, await s.rpc(METHOD, payload(i), timeout=timeout))
+                warm["count"] += 1
+
+        await asyncio.gather(*(warm_lane() for _ in range(window)))
+
+        n = wl["n"]
+        indices: Iterator[int] = iter(range(n))
+
+        async def lane() -> None:
+            for i in indices:  # shared iterator: each index taken exactly once
+                tally.expect(i, await s.rpc(METHOD, payload(i), timeout=timeout))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(lane() for _ in range(window)))
+        elapsed = time.perf_counter() - t0
+        if sum(tally.measured.values()) != n:
+            raise BenchError(f"{sum(tally.measured.values())} replies for {n} requests")
+        return pipelined_result(n, elapsed, tally, warm["count"])
+    finally:
+        await _maybe_await(s.close())
+
+
+def sender_main(job: dict[str, Any]) -> None:
+    """Child-process entry for the sync ``Sender``."""
+    run_sender_process(job, _run_sync)
+
+
+def async_sender_main(job: dict[str, Any]) -> None:
+    """Child-process entry for ``AsyncSender``."""
+    run_sender_process(job, lambda j: asyncio.run(_run_async(j)))

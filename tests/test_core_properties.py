@@ -1,0 +1,660 @@
+"""Property tests: random event sequences against :class:`sqm.core.QueueCore`.
+
+A hypothesis ``RuleBasedStateMachine`` drives the core with submits (random
+priority, retries, deadline, oneway), worker hellos (new and repeated),
+dones (genuine and bogus), byes, heartbeats (``seen``), purges, ticks with
+time advancing (sometimes past ``heartbeat * liveness`` so silent workers
+die) and at most one shutdown at the end.
+
+Alongside the core runs a small, deliberately naive reference model (lists
+and dicts, no cleverness) of what SPEC's delivery semantics require. After
+every step the core's outbox is drained and checked entry by entry against
+the model, and the core's state and counters are compared with it:
+
+- a message is in flight on at most one live worker, and is never dispatched
+  again while the worker holding it is alive;
+- no live worker has a free slot while a message is pending;
+- FIFO: each dispatch is of the oldest pending message (submission order,
+  redeliveries keep their place) of the highest non-empty priority level;
+- longest idle first: a message goes to the free slot that became free
+  earliest;
+- a worker found dead by a tick never receives a message in that tick;
+- every message ends exactly once (done, or one OUT_FAIL with a reason), and
+  after shutdown every message not in flight has ended;
+- a message whose worker died is redelivered iff it had retries left (which
+  are decremented), else fails with ``WorkerLost``;
+- no message is dispatched at or after its deadline;
+- counters (assigned/completed/failed/expired/rejected/redelivered/
+  malformed totals, ``pending``, ``in_flight``) agree with the model.
+
+Model semantics for a tick that finds several workers dead at once: they are
+removed one after another (registration order); each removal requeues or
+fails what that worker held and then hands pending messages to free slots of
+workers that are *not* among the dead of this tick.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from sqm.core import (
+    OUT_BYE,
+    OUT_DISPATCH,
+    OUT_FAIL,
+    OUT_HEARTBEAT,
+    Message,
+    QueueCore,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+HEARTBEAT = 1.0
+LIVENESS = 3
+MAX_PENDING = 6
+T0 = 1_000_000.0
+
+FAIL_KINDS = {"Malformed", "Expired", "QueueFull", "WorkerLost", "BrokerShutdown"}
+
+
+# --------------------------------------------------------------------------- model
+
+
+class MWorker:
+    """The model's view of one registered worker connection."""
+
+    def __init__(self, rid: bytes, slots: int, now: float) -> None:
+        self.rid = rid
+        self.slots = slots
+        self.free = slots
+        self.inflight: dict[Message, None] = {}  # ordered set
+        self.expires_at = now + HEARTBEAT * LIVENESS
+        self.last_sent = now
+        self.alive = True
+        self.leaving = False
+        self.tasks_done = 0
+
+
+class MMsg:
+    """The model's view of one submitted message."""
+
+    def __init__(self, msg: Message, order: int, retries: int) -> None:
+        self.msg = msg
+        self.order = order  # submission order among accepted messages
+        self.retries = retries
+        self.state = "new"
+        self.worker: MWorker | None = None
+        self.deliveries = 0
+
+
+class Model:
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self.workers: dict[bytes, MWorker] = {}
+        self.idle: list[MWorker] = []  # one entry per free slot, longest idle first
+        self.pending: list[MMsg] = []
+        self.live: dict[bytes, MMsg] = {}  # id -> pending or in-flight message
+        self.info: dict[Message, MMsg] = {}
+        self.seq = 0
+        self.last_sweep = now
+        self.dying: set[bytes] = set()
+        self.expected: list[tuple] = []
+        self.assigned = self.completed = self.failed = 0
+        self.expired = self.rejected = self.redelivered = self.malformed = 0
+
+    # -- helpers
+    def key(self, mm: MMsg) -> tuple[int, int]:
+        return (mm.msg.priority, mm.order)
+
+    def fail(self, mm: MMsg, kind: str) -> None:
+        mm.state = "ended"
+        mm.worker = None
+        self.expected.append(("F", mm.msg, kind))
+
+    def dispatch(self, w: MWorker, mm: MMsg) -> None:
+        mm.state = "inflight"
+        mm.worker = w
+        mm.deliveries += 1
+        w.inflight[mm.msg] = None
+        w.free -= 1
+        w.last_sent = self.now
+        self.assigned += 1
+        self.expected.append(("D", w.rid, mm.msg))
+
+    def pop_pending(self) -> MMsg | None:
+        for mm in sorted(self.pending, key=self.key):
+            self.pending.remove(mm)
+            d = mm.msg.deadline
+            if d and d <= self.now:
+                self.expired += 1
+                del self.live[mm.msg.id]
+                self.fail(mm, "Expired")
+                continue
+            return mm
+        return None
+
+    def next_idle(self) -> MWorker | None:
+        while self.idle:
+            w = self.idle.pop(0)
+            if w.alive and w.rid not in self.dying:
+                return w
+        return None
+
+    def assign(self) -> None:
+        while self.pending and self.idle:
+            w = self.next_idle()
+            if w is None:
+                return
+            mm = self.pop_pending()
+            if mm is None:
+                self.idle.insert(0, w)
+                return
+            self.dispatch(w, mm)
+
+    def remove_worker(self, w: MWorker) -> None:
+        w.alive = False
+        del self.workers[w.rid]
+        self.idle = [x for x in self.idle if x is not w]
+        held = sorted((self.info[m] for m in w.inflight), key=lambda mm: mm.order)
+        w.inflight.clear()
+        for mm in held:
+            if mm.retries > 0:
+                mm.retries -= 1
+                self.redelivered += 1
+                mm.state = "pending"
+                mm.worker = None
+                self.pending.append(mm)
+            else:
+                self.failed += 1
+                del self.live[mm.msg.id]
+                self.fail(mm, "WorkerLost")
+        if self.pending and self.idle:
+            self.assign()
+
+    # -- events (each mirrors one QueueCore method)
+    def submit(self, msg: Message, retries: int) -> MMsg:
+        mm = MMsg(msg, 0, retries)
+        self.info[msg] = mm
+        if msg.id in self.live:
+            self.malformed += 1
+            self.fail(mm, "Malformed")
+            return mm
+        if msg.deadline and msg.deadline <= self.now:
+            self.expired += 1
+            self.fail(mm, "Expired")
+            return mm
+        if self.idle and not self.pending:
+            w = self.next_idle()
+            if w is not None:
+                self.seq += 1
+                mm.order = self.seq
+                self.live[msg.id] = mm
+                self.dispatch(w, mm)
+                return mm
+        if len(self.pending) >= MAX_PENDING:
+            self.rejected += 1
+            self.fail(mm, "QueueFull")
+            return mm
+        self.seq += 1
+        mm.order = self.seq
+        mm.state = "pending"
+        self.live[msg.id] = mm
+        self.pending.append(mm)
+        if self.idle:
+            self.assign()
+        return mm
+
+    def hello(self, rid: bytes, slots: int) -> None:
+        old = self.workers.get(rid)
+        if old is not None:
+            self.remove_worker(old)
+        w = MWorker(rid, slots, self.now)
+        self.workers[rid] = w
+        self.idle.extend([w] * slots)
+        if self.pending:
+            self.assign()
+
+    def done(self, rid: bytes, msg: Message, ok: bool) -> bool:
+        w = self.workers.get(rid)
+        if w is None:
+            return False
+        w.expires_at = self.now + HEARTBEAT * LIVENESS
+        if msg not in w.inflight:
+            return True
+        del w.inflight[msg]
+        mm = self.info[msg]
+        mm.state = "ended"
+        mm.worker = None
+        del self.live[msg.id]
+        w.tasks_done += 1
+        if ok:
+            self.completed += 1
+        else:
+            self.failed += 1
+        if w.leaving:
+            if not w.inflight:
+                self.remove_worker(w)
+            return True
+        w.free += 1
+        if self.pending:
+            nxt = self.pop_pending()
+            if nxt is None:
+                self.idle.append(w)
+            else:
+                self.dispatch(w, nxt)
+        else:
+            self.idle.append(w)
+        return True
+
+    def seen(self, rid: bytes) -> bool:
+        w = self.workers.get(rid)
+        if w is None:
+            return False
+        w.expires_at = self.now + HEARTBEAT * LIVENESS
+        return True
+
+    def bye(self, rid: bytes) -> None:
+        """A graceful leave: acknowledged at once; no new work; gone once idle."""
+        self.expected.append(("B", rid))
+        w = self.workers.get(rid)
+        if w is None:
+            return
+        w.leaving = True
+        w.free = 0
+        self.idle = [x for x in self.idle if x is not w]
+        if not w.inflight:
+            self.remove_worker(w)
+
+    def unreachable(self, rid: bytes, msg: Message) -> None:
+        """A dispatch could not be sent: requeue it without using a retry, drop the worker."""
+        w = self.workers.get(rid)
+        if w is None or msg not in w.inflight:
+            return
+        del w.inflight[msg]
+        mm = self.info[msg]
+        mm.deliveries -= 1
+        self.assigned -= 1
+        mm.state = "pending"
+        mm.worker = None
+        self.pending.append(mm)
+        self.remove_worker(w)
+
+    def tick(self) -> None:
+        dead = [w for w in self.workers.values() if w.expires_at < self.now]
+        self.dying = {w.rid for w in dead}
+        for w in dead:
+            self.remove_worker(w)
+        self.dying = set()
+        for w in self.workers.values():
+            if self.now - w.last_sent >= HEARTBEAT:
+                w.last_sent = self.now
+                self.expected.append(("H", w.rid))
+        if self.pending and self.now - self.last_sweep >= HEARTBEAT:
+            self.last_sweep = self.now
+            for mm in sorted(self.pending, key=self.key):
+                d = mm.msg.deadline
+                if d and d <= self.now:
+                    self.pending.remove(mm)
+                    self.expired += 1
+                    del self.live[mm.msg.id]
+                    self.fail(mm, "Expired")
+
+    def drop_pending(self) -> int:
+        n = 0
+        for mm in sorted(self.pending, key=self.key):
+            n += 1
+            self.failed += 1
+            del self.live[mm.msg.id]
+            self.fail(mm, "BrokerShutdown")
+        self.pending = []
+        return n
+
+    def shutdown(self) -> None:
+        self.drop_pending()
+        for w in self.workers.values():
+            self.expected.append(("B", w.rid))
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def _fmt(entry: tuple) -> str:
+    kind = entry[0]
+    if kind == "D":
+        m = entry[2]
+        return f"DISPATCH {m.id!r}(prio={m.priority}) -> {entry[1]!r}"
+    if kind == "F":
+        return f"FAIL {entry[1].id!r} {entry[2]}"
+    return f"{ {'H': 'HEARTBEAT', 'B': 'BYE'}[kind]} {entry[1]!r}"
+
+
+class CoreMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.core = QueueCore(
+            "q", T0, heartbeat=HEARTBEAT, liveness=LIVENESS, max_pending=MAX_PENDING
+        )
+        self.model = Model(T0)
+        self.ids = itertools.count(1)
+        self.rids = itertools.count(1)
+        self.known_rids: list[bytes] = []
+        self.submitted: list[Message] = []
+        self.ends: dict[Message, list[str]] = {}
+        self.dispatches = 0
+        self.stopped = False
+
+    @initialize()
+    def start(self) -> None:
+        assert self.core.outbox == []
+
+    # ---------------------------------------------------------------- plumbing
+
+    @property
+    def now(self) -> float:
+        return self.model.now
+
+    def _holders(self) -> dict[Message, tuple[bytes, object]]:
+        return {
+            m: (rid, w) for rid, w in self.core.workers.items() for m in w.in_flight.values()
+        }
+
+    def _run(self, label: str, call, *, dying: frozenset[bytes] = frozenset()):
+        """Call the core, then check its outbox against the model's expectation."""
+        before = self._holders()
+        result = call()
+        actual_raw = list(self.core.outbox)
+        self.core.outbox.clear()
+        actual: list[tuple] = []
+        for e in actual_raw:
+            if e[0] == OUT_DISPATCH:
+                _, rid, msg = e
+                actual.append(("D", rid, msg))
+                self.dispatches += 1
+                assert rid not in dying, (
+                    f"{label}: {msg.id!r} dispatched to {rid!r}, a worker this very tick "
+                    f"found dead (silent past heartbeat*liveness)"
+                )
+                d = msg.deadline
+                assert not (d and d <= self.now), (
+                    f"{label}: {msg.id!r} dispatched at {self.now} with deadline {d}"
+                )
+                if msg in before:
+                    hrid, hobj = before[msg]
+                    assert self.core.workers.get(hrid) is not hobj, (
+                        f"{label}: {msg.id!r} dispatched to {rid!r} while still in flight on "
+                        f"live worker {hrid!r}"
+                    )
+            elif e[0] == OUT_FAIL:
+                _, msg, kind, text = e
+                assert kind in FAIL_KINDS, e
+                assert isinstance(text, str) and text, f"OUT_FAIL without a reason: {e}"
+                actual.append(("F", msg, kind))
+                self._end(msg, kind)
+            elif e[0] == OUT_HEARTBEAT:
+                actual.append(("H", e[1]))
+            elif e[0] == OUT_BYE:
+                actual.append(("B", e[1]))
+            else:  # pragma: no cover - unknown outbox kind
+                raise AssertionError(f"unknown outbox entry {e!r}")
+        expected = self.model.expected
+        self.model.expected = []
+        if actual != expected:
+            lines = [f"{label}: outbox differs from the model (time {self.now - T0:+.2f})"]
+            for i in range(max(len(actual), len(expected))):
+                a = _fmt(actual[i]) if i < len(actual) else "-"
+                x = _fmt(expected[i]) if i < len(expected) else "-"
+                mark = "  " if a == x else "!!"
+                lines.append(f"{mark} core: {a:<45} model: {x}")
+            raise AssertionError("\n".join(lines))
+        return result
+
+    def _end(self, msg: Message, how: str) -> None:
+        prev = self.ends.setdefault(msg, [])
+        assert not prev, f"message {msg.id!r} ended twice: {prev[0]} then {how}"
+        prev.append(how)
+
+    # ---------------------------------------------------------------- rules
+
+    @precondition(lambda self: not self.stopped)
+    @rule(
+        priority=st.integers(0, 2),
+        retries=st.integers(0, 3),
+        deadline=st.one_of(st.none(), st.sampled_from([-1.0, 0.0, 0.5, 1.0, 2.0, 3.5, 6.0])),
+        oneway=st.booleans(),
+    )
+    def submit(self, priority: int, retries: int, deadline: float | None, oneway: bool) -> None:
+        mid = b"m%d" % next(self.ids)
+        msg = Message(
+            mid,
+            b"origin",
+            [mid],
+            oneway=oneway,
+            retries=retries,
+            priority=priority,
+            deadline=0.0 if deadline is None else self.now + deadline,
+        )
+        self.submitted.append(msg)
+        self.model.submit(msg, retries)
+        self._run(f"submit({mid!r})", lambda: self.core.submit(self.now, msg))
+
+    @precondition(lambda self: not self.stopped and self.model.live)
+    @rule(data=st.data())
+    def submit_duplicate_id(self, data) -> None:
+        mid = data.draw(st.sampled_from(sorted(self.model.live)))
+        msg = Message(mid, b"other-origin", [mid])
+        self.submitted.append(msg)
+        self.model.submit(msg, 0)
+        self._run(f"submit duplicate {mid!r}", lambda: self.core.submit(self.now, msg))
+
+    @precondition(lambda self: not self.stopped)
+    @rule(slots=st.integers(1, 3))
+    def hello_new(self, slots: int) -> None:
+        rid = b"w%d" % next(self.rids)
+        self.known_rids.append(rid)
+        self.model.hello(rid, slots)
+        self._run(
+            f"hello({rid!r}, slots={slots})",
+            lambda: self.core.hello(self.now, rid, {"slots": slots, "id": rid.decode()}),
+        )
+
+    @precondition(lambda self: not self.stopped and self.known_rids)
+    @rule(data=st.data(), slots=st.integers(1, 3))
+    def hello_again(self, data, slots: int) -> None:
+        rid = data.draw(st.sampled_from(self.known_rids))
+        self.model.hello(rid, slots)
+        self._run(
+            f"re-hello({rid!r}, slots={slots})",
+            lambda: self.core.hello(self.now, rid, {"slots": slots, "id": rid.decode()}),
+        )
+
+    @precondition(lambda self: any(w.inflight for w in self.model.workers.values()))
+    @rule(data=st.data(), ok=st.booleans())
+    def done(self, data, ok: bool) -> None:
+        # also allowed after shutdown: workers still finish what they hold
+        pairs = [
+            (rid, m) for rid, w in self.model.workers.items() for m in w.inflight
+        ]
+        rid, msg = data.draw(st.sampled_from(pairs))
+        expect = self.model.done(rid, msg, ok)
+        self._end(msg, "done-ok" if ok else "done-failed")
+        got = self._run(
+            f"done({rid!r}, {msg.id!r}, ok={ok})",
+            lambda: self.core.done(self.now, rid, msg.id, ok),
+        )
+        assert got is expect is True
+
+    @precondition(lambda self: not self.stopped)
+    @rule(data=st.data(), kind=st.sampled_from(["unknown-rid", "unknown-id", "other-worker"]))
+    def done_bogus(self, data, kind: str) -> None:
+        live = list(self.model.workers)
+        if kind == "unknown-rid" or not live:
+            rid, mid = b"nobody", data.draw(st.sampled_from([b"m1", b"zzz"]))
+        elif kind == "unknown-id":
+            rid, mid = data.draw(st.sampled_from(live)), b"no-such-id"
+        else:
+            rid = data.draw(st.sampled_from(live))
+            others = [
+                m.id for r, w in self.model.workers.items() if r != rid for m in w.inflight
+            ]
+            mid = data.draw(st.sampled_from(others)) if others else b"no-such-id"
+        expect = rid in self.model.workers
+        if expect:
+            # a done from a known worker still proves it alive
+            self.model.seen(rid)
+        got = self._run(
+            f"bogus done({rid!r}, {mid!r})", lambda: self.core.done(self.now, rid, mid, True)
+        )
+        assert got is expect
+
+    @precondition(lambda self: not self.stopped and self.known_rids)
+    @rule(data=st.data())
+    def bye(self, data) -> None:
+        rid = data.draw(st.sampled_from([*self.known_rids, b"stranger"]))
+        self.model.bye(rid)
+        self._run(f"bye({rid!r})", lambda: self.core.bye(self.now, rid))
+
+    @precondition(
+        lambda self: not self.stopped and any(w.inflight for w in self.model.workers.values())
+    )
+    @rule(data=st.data())
+    def unreachable(self, data) -> None:
+        pairs = [(rid, m) for rid, w in self.model.workers.items() for m in w.inflight]
+        rid, msg = data.draw(st.sampled_from(pairs))
+        self.model.unreachable(rid, msg)
+        self.dispatches -= 1  # that dispatch never left sqm
+        self._run(
+            f"unreachable({rid!r}, {msg.id!r})",
+            lambda: self.core.unreachable(self.now, rid, msg),
+        )
+
+    @precondition(lambda self: not self.stopped and self.known_rids)
+    @rule(data=st.data())
+    def seen(self, data) -> None:
+        rid = data.draw(st.sampled_from(self.known_rids))
+        expect = self.model.seen(rid)
+        got = self._run(f"seen({rid!r})", lambda: self.core.seen(self.now, rid))
+        assert got is expect
+
+    @precondition(lambda self: not self.stopped)
+    @rule(dt=st.one_of(
+        st.sampled_from([0.0, 0.5, 1.0, 2.9, 3.0, 3.1, 4.0, 7.0]),
+        st.floats(0.0, 5.0, allow_nan=False),
+    ))
+    def tick(self, dt: float) -> None:
+        self.model.now += dt
+        dying = frozenset(
+            rid for rid, w in self.model.workers.items() if w.expires_at < self.model.now
+        )
+        self.model.tick()
+        self._run(f"tick(+{dt})", lambda: self.core.tick(self.now), dying=dying)
+
+    @precondition(lambda self: not self.stopped)
+    @rule()
+    def purge(self) -> None:
+        expect = self.model.drop_pending()
+        got = self._run("purge", lambda: self.core.purge(self.now))
+        assert got == expect
+
+    @precondition(lambda self: not self.stopped)
+    @rule()
+    def shutdown(self) -> None:
+        self._shutdown()
+
+    @precondition(lambda self: self.stopped)
+    @rule()
+    def after_shutdown(self) -> None:
+        assert self.core.pending == 0
+
+    def _shutdown(self) -> None:
+        self.stopped = True
+        self.model.shutdown()
+        self._run("shutdown", lambda: self.core.shutdown(self.now))
+
+    # ---------------------------------------------------------------- invariants
+
+    @invariant()
+    def state_agrees_with_model(self) -> None:
+        core, model = self.core, self.model
+        assert core.outbox == []
+        assert core.pending == len(model.pending), (core.pending, len(model.pending))
+        n_inflight = sum(len(w.inflight) for w in model.workers.values())
+        assert core.in_flight == n_inflight, (core.in_flight, n_inflight)
+        assert list(core.workers) == list(model.workers)
+        seen_msgs: dict[bytes, bytes] = {}
+        for rid, w in core.workers.items():
+            mw = model.workers[rid]
+            assert w.alive
+            assert w.slots == mw.slots
+            assert 0 <= w.free <= w.slots
+            assert w.leaving == mw.leaving
+            free = 0 if mw.leaving else w.slots - len(w.in_flight)
+            assert w.free == free, (rid, w.free, len(w.in_flight))
+            assert w.free == mw.free, (rid, w.free, mw.free)
+            assert set(w.in_flight) == {m.id for m in mw.inflight}, rid
+            for mid in w.in_flight:
+                assert mid not in seen_msgs, (
+                    f"{mid!r} in flight on two live workers: {seen_msgs[mid]!r} and {rid!r}"
+                )
+                seen_msgs[mid] = rid
+            if core.pending > 0:
+                assert w.free == 0, (
+                    f"worker {rid!r} has {w.free} free slot(s) while {core.pending} pending"
+                )
+
+    @invariant()
+    def counters_agree(self) -> None:
+        core, model = self.core, self.model
+        assert core.assigned_total == self.dispatches == model.assigned
+        assert core.redelivered_total == model.redelivered
+        assert core.completed_total == model.completed
+        assert core.failed_total == model.failed
+        assert core.expired_total == model.expired
+        assert core.rejected_total == model.rejected
+        assert core.malformed_total == model.malformed
+        for msg in self.submitted:
+            mm = model.info[msg]
+            if mm.state != "ended":
+                assert msg.retries == mm.retries, (msg.id, msg.retries, mm.retries)
+                assert msg.deliveries == mm.deliveries
+
+    @invariant()
+    def ends_agree_with_model(self) -> None:
+        for msg in self.submitted:
+            ended = self.model.info[msg].state == "ended"
+            assert (len(self.ends.get(msg, ())) == 1) == ended, (msg.id, self.ends.get(msg))
+
+    def teardown(self) -> None:
+        if not self.stopped:
+            self._shutdown()
+        in_flight = {m for w in self.core.workers.values() for m in w.in_flight.values()}
+        for msg in self.submitted:
+            ends = self.ends.get(msg, [])
+            if msg in in_flight:
+                assert ends == [], (msg.id, ends)
+            else:
+                assert len(ends) == 1, f"{msg.id!r} not in flight but ended {ends}"
+        assert self.core.pending == 0
+        st_ = self.core.status(self.now)
+        assert st_["pending"] == 0
+        assert st_["in_flight"] == len(in_flight)
+        assert st_["assigned_total"] == self.dispatches
+
+
+CoreMachine.TestCase.settings = settings(
+    max_examples=200,
+    stateful_step_count=40,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestQueueCoreStateMachine = CoreMachine.TestCase
