@@ -16,6 +16,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -229,7 +230,11 @@ def run_one(system: System, wl: Workload, args: argparse.Namespace) -> dict[str,
     tmp = tempfile.mkdtemp(prefix="sqmb-")
     group = ProcGroup()
     log_path = os.path.join(tmp, "broker.log")
+    saved_env = dict(os.environ)
     try:
+        # Spawned children inherit this: sqm files go to tmp, no stray SQM_* settings.
+        os.environ.clear()
+        os.environ.update(_child_env(tmp))
         endpoint, broker = _start_broker(system, tmp, group, log_path)
         counts_paths = [os.path.join(tmp, f"counts-{k}.json") for k in range(wl.procs)]
         workers = [group.spawn(f"{system.name} worker process {k}", system.worker_target,
@@ -257,10 +262,15 @@ def run_one(system: System, wl: Workload, args: argparse.Namespace) -> dict[str,
     except Exception:  # noqa: BLE001 - one broken run must not hide the others
         row.update(status="failed", error=traceback.format_exc())
     finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
         row["warnings"] += group.stop(timeout=5)
         if row["status"] != "ok" and os.path.exists(log_path):
             row["details"]["broker_log_tail"] = _tail(log_path)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if args.keep_tmp:
+            row["details"]["tmp"] = tmp
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     return row
 
 
@@ -334,13 +344,43 @@ def machine_info() -> dict[str, Any]:
         info["git"] = rev.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         info["git"] = None
+    info["loadavg_start"] = _loadavg()
     return info
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def machine_line(m: dict[str, Any]) -> str:
     """One-line machine summary."""
     return (f"machine: {m['cpu']}, {m['cores']} cores, {m['implementation']} {m['python']}, "
-            f"pyzmq {m['pyzmq']}, libzmq {m['libzmq']}, {m['platform']}")
+            f"pyzmq {m['pyzmq']}, libzmq {m['libzmq']}, {m['platform']}, "
+            f"load {m['loadavg_start']}")
+
+
+def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fold repeated runs of one (system, workload) into one row.
+
+    Metrics are per-metric medians; every run's metrics stay in ``runs``. Any
+    failed run makes the row failed.
+    """
+    if len(runs) == 1:
+        return runs[0]
+    row = dict(runs[-1])
+    failed = [r for r in runs if r["status"] != "ok"]
+    row["warnings"] = [w for r in runs for w in r["warnings"]]
+    row["runs"] = [r["metrics"] for r in runs]
+    row["wall_s"] = sum(r.get("wall_s", 0.0) for r in runs)
+    if failed:
+        row.update(status="failed", error=failed[0]["error"])
+    else:
+        row["metrics"] = {k: statistics.median(r["metrics"][k] for r in runs)
+                          for k in runs[0]["metrics"]}
+    return row
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -426,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="JSON results file (default: %(default)s)")
     ap.add_argument("--w3-layout", type=_layout, default=(32, 1), metavar="PxT",
                     help="W3 workers as P processes x T threads (default: 32x1)")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="run each (system, workload) N times, interleaved, and report "
+                         "per-metric medians (default: 1)")
+    ap.add_argument("--keep-tmp", action="store_true",
+                    help="keep each run's temp dir (broker log, counts) for debugging")
     ap.add_argument("--timeout", type=float, default=300.0,
                     help="max seconds for one sender run (default: %(default)s)")
     ap.add_argument("--rpc-timeout", type=float, default=10.0,
@@ -438,7 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the suite; return 0 if every selected run passed, 1 otherwise."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     systems = _systems()
     workloads = make_workloads(args.quick, args.w3_layout)
     selected = [w for w in ("W1", "W2", "W3") if w in args.only]
@@ -460,42 +508,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for w in selected:
             wl = workloads[w]
+            runs: dict[str, list[dict[str, Any]]] = {s: [] for s in args.systems}
+            for rep in range(args.repeat):  # systems interleaved within each repetition
+                for s in args.systems:
+                    if systems[s].uses_sqm_broker and skip_reason:
+                        continue
+                    rep_note = f" [{rep + 1}/{args.repeat}]" if args.repeat > 1 else ""
+                    print(f"running {w} on {s}{rep_note} ({wl.title}, n={wl.n}) ...", end=" ",
+                          file=sys.stderr, flush=True)
+                    t0 = time.monotonic()
+                    row = run_one(systems[s], wl, args)
+                    row["wall_s"] = time.monotonic() - t0
+                    print(f"{row['status']} in {row['wall_s']:.1f}s", file=sys.stderr, flush=True)
+                    for warning in row["warnings"]:
+                        print(f"  warning: {warning}", file=sys.stderr)
+                    if row["status"] == "failed":
+                        print(f"  FAILED: {row['error']}", file=sys.stderr)
+                    runs[s].append(row)
             for s in args.systems:
                 if systems[s].uses_sqm_broker and skip_reason:
                     rows.append({"system": s, "workload": w, "status": "skipped",
                                  "error": skip_reason, "warnings": [], "metrics": {},
                                  "details": {}})
-                    continue
-                t0 = time.monotonic()
-                print(f"running {w} on {s} ({wl.title}, n={wl.n}) ...", end=" ",
-                      file=sys.stderr, flush=True)
-                row = run_one(systems[s], wl, args)
-                row["wall_s"] = time.monotonic() - t0
-                print(f"{row['status']} in {row['wall_s']:.1f}s", file=sys.stderr, flush=True)
-                for warning in row["warnings"]:
-                    print(f"  warning: {warning}", file=sys.stderr)
-                if row["status"] == "failed":
-                    print(f"  FAILED: {row['error']}", file=sys.stderr)
-                rows.append(row)
+                else:
+                    rows.append(merge_runs(runs[s]))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    machine["loadavg_end"] = _loadavg()
     add_ratios(rows)
     print()
-    print(format_table(rows, args.systems, selected))
+    print(format_table(rows, args.systems, selected), flush=True)
     failed = [r for r in rows if r["status"] == "failed"]
     report = {
         "machine": machine,
         "config": {"quick": args.quick, "systems": args.systems, "workloads": selected,
                    "definitions": {w: workloads[w].to_dict() for w in selected},
-                   "rpc_timeout": args.rpc_timeout},
+                   "rpc_timeout": args.rpc_timeout, "repeat": args.repeat,
+                   "w3_layout": "x".join(map(str, args.w3_layout))},
         "total_wall_s": time.monotonic() - t_start,
         "ok": not failed,
         "results": rows,
     }
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
-    print(f"\nresults written to {args.out} ({report['total_wall_s']:.0f}s)")
+    print(f"\nload average at end: {machine['loadavg_end']}; "
+          f"results written to {args.out} ({report['total_wall_s']:.0f}s)", flush=True)
     if failed:
         print(f"{len(failed)} run(s) FAILED: "
               + ", ".join(f"{r['workload']}/{r['system']}" for r in failed), file=sys.stderr)

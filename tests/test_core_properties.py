@@ -35,6 +35,7 @@ workers that are *not* among the dead of this tick.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
@@ -338,10 +339,27 @@ def _fmt(entry: tuple) -> str:
     return f"{ {'H': 'HEARTBEAT', 'B': 'BYE'}[kind]} {entry[1]!r}"
 
 
+def _marks_failure(fn):
+    """Record a failed check so teardown does not pile more errors on top of it."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except BaseException:
+            self.healthy = False
+            raise
+
+    return wrapper
+
+
 class CoreMachine(RuleBasedStateMachine):
+    core_class = QueueCore
+
     def __init__(self) -> None:
         super().__init__()
-        self.core = QueueCore(
+        self.healthy = True
+        self.core = self.core_class(
             "q", T0, heartbeat=HEARTBEAT, liveness=LIVENESS, max_pending=MAX_PENDING
         )
         self.model = Model(T0)
@@ -368,7 +386,8 @@ class CoreMachine(RuleBasedStateMachine):
             m: (rid, w) for rid, w in self.core.workers.items() for m in w.in_flight.values()
         }
 
-    def _run(self, label: str, call, *, dying: frozenset[bytes] = frozenset()):
+    @_marks_failure
+    def _run(self, label: str, call, *, dying: frozenset[bytes] = frozenset(), expect=None):
         """Call the core, then check its outbox against the model's expectation."""
         before = self._holders()
         result = call()
@@ -416,6 +435,8 @@ class CoreMachine(RuleBasedStateMachine):
                 mark = "  " if a == x else "!!"
                 lines.append(f"{mark} core: {a:<45} model: {x}")
             raise AssertionError("\n".join(lines))
+        if expect is not None:
+            assert result == expect, f"{label} returned {result!r}, expected {expect!r}"
         return result
 
     def _end(self, msg: Message, how: str) -> None:
@@ -487,11 +508,12 @@ class CoreMachine(RuleBasedStateMachine):
         rid, msg = data.draw(st.sampled_from(pairs))
         expect = self.model.done(rid, msg, ok)
         self._end(msg, "done-ok" if ok else "done-failed")
-        got = self._run(
+        assert expect is True
+        self._run(
             f"done({rid!r}, {msg.id!r}, ok={ok})",
             lambda: self.core.done(self.now, rid, msg.id, ok),
+            expect=expect,
         )
-        assert got is expect is True
 
     @precondition(lambda self: not self.stopped)
     @rule(data=st.data(), kind=st.sampled_from(["unknown-rid", "unknown-id", "other-worker"]))
@@ -511,10 +533,11 @@ class CoreMachine(RuleBasedStateMachine):
         if expect:
             # a done from a known worker still proves it alive
             self.model.seen(rid)
-        got = self._run(
-            f"bogus done({rid!r}, {mid!r})", lambda: self.core.done(self.now, rid, mid, True)
+        self._run(
+            f"bogus done({rid!r}, {mid!r})",
+            lambda: self.core.done(self.now, rid, mid, True),
+            expect=expect,
         )
-        assert got is expect
 
     @precondition(lambda self: not self.stopped and self.known_rids)
     @rule(data=st.data())
@@ -542,8 +565,7 @@ class CoreMachine(RuleBasedStateMachine):
     def seen(self, data) -> None:
         rid = data.draw(st.sampled_from(self.known_rids))
         expect = self.model.seen(rid)
-        got = self._run(f"seen({rid!r})", lambda: self.core.seen(self.now, rid))
-        assert got is expect
+        self._run(f"seen({rid!r})", lambda: self.core.seen(self.now, rid), expect=expect)
 
     @precondition(lambda self: not self.stopped)
     @rule(dt=st.one_of(
@@ -562,8 +584,7 @@ class CoreMachine(RuleBasedStateMachine):
     @rule()
     def purge(self) -> None:
         expect = self.model.drop_pending()
-        got = self._run("purge", lambda: self.core.purge(self.now))
-        assert got == expect
+        self._run("purge", lambda: self.core.purge(self.now), expect=expect)
 
     @precondition(lambda self: not self.stopped)
     @rule()
@@ -583,6 +604,7 @@ class CoreMachine(RuleBasedStateMachine):
     # ---------------------------------------------------------------- invariants
 
     @invariant()
+    @_marks_failure
     def state_agrees_with_model(self) -> None:
         core, model = self.core, self.model
         assert core.outbox == []
@@ -612,6 +634,7 @@ class CoreMachine(RuleBasedStateMachine):
                 )
 
     @invariant()
+    @_marks_failure
     def counters_agree(self) -> None:
         core, model = self.core, self.model
         assert core.assigned_total == self.dispatches == model.assigned
@@ -628,12 +651,15 @@ class CoreMachine(RuleBasedStateMachine):
                 assert msg.deliveries == mm.deliveries
 
     @invariant()
+    @_marks_failure
     def ends_agree_with_model(self) -> None:
         for msg in self.submitted:
             ended = self.model.info[msg].state == "ended"
             assert (len(self.ends.get(msg, ())) == 1) == ended, (msg.id, self.ends.get(msg))
 
     def teardown(self) -> None:
+        if not self.healthy:
+            return  # a step already failed; its error is the one to report
         if not self.stopped:
             self._shutdown()
         in_flight = {m for w in self.core.workers.values() for m in w.in_flight.values()}
