@@ -105,8 +105,9 @@ def broker_main(endpoint: str) -> None:
         ctx.term()
 
 
-def _worker_loop(ctx: zmq.Context, endpoint: str, wid: str, counts: dict[str, int],
-                 stop: threading.Event) -> None:
+def _worker_loop(
+    ctx: zmq.Context, endpoint: str, wid: str, counts: dict[str, int], stop: threading.Event
+) -> None:
     """One baseline worker: take a request, reply to its mailbox, send READY."""
     dealer = ctx.socket(zmq.DEALER)
     dealer.linger = 0
@@ -152,9 +153,12 @@ def worker_host(queue: str, endpoint: str, nthreads: int, counts_path: str) -> N
             ((wid, c),) = counters.items()
             _worker_loop(ctx, endpoint, wid, c, stop.event)
         else:
-            threads = [threading.Thread(target=_worker_loop,
-                                        args=(ctx, endpoint, wid, c, stop.event), daemon=True)
-                       for wid, c in counters.items()]
+            threads = [
+                threading.Thread(
+                    target=_worker_loop, args=(ctx, endpoint, wid, c, stop.event), daemon=True
+                )
+                for wid, c in counters.items()
+            ]
             for t in threads:
                 t.start()
             stop.event.wait()

@@ -45,11 +45,13 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: (metric key, label, higher is better) per workload, in table order.
 METRICS: dict[str, list[tuple[str, str, bool]]] = {
-    "W1": [("rpc_per_s", "rpc/s", True), ("p50_us", "p50 us", False),
-           ("p99_us", "p99 us", False)],
+    "W1": [("rpc_per_s", "rpc/s", True), ("p50_us", "p50 us", False), ("p99_us", "p99 us", False)],
     "W2": [("tasks_per_s", "tasks/s", True)],
-    "W3": [("tasks_per_s", "tasks/s", True), ("min_per_worker", "min tasks/worker", True),
-           ("max_per_worker", "max tasks/worker", False)],
+    "W3": [
+        ("tasks_per_s", "tasks/s", True),
+        ("min_per_worker", "min tasks/worker", True),
+        ("max_per_worker", "max tasks/worker", False),
+    ],
 }
 
 _MP = multiprocessing.get_context("spawn")
@@ -107,12 +109,12 @@ class ProcGroup:
         self.procs.append(proc)
         return proc
 
-    def popen(self, name: str, cmd: Sequence[str], log_path: str,
-              env: dict[str, str]) -> _Proc:
+    def popen(self, name: str, cmd: Sequence[str], log_path: str, env: dict[str, str]) -> _Proc:
         """Start an external command, stdout+stderr to ``log_path``."""
         with open(log_path, "wb") as log:
-            p = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, env=env)
+            p = subprocess.Popen(
+                list(cmd), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
         proc = _Proc(name, p)
         self.procs.append(proc)
         return proc
@@ -160,8 +162,9 @@ def _systems() -> dict[str, System]:
     return {
         "baseline": System("baseline", baseline.worker_host, baseline.sender_main, False),
         "sqm": System("sqm", sqm_adapter.worker_host, sqm_adapter.sender_main, True),
-        "sqm-async": System("sqm-async", sqm_adapter.worker_host,
-                            sqm_adapter.async_sender_main, True),
+        "sqm-async": System(
+            "sqm-async", sqm_adapter.worker_host, sqm_adapter.async_sender_main, True
+        ),
     }
 
 
@@ -181,14 +184,16 @@ def sqm_unavailable() -> str | None:
 
 def _sqm_serve_cmd() -> list[str]:
     """``sqm`` console script, run with this interpreter from this repo."""
-    return [sys.executable, "-c",
-            "import sys; from sqm.cli import main; sys.argv[0] = 'sqm'; sys.exit(main())"]
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from sqm.cli import main; sys.argv[0] = 'sqm'; sys.exit(main())",
+    ]
 
 
 def _child_env(tmp: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
     env["SQM_RUNDIR"] = tmp
     for var in ("SQM_ENDPOINT", "SQM_CONFIG", "SQM_QUEUE"):
         env.pop(var, None)
@@ -208,15 +213,20 @@ def _tail(path: str, n: int = 2000) -> str:
 def _start_broker(system: System, tmp: str, group: ProcGroup, log_path: str) -> tuple[str, _Proc]:
     endpoint = ipc_endpoint(tmp, f"{QUEUE}.sock")
     if system.uses_sqm_broker:
-        broker = group.popen("sqm serve", _sqm_serve_cmd() + ["serve", QUEUE, "--endpoint", endpoint],
-                             log_path, _child_env(tmp))
+        broker = group.popen(
+            "sqm serve",
+            _sqm_serve_cmd() + ["serve", QUEUE, "--endpoint", endpoint],
+            log_path,
+            _child_env(tmp),
+        )
     else:
         broker = group.spawn("baseline broker", baseline.broker_main, endpoint)
     path = ipc_path(endpoint)
     wait_until(lambda: os.path.exists(path) or not broker.alive(), 30, "the broker socket")
     if not broker.alive():
-        raise BenchError(f"{broker.name} died at start (code {broker.exitcode()}): "
-                         f"{_tail(log_path)}")
+        raise BenchError(
+            f"{broker.name} died at start (code {broker.exitcode()}): {_tail(log_path)}"
+        )
     return endpoint, broker
 
 
@@ -225,8 +235,15 @@ def _start_broker(system: System, tmp: str, group: ProcGroup, log_path: str) -> 
 
 def run_one(system: System, wl: Workload, args: argparse.Namespace) -> dict[str, Any]:
     """Run workload ``wl`` on ``system`` in fresh processes; return a result row."""
-    row: dict[str, Any] = {"system": system.name, "workload": wl.name, "status": "ok",
-                           "error": None, "warnings": [], "metrics": {}, "details": {}}
+    row: dict[str, Any] = {
+        "system": system.name,
+        "workload": wl.name,
+        "status": "ok",
+        "error": None,
+        "warnings": [],
+        "metrics": {},
+        "details": {},
+    }
     tmp = tempfile.mkdtemp(prefix="sqmb-")
     group = ProcGroup()
     log_path = os.path.join(tmp, "broker.log")
@@ -237,20 +254,35 @@ def run_one(system: System, wl: Workload, args: argparse.Namespace) -> dict[str,
         os.environ.update(_child_env(tmp))
         endpoint, broker = _start_broker(system, tmp, group, log_path)
         counts_paths = [os.path.join(tmp, f"counts-{k}.json") for k in range(wl.procs)]
-        workers = [group.spawn(f"{system.name} worker process {k}", system.worker_target,
-                               QUEUE, endpoint, wl.threads, counts_paths[k])
-                   for k in range(wl.procs)]
-        job = {"workload": wl.to_dict(), "endpoint": endpoint, "queue": QUEUE, "tmp": tmp,
-               "result_path": os.path.join(tmp, "result.json"),
-               "rpc_timeout": args.rpc_timeout, "warmup_timeout": args.warmup_timeout}
+        workers = [
+            group.spawn(
+                f"{system.name} worker process {k}",
+                system.worker_target,
+                QUEUE,
+                endpoint,
+                wl.threads,
+                counts_paths[k],
+            )
+            for k in range(wl.procs)
+        ]
+        job = {
+            "workload": wl.to_dict(),
+            "endpoint": endpoint,
+            "queue": QUEUE,
+            "tmp": tmp,
+            "result_path": os.path.join(tmp, "result.json"),
+            "rpc_timeout": args.rpc_timeout,
+            "warmup_timeout": args.warmup_timeout,
+        }
         sender = group.spawn(f"{system.name} sender", system.sender_target, job)
         deadline = time.monotonic() + args.timeout
         while sender.alive() and time.monotonic() < deadline:
             sender.join(min(0.5, deadline - time.monotonic()))
             dead = [p.name for p in (broker, *workers) if not p.alive()]
             if dead:
-                raise BenchError(f"died during the run: {', '.join(dead)}; "
-                                 f"broker log: {_tail(log_path)}")
+                raise BenchError(
+                    f"died during the run: {', '.join(dead)}; broker log: {_tail(log_path)}"
+                )
         if sender.alive():
             raise BenchError(f"sender did not finish within {args.timeout}s")
         res = _read_result(job["result_path"], sender)
@@ -285,21 +317,26 @@ def _read_result(path: str, sender: _Proc) -> dict[str, Any]:
     return res
 
 
-def _metrics_and_checks(wl: Workload, res: dict[str, Any], counts_paths: list[str],
-                        details: dict[str, Any]) -> dict[str, float]:
+def _metrics_and_checks(
+    wl: Workload, res: dict[str, Any], counts_paths: list[str], details: dict[str, Any]
+) -> dict[str, float]:
     """Cross-check worker-reported counts against the sender; build the metrics."""
     missing = [p for p in counts_paths if not os.path.exists(p)]
     if missing:
-        raise BenchError(f"{len(missing)}/{len(counts_paths)} worker processes wrote no "
-                         "task counts (did Worker.run() return on SIGTERM?)")
+        raise BenchError(
+            f"{len(missing)}/{len(counts_paths)} worker processes wrote no "
+            "task counts (did Worker.run() return on SIGTERM?)"
+        )
     counts = merge_counts(counts_paths)
     if len(counts) != wl.workers:
         raise BenchError(f"{len(counts)} workers reported counts, expected {wl.workers}")
     measured = {w: c["measured"] for w, c in counts.items()}
     warm = {w: c["warmup"] for w, c in counts.items()}
     if sum(measured.values()) != wl.n or sum(warm.values()) != res["warmup_n"]:
-        raise BenchError(f"workers ran {sum(measured.values())}+{sum(warm.values())} tasks, "
-                         f"sender got {wl.n}+{res['warmup_n']} replies")
+        raise BenchError(
+            f"workers ran {sum(measured.values())}+{sum(warm.values())} tasks, "
+            f"sender got {wl.n}+{res['warmup_n']} replies"
+        )
     seen = res["sender_seen_measured"]
     if {w: c for w, c in measured.items() if c} != seen:
         raise BenchError(f"per-worker counts differ: workers say {measured}, sender saw {seen}")
@@ -329,18 +366,27 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     info: dict[str, Any] = {
-        "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-        "implementation": platform.python_implementation(), "platform": platform.platform(),
-        "pyzmq": zmq.pyzmq_version(), "libzmq": zmq.zmq_version(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "pyzmq": zmq.pyzmq_version(),
+        "libzmq": zmq.zmq_version(),
     }
     try:
         from importlib.metadata import version
+
         info["cbor2"] = version("cbor2")
     except Exception:  # noqa: BLE001
         pass
     try:
-        rev = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=5)
+        rev = subprocess.run(
+            ["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         info["git"] = rev.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         info["git"] = None
@@ -357,9 +403,11 @@ def _loadavg() -> list[float] | None:
 
 def machine_line(m: dict[str, Any]) -> str:
     """One-line machine summary."""
-    return (f"machine: {m['cpu']}, {m['cores']} cores, {m['implementation']} {m['python']}, "
-            f"pyzmq {m['pyzmq']}, libzmq {m['libzmq']}, {m['platform']}, "
-            f"load {m['loadavg_start']}")
+    return (
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['implementation']} {m['python']}, "
+        f"pyzmq {m['pyzmq']}, libzmq {m['libzmq']}, {m['platform']}, "
+        f"load {m['loadavg_start']}"
+    )
 
 
 def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -378,15 +426,19 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if failed:
         row.update(status="failed", error=failed[0]["error"])
     else:
-        row["metrics"] = {k: statistics.median(r["metrics"][k] for r in runs)
-                          for k in runs[0]["metrics"]}
+        row["metrics"] = {
+            k: statistics.median(r["metrics"][k] for r in runs) for k in runs[0]["metrics"]
+        }
     return row
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Set ``row["ratios"]``: each metric divided by the baseline's, same workload."""
-    base = {r["workload"]: r["metrics"] for r in rows
-            if r["system"] == "baseline" and r["status"] == "ok"}
+    base = {
+        r["workload"]: r["metrics"]
+        for r in rows
+        if r["system"] == "baseline" and r["status"] == "ok"
+    }
     for r in rows:
         b = base.get(r["workload"], {})
         r["ratios"] = {k: (v / b[k] if b.get(k) else None) for k, v in r["metrics"].items()}
@@ -435,8 +487,10 @@ def _csv(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
         bad = [x for x in items if x not in choices]
         if bad or not items:
             raise argparse.ArgumentTypeError(
-                f"unknown {what}: {', '.join(bad) or '(none)'}; choose from {', '.join(choices)}")
+                f"unknown {what}: {', '.join(bad) or '(none)'}; choose from {', '.join(choices)}"
+            )
         return list(dict.fromkeys(items))
+
     return parse
 
 
@@ -454,30 +508,64 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``python -m bench`` argument parser."""
     ap = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Benchmark sqm against a minimal raw-pyzmq broker (see bench/README.md).")
-    ap.add_argument("--only", type=_csv(("W1", "W2", "W3"), "workload"),
-                    default=["W1", "W2", "W3"], metavar="W1,W2,...",
-                    help="workloads to run (default: all)")
-    ap.add_argument("--systems", type=_csv(SYSTEMS, "system"), default=list(SYSTEMS),
-                    metavar="S1,S2,...",
-                    help=f"systems to run, from {','.join(SYSTEMS)} (default: all)")
+        description="Benchmark sqm against a minimal raw-pyzmq broker (see bench/README.md).",
+    )
+    ap.add_argument(
+        "--only",
+        type=_csv(("W1", "W2", "W3"), "workload"),
+        default=["W1", "W2", "W3"],
+        metavar="W1,W2,...",
+        help="workloads to run (default: all)",
+    )
+    ap.add_argument(
+        "--systems",
+        type=_csv(SYSTEMS, "system"),
+        default=list(SYSTEMS),
+        metavar="S1,S2,...",
+        help=f"systems to run, from {','.join(SYSTEMS)} (default: all)",
+    )
     ap.add_argument("--quick", action="store_true", help="small counts: a smoke run (< 60 s)")
-    ap.add_argument("--out", default="bench-results.json",
-                    help="JSON results file (default: %(default)s)")
-    ap.add_argument("--w3-layout", type=_layout, default=(32, 1), metavar="PxT",
-                    help="W3 workers as P processes x T threads (default: 32x1)")
-    ap.add_argument("--repeat", type=int, default=1, metavar="N",
-                    help="run each (system, workload) N times, interleaved, and report "
-                         "per-metric medians (default: 1)")
-    ap.add_argument("--keep-tmp", action="store_true",
-                    help="keep each run's temp dir (broker log, counts) for debugging")
-    ap.add_argument("--timeout", type=float, default=300.0,
-                    help="max seconds for one sender run (default: %(default)s)")
-    ap.add_argument("--rpc-timeout", type=float, default=10.0,
-                    help="max seconds to wait for one reply (default: %(default)s)")
-    ap.add_argument("--warmup-timeout", type=float, default=60.0,
-                    help="max seconds for all workers to answer during warm-up "
-                         "(default: %(default)s)")
+    ap.add_argument(
+        "--out", default="bench-results.json", help="JSON results file (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--w3-layout",
+        type=_layout,
+        default=(32, 1),
+        metavar="PxT",
+        help="W3 workers as P processes x T threads (default: 32x1)",
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run each (system, workload) N times, interleaved, and report "
+        "per-metric medians (default: 1)",
+    )
+    ap.add_argument(
+        "--keep-tmp",
+        action="store_true",
+        help="keep each run's temp dir (broker log, counts) for debugging",
+    )
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="max seconds for one sender run (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--rpc-timeout",
+        type=float,
+        default=10.0,
+        help="max seconds to wait for one reply (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--warmup-timeout",
+        type=float,
+        default=60.0,
+        help="max seconds for all workers to answer during warm-up (default: %(default)s)",
+    )
     return ap
 
 
@@ -514,8 +602,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if systems[s].uses_sqm_broker and skip_reason:
                         continue
                     rep_note = f" [{rep + 1}/{args.repeat}]" if args.repeat > 1 else ""
-                    print(f"running {w} on {s}{rep_note} ({wl.title}, n={wl.n}) ...", end=" ",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"running {w} on {s}{rep_note} ({wl.title}, n={wl.n}) ...",
+                        end=" ",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     t0 = time.monotonic()
                     row = run_one(systems[s], wl, args)
                     row["wall_s"] = time.monotonic() - t0
@@ -527,9 +619,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     runs[s].append(row)
             for s in args.systems:
                 if systems[s].uses_sqm_broker and skip_reason:
-                    rows.append({"system": s, "workload": w, "status": "skipped",
-                                 "error": skip_reason, "warnings": [], "metrics": {},
-                                 "details": {}})
+                    rows.append(
+                        {
+                            "system": s,
+                            "workload": w,
+                            "status": "skipped",
+                            "error": skip_reason,
+                            "warnings": [],
+                            "metrics": {},
+                            "details": {},
+                        }
+                    )
                 else:
                     rows.append(merge_runs(runs[s]))
     except KeyboardInterrupt:
@@ -542,20 +642,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = [r for r in rows if r["status"] == "failed"]
     report = {
         "machine": machine,
-        "config": {"quick": args.quick, "systems": args.systems, "workloads": selected,
-                   "definitions": {w: workloads[w].to_dict() for w in selected},
-                   "rpc_timeout": args.rpc_timeout, "repeat": args.repeat,
-                   "w3_layout": "x".join(map(str, args.w3_layout))},
+        "config": {
+            "quick": args.quick,
+            "systems": args.systems,
+            "workloads": selected,
+            "definitions": {w: workloads[w].to_dict() for w in selected},
+            "rpc_timeout": args.rpc_timeout,
+            "repeat": args.repeat,
+            "w3_layout": "x".join(map(str, args.w3_layout)),
+        },
         "total_wall_s": time.monotonic() - t_start,
         "ok": not failed,
         "results": rows,
     }
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
-    print(f"\nload average at end: {machine['loadavg_end']}; "
-          f"results written to {args.out} ({report['total_wall_s']:.0f}s)", flush=True)
+    print(
+        f"\nload average at end: {machine['loadavg_end']}; "
+        f"results written to {args.out} ({report['total_wall_s']:.0f}s)",
+        flush=True,
+    )
     if failed:
-        print(f"{len(failed)} run(s) FAILED: "
-              + ", ".join(f"{r['workload']}/{r['system']}" for r in failed), file=sys.stderr)
+        print(
+            f"{len(failed)} run(s) FAILED: "
+            + ", ".join(f"{r['workload']}/{r['system']}" for r in failed),
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -61,13 +61,29 @@ def make_workloads(quick: bool, w3_layout: tuple[int, int] = (32, 1)) -> dict[st
     """Return the W1..W3 definitions, with smaller counts when ``quick``."""
     p3, t3 = w3_layout
     return {
-        "W1": Workload("W1", "rpc", 1000 if quick else 5000, 200, 1, 1, 1,
-                       "sequential rpc, 1 sender, 1 worker"),
-        "W2": Workload("W2", "pipelined", 3000 if quick else 20000, 200, 2, 1, 200,
-                       "pipelined (200 outstanding), 1 sender, 2 workers"),
-        "W3": Workload("W3", "pipelined", 3000 if quick else 20000, 200, p3, t3, 200,
-                       f"pipelined (200 outstanding), 1 sender, {p3 * t3} workers "
-                       f"({p3} procs x {t3} threads)"),
+        "W1": Workload(
+            "W1", "rpc", 1000 if quick else 5000, 200, 1, 1, 1, "sequential rpc, 1 sender, 1 worker"
+        ),
+        "W2": Workload(
+            "W2",
+            "pipelined",
+            3000 if quick else 20000,
+            200,
+            2,
+            1,
+            200,
+            "pipelined (200 outstanding), 1 sender, 2 workers",
+        ),
+        "W3": Workload(
+            "W3",
+            "pipelined",
+            3000 if quick else 20000,
+            200,
+            p3,
+            t3,
+            200,
+            f"pipelined (200 outstanding), 1 sender, {p3 * t3} workers ({p3} procs x {t3} threads)",
+        ),
     }
 
 
@@ -144,8 +160,9 @@ def latency_stats(ns: list[int]) -> dict[str, float]:
     }
 
 
-def wait_until(cond: Callable[[], bool], timeout: float, what: str,
-               interval: float = 0.005) -> None:
+def wait_until(
+    cond: Callable[[], bool], timeout: float, what: str, interval: float = 0.005
+) -> None:
     """Poll ``cond`` until true; raise :class:`BenchError` after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while not cond():
@@ -162,7 +179,7 @@ def ipc_endpoint(tmp: str, name: str) -> str:
 def ipc_path(endpoint: str) -> str:
     """The socket file path of an ``ipc://`` endpoint."""
     assert endpoint.startswith("ipc://"), endpoint
-    return endpoint[len("ipc://"):]
+    return endpoint[len("ipc://") :]
 
 
 def write_json_atomic(path: str, data: Any) -> None:
@@ -173,8 +190,9 @@ def write_json_atomic(path: str, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def run_sender_process(job: dict[str, Any], body: Callable[[dict[str, Any]], dict[str, Any]]
-                       ) -> None:
+def run_sender_process(
+    job: dict[str, Any], body: Callable[[dict[str, Any]], dict[str, Any]]
+) -> None:
     """Child-process wrapper: run ``body(job)``, write its result or the error.
 
     Exits the process with status 1 on error so the orchestrator sees it even
@@ -183,10 +201,13 @@ def run_sender_process(job: dict[str, Any], body: Callable[[dict[str, Any]], dic
     try:
         result = body(job)
     except BaseException as exc:  # noqa: BLE001 - reported to the orchestrator
-        write_json_atomic(job["result_path"], {
-            "error": f"{type(exc).__name__}: {exc}",
-            "traceback": traceback.format_exc(),
-        })
+        write_json_atomic(
+            job["result_path"],
+            {
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(),
+            },
+        )
         sys.exit(1)
     write_json_atomic(job["result_path"], result)
 
@@ -203,8 +224,9 @@ def pipelined_result(n: int, elapsed: float, tally: Tally, warm_n: int) -> dict[
     }
 
 
-def rpc_result(n: int, elapsed: float, lat_ns: list[int], tally: Tally,
-               warm_n: int) -> dict[str, Any]:
+def rpc_result(
+    n: int, elapsed: float, lat_ns: list[int], tally: Tally, warm_n: int
+) -> dict[str, Any]:
     """Result dict of a sequential rpc run."""
     res = {
         "n": n,

@@ -53,8 +53,9 @@ def worker_host(queue: str, endpoint: str, nthreads: int, counts_path: str) -> N
         c = {"measured": 0, "warmup": 0}
         counters[wid] = c
 
-        def cb(_w: Any, _orig: Any, body: Any, _wid: str = wid,
-               _c: dict[str, int] = c) -> dict[str, Any]:
+        def cb(
+            _w: Any, _orig: Any, body: Any, _wid: str = wid, _c: dict[str, int] = c
+        ) -> dict[str, Any]:
             return work(body, _wid, _c)
 
         workers.append(Worker(queue, endpoint=endpoint, callbacks={METHOD: cb}))
@@ -179,7 +180,8 @@ async def _run_async(job: dict[str, Any]) -> dict[str, Any]:
             while not warm_done(tally, expected, warm["count"], wl["warmup"]):
                 if time.monotonic() > deadline:
                     raise BenchError(
-                        f"warm-up: only {len(tally.warmup)}/{expected} workers answered")
+                        f"warm-up: only {len(tally.warmup)}/{expected} workers answered"
+                    )
                 i = warm["next"]
                 warm["next"] -= 1
                 tally.expect(i, await s.rpc(METHOD, payload(i), timeout=timeout))

@@ -367,11 +367,14 @@ def load_target(target: str) -> Any:
 @config_option
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle payloads (runs code!).")
 @click.option("--heartbeat", type=float, default=None, help="Seconds between heartbeats [1.0].")
+@click.option("--prefetch", type=click.IntRange(1, 10_000), default=1, show_default=True,
+              help="Messages sqm may hand each worker at once (more throughput, "
+              "head-of-line blocking).")
 @log_level_option
 @one_line_errors
 def worker_cmd(target: str, queue: str | None, processes: int, endpoint: str | None,
                config: str | None, allow_pickle: bool, heartbeat: float | None,
-               log_level: str) -> None:
+               prefetch: int, log_level: str) -> None:
     """Run workers from a callbacks dict (or a Worker) found at MODULE:ATTR.
 
     With --processes N, a parent starts N worker processes, restarts any that
@@ -383,7 +386,12 @@ def worker_cmd(target: str, queue: str | None, processes: int, endpoint: str | N
 
     logs.setup(log_level)
     obj = load_target(target)
+    overrides = queue or endpoint or config or heartbeat or allow_pickle or prefetch != 1
     if isinstance(obj, Worker):
+        if processes == 1 and not overrides:
+            pool.die_with_parent()
+            obj.run()  # the Worker exactly as the module configured it
+            return
         callbacks = dict(obj._callbacks)
         queue = queue or obj.queue
     elif isinstance(obj, dict):
@@ -402,7 +410,8 @@ def worker_cmd(target: str, queue: str | None, processes: int, endpoint: str | N
                 argv += [flag, value]
         if allow_pickle:
             argv.append("--allow-pickle")
+        argv += ["--prefetch", str(prefetch)]
         sys.exit(pool.Pool(argv, processes).run())
     pool.die_with_parent()
     Worker(queue, callbacks=callbacks, endpoint=endpoint, config=config,
-           allow_pickle=allow_pickle, heartbeat=heartbeat).run()
+           allow_pickle=allow_pickle, heartbeat=heartbeat, prefetch=prefetch).run()

@@ -69,6 +69,11 @@ class Originator:
 class Worker:
     """Serve a queue with callbacks ``fn(worker, originator, payload)``.
 
+    ``prefetch`` is how many messages sqm may hand this worker at once (its
+    credit). The default, 1, gives work only to idle workers; more raises
+    throughput at the cost of head-of-line blocking: a message may wait
+    behind a slow one on this worker while another worker is idle.
+
     The callback's return value is the reply unless it called
     :meth:`respond` itself; an exception becomes a ``RemoteError`` at the
     sender and the worker carries on. Heartbeats go out from a background
@@ -87,6 +92,7 @@ class Worker:
         allow_pickle: bool = False,
         max_mailboxes: int = 64,
         mailbox_idle_s: float = 60.0,
+        prefetch: int = 1,
     ) -> None:
         self.settings = resolve(queue, endpoint=endpoint, config=config)
         self.queue = self.settings.queue
@@ -94,6 +100,9 @@ class Worker:
         self.heartbeat = float(heartbeat or self.settings.get("heartbeat", 1.0))
         self.liveness = 3
         self.allow_pickle = allow_pickle
+        if not isinstance(prefetch, int) or not 1 <= prefetch <= 10_000:
+            raise ValueError("prefetch must be an int between 1 and 10000")
+        self.prefetch = prefetch
         self.max_mailboxes = max_mailboxes
         self.mailbox_idle_s = mailbox_idle_s
         self._callbacks: dict[str, Callback] = {}
@@ -240,7 +249,7 @@ class Worker:
             "host": self.host,
             "pid": self.pid,
             "started_at": self.started_at,
-            "slots": 1,
+            "slots": self.prefetch,
             "heartbeat": self.heartbeat,
             "methods": sorted(self._callbacks),
             "version": protocol.SIGNATURE.decode(),
