@@ -18,6 +18,11 @@ from ._correlator import Correlator
 _ANY = object()
 
 
+def _set_if_pending(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class AsyncSender:
     """Like :class:`sender.Sender`, for asyncio. Many coroutines may share one.
 
@@ -59,6 +64,7 @@ class AsyncSender:
             self._mailbox.close(0)
             self._broker.close(0)
             raise SQMError(f"cannot set up sender for queue {self.queue!r}: {exc}") from None
+        self._send_now = zmq.Socket.shadow(self._broker.underlying).send_multipart
         self._waiters: dict[Any, list[asyncio.Future[None]]] = {}
         self._readers: list[asyncio.Task[None]] = []
 
@@ -76,12 +82,20 @@ class AsyncSender:
             ]
 
     async def _read(self, sock: zmq.asyncio.Socket, from_broker: bool) -> None:
+        """Wait until ``sock`` is readable, then drain it without blocking."""
         feed = self._core.feed
+        wake = self._wake
+        recv = zmq.Socket.shadow(sock.underlying).recv_multipart  # sync view, same socket
         while True:
-            frames = await sock.recv_multipart()
-            mid = feed(frames, from_broker)
-            if mid is not None:
-                self._wake(mid)
+            await sock.poll(flags=zmq.POLLIN)
+            while True:
+                try:
+                    frames = recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                mid = feed(frames, from_broker)
+                if mid is not None:
+                    wake(mid)
 
     def _wake(self, mid: str) -> None:
         for key in (mid, _ANY):
@@ -107,14 +121,17 @@ class AsyncSender:
         mid, frames = self._core.encode_submit(
             method, payload, oneway=oneway, timeout=timeout, retries=retries, priority=priority
         )
-        limit = timeout if timeout is not None else self.timeout
         try:
-            await asyncio.wait_for(self._broker.send_multipart(frames), limit)
-        except asyncio.TimeoutError:
-            self._core.forget(mid)
-            raise Timeout(
-                f"sqm at {self.endpoint} did not take the message within {limit} s"
-            ) from None
+            self._send_now(frames, zmq.NOBLOCK)
+        except zmq.Again:  # the queue towards sqm is full (sqm down or slow)
+            limit = timeout if timeout is not None else self.timeout
+            if not await self._broker.poll(None if limit is None else int(limit * 1000),
+                                           zmq.POLLOUT):
+                self._core.forget(mid)
+                raise Timeout(
+                    f"sqm at {self.endpoint} did not take the message within {limit} s"
+                ) from None
+            self._send_now(frames, zmq.NOBLOCK)
         return mid
 
     async def receive(self, timeout: float | None = None, id: str | None = None) -> Any:  # noqa: A002
@@ -161,11 +178,14 @@ class AsyncSender:
                 raise Timeout(f"no reply for {what} from queue {self.queue!r} in time")
             fut: asyncio.Future[None] = loop.create_future()
             self._waiters.setdefault(key, []).append(fut)
+            # Await the future itself (not asyncio.wait_for, which on some
+            # Pythons swallows a cancellation racing with completion).
+            timer = loop.call_later(remaining, _set_if_pending, fut) if remaining else None
             try:
-                await asyncio.wait_for(fut, remaining)
-            except asyncio.TimeoutError:
-                pass
+                await fut
             finally:
+                if timer is not None:
+                    timer.cancel()
                 waiting = self._waiters.get(key)
                 if waiting is not None:
                     if fut in waiting:

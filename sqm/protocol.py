@@ -148,10 +148,9 @@ class MailboxPolicy:
             try:
                 peer_ip = ipaddress.ip_address(peer)
             except ValueError:
-                # connected over ipc: the sender is on this host
-                if not ip.is_loopback:
-                    return "sender on a local ipc connection must use a loopback or ipc mailbox"
-                return None
+                # Connected over ipc: only an ipc mailbox (checked above) is
+                # allowed, or a local sender could aim workers at any local port.
+                return "a sender connected over ipc must use an ipc mailbox"
             if peer_ip != ip and not (peer_ip.is_loopback and ip.is_loopback):
                 return "tcp mailbox host differs from the sender's own address"
         return None

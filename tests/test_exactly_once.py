@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from sender import Sender
-from tests.conftest import read_log
+from tests.conftest import read_log, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,7 +47,10 @@ def test_exactly_once_across_processes_and_threads(cluster):
     # All four worker processes took part, and the broker agrees on the counts.
     pids = Counter(r["pid"] for rs in results.values() for r in rs)
     assert len(pids) == 4
-    st = cluster.status("q")
+    # DONE reaches sqm just after each reply reaches its sender: wait for the counts
+    st = wait_for(
+        lambda: (s := cluster.status("q"))["completed_total"] == total and s, 10, "all done"
+    )
     assert st["assigned_total"] == total
     assert st["completed_total"] == total
     assert sum(w["tasks_done"] for w in st["workers"]) == total

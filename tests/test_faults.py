@@ -80,6 +80,13 @@ def pid_gone(pid: int) -> bool:
         return True
 
 
+def status_when(cluster, queue: str, pred: Callable[[dict[str, Any]], bool], what: str,
+                timeout: float = 5) -> dict[str, Any]:
+    """Poll ``sqm status`` until ``pred`` holds; return that status."""
+    return wait_for(lambda: (lambda st: st if pred(st) else None)(cluster.status(queue)),
+                    timeout, what)
+
+
 def worker_pids(st: dict[str, Any]) -> list[int]:
     return sorted(w["pid"] for w in st["workers"])
 
@@ -137,7 +144,9 @@ def test_sigkill_busy_worker_with_retries_redelivers(cluster):
     assert reply == {"pid": other, "slept": 1.0}
     assert procs[first].wait(5) == -signal.SIGKILL
 
-    st = cluster.status("rq")
+    # The reply goes straight to us; the worker's DONE reaches sqm just after it.
+    st = status_when(cluster, "rq", lambda st: st["completed_total"] == 1,
+                     "sqm to count the message completed")
     assert st["redelivered_total"] == 1
     assert st["assigned_total"] == 2
     assert st["completed_total"] == 1
@@ -147,6 +156,24 @@ def test_sigkill_busy_worker_with_retries_redelivers(cluster):
     assert [e["pid"] for e in entries(cluster.log, "end")] == [other]
 
 
+def test_worker_lost_when_every_retry_is_used_up(cluster):
+    cluster.serve("eq", heartbeat=0.2)
+    procs = {p.pid: p for p in (cluster.worker("eq", heartbeat=0.2),
+                                cluster.worker("eq", heartbeat=0.2))}
+    with Sender("eq") as s:
+        mid = s.submit("sleep", {"s": 30}, retries=1, timeout=20)
+        for n in (1, 2):
+            pid = started(cluster.log, n)[-1]["pid"]
+            procs.pop(pid).signal(signal.SIGKILL)
+        with pytest.raises(sender.WorkerLost) as info:
+            s.receive(id=mid, timeout=10)
+    assert info.value.deliveries == 2
+    assert procs == {}  # each worker got it once
+    st = cluster.status("eq")
+    assert st["redelivered_total"] == 1 and st["failed_total"] == 1
+    assert st["workers_current"] == 0 and st["pending"] == 0 and st["in_flight"] == 0
+
+
 def test_graceful_worker_sigterm_mid_task_loses_nothing(cluster):
     cluster.serve("gq", heartbeat=0.2)
     w = cluster.worker("gq", heartbeat=0.2)
@@ -154,25 +181,49 @@ def test_graceful_worker_sigterm_mid_task_loses_nothing(cluster):
         busy = s.submit("sleep", {"s": 1.5}, timeout=20)
         assert started(cluster.log)[0]["pid"] == w.pid
         queued = s.submit("record", {"n": 2}, timeout=20)  # waits: the only worker is busy
-        wait_for(lambda: cluster.status("gq")["pending"] == 1, 5, "the second message pending")
+        status_when(cluster, "gq", lambda st: st["pending"] == 1, "the second message pending")
         w.signal(signal.SIGTERM)
         assert s.receive(id=busy, timeout=10) == {"pid": w.pid, "slept": 1.5}
         assert w.wait(10) == 0, w.stderr
-        st = wait_for(
-            lambda: (lambda st: st if st["workers_current"] == 0 else None)(cluster.status("gq")),
-            5, "the stopped worker to be gone",
-        )
+        st = status_when(cluster, "gq", lambda st: st["workers_current"] == 0,
+                         "the stopped worker to be gone")
         assert st["workers"] == []
-        assert st["pending"] == 1  # not handed to the leaving worker, not dropped
-        assert st["completed_total"] == 1 and st["failed_total"] == 0
-
-        w2 = cluster.worker("gq", heartbeat=0.2)
-        assert s.receive(id=queued, timeout=10) == {"payload": {"n": 2}, "pid": w2.pid}
-    assert [e["pid"] for e in entries(cluster.log, "record")] == [w2.pid]
-    st = cluster.status("gq")
-    assert st["completed_total"] == 2 and st["failed_total"] == 0
-    assert st["pending"] == 0 and st["in_flight"] == 0
+        assert st["failed_total"] == 0
+        if st["pending"] == 1:  # not taken by the leaving worker: a new one gets it
+            w2 = cluster.worker("gq", heartbeat=0.2)
+            handler = w2.pid
+        else:
+            handler = w.pid
+        assert s.receive(id=queued, timeout=10) == {"payload": {"n": 2}, "pid": handler}
+    assert [e["pid"] for e in entries(cluster.log, "record")] == [handler]  # exactly once
+    st = status_when(cluster, "gq", lambda st: st["completed_total"] == 2,
+                     "both messages counted completed")
+    assert st["failed_total"] == 0 and st["pending"] == 0 and st["in_flight"] == 0
     assert "Traceback" not in w.stderr
+
+
+def test_sigterm_worker_takes_no_new_message(cluster):
+    """SPEC: terminate (SIGTERM) "finishes the message in hand" and leaves.
+
+    A message that was already waiting when the busy worker got SIGTERM must
+    not be handed to it: it stays pending for another worker.
+    """
+    cluster.serve("tq", heartbeat=0.2)
+    w = cluster.worker("tq", heartbeat=0.2)
+    with Sender("tq") as s:
+        busy = s.submit("sleep", {"s": 1.0}, timeout=20)
+        started(cluster.log)
+        queued = s.submit("record", {"n": 1}, timeout=20)
+        status_when(cluster, "tq", lambda st: st["pending"] == 1, "the second message pending")
+        w.signal(signal.SIGTERM)
+        assert s.receive(id=busy, timeout=10)["slept"] == 1.0
+        assert w.wait(10) == 0, w.stderr
+        st = status_when(cluster, "tq", lambda st: st["workers_current"] == 0,
+                         "the stopped worker to be gone")
+        assert entries(cluster.log, "record") == [], "the SIGTERMed worker took a new message"
+        assert st["pending"] == 1 and st["assigned_total"] == 1
+        w2 = cluster.worker("tq", heartbeat=0.2)
+        assert s.receive(id=queued, timeout=10) == {"payload": {"n": 1}, "pid": w2.pid}
 
 
 # ---------------------------------------------------------------- process pool
@@ -203,10 +254,8 @@ def test_worker_pool_replaces_killed_child_and_stops_all_on_sigterm(cluster):
     parent.signal(signal.SIGTERM)
     assert parent.wait(15) == 0, parent.stderr
     wait_for(lambda: all(pid_gone(p) for p in after), 5, "every child process to exit")
-    st = wait_for(
-        lambda: (lambda st: st if st["workers_current"] == 0 else None)(cluster.status("pq")),
-        5, "all pool workers to leave sqm",
-    )
+    st = status_when(cluster, "pq", lambda st: st["workers_current"] == 0,
+                     "all pool workers to leave sqm")
     assert st["workers"] == []
     assert "Traceback" not in parent.stderr
 
@@ -242,15 +291,16 @@ def test_broker_restart_workers_reregister(cluster):
     finally:
         old.close()
     assert pool.popen.poll() is None
-    st = cluster.status("sq")
-    assert st["completed_total"] >= 2 and st["failed_total"] == 0
+    # the new sqm counts the two rpcs it dispatched (DONE follows each reply)
+    st = status_when(cluster, "sq", lambda st: st["completed_total"] == 2, "2 completions")
+    assert st["assigned_total"] == 2 and st["failed_total"] == 0
 
 
 def test_sender_times_out_when_broker_is_killed_with_pending_messages(cluster):
     broker = cluster.serve("dq", heartbeat=0.2)
 
     def kill_when_pending() -> None:
-        wait_for(lambda: cluster.status("dq")["pending"] == 1, 10, "the message to be pending")
+        status_when(cluster, "dq", lambda st: st["pending"] == 1, "the message to be pending", 10)
         broker.signal(signal.SIGKILL)
 
     killer = Background(kill_when_pending)
@@ -263,3 +313,19 @@ def test_sender_times_out_when_broker_is_killed_with_pending_messages(cluster):
     assert isinstance(info.value, TimeoutError)
     assert 1.9 <= elapsed < 4.0, f"Timeout after {elapsed:.2f} s for a 2 s deadline"
     assert broker.wait(5) == -signal.SIGKILL
+
+
+def test_broker_sigkill_then_new_broker_workers_reregister(cluster, rundir):
+    """No goodbye from sqm this time: workers notice the silence and the new sqm."""
+    broker = cluster.serve("xq", heartbeat=0.2)
+    w = cluster.worker("xq", heartbeat=0.2)
+    with Sender("xq") as s:
+        assert s.rpc("add", {"a": 1, "b": 1}, timeout=5) == 2
+        broker.signal(signal.SIGKILL)
+        assert broker.wait(5) == -signal.SIGKILL
+        assert (rundir / "xq.sock").exists()  # stale socket file left behind
+        cluster.serve("xq", heartbeat=0.2)
+        st = cluster.wait_workers("xq", 1, timeout=5)
+        assert worker_pids(st) == [w.pid]
+        assert s.rpc("add", {"a": 2, "b": 2}, timeout=5) == 4
+    assert w.popen.poll() is None

@@ -48,8 +48,7 @@ def test_oneway_is_handled_and_gets_no_reply(cluster):
         with pytest.raises(SQMError, match="nothing to receive"):
             s.receive(timeout=0.2)
     assert [e["payload"]["oneway"] for e in read_log(cluster.log)] == [0, 1, 2, 3, 4]
-    st = cluster.status("q")
-    assert st["completed_total"] == 5
+    wait_for(lambda: cluster.status("q")["completed_total"] == 5, 5, "completed_total 5")
 
 
 def test_fifo_when_no_worker_is_up(cluster):
@@ -78,8 +77,9 @@ def test_unknown_method_and_raising_callback(cluster):
         assert isinstance(info.value.traceback, str)
         # the worker keeps running after both
         assert s.rpc("add", {"a": 1, "b": 1}) == 2
-    st = cluster.status("q")
-    assert (st["failed_total"], st["completed_total"]) == (2, 1)
+    # DONE reaches sqm just after the reply reaches us: wait for the counts
+    wait_for(lambda: cluster.status("q")["completed_total"] == 1, 5, "completed_total 1")
+    assert cluster.status("q")["failed_total"] == 2
 
 
 def test_rpc_timeout(cluster):

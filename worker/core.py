@@ -122,6 +122,7 @@ class Worker:
         self._current: Originator | None = None
         self._pool: MailboxPool | None = None
         self._running = False
+        self._bye_sent = False
         self._broker_heartbeat = 0.0
 
     # ------------------------------------------------------------ public API
@@ -167,6 +168,7 @@ class Worker:
         self._running = True
         self._stop.clear()
         self._hb_stop.clear()
+        self._bye_sent = False
         restore = self._install_signals()
         ctx = zmq.Context()
         self._pool = MailboxPool(
@@ -288,11 +290,20 @@ class Worker:
                 log.debug("worker %s: ignoring command %r", self.id, cmd)
         return rehello
 
-    def _leave(self, sock: zmq.Socket) -> None:
-        """Tell sqm we go; finish whatever it dispatched before it acknowledged."""
+    def _send_bye(self, sock: zmq.Socket) -> bool:
+        """Send BYE once per run; False if it cannot be sent."""
+        if self._bye_sent:
+            return True
         try:
             sock.send_multipart([SIGNATURE, BYE], zmq.NOBLOCK)
         except zmq.ZMQError:
+            return False
+        self._bye_sent = True
+        return True
+
+    def _leave(self, sock: zmq.Socket) -> None:
+        """Tell sqm we go; finish whatever it dispatched before it acknowledged."""
+        if not self._send_bye(sock):
             return
         deadline = time.monotonic() + self.heartbeat * self.liveness
         while True:
@@ -349,6 +360,9 @@ class Worker:
             self._current = None
             self.tasks_done += 1
             self.busy_s += time.monotonic() - started
+            if self._stop.is_set():
+                # Say BYE before DONE, or sqm would refill the slot DONE frees.
+                self._send_bye(sock)
             try:
                 sock.send_multipart([SIGNATURE, DONE, msg_id, DONE_OK if ok else DONE_FAILED],
                                     zmq.NOBLOCK)
