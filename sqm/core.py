@@ -346,6 +346,8 @@ class QueueCore:
         """Expire silent workers, heartbeat quiet ones, sweep expired pending."""
         dead = [w for w in self.workers.values() if w.expires_at < now]
         for w in dead:
+            w.alive = False  # all of them first: a retry must not go to another dead one
+        for w in dead:
             self._remove_worker(now, w, "worker stopped heartbeating")
         for w in self.workers.values():
             if now - w.last_sent >= self.heartbeat:

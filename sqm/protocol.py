@@ -73,6 +73,19 @@ def decode_json(data: bytes) -> Any:
 # --------------------------------------------------------------------------
 
 
+def endpoint_is_local(endpoint: str) -> bool:
+    """True for ipc endpoints and tcp endpoints on a loopback address or localhost."""
+    if endpoint.startswith("ipc://"):
+        return True
+    host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def parse_mailbox(addr: str) -> tuple[str, str, int]:
     """Split ``tcp://IP:PORT`` or ``ipc:///abs/path`` into (scheme, host-or-path, port).
 
@@ -90,7 +103,7 @@ def parse_mailbox(addr: str) -> tuple[str, str, int]:
     if addr.startswith("tcp://"):
         rest = addr[6:]
         host, sep, port = rest.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise ValueError("tcp mailbox needs a numeric port")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
@@ -112,8 +125,14 @@ class MailboxPolicy:
       only make workers connect back to itself.
     """
 
-    def __init__(self, ipc_dirs: list[str] | tuple[str, ...] = (), networks: Any = None) -> None:
+    def __init__(
+        self,
+        ipc_dirs: list[str] | tuple[str, ...] = (),
+        networks: Any = None,
+        allow_loopback: bool = True,
+    ) -> None:
         self.ipc_dirs = tuple(sorted({os.path.abspath(d) for d in ipc_dirs if d}))
+        self.allow_loopback = allow_loopback
         self.networks = (
             tuple(ipaddress.ip_network(n, strict=False) for n in networks)
             if networks
@@ -123,7 +142,7 @@ class MailboxPolicy:
     @classmethod
     def for_settings(cls, settings: Any) -> MailboxPolicy:
         dirs = [settings.rundir, settings.ipc_dir, *(settings.get("mailbox_dirs") or [])]
-        return cls(dirs, settings.get("mailbox_networks"))
+        return cls(dirs, settings.get("mailbox_networks"), endpoint_is_local(settings.endpoint))
 
     def check(self, addr: str, peer: str | None = None) -> str | None:
         """Return why ``addr`` is refused, or None when it is allowed.
@@ -142,6 +161,10 @@ class MailboxPolicy:
                 return "ipc mailbox outside the allowed directories"
             return None
         ip = ipaddress.ip_address(where)
+        if ip.is_loopback and not self.allow_loopback:
+            # The queue is reached over the network: a loopback mailbox would
+            # point a remote worker at its own host's ports.
+            return "loopback mailbox on a queue reached over the network"
         if self.networks is not None and not any(ip in n for n in self.networks):
             return "tcp mailbox outside mailbox_networks"
         if peer is not None:
@@ -151,6 +174,6 @@ class MailboxPolicy:
                 # Connected over ipc: only an ipc mailbox (checked above) is
                 # allowed, or a local sender could aim workers at any local port.
                 return "a sender connected over ipc must use an ipc mailbox"
-            if peer_ip != ip and not (peer_ip.is_loopback and ip.is_loopback):
+            if peer_ip != ip:
                 return "tcp mailbox host differs from the sender's own address"
         return None

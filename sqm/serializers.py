@@ -62,7 +62,8 @@ def _json_dumps(obj: Any) -> bytes:
 
 
 def _yaml_dumps(obj: Any) -> bytes:
-    return yaml.safe_dump(obj, allow_unicode=True).encode()
+    # allow_unicode=False: escaped output round-trips every string (U+0085 included)
+    return yaml.safe_dump(obj, allow_unicode=False).encode()
 
 
 register("cbor", cbor2.dumps, cbor2.loads)

@@ -1,10 +1,13 @@
 """Property tests: random event sequences against :class:`sqm.core.QueueCore`.
 
 A hypothesis ``RuleBasedStateMachine`` drives the core with submits (random
-priority, retries, deadline, oneway), worker hellos (new and repeated),
-dones (genuine and bogus), byes, heartbeats (``seen``), purges, ticks with
-time advancing (sometimes past ``heartbeat * liveness`` so silent workers
-die) and at most one shutdown at the end.
+priority, retries, deadline, oneway; also duplicate ids), worker hellos (new
+and repeated rids, 1-3 slots), dones (genuine, ok or not, and bogus ones for
+unknown rids/ids or another worker's message), byes (graceful leave: the
+worker finishes what it holds), failed sends (``unreachable``), heartbeats
+(``seen``), purges, ticks with time advancing (sometimes past ``heartbeat *
+liveness`` so silent workers die) and at most one shutdown, late; dones may
+follow the shutdown.
 
 Alongside the core runs a small, deliberately naive reference model (lists
 and dicts, no cleverness) of what SPEC's delivery semantics require. After
@@ -30,7 +33,11 @@ the model, and the core's state and counters are compared with it:
 Model semantics for a tick that finds several workers dead at once: they are
 removed one after another (registration order); each removal requeues or
 fails what that worker held and then hands pending messages to free slots of
-workers that are *not* among the dead of this tick.
+workers that are *not* among the dead of this tick. ``CoreMachine`` explores
+that case; ``OneDeathPerTickMachine`` lets at most one worker die per tick,
+so all other checks keep running while the core mishandles simultaneous
+deaths (see test_core_unit.py::test_simultaneous_deaths_do_not_hand_a_retry_
+to_a_dead_worker).
 """
 
 from __future__ import annotations
@@ -329,6 +336,9 @@ class Model:
 # --------------------------------------------------------------------------- machine
 
 
+_KIND_NAMES = {"H": "HEARTBEAT", "B": "BYE"}
+
+
 def _fmt(entry: tuple) -> str:
     kind = entry[0]
     if kind == "D":
@@ -336,7 +346,7 @@ def _fmt(entry: tuple) -> str:
         return f"DISPATCH {m.id!r}(prio={m.priority}) -> {entry[1]!r}"
     if kind == "F":
         return f"FAIL {entry[1].id!r} {entry[2]}"
-    return f"{ {'H': 'HEARTBEAT', 'B': 'BYE'}[kind]} {entry[1]!r}"
+    return f"{_KIND_NAMES[kind]} {entry[1]!r}"
 
 
 def _marks_failure(fn):
@@ -369,6 +379,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.submitted: list[Message] = []
         self.ends: dict[Message, list[str]] = {}
         self.dispatches = 0
+        self.steps = 0
         self.stopped = False
 
     @initialize()
@@ -382,9 +393,7 @@ class CoreMachine(RuleBasedStateMachine):
         return self.model.now
 
     def _holders(self) -> dict[Message, tuple[bytes, object]]:
-        return {
-            m: (rid, w) for rid, w in self.core.workers.items() for m in w.in_flight.values()
-        }
+        return {m: (rid, w) for rid, w in self.core.workers.items() for m in w.in_flight.values()}
 
     @_marks_failure
     def _run(self, label: str, call, *, dying: frozenset[bytes] = frozenset(), expect=None):
@@ -445,6 +454,8 @@ class CoreMachine(RuleBasedStateMachine):
         prev.append(how)
 
     # ---------------------------------------------------------------- rules
+    # Rules are picked uniformly among those enabled, so rare events (purge,
+    # bogus dones, shutdown) share one rule and the shutdown only comes late.
 
     @precondition(lambda self: not self.stopped)
     @rule(
@@ -454,6 +465,7 @@ class CoreMachine(RuleBasedStateMachine):
         oneway=st.booleans(),
     )
     def submit(self, priority: int, retries: int, deadline: float | None, oneway: bool) -> None:
+        self.steps += 1
         mid = b"m%d" % next(self.ids)
         msg = Message(
             mid,
@@ -468,18 +480,10 @@ class CoreMachine(RuleBasedStateMachine):
         self.model.submit(msg, retries)
         self._run(f"submit({mid!r})", lambda: self.core.submit(self.now, msg))
 
-    @precondition(lambda self: not self.stopped and self.model.live)
-    @rule(data=st.data())
-    def submit_duplicate_id(self, data) -> None:
-        mid = data.draw(st.sampled_from(sorted(self.model.live)))
-        msg = Message(mid, b"other-origin", [mid])
-        self.submitted.append(msg)
-        self.model.submit(msg, 0)
-        self._run(f"submit duplicate {mid!r}", lambda: self.core.submit(self.now, msg))
-
     @precondition(lambda self: not self.stopped)
     @rule(slots=st.integers(1, 3))
     def hello_new(self, slots: int) -> None:
+        self.steps += 1
         rid = b"w%d" % next(self.rids)
         self.known_rids.append(rid)
         self.model.hello(rid, slots)
@@ -491,7 +495,8 @@ class CoreMachine(RuleBasedStateMachine):
     @precondition(lambda self: not self.stopped and self.known_rids)
     @rule(data=st.data(), slots=st.integers(1, 3))
     def hello_again(self, data, slots: int) -> None:
-        rid = data.draw(st.sampled_from(self.known_rids))
+        self.steps += 1
+        rid = data.draw(st.sampled_from(self.known_rids), label="rid")
         self.model.hello(rid, slots)
         self._run(
             f"re-hello({rid!r}, slots={slots})",
@@ -502,47 +507,26 @@ class CoreMachine(RuleBasedStateMachine):
     @rule(data=st.data(), ok=st.booleans())
     def done(self, data, ok: bool) -> None:
         # also allowed after shutdown: workers still finish what they hold
-        pairs = [
-            (rid, m) for rid, w in self.model.workers.items() for m in w.inflight
-        ]
-        rid, msg = data.draw(st.sampled_from(pairs))
+        self.steps += 1
+        pairs = [(rid, m) for rid, w in self.model.workers.items() for m in w.inflight]
+        rid, msg = data.draw(st.sampled_from(pairs), label="in flight")
+        self._done(rid, msg, ok)
+
+    def _done(self, rid: bytes, msg: Message, ok: bool) -> None:
         expect = self.model.done(rid, msg, ok)
-        self._end(msg, "done-ok" if ok else "done-failed")
         assert expect is True
+        self._end(msg, "done-ok" if ok else "done-failed")
         self._run(
             f"done({rid!r}, {msg.id!r}, ok={ok})",
             lambda: self.core.done(self.now, rid, msg.id, ok),
             expect=expect,
         )
 
-    @precondition(lambda self: not self.stopped)
-    @rule(data=st.data(), kind=st.sampled_from(["unknown-rid", "unknown-id", "other-worker"]))
-    def done_bogus(self, data, kind: str) -> None:
-        live = list(self.model.workers)
-        if kind == "unknown-rid" or not live:
-            rid, mid = b"nobody", data.draw(st.sampled_from([b"m1", b"zzz"]))
-        elif kind == "unknown-id":
-            rid, mid = data.draw(st.sampled_from(live)), b"no-such-id"
-        else:
-            rid = data.draw(st.sampled_from(live))
-            others = [
-                m.id for r, w in self.model.workers.items() if r != rid for m in w.inflight
-            ]
-            mid = data.draw(st.sampled_from(others)) if others else b"no-such-id"
-        expect = rid in self.model.workers
-        if expect:
-            # a done from a known worker still proves it alive
-            self.model.seen(rid)
-        self._run(
-            f"bogus done({rid!r}, {mid!r})",
-            lambda: self.core.done(self.now, rid, mid, True),
-            expect=expect,
-        )
-
     @precondition(lambda self: not self.stopped and self.known_rids)
     @rule(data=st.data())
     def bye(self, data) -> None:
-        rid = data.draw(st.sampled_from([*self.known_rids, b"stranger"]))
+        self.steps += 1
+        rid = data.draw(st.sampled_from([*self.known_rids, b"stranger"]), label="rid")
         self.model.bye(rid)
         self._run(f"bye({rid!r})", lambda: self.core.bye(self.now, rid))
 
@@ -551,8 +535,9 @@ class CoreMachine(RuleBasedStateMachine):
     )
     @rule(data=st.data())
     def unreachable(self, data) -> None:
+        self.steps += 1
         pairs = [(rid, m) for rid, w in self.model.workers.items() for m in w.inflight]
-        rid, msg = data.draw(st.sampled_from(pairs))
+        rid, msg = data.draw(st.sampled_from(pairs), label="in flight")
         self.model.unreachable(rid, msg)
         self.dispatches -= 1  # that dispatch never left sqm
         self._run(
@@ -560,20 +545,30 @@ class CoreMachine(RuleBasedStateMachine):
             lambda: self.core.unreachable(self.now, rid, msg),
         )
 
-    @precondition(lambda self: not self.stopped and self.known_rids)
+    @precondition(lambda self: not self.stopped and self.model.workers)
     @rule(data=st.data())
     def seen(self, data) -> None:
-        rid = data.draw(st.sampled_from(self.known_rids))
+        self.steps += 1
+        rid = data.draw(st.sampled_from(list(self.model.workers)), label="rid")
         expect = self.model.seen(rid)
         self._run(f"seen({rid!r})", lambda: self.core.seen(self.now, rid), expect=expect)
 
     @precondition(lambda self: not self.stopped)
-    @rule(dt=st.one_of(
-        st.sampled_from([0.0, 0.5, 1.0, 2.9, 3.0, 3.1, 4.0, 7.0]),
-        st.floats(0.0, 5.0, allow_nan=False),
-    ))
+    @rule(
+        dt=st.one_of(
+            st.sampled_from([0.0, 0.5, 1.0, 2.9, 3.0, 3.1, 4.0, 7.0]),
+            st.floats(0.0, 5.0, allow_nan=False),
+        )
+    )
     def tick(self, dt: float) -> None:
+        self.steps += 1
+        self._tick(dt, frozenset())
+
+    def _tick(self, dt: float, spared: frozenset[bytes]) -> None:
         self.model.now += dt
+        for rid in spared:  # their heartbeats arrive just before the tick
+            expect = self.model.seen(rid)
+            self._run(f"seen({rid!r})", lambda r=rid: self.core.seen(self.now, r), expect=expect)
         dying = frozenset(
             rid for rid, w in self.model.workers.items() if w.expires_at < self.model.now
         )
@@ -581,15 +576,54 @@ class CoreMachine(RuleBasedStateMachine):
         self._run(f"tick(+{dt})", lambda: self.core.tick(self.now), dying=dying)
 
     @precondition(lambda self: not self.stopped)
-    @rule()
-    def purge(self) -> None:
-        expect = self.model.drop_pending()
-        self._run("purge", lambda: self.core.purge(self.now), expect=expect)
-
-    @precondition(lambda self: not self.stopped)
-    @rule()
-    def shutdown(self) -> None:
-        self._shutdown()
+    @rule(
+        data=st.data(),
+        kind=st.sampled_from(
+            [
+                "purge",
+                "duplicate-id",
+                "done-unknown-rid",
+                "done-unknown-id",
+                "done-other-worker",
+                "shutdown",
+            ]
+        ),
+    )
+    def rare(self, data, kind: str) -> None:
+        self.steps += 1
+        live = list(self.model.workers)
+        if kind == "purge":
+            expect = self.model.drop_pending()
+            self._run("purge", lambda: self.core.purge(self.now), expect=expect)
+        elif kind == "duplicate-id":
+            if not self.model.live:
+                return
+            mid = data.draw(st.sampled_from(sorted(self.model.live)), label="live id")
+            msg = Message(mid, b"other-origin", [mid])
+            self.submitted.append(msg)
+            self.model.submit(msg, 0)
+            self._run(f"submit duplicate {mid!r}", lambda: self.core.submit(self.now, msg))
+        elif kind == "shutdown":
+            if self.steps >= 15:  # at most one, and only late in a run
+                self._shutdown()
+        else:
+            if kind == "done-unknown-rid" or not live:
+                rid, mid = b"nobody", data.draw(st.sampled_from([b"m1", b"zzz"]), label="id")
+            elif kind == "done-unknown-id":
+                rid, mid = data.draw(st.sampled_from(live), label="rid"), b"no-such-id"
+            else:
+                rid = data.draw(st.sampled_from(live), label="rid")
+                others = [
+                    m.id for r, w in self.model.workers.items() if r != rid for m in w.inflight
+                ]
+                mid = data.draw(st.sampled_from(others), label="id") if others else b"no-such-id"
+            # a done from a known worker is still traffic: it proves the worker alive
+            expect = self.model.seen(rid)
+            self._run(
+                f"bogus done({rid!r}, {mid!r})",
+                lambda: self.core.done(self.now, rid, mid, True),
+                expect=expect,
+            )
 
     @precondition(lambda self: self.stopped)
     @rule()
@@ -675,6 +709,13 @@ class CoreMachine(RuleBasedStateMachine):
         assert st_["pending"] == 0
         assert st_["in_flight"] == len(in_flight)
         assert st_["assigned_total"] == self.dispatches
+        # the workers still finish what they hold; then every message has ended
+        for rid, w in list(self.model.workers.items()):
+            for msg in list(w.inflight):
+                self._done(rid, msg, True)
+        assert self.core.in_flight == 0
+        for msg in self.submitted:
+            assert len(self.ends.get(msg, [])) == 1, (msg.id, self.ends.get(msg))
 
 
 class OneDeathPerTickMachine(CoreMachine):
@@ -686,19 +727,17 @@ class OneDeathPerTickMachine(CoreMachine):
     """
 
     @precondition(lambda self: not self.stopped)
-    @rule(dt=st.one_of(
-        st.sampled_from([0.0, 0.5, 1.0, 2.9, 3.0, 3.1, 4.0, 7.0]),
-        st.floats(0.0, 5.0, allow_nan=False),
-    ))
+    @rule(
+        dt=st.one_of(
+            st.sampled_from([0.0, 0.5, 1.0, 2.9, 3.0, 3.1, 4.0, 7.0]),
+            st.floats(0.0, 5.0, allow_nan=False),
+        )
+    )
     def tick(self, dt: float) -> None:
-        self.model.now += dt
-        doomed = [rid for rid, w in self.model.workers.items() if w.expires_at < self.model.now]
-        for rid in doomed[1:]:
-            expect = self.model.seen(rid)
-            self._run(f"seen({rid!r})", lambda r=rid: self.core.seen(self.now, r), expect=expect)
-        dying = frozenset(doomed[:1])
-        self.model.tick()
-        self._run(f"tick(+{dt})", lambda: self.core.tick(self.now), dying=dying)
+        self.steps += 1
+        now = self.model.now + dt
+        doomed = [rid for rid, w in self.model.workers.items() if w.expires_at < now]
+        self._tick(dt, frozenset(doomed[1:]))
 
 
 SETTINGS = settings(

@@ -1,0 +1,314 @@
+"""Mailbox addresses: parsing and the policy deciding where workers may connect."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sqm import protocol
+from sqm.config import resolve
+from sqm.protocol import META, MailboxPolicy, encode_meta, parse_mailbox
+
+pytestmark = pytest.mark.timeout(30)
+
+RUN = "/run/sqm-test"
+EXTRA = "/srv/mailboxes"
+IPC_PEER = "localhost:0:0:123"  # what a sender connected over ipc looks like
+
+
+@pytest.fixture
+def policy() -> MailboxPolicy:
+    return MailboxPolicy([RUN, EXTRA])
+
+
+def allowed(policy: MailboxPolicy, addr: str, peer: str | None = None) -> bool:
+    reason = policy.check(addr, peer)
+    assert reason is None or (isinstance(reason, str) and reason), reason
+    return reason is None
+
+
+# --------------------------------------------------------------------------- parse
+
+
+@pytest.mark.parametrize(
+    ("addr", "parsed"),
+    [
+        ("ipc:///run/sqm/m.sock", ("ipc", "/run/sqm/m.sock", 0)),
+        ("tcp://10.1.2.3:5000", ("tcp", "10.1.2.3", 5000)),
+        ("tcp://127.0.0.1:1", ("tcp", "127.0.0.1", 1)),
+        ("tcp://[::1]:65535", ("tcp", "::1", 65535)),
+        ("tcp://[fe80::1]:80", ("tcp", "fe80::1", 80)),
+    ],
+)
+def test_parse_mailbox(addr, parsed):
+    assert parse_mailbox(addr) == parsed
+
+
+@pytest.mark.parametrize(
+    "addr",
+    [
+        "ipc://relative.sock",
+        "ipc://./m.sock",
+        "ipc://",
+        "ipc:///run/sqm/../etc/m.sock",
+        "ipc:///run/sqm/./m.sock",
+        "ipc:///run/sqm//m.sock",
+        "ipc:///run/sqm/m\x00.sock",
+        "tcp://localhost:5000",
+        "tcp://example.com:5000",
+        "tcp://10.1.2.3",
+        "tcp://10.1.2.3:",
+        "tcp://10.1.2.3:0",
+        "tcp://10.1.2.3:65536",
+        "tcp://10.1.2.3:http",
+        "tcp://10.1.2.3:-1",
+        "tcp://*:5000",
+        "tcp://:5000",
+        "inproc://mailbox",
+        "pgm://10.1.2.3;239.192.1.1:5555",
+        "epgm://eth0;239.192.1.1:5555",
+        "udp://10.1.2.3:5000",
+        "ws://10.1.2.3:5000",
+        "10.1.2.3:5000",
+        "",
+    ],
+)
+def test_parse_mailbox_refuses(addr):
+    with pytest.raises(ValueError):
+        parse_mailbox(addr)
+
+
+def test_parse_mailbox_port_must_be_ascii_digits():
+    # fullwidth / Arabic-Indic digits: str.isdigit() and int() accept them, but
+    # ZeroMQ cannot connect to such an address ("Invalid argument")
+    for port in ("\uff15\uff10\uff10\uff10", "\u0665\u0660\u0660\u0660"):
+        with pytest.raises(ValueError):
+            parse_mailbox(f"tcp://10.1.2.3:{port}")
+        assert MailboxPolicy().check(f"tcp://10.1.2.3:{port}") is not None
+
+
+# --------------------------------------------------------------------------- ipc
+
+
+@pytest.mark.parametrize("d", [RUN, EXTRA])
+def test_ipc_inside_allowed_dirs_ok(policy, d):
+    assert allowed(policy, f"ipc://{d}/mbox-1.sock")
+    assert allowed(policy, f"ipc://{d}/mbox-1.sock", peer=IPC_PEER)
+
+
+@pytest.mark.parametrize(
+    "addr",
+    [
+        "ipc:///tmp/mbox.sock",
+        "ipc:///run/mbox.sock",  # the parent of an allowed dir
+        f"ipc://{RUN}/sub/mbox.sock",  # a subdirectory: not *directly* inside
+        f"ipc://{RUN}-evil/mbox.sock",  # a prefix look-alike
+        "ipc:///var/run/docker.sock",
+    ],
+)
+def test_ipc_outside_allowed_dirs_refused(policy, addr):
+    assert not allowed(policy, addr)
+
+
+@pytest.mark.parametrize(
+    "addr",
+    [
+        f"ipc://{RUN}/../../tmp/mbox.sock",
+        f"ipc://{RUN}/../sqm-test/mbox.sock",  # resolves inside, still refused
+        f"ipc://{RUN}/sub/../mbox.sock",
+        f"ipc://{RUN}/./mbox.sock",
+    ],
+)
+def test_ipc_dot_dot_refused(policy, addr):
+    assert not allowed(policy, addr)
+
+
+@pytest.mark.parametrize("addr", ["ipc://mbox.sock", "ipc://run/sqm-test/mbox.sock", "ipc://~/m"])
+def test_ipc_relative_refused(policy, addr):
+    assert not allowed(policy, addr)
+
+
+def test_no_ipc_dirs_refuses_every_ipc_mailbox():
+    assert not allowed(MailboxPolicy(), f"ipc://{RUN}/m.sock")
+    assert not allowed(MailboxPolicy(["", None]), "ipc:///m.sock")  # empty entries ignored
+
+
+def test_ipc_dirs_are_normalised():
+    p = MailboxPolicy([RUN + "/", RUN + "/x/..", RUN])
+    assert p.ipc_dirs == (RUN,)
+    assert allowed(p, f"ipc://{RUN}/m.sock")
+
+
+# --------------------------------------------------------------------------- other transports
+
+
+@pytest.mark.parametrize(
+    "addr",
+    [
+        "inproc://mailbox",
+        "pgm://eth0;239.192.1.1:5555",
+        "epgm://eth0;239.192.1.1:5555",
+        "vmci://1:5000",
+        "udp://10.1.2.3:5000",
+        "ws://10.1.2.3:5000",
+        "TCP://10.1.2.3:5000",
+    ],
+)
+def test_other_transports_refused(policy, addr):
+    assert not allowed(policy, addr)
+    assert not allowed(policy, addr, peer="10.1.2.3")
+
+
+@pytest.mark.parametrize(
+    "addr", ["tcp://localhost:5000", "tcp://example.com:5000", "tcp://my-host:1", "tcp://[host]:1"]
+)
+def test_host_names_refused(policy, addr):
+    assert not allowed(policy, addr)
+    assert not allowed(policy, addr, peer="127.0.0.1")
+
+
+def test_overlong_address_refused(policy):
+    addr = f"ipc://{RUN}/" + "m" * (protocol.MAX_MAILBOX + 1) + ".sock"
+    assert not allowed(policy, addr)
+
+
+# --------------------------------------------------------------------------- tcp vs peer
+
+
+def test_tcp_mailbox_must_match_peer_ip(policy):
+    assert allowed(policy, "tcp://10.1.2.3:5000", peer="10.1.2.3")
+    assert not allowed(policy, "tcp://10.1.2.4:5000", peer="10.1.2.3")
+    assert not allowed(policy, "tcp://192.168.0.1:5000", peer="10.1.2.3")
+    assert allowed(policy, "tcp://[2001:db8::5]:5000", peer="2001:db8::5")
+    assert not allowed(policy, "tcp://[2001:db8::6]:5000", peer="2001:db8::5")
+
+
+def test_remote_peer_cannot_aim_workers_at_loopback(policy):
+    assert not allowed(policy, "tcp://127.0.0.1:22", peer="10.1.2.3")
+    assert not allowed(policy, "tcp://[::1]:22", peer="10.1.2.3")
+
+
+def test_loopback_peer_must_name_its_own_loopback_address(policy):
+    assert allowed(policy, "tcp://127.0.0.1:5000", peer="127.0.0.1")
+    assert allowed(policy, "tcp://[::1]:5000", peer="::1")
+    assert not allowed(policy, "tcp://127.0.0.2:5000", peer="127.0.0.1")
+    assert not allowed(policy, "tcp://[::1]:5000", peer="127.0.0.1")
+
+
+def test_loopback_mailboxes_refused_on_queues_reached_over_the_network(tmp_path):
+    from sqm.config import resolve
+
+    remote = MailboxPolicy.for_settings(resolve("q", endpoint="tcp://10.0.0.5:5555"))
+    assert not allowed(remote, "tcp://127.0.0.1:5000")
+    assert not allowed(remote, "tcp://[::1]:5000")
+    assert allowed(remote, "tcp://10.0.0.9:5000")
+    for local in ("tcp://127.0.0.1:5555", "tcp://localhost:5555", f"ipc://{tmp_path}/q.sock"):
+        policy = MailboxPolicy.for_settings(resolve("q", endpoint=local))
+        assert allowed(policy, "tcp://127.0.0.1:5000"), local
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "local"),
+    [("ipc:///tmp/x.sock", True), ("tcp://127.0.0.1:1", True), ("tcp://[::1]:1", True),
+     ("tcp://localhost:1", True), ("tcp://10.0.0.5:1", False), ("tcp://example.org:1", False)],
+)
+def test_endpoint_is_local(endpoint, local):
+    from sqm.protocol import endpoint_is_local
+
+    assert endpoint_is_local(endpoint) is local
+
+
+def test_loopback_peer_with_other_mailbox_refused(policy):
+    assert not allowed(policy, "tcp://10.1.2.3:5000", peer="127.0.0.1")
+
+
+def test_ipc_peer_with_non_loopback_tcp_mailbox_refused(policy):
+    assert not allowed(policy, "tcp://10.1.2.3:5000", peer=IPC_PEER)
+    assert not allowed(policy, "tcp://10.1.2.3:5000", peer="")
+
+
+def test_ipc_peer_must_use_an_ipc_mailbox(policy):
+    # a local sender on an ipc connection could otherwise aim workers at any local port
+    assert not allowed(policy, "tcp://127.0.0.1:5000", peer=IPC_PEER)
+    assert allowed(policy, f"ipc://{RUN}/m.sock", peer=IPC_PEER)
+
+
+def test_without_peer_any_ip_literal_is_allowed(policy):
+    assert allowed(policy, "tcp://10.1.2.3:5000")
+    assert allowed(policy, "tcp://127.0.0.1:5000")
+
+
+# --------------------------------------------------------------------------- networks
+
+
+def test_mailbox_networks_allow_list():
+    p = MailboxPolicy([RUN], networks=["10.0.0.0/8", "192.168.1.0/24", "2001:db8::/32"])
+    assert allowed(p, "tcp://10.200.3.4:5000")
+    assert allowed(p, "tcp://10.200.3.4:5000", peer="10.200.3.4")
+    assert allowed(p, "tcp://192.168.1.77:5000", peer="192.168.1.77")
+    assert allowed(p, "tcp://[2001:db8::1]:5000", peer="2001:db8::1")
+    # outside every listed network: refused even when it is the sender's own address
+    assert not allowed(p, "tcp://192.168.2.1:5000", peer="192.168.2.1")
+    assert not allowed(p, "tcp://172.16.0.1:5000")
+    assert not allowed(p, "tcp://127.0.0.1:5000", peer="127.0.0.1")
+    # the peer rule still applies inside the networks
+    assert not allowed(p, "tcp://10.0.0.2:5000", peer="10.0.0.1")
+    # ipc is governed by the directories, not the networks
+    assert allowed(p, f"ipc://{RUN}/m.sock")
+
+
+def test_networks_not_strict_about_host_bits():
+    p = MailboxPolicy(networks=["10.1.2.3/16"])
+    assert allowed(p, "tcp://10.1.99.99:1")
+    assert not allowed(p, "tcp://10.2.0.1:1")
+
+
+def test_policy_for_settings(monkeypatch, tmp_path):
+    for name in ("SQM_ENDPOINT", "SQM_CONFIG", "SQM_QUEUE"):
+        monkeypatch.delenv(name, raising=False)
+    run = tmp_path / "run"
+    extra = tmp_path / "extra"
+    monkeypatch.setenv("SQM_RUNDIR", str(run))
+    cfg = {
+        "queues": {
+            "q": {
+                "endpoint": f"ipc://{tmp_path}/sock/q.sock",
+                "mailbox_dirs": [str(extra)],
+                "mailbox_networks": ["10.0.0.0/8"],
+            }
+        }
+    }
+    p = MailboxPolicy.for_settings(resolve("q", config=cfg))
+    assert set(p.ipc_dirs) == {str(run), str(tmp_path / "sock"), str(extra)}
+    for d in (run, tmp_path / "sock", extra):
+        assert allowed(p, f"ipc://{d}/m.sock")
+    assert not allowed(p, f"ipc://{tmp_path}/m.sock")
+    assert allowed(p, "tcp://10.3.3.3:9", peer="10.3.3.3")
+    assert not allowed(p, "tcp://11.3.3.3:9", peer="11.3.3.3")
+    # no mailbox_networks: no network restriction
+    p2 = MailboxPolicy.for_settings(resolve("other", config={"endpoint": "tcp://10.0.0.1:5"}))
+    assert p2.networks is None
+    assert p2.ipc_dirs == (os.path.abspath(str(run)),)
+    assert allowed(p2, "tcp://172.16.0.1:9", peer="172.16.0.1")
+
+
+# --------------------------------------------------------------------------- meta
+
+
+def test_encode_meta_round_trip():
+    data = encode_meta(oneway=True, retries=3, priority=0, deadline=1234.5)
+    assert len(data) == META.size
+    assert META.unpack(data) == (protocol.FLAG_ONEWAY, 3, 0, 1234.5)
+    data = encode_meta(oneway=False, retries=0, priority=2, deadline=None)
+    assert META.unpack(data) == (0, 0, 2, 0.0)
+
+
+@pytest.mark.parametrize("retries", [-1, 256])
+def test_encode_meta_rejects_bad_retries(retries):
+    with pytest.raises(ValueError):
+        encode_meta(oneway=False, retries=retries, priority=1, deadline=None)
+
+
+def test_priority_names():
+    assert protocol.PRIORITIES == {"high": 0, "normal": 1, "low": 2}
