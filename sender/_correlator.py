@@ -18,8 +18,9 @@ import zmq
 from sqm import protocol, serializers
 from sqm.config import QueueSettings
 from sqm.errors import BROKER_ERRORS, MessageTooLarge, RemoteError, SQMError, WorkerLost
-from sqm.protocol import ACK, ERROR, PROGRESS, RESULT, SIGNATURE, SUBMIT
+from sqm.protocol import ACK, ENVELOPE_HEAD, ERROR, FLAG_ONEWAY, PROGRESS, RESULT, SIGNATURE, SUBMIT
 from sqm.sockets import local_address_towards
+from sqm.zmqfast import recv_frames
 
 OK = 0
 FAILED = 1
@@ -28,12 +29,11 @@ FAILED = 1
 class Outcome:
     """What came back for one message: a result (still encoded) or an error."""
 
-    __slots__ = ("kind", "sertag", "data", "etype", "emsg", "trace", "from_broker")
+    __slots__ = ("kind", "data", "etype", "emsg", "trace", "from_broker")
 
-    def __init__(self, kind: int, sertag: bytes = b"", data: bytes = b"", etype: str = "",
+    def __init__(self, kind: int, data: bytes = b"", etype: str = "",
                  emsg: str = "", trace: str = "", from_broker: bool = False) -> None:
         self.kind = kind
-        self.sertag = sertag
         self.data = data
         self.etype = etype
         self.emsg = emsg
@@ -129,13 +129,24 @@ class Correlator:
         if len(method_b) > protocol.MAX_METHOD:
             raise ValueError("method name too long")
         mid = self.next_id()
-        meta = protocol.encode_meta(
-            oneway=oneway,
-            retries=retries,
-            priority=prio,
-            deadline=time.time() + timeout if timeout else None,
+        mid_b = mid.encode()
+        env = (
+            ENVELOPE_HEAD.pack(
+                FLAG_ONEWAY if oneway else 0,
+                retries,
+                prio,
+                time.time() + timeout if timeout else 0.0,
+                len(mid_b),
+                len(self.mailbox),
+                len(method_b),
+                len(self.sertag),
+            )
+            + mid_b
+            + self.mailbox
+            + method_b
+            + self.sertag
         )
-        frames = [SIGNATURE, SUBMIT, mid.encode(), self.mailbox, method_b, self.sertag, meta, body]
+        frames = [SIGNATURE, SUBMIT, env, body]
         if not oneway:
             self.outstanding[mid] = time.monotonic() + timeout if timeout else None
         return mid, frames
@@ -156,8 +167,8 @@ class Correlator:
         if mid not in self.outstanding:
             self.dropped += 1  # late (timed out), duplicate, oneway, or foreign
             return None
-        if kind == RESULT and len(frames) == 5 and not from_broker:
-            outcome = Outcome(OK, sertag=frames[3], data=frames[4])
+        if kind == RESULT and len(frames) == 4 and not from_broker:
+            outcome = Outcome(OK, data=frames[3])
         elif kind == ERROR and len(frames) >= 5:
             outcome = Outcome(
                 FAILED,
@@ -215,11 +226,8 @@ class Correlator:
     def result(self, outcome: Outcome) -> Any:
         """Decode a result, or raise the error it carries."""
         if outcome.kind == OK:
-            try:
-                codec = serializers.get(outcome.sertag.decode("ascii"), allow_pickle=self.allow_pickle)
-            except UnicodeDecodeError:
-                raise serializers.SerializerError("reply has an invalid serializer tag") from None
-            return codec.loads(outcome.data)
+            # Workers answer in the serializer of the message: this sender's.
+            return self.serializer.loads(outcome.data)
         if outcome.from_broker:
             if outcome.etype == "WorkerLost":
                 try:
@@ -235,11 +243,10 @@ class Correlator:
 
 def drain(sock: zmq.Socket, core: Correlator, from_broker: bool) -> None:
     """Feed every message waiting on ``sock`` to ``core`` without blocking."""
-    recv = sock.recv_multipart
     feed = core.feed
     while True:
         try:
-            frames = recv(zmq.NOBLOCK)
+            frames = recv_frames(sock)
         except zmq.Again:
             return
         feed(frames, from_broker)

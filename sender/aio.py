@@ -12,6 +12,7 @@ from sqm import protocol
 from sqm.config import resolve
 from sqm.errors import SQMError, Timeout
 from sqm.sockets import make_socket
+from sqm.zmqfast import recv_frames, send_frames
 
 from ._correlator import Correlator
 
@@ -64,7 +65,8 @@ class AsyncSender:
             self._mailbox.close(0)
             self._broker.close(0)
             raise SQMError(f"cannot set up sender for queue {self.queue!r}: {exc}") from None
-        self._send_now = zmq.Socket.shadow(self._broker.underlying).send_multipart
+        raw_broker = zmq.Socket.shadow(self._broker.underlying)
+        self._send_now = lambda frames, _flags: send_frames(raw_broker, frames)
         self._waiters: dict[Any, list[asyncio.Future[None]]] = {}
         self._readers: list[asyncio.Task[None]] = []
 
@@ -85,12 +87,12 @@ class AsyncSender:
         """Wait until ``sock`` is readable, then drain it without blocking."""
         feed = self._core.feed
         wake = self._wake
-        recv = zmq.Socket.shadow(sock.underlying).recv_multipart  # sync view, same socket
+        raw = zmq.Socket.shadow(sock.underlying)  # sync view of the same socket
         while True:
             await sock.poll(flags=zmq.POLLIN)
             while True:
                 try:
-                    frames = recv(zmq.NOBLOCK)
+                    frames = recv_frames(raw)
                 except zmq.Again:
                     break
                 mid = feed(frames, from_broker)

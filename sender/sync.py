@@ -12,6 +12,7 @@ from sqm import protocol
 from sqm.config import resolve
 from sqm.errors import SQMError, Timeout
 from sqm.sockets import make_socket
+from sqm.zmqfast import send_frames
 
 from ._correlator import Correlator, drain
 
@@ -99,7 +100,7 @@ class Sender:
             method, payload, oneway=oneway, timeout=timeout, retries=retries, priority=priority
         )
         try:
-            self._broker.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(self._broker, frames)
         except zmq.Again:
             self._send_slow(mid, frames, timeout)
         return mid
@@ -108,7 +109,7 @@ class Sender:
         """The send queue towards sqm is full (sqm down or slow): wait, bounded."""
         limit = timeout if timeout is not None else self.timeout
         if self._broker.poll(None if limit is None else int(limit * 1000), zmq.POLLOUT):
-            self._broker.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(self._broker, frames)
             return
         self._core.forget(mid)
         raise Timeout(

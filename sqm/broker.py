@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,11 +28,11 @@ from .protocol import (
     BYE,
     DISPATCH,
     DONE,
-    DONE_OK,
+    DONE_FAILED,
     ERROR,
+    HEAD,
     HEARTBEAT,
     HELLO,
-    META,
     SIGNATURE,
     STATUS,
     SUBMIT,
@@ -39,12 +40,12 @@ from .protocol import (
     MailboxPolicy,
 )
 from .sockets import ensure_ipc_dir, ipc_listener_alive, make_socket
+from .zmqfast import recv_frame, recv_rest, send_frames, send_more
 
 log = logging.getLogger("sqm.broker")
+HEAD_UNPACK = protocol.ENVELOPE_HEAD.unpack_from
 
 BATCH = 256  # messages read from one socket per poll wake-up
-NOBLOCK = zmq.NOBLOCK
-SNDMORE = zmq.SNDMORE
 
 
 @dataclass
@@ -93,14 +94,12 @@ class QueueServer:
     def drain(self, now: float) -> None:
         """Read up to BATCH waiting messages, feed the core, then send its outbox."""
         sock = self.sock
-        recv = sock.recv
-        recv_multipart = sock.recv_multipart
         for _ in range(BATCH):
             try:
-                rid_frame = recv(NOBLOCK, copy=False)
+                rid_frame = recv_frame(sock)
             except zmq.Again:
                 break
-            frames = recv_multipart(NOBLOCK) if sock.rcvmore else []
+            frames = recv_rest(sock, rid_frame)
             try:
                 self.handle(rid_frame, frames, now)
             except Exception:  # a bug must not stop sqm: count, log, carry on
@@ -119,44 +118,47 @@ class QueueServer:
             if n != SUBMIT_FRAMES:
                 self._malformed(rid, frames, f"submit needs {SUBMIT_FRAMES} frames, got {n}")
                 return
-            msg_id = frames[2]
-            mailbox = frames[3]
-            meta = frames[6]
+            env = frames[2]
+            try:
+                flags, retries, priority, deadline, il, ml, mtl, sl = HEAD_UNPACK(env)
+            except struct.error:
+                self._malformed(rid, frames, "envelope too short")
+                return
             if (
-                not msg_id
-                or len(msg_id) > protocol.MAX_ID
-                or len(meta) != META.size
-                or len(frames[4]) > protocol.MAX_METHOD
-                or len(frames[5]) > protocol.MAX_SERIALIZER
-                or not frames[4]
-                or not frames[5]
+                len(env) != HEAD + il + ml + mtl + sl
+                or not il
+                or not mtl
+                or not sl
+                or ml > protocol.MAX_MAILBOX
+                or mtl > protocol.MAX_METHOD
+                or sl > protocol.MAX_SERIALIZER
             ):
                 self._malformed(rid, frames, "invalid submit envelope")
                 return
+            mailbox = env[HEAD + il : HEAD + il + ml]
             if self._mailbox_ok.get(rid) != mailbox:
                 reason = self._check_mailbox(rid_frame, mailbox)
                 if reason:
                     self._malformed(rid, frames, f"mailbox refused: {reason}")
                     return
-            flags, retries, priority, deadline = META.unpack(meta)
             frames[1] = DISPATCH  # forwarded as is: only the command changes
             self.core.submit(
                 now,
                 Message(
-                    msg_id,
+                    env[HEAD : HEAD + il],
                     rid,
                     frames,
-                    size=len(frames[7]),
+                    size=len(frames[3]),
                     oneway=bool(flags & protocol.FLAG_ONEWAY),
                     retries=retries,
                     priority=priority,
                     deadline=deadline,
                 ),
             )
-        elif cmd == DONE:
-            if n != 4:
-                self._malformed(rid, frames, "done needs 4 frames")
-            elif not self.core.done(now, rid, frames[2], frames[3] == DONE_OK):
+        elif cmd == DONE or cmd == DONE_FAILED:
+            if n != 3:
+                self._malformed(rid, frames, "done needs 3 frames")
+            elif not self.core.done(now, rid, frames[2], cmd == DONE):
                 self._reregister(rid)
         elif cmd == HEARTBEAT:
             if n == 3:  # from a worker's heartbeat thread, naming the worker
@@ -219,8 +221,11 @@ class QueueServer:
                 self.name, self.core.malformed_total, why,
             )
         if len(frames) >= 3 and frames[0] == SIGNATURE and frames[1] == SUBMIT:
-            msg_id = frames[2][: protocol.MAX_ID]
-            self._send(rid, [SIGNATURE, ERROR, msg_id, b"Malformed", why.encode()])
+            env = frames[2]
+            if len(env) > HEAD and HEAD + env[HEAD - 6] <= len(env):
+                msg_id = env[HEAD : HEAD + env[HEAD - 6]]  # id_len is head byte 12
+                if msg_id:
+                    self._send(rid, [SIGNATURE, ERROR, msg_id, b"Malformed", why.encode(), b"{}"])
 
     def _reregister(self, rid: bytes) -> None:
         """An unknown worker talks to us (we restarted): ask it to say hello."""
@@ -243,11 +248,11 @@ class QueueServer:
                 rid = entry[1]
                 msg = entry[2]
                 try:
-                    sock.send(rid, SNDMORE | NOBLOCK)
-                except (zmq.Again, zmq.ZMQError):
+                    send_more(sock, rid)
+                except zmq.ZMQError:  # EHOSTUNREACH (gone) or EAGAIN (not keeping up)
                     core.unreachable(now, rid, msg)
                     continue
-                sock.send_multipart(msg.frames)
+                send_frames(sock, msg.frames)
             elif kind == OUT_FAIL:
                 msg = entry[1]
                 detail = b'{"deliveries":%d}' % msg.deliveries
@@ -263,11 +268,11 @@ class QueueServer:
 
     def _send(self, rid: bytes, frames: list[bytes]) -> None:
         try:
-            self.sock.send(rid, SNDMORE | NOBLOCK)
-        except (zmq.Again, zmq.ZMQError):
+            send_more(self.sock, rid)
+        except zmq.ZMQError:
             self.sent_dropped += 1  # peer gone or not keeping up: nothing to wait for
             return
-        self.sock.send_multipart(frames)
+        send_frames(self.sock, frames)
 
     def status(self, now: float) -> dict[str, Any]:
         data = self.core.status(now)

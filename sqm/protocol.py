@@ -33,18 +33,22 @@ ACK = b"A"
 PROGRESS = b"P"
 RESULT = b"Y"
 
-# Positions in a SUBMIT/DISPATCH message (without the routing-id frame).
-F_SIG, F_CMD, F_ID, F_MAILBOX, F_METHOD, F_SER, F_META, F_PAYLOAD = range(8)
-SUBMIT_FRAMES = 8
+# A SUBMIT/DISPATCH message is [SIGNATURE, command, envelope, payload]: the
+# envelope is one frame (fewer frames = less per-message work on every hop);
+# the payload frame stays apart and is never decoded by sqm.
+SUBMIT_FRAMES = 4
 
-# The meta frame: flags, retries, priority, one pad byte, deadline (unix s, 0 = none).
-META = struct.Struct("!BBBxd")
+# Envelope: a fixed head, then message id, mailbox, method and serializer tag.
+#   flags u8, retries u8, priority u8, pad u8, deadline f64 (unix s, 0 = none),
+#   id_len u8, mailbox_len u16, method_len u16, serializer_len u8
+ENVELOPE_HEAD = struct.Struct("!BBBxdBHHB")
+HEAD = ENVELOPE_HEAD.size  # 18
 FLAG_ONEWAY = 0x01
 PRIORITY_HIGH, PRIORITY_NORMAL, PRIORITY_LOW = 0, 1, 2
 PRIORITIES = {"high": PRIORITY_HIGH, "normal": PRIORITY_NORMAL, "low": PRIORITY_LOW}
 
-DONE_OK = b"1"
-DONE_FAILED = b"0"
+# DONE carries its outcome in the command byte.
+DONE_FAILED = b"F"
 
 MAX_ID = 128
 MAX_MAILBOX = 256
@@ -53,10 +57,66 @@ MAX_SERIALIZER = 32
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
 
-def encode_meta(*, oneway: bool, retries: int, priority: int, deadline: float | None) -> bytes:
+class Envelope:
+    """A decoded envelope (what workers and tests need; sqm reads only the head)."""
+
+    __slots__ = ("flags", "retries", "priority", "deadline", "id", "mailbox", "method", "serializer")
+
+    def __init__(self, flags: int, retries: int, priority: int, deadline: float, id: bytes,  # noqa: A002
+                 mailbox: bytes, method: bytes, serializer: bytes) -> None:
+        self.flags = flags
+        self.retries = retries
+        self.priority = priority
+        self.deadline = deadline
+        self.id = id
+        self.mailbox = mailbox
+        self.method = method
+        self.serializer = serializer
+
+    @property
+    def oneway(self) -> bool:
+        return bool(self.flags & FLAG_ONEWAY)
+
+
+def encode_envelope(
+    msg_id: bytes,
+    mailbox: bytes,
+    method: bytes,
+    serializer: bytes,
+    *,
+    oneway: bool = False,
+    retries: int = 0,
+    priority: int = PRIORITY_NORMAL,
+    deadline: float | None = None,
+) -> bytes:
+    """Pack an envelope; raises ValueError for out-of-range fields."""
     if not 0 <= retries <= 255:
         raise ValueError("retries must be between 0 and 255")
-    return META.pack(FLAG_ONEWAY if oneway else 0, retries, priority, deadline or 0.0)
+    if not (0 < len(msg_id) <= MAX_ID and len(mailbox) <= MAX_MAILBOX
+            and 0 < len(method) <= MAX_METHOD and 0 < len(serializer) <= MAX_SERIALIZER):
+        raise ValueError("envelope field empty or too long")
+    return (
+        ENVELOPE_HEAD.pack(
+            FLAG_ONEWAY if oneway else 0, retries, priority, deadline or 0.0,
+            len(msg_id), len(mailbox), len(method), len(serializer),
+        )
+        + msg_id + mailbox + method + serializer
+    )
+
+
+def decode_envelope(env: bytes) -> Envelope:
+    """Unpack and validate an envelope; raises ValueError when malformed."""
+    if len(env) < HEAD:
+        raise ValueError("envelope too short")
+    flags, retries, priority, deadline, il, ml, mtl, sl = ENVELOPE_HEAD.unpack_from(env)
+    if len(env) != HEAD + il + ml + mtl + sl:
+        raise ValueError("envelope lengths do not add up")
+    if not il or not mtl or not sl or ml > MAX_MAILBOX or mtl > MAX_METHOD or sl > MAX_SERIALIZER:
+        raise ValueError("envelope field empty or too long")
+    a = HEAD + il
+    b = a + ml
+    c = b + mtl
+    return Envelope(flags, retries, priority, deadline, env[HEAD:a], env[a:b], env[b:c], env[c:])
 
 
 def encode_json(obj: Any) -> bytes:

@@ -31,14 +31,21 @@ SIG = b"SQM1"
 SUBMIT = b"S"
 STATUS = b"?"
 ERROR = b"E"
-META_OK = protocol.encode_meta(oneway=False, retries=0, priority=1, deadline=None)
 EIGHT_MB = 8 * 1024 * 1024
 
 
+def envelope(mid: bytes, mailbox: bytes, *, method: bytes = b"record", ser: bytes = b"json",
+             tail: bytes = b"") -> bytes:
+    """An envelope packed without validation (so tests can make bad ones)."""
+    head = protocol.ENVELOPE_HEAD.pack(0, 0, 1, 0.0, len(mid), len(mailbox) % 65536,
+                                       len(method) % 65536, len(ser) % 256)
+    return head + mid + mailbox + method + ser + tail
+
+
 def submit_frames(mid: bytes, mailbox: bytes, *, method: bytes = b"record",
-                  ser: bytes = b"json", meta: bytes = META_OK,
+                  ser: bytes = b"json", tail: bytes = b"",
                   body: bytes = b'{"evil": true}') -> list[bytes]:
-    return [SIG, SUBMIT, mid, mailbox, method, ser, meta, body]
+    return [SIG, SUBMIT, envelope(mid, mailbox, method=method, ser=ser, tail=tail), body]
 
 
 def raw_dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
@@ -127,19 +134,22 @@ def test_garbage_is_counted_answered_and_survived(cluster, rundir):
         unanswered.append([SIG, b"W", b"[1, 2]"])
         unanswered.append([SIG, b"W"])
         unanswered.append([SIG, b"W", b"{}", b"extra"])
-        unanswered.append([SIG, b"R", b"x"])                    # done with 3 frames
+        unanswered.append([SIG, b"R", b"x", b"1"])              # done with 4 frames
 
         good_mailbox = f"ipc://{rundir}/mbox-nobody.sock".encode()
         # SUBMITs with the wrong number of frames.
-        answered[b"f3"] = [SIG, SUBMIT, b"f3"]
-        answered[b"f7"] = submit_frames(b"f7", good_mailbox)[:7]
-        answered[b"f9"] = submit_frames(b"f9", good_mailbox) + [b"extra"]
-        answered[b"f500"] = submit_frames(b"f500", good_mailbox) + [b"."] * 492
-        # SUBMITs with a bad envelope.
-        answered[b"meta0"] = submit_frames(b"meta0", good_mailbox, meta=b"")
-        answered[b"meta3"] = submit_frames(b"meta3", good_mailbox, meta=b"abc")
-        answered[b"meta-long"] = submit_frames(b"meta-long", good_mailbox, meta=META_OK + b"!")
-        answered[b"meta-8mb"] = submit_frames(b"meta-8mb", good_mailbox, meta=b"m",
+        answered[b"f3"] = submit_frames(b"f3", good_mailbox)[:3]
+        answered[b"f5"] = submit_frames(b"f5", good_mailbox) + [b"extra"]
+        answered[b"f500"] = submit_frames(b"f500", good_mailbox) + [b"."] * 496
+        # SUBMITs whose envelope is too short to name an id: dropped, counted.
+        unanswered.append([SIG, SUBMIT, b"", b"{}"])
+        unanswered.append([SIG, SUBMIT, b"abc", b"{}"])
+        unanswered.append([SIG, SUBMIT, envelope(b"x" * 50, b"")[:30], b"{}"])
+        # SUBMITs with a bad envelope that still names its id.
+        answered[b"tail"] = submit_frames(b"tail", good_mailbox, tail=b"!")
+        answered[b"tail-8mb"] = submit_frames(b"tail-8mb", good_mailbox,
+                                              tail=rng.randbytes(EIGHT_MB))
+        answered[b"body-8mb"] = submit_frames(b"body-8mb", good_mailbox, method=b"",
                                               body=rng.randbytes(EIGHT_MB))
         answered[b"nomethod"] = submit_frames(b"nomethod", good_mailbox, method=b"")
         answered[b"noser"] = submit_frames(b"noser", good_mailbox, ser=b"")
@@ -167,10 +177,15 @@ def test_garbage_is_counted_answered_and_survived(cluster, rundir):
             assert frames[2] not in by_id, f"two replies for {frames[2]!r}"
             by_id[frames[2]] = frames[4].decode()
         assert set(by_id) == set(answered)
-        assert "8 frames" in by_id[b"f3"] and "got 3" in by_id[b"f3"]
+        assert "4 frames" in by_id[b"f3"] and "got 3" in by_id[b"f3"]
         assert "got 500" in by_id[b"f500"]
-        for i in range(len(refused)):
-            assert by_id[b"mbox-%d" % i].startswith("mailbox refused"), (refused[i], by_id)
+        assert by_id[b"tail"] == "invalid submit envelope"
+        for i, mailbox in enumerate(refused):
+            reason = by_id[b"mbox-%d" % i]
+            if len(mailbox) > protocol.MAX_MAILBOX:  # refused by the envelope's length limit
+                assert reason == "invalid submit envelope", (mailbox, reason)
+            else:
+                assert reason.startswith("mailbox refused"), (mailbox, reason)
 
         # A REQ peer (empty delimiter frame first) and an incompatible PUSH peer.
         req = ctx.socket(zmq.REQ)
@@ -199,7 +214,7 @@ def test_garbage_is_counted_answered_and_survived(cluster, rundir):
         sock.send_multipart(submit_frames(b"raw-ok", mbox_addr.encode(), method=b"add",
                                           body=b'{"a": 1, "b": 2}'))
         assert recv(mbox) == [SIG, b"A", b"raw-ok"]
-        assert recv(mbox) == [SIG, b"Y", b"raw-ok", b"json", b"3"]
+        assert recv(mbox) == [SIG, b"Y", b"raw-ok", b"3"]
         mbox.close()
 
         with Sender("gq") as s:
@@ -244,7 +259,7 @@ def test_garbage_flood_does_not_starve_real_traffic(cluster, rundir):
                 elif kind == 2:
                     frames = submit_frames(b"fl-%d" % sent, b"ipc:///etc/evil.sock")
                 else:
-                    frames = [SIG, SUBMIT, b"fl-%d" % sent]
+                    frames = submit_frames(b"fl-%d" % sent, b"ipc:///x")[:3]
                 flood.send_multipart(frames)
                 sent += 1
         except BaseException as exc:  # reported by the test thread

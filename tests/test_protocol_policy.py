@@ -8,7 +8,7 @@ import pytest
 
 from sqm import protocol
 from sqm.config import resolve
-from sqm.protocol import META, MailboxPolicy, encode_meta, parse_mailbox
+from sqm.protocol import MailboxPolicy, decode_envelope, encode_envelope, parse_mailbox
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -296,18 +296,42 @@ def test_policy_for_settings(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------- meta
 
 
-def test_encode_meta_round_trip():
-    data = encode_meta(oneway=True, retries=3, priority=0, deadline=1234.5)
-    assert len(data) == META.size
-    assert META.unpack(data) == (protocol.FLAG_ONEWAY, 3, 0, 1234.5)
-    data = encode_meta(oneway=False, retries=0, priority=2, deadline=None)
-    assert META.unpack(data) == (0, 0, 2, 0.0)
+def test_envelope_round_trip():
+    env = encode_envelope(b"id:1", b"ipc:///x/m.sock", "méthode".encode(), b"cbor",
+                          oneway=True, retries=3, priority=0, deadline=1234.5)
+    d = decode_envelope(env)
+    assert (d.flags, d.retries, d.priority, d.deadline) == (protocol.FLAG_ONEWAY, 3, 0, 1234.5)
+    assert (d.id, d.mailbox, d.method, d.serializer) == (
+        b"id:1", b"ipc:///x/m.sock", "méthode".encode(), b"cbor")
+    assert d.oneway
+    plain = decode_envelope(encode_envelope(b"i", b"", b"m", b"json"))
+    assert (plain.flags, plain.retries, plain.priority, plain.deadline) == (0, 0, 1, 0.0)
+    assert not plain.oneway
 
 
 @pytest.mark.parametrize("retries", [-1, 256])
-def test_encode_meta_rejects_bad_retries(retries):
+def test_envelope_rejects_bad_retries(retries):
     with pytest.raises(ValueError):
-        encode_meta(oneway=False, retries=retries, priority=1, deadline=None)
+        encode_envelope(b"i", b"", b"m", b"json", retries=retries)
+
+
+@pytest.mark.parametrize(
+    "fields", [(b"", b"", b"m", b"s"), (b"i", b"", b"", b"s"), (b"i", b"", b"m", b""),
+               (b"i" * 129, b"", b"m", b"s"), (b"i", b"", b"m" * 257, b"s")],
+)
+def test_envelope_rejects_empty_or_long_fields(fields):
+    with pytest.raises(ValueError):
+        encode_envelope(*fields)
+
+
+@pytest.mark.parametrize("cut", [0, 5, 17, 18, 25])
+def test_truncated_or_padded_envelopes_are_refused(cut):
+    env = encode_envelope(b"id:1", b"ipc:///x", b"echo", b"cbor")
+    with pytest.raises(ValueError):
+        decode_envelope(env[:cut])
+    with pytest.raises(ValueError):
+        decode_envelope(env + b"!")
+
 
 
 def test_priority_names():

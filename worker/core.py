@@ -26,16 +26,16 @@ from sqm.protocol import (
     DISPATCH,
     DONE,
     DONE_FAILED,
-    DONE_OK,
     ERROR,
     HEARTBEAT,
     HELLO,
-    META,
     RESULT,
     SIGNATURE,
     MailboxPolicy,
+    decode_envelope,
 )
 from sqm.sockets import make_socket
+from sqm.zmqfast import recv_frames, send_frames
 
 from .mailboxes import MailboxPool
 
@@ -106,6 +106,7 @@ class Worker:
         self.max_mailboxes = max_mailboxes
         self.mailbox_idle_s = mailbox_idle_s
         self._callbacks: dict[str, Callback] = {}
+        self._codecs: dict[bytes, serializers.Serializer] = {}
         if callbacks:
             self.callbacks(**dict(callbacks))
         self.host = socket.gethostname()
@@ -141,7 +142,7 @@ class Worker:
             return
         if originator.responded:
             raise SQMError(f"message {originator.message_id} was already answered")
-        codec = serializers.get(originator.sertag.decode("ascii"), allow_pickle=self.allow_pickle)
+        codec = self._codec(originator.sertag)
         try:
             body = codec.dumps(value)
         except Exception as exc:
@@ -149,7 +150,15 @@ class Worker:
                 f"cannot encode the reply with {codec.name}: {exc}"
             ) from exc
         originator.responded = True
-        self._to_mailbox(originator, [SIGNATURE, RESULT, originator.id, originator.sertag, body])
+        self._to_mailbox(originator, [SIGNATURE, RESULT, originator.id, body])
+
+    def _codec(self, tag: bytes) -> serializers.Serializer:
+        """The serializer for a message's tag (looked up once per tag)."""
+        codec = self._codecs.get(tag)
+        if codec is None:
+            codec = serializers.get(tag.decode("ascii", "replace"), allow_pickle=self.allow_pickle)
+            self._codecs[tag] = codec
+        return codec
 
     def terminate(self) -> None:
         """Finish the message in hand, tell sqm we are gone, and make run() return."""
@@ -273,7 +282,7 @@ class Worker:
         rehello = False
         while not self._stop.is_set():
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(sock)
             except zmq.Again:
                 break
             if len(frames) < 2 or frames[0] != SIGNATURE:
@@ -310,7 +319,7 @@ class Worker:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
                 return  # sqm is gone: nothing more can arrive
-            frames = sock.recv_multipart()
+            frames = recv_frames(sock, 0)
             if len(frames) < 2 or frames[0] != SIGNATURE:
                 continue
             if frames[1] == DISPATCH and len(frames) == protocol.SUBMIT_FRAMES:
@@ -319,13 +328,16 @@ class Worker:
                 return
 
     def _handle(self, sock: zmq.Socket, frames: list[bytes]) -> None:
-        msg_id, mailbox, method_b, sertag, meta, body = frames[2:8]
         try:
-            flags = META.unpack(meta)[0]
-        except Exception:
-            flags = 0
-        method = method_b.decode("utf-8", "replace")
-        orig = Originator(msg_id, mailbox, sertag, bool(flags & protocol.FLAG_ONEWAY), method)
+            env = decode_envelope(frames[2])
+        except ValueError as exc:  # sqm validated it: this is a bug, not input
+            log.error("worker %s: undecodable dispatch envelope: %s", self.id, exc)
+            return
+        msg_id = env.id
+        sertag = env.serializer
+        body = frames[3]
+        method = env.method.decode("utf-8", "replace")
+        orig = Originator(msg_id, env.mailbox, sertag, env.oneway, method)
         if not orig.oneway:
             self._to_mailbox(orig, [SIGNATURE, ACK, msg_id])
         started = time.monotonic()
@@ -337,9 +349,7 @@ class Worker:
                 self._fail(orig, "UnknownMethod", f"no callback for method {method!r} on this worker")
             else:
                 try:
-                    codec = serializers.get(sertag.decode("ascii", "replace"),
-                                            allow_pickle=self.allow_pickle)
-                    payload = codec.loads(body)
+                    payload = self._codec(sertag).loads(body)
                 except Exception as exc:
                     self._fail(orig, "SerializerError", str(exc))
                 else:
@@ -364,8 +374,7 @@ class Worker:
                 # Say BYE before DONE, or sqm would refill the slot DONE frees.
                 self._send_bye(sock)
             try:
-                sock.send_multipart([SIGNATURE, DONE, msg_id, DONE_OK if ok else DONE_FAILED],
-                                    zmq.NOBLOCK)
+                send_frames(sock, [SIGNATURE, DONE if ok else DONE_FAILED, msg_id])
             except zmq.ZMQError:
                 pass
 
@@ -387,7 +396,7 @@ class Worker:
             log.warning("worker %s: refusing mailbox %r: %s", self.id, orig.mailbox[:80], exc)
             return
         try:
-            sock.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(sock, frames)
         except zmq.Again:
             log.debug("worker %s: mailbox %r not keeping up; reply dropped", self.id, orig.mailbox)
 
