@@ -69,6 +69,9 @@ class Originator:
 class Worker:
     """Serve a queue with callbacks ``fn(worker, originator, payload)``.
 
+    ``context`` lets many Workers in one process share one ZeroMQ context
+    (one I/O thread) instead of each creating its own.
+
     ``prefetch`` is how many messages sqm may hand this worker at once (its
     credit). The default, 1, gives work only to idle workers; more raises
     throughput at the cost of head-of-line blocking: a message may wait
@@ -93,6 +96,7 @@ class Worker:
         max_mailboxes: int = 64,
         mailbox_idle_s: float = 60.0,
         prefetch: int = 1,
+        context: zmq.Context | None = None,
     ) -> None:
         self.settings = resolve(queue, endpoint=endpoint, config=config)
         self.queue = self.settings.queue
@@ -103,6 +107,7 @@ class Worker:
         if not isinstance(prefetch, int) or not 1 <= prefetch <= 10_000:
             raise ValueError("prefetch must be an int between 1 and 10000")
         self.prefetch = prefetch
+        self._shared_ctx = context  # many Workers in one process may share one
         self.max_mailboxes = max_mailboxes
         self.mailbox_idle_s = mailbox_idle_s
         self._callbacks: dict[str, Callback] = {}
@@ -179,7 +184,7 @@ class Worker:
         self._hb_stop.clear()
         self._bye_sent = False
         restore = self._install_signals()
-        ctx = zmq.Context()
+        ctx = self._shared_ctx or zmq.Context()
         self._pool = MailboxPool(
             ctx,
             MailboxPolicy.for_settings(self.settings),
@@ -228,7 +233,8 @@ class Worker:
             monitor.close(0)
             sock.close(linger=1000)
             self._pool.close()
-            ctx.term()
+            if self._shared_ctx is None:
+                ctx.term()
             restore()
             self._running = False
             log.info("worker %s stopped after %d task(s)", self.id, self.tasks_done)
