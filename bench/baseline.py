@@ -3,8 +3,9 @@
 Same topology as sqm, no features (no heartbeats, retries, metrics, logging):
 
 * broker: one ROUTER socket, for senders and workers alike;
-* worker: DEALER to the broker, sends ``READY`` (credit 1); the broker hands
-  the oldest pending request to the longest-idle worker;
+* worker: DEALER to the broker, sends ``READY`` once per credit (1, or
+  ``prefetch`` for the throughput variants) and again after each reply; the
+  broker hands the oldest pending request to the longest-idle credit;
 * sender: DEALER to the broker for requests ``[mailbox, body]``, and a PULL
   socket bound on its own ipc mailbox; the worker replies straight to that
   mailbox through a cached PUSH socket, then sends ``READY`` again.
@@ -14,17 +15,21 @@ Frames on the broker's ROUTER::
     worker -> broker   [worker-id, b"R"]
     sender -> broker   [sender-id, mailbox, body]
     broker -> worker   [worker-id, mailbox, body]
+    anyone -> broker   [peer-id, b"S"]           (status query, orchestrator only)
+    broker -> anyone   [peer-id, b"S", json]     {"credits": idle credits, "pending": n}
 
 Bodies are cbor2; the broker never decodes them. The broker blocks in one
 ``recv`` (with a receive timeout, to notice SIGTERM) and then drains its socket
 with ``NOBLOCK`` so one wake-up handles a whole batch; the sender polls its
-mailbox and drains it the same way. A worker holds one credit, so it simply
-blocks in ``recv``. (A blocking ``recv`` with ``RCVTIMEO`` equals ``poll`` +
+mailbox and drains it the same way. A worker handles one request at a time,
+so it simply blocks in ``recv``; with several credits the extra requests wait
+in its DEALER's queue. Baseline workers have no heartbeats. (A blocking ``recv`` with ``RCVTIMEO`` equals ``poll`` +
 ``recv`` minus one system call per message.)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -38,6 +43,7 @@ import zmq
 from bench.common import (
     BenchError,
     Tally,
+    backlog_result,
     ipc_endpoint,
     payload,
     pipelined_result,
@@ -49,7 +55,11 @@ from bench.common import (
 )
 
 READY = b"R"
+STATUS = b"S"
 _POLL_MS = 200
+#: Receive timeout of worker threads when a process hosts many of them (they
+#: only wake up to check the stop flag; 1000 threads at 200 ms would cost CPU).
+_MANY_POLL_MS = 1000
 
 
 class _Stop:
@@ -85,12 +95,16 @@ def broker_main(endpoint: str) -> None:
             except zmq.Again:
                 continue
             while True:  # handle this message, then drain everything queued
-                if len(frames) == 2:  # [worker, READY]
-                    if pending:
-                        mailbox, body = pending.popleft()
-                        send([frames[0], mailbox, body])
+                if len(frames) == 2:  # [worker, READY] or [peer, STATUS]
+                    if frames[1] == READY:
+                        if pending:
+                            mailbox, body = pending.popleft()
+                            send([frames[0], mailbox, body])
+                        else:
+                            idle.append(frames[0])
                     else:
-                        idle.append(frames[0])
+                        st = {"credits": len(idle), "pending": len(pending)}
+                        send([frames[0], STATUS, json.dumps(st).encode()])
                 elif len(frames) == 3:  # [sender, mailbox, body]
                     if idle:
                         send([idle.popleft(), frames[1], frames[2]])
@@ -105,18 +119,42 @@ def broker_main(endpoint: str) -> None:
         ctx.term()
 
 
+def query_status(endpoint: str, timeout: float) -> dict[str, int]:
+    """Ask the baseline broker for ``{"credits": idle credits, "pending": n}``."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        sock.connect(endpoint)
+        sock.send(STATUS)
+        if not sock.poll(int(timeout * 1000)):
+            raise BenchError(f"baseline broker did not answer a status query within {timeout}s")
+        frames = sock.recv_multipart()
+        result: dict[str, int] = json.loads(frames[1])
+        return result
+    finally:
+        sock.close()
+
+
 def _worker_loop(
-    ctx: zmq.Context, endpoint: str, wid: str, counts: dict[str, int], stop: threading.Event
+    ctx: zmq.Context,
+    endpoint: str,
+    wid: str,
+    counts: dict[str, int],
+    stop: threading.Event,
+    credits: int = 1,
+    poll_ms: int = _POLL_MS,
 ) -> None:
     """One baseline worker: take a request, reply to its mailbox, send READY."""
     dealer = ctx.socket(zmq.DEALER)
     dealer.linger = 0
-    dealer.rcvtimeo = _POLL_MS
+    dealer.rcvtimeo = poll_ms
     dealer.connect(endpoint)
     pushes: dict[bytes, zmq.Socket] = {}
     dumps, loads = cbor2.dumps, cbor2.loads
     try:
-        dealer.send(READY)
+        for _ in range(credits):
+            dealer.send(READY)
         while not stop.is_set():
             try:
                 mailbox, body = dealer.recv_multipart()
@@ -137,8 +175,10 @@ def _worker_loop(
         dealer.close()
 
 
-def worker_host(queue: str, endpoint: str, nthreads: int, counts_path: str) -> None:
-    """Run ``nthreads`` baseline workers in this process until SIGTERM.
+def worker_host(
+    queue: str, endpoint: str, nthreads: int, counts_path: str, prefetch: int = 1
+) -> None:
+    """Run ``nthreads`` baseline workers with ``prefetch`` credits each until SIGTERM.
 
     Writes ``{worker-id: {"measured": n, "warmup": n}}`` to ``counts_path``
     on the way out. ``queue`` is unused (one broker serves one queue).
@@ -147,23 +187,28 @@ def worker_host(queue: str, endpoint: str, nthreads: int, counts_path: str) -> N
     stop = _Stop()
     stop.install()
     ctx = zmq.Context()
+    ctx.max_sockets = max(1024, 4 * nthreads + 64)
+    poll_ms = _POLL_MS if nthreads <= 32 else _MANY_POLL_MS
     counters = {f"{os.getpid()}-{t}": {"measured": 0, "warmup": 0} for t in range(nthreads)}
     try:
         if nthreads == 1:
             ((wid, c),) = counters.items()
-            _worker_loop(ctx, endpoint, wid, c, stop.event)
+            _worker_loop(ctx, endpoint, wid, c, stop.event, prefetch, poll_ms)
         else:
             threads = [
                 threading.Thread(
-                    target=_worker_loop, args=(ctx, endpoint, wid, c, stop.event), daemon=True
+                    target=_worker_loop,
+                    args=(ctx, endpoint, wid, c, stop.event, prefetch, poll_ms),
+                    daemon=True,
                 )
                 for wid, c in counters.items()
             ]
             for t in threads:
                 t.start()
             stop.event.wait()
+            deadline = time.monotonic() + 5 + poll_ms / 1000
             for t in threads:
-                t.join(5)
+                t.join(max(0.0, deadline - time.monotonic()))
             if any(t.is_alive() for t in threads):
                 raise BenchError("baseline worker thread did not stop")
     finally:
@@ -222,6 +267,23 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     cl = _Client(job["endpoint"], job["tmp"], int(job["rpc_timeout"] * 1000))
     tally = Tally()
     try:
+        if wl["kind"] == "backlog":
+            n = wl["n"]
+            outstanding = set(range(n))
+            t0 = time.perf_counter()
+            for i in range(n):
+                cl.send(i)
+            submit_s = time.perf_counter() - t0
+            # No worker yet: the first reply may take as long as the whole run.
+            cl.pull.rcvtimeo = int(job["first_reply_timeout"] * 1000)
+            tally.take(outstanding, cl.recv())
+            first = time.monotonic()
+            cl.pull.rcvtimeo = cl.timeout_ms
+            while outstanding:
+                for r in cl.drain():
+                    tally.take(outstanding, r)
+            return backlog_result(n, submit_s, first, time.monotonic(), tally)
+
         if wl["kind"] == "rpc":
             for i in range(-wl["warmup"], 0):
                 cl.send(i)

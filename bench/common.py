@@ -33,9 +33,16 @@ class BenchError(Exception):
 class Workload:
     """One benchmark scenario.
 
-    ``kind`` is ``"rpc"`` (sequential request/reply, latency measured) or
+    ``kind`` is ``"rpc"`` (sequential request/reply, latency measured),
     ``"pipelined"`` (up to ``window`` requests outstanding, throughput
-    measured). Workers run as ``procs`` processes of ``threads`` workers each.
+    measured) or ``"backlog"`` (``n`` requests submitted while no worker
+    runs, then workers start and drain them). Workers run as ``procs``
+    processes of ``threads`` workers each, each worker taking ``prefetch``
+    messages at a time (its credit). With ``idle_s > 0`` the orchestrator
+    waits until every worker is registered and measures the broker's CPU for
+    ``idle_s`` seconds before the sender starts. ``systems`` limits the
+    systems the workload runs on (empty: all); ``base`` names the workload
+    whose figures the derived ratios refer to.
     """
 
     name: str
@@ -46,45 +53,111 @@ class Workload:
     threads: int
     window: int
     title: str
+    prefetch: int = 1
+    idle_s: float = 0.0
+    systems: tuple[str, ...] = ()
+    base: str = ""
 
     @property
     def workers(self) -> int:
         """Total number of workers."""
         return self.procs * self.threads
 
+    def runs_on(self, system: str) -> bool:
+        """Whether this workload is defined for ``system``."""
+        return not self.systems or system in self.systems
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (also used to ship the workload to children)."""
         return asdict(self)
 
 
-def make_workloads(quick: bool, w3_layout: tuple[int, int] = (32, 1)) -> dict[str, Workload]:
-    """Return the W1..W3 definitions, with smaller counts when ``quick``."""
+#: Credits per worker of the throughput-mode variants of W2.
+PREFETCH_VARIANTS = (2, 8, 32)
+#: Workload names in run and table order.
+WORKLOAD_ORDER = (
+    "W1",
+    "W2",
+    *(f"W2-p{p}" for p in PREFETCH_VARIANTS),
+    "W3",
+    "W4",
+    "W5",
+    "W5-p16",
+)
+
+
+def make_workloads(
+    quick: bool,
+    w3_layout: tuple[int, int] = (32, 1),
+    w4_layout: tuple[int, int] = (4, 250),
+    w4_idle_s: float | None = None,
+) -> dict[str, Workload]:
+    """Return every workload definition, with smaller counts when ``quick``."""
     p3, t3 = w3_layout
-    return {
+    p4, t4 = w4_layout
+    n2 = 3000 if quick else 20000
+    n5 = 10000 if quick else 100000
+    idle = w4_idle_s if w4_idle_s is not None else (3.0 if quick else 10.0)
+    out = {
         "W1": Workload(
             "W1", "rpc", 1000 if quick else 5000, 200, 1, 1, 1, "sequential rpc, 1 sender, 1 worker"
         ),
         "W2": Workload(
-            "W2",
+            "W2", "pipelined", n2, 200, 2, 1, 200, "pipelined (200 outstanding), 1 sender, 2 workers"
+        ),
+    }
+    for p in PREFETCH_VARIANTS:
+        name = f"W2-p{p}"
+        out[name] = Workload(
+            name,
             "pipelined",
-            3000 if quick else 20000,
+            n2,
             200,
             2,
             1,
             200,
-            "pipelined (200 outstanding), 1 sender, 2 workers",
-        ),
-        "W3": Workload(
-            "W3",
-            "pipelined",
-            3000 if quick else 20000,
-            200,
-            p3,
-            t3,
-            200,
-            f"pipelined (200 outstanding), 1 sender, {p3 * t3} workers ({p3} procs x {t3} threads)",
-        ),
-    }
+            f"W2 with {p} credits per worker (Worker prefetch={p})",
+            prefetch=p,
+            base="W2",
+        )
+    out["W3"] = Workload(
+        "W3",
+        "pipelined",
+        n2,
+        200,
+        p3,
+        t3,
+        200,
+        f"pipelined (200 outstanding), 1 sender, {p3 * t3} workers ({p3} procs x {t3} threads)",
+    )
+    out["W4"] = Workload(
+        "W4",
+        "pipelined",
+        n2,
+        200,
+        p4,
+        t4,
+        200,
+        f"{p4 * t4} idle workers ({p4} procs x {t4} threads): broker CPU over {idle:g}s idle, "
+        "then W2 through them",
+        idle_s=idle,
+        systems=("baseline", "sqm"),
+        base="W2",
+    )
+    for name, p in (("W5", 1), ("W5-p16", 16)):
+        out[name] = Workload(
+            name,
+            "backlog",
+            n5,
+            0,
+            2,
+            1,
+            n5,
+            f"{n5} pending with no worker, then 2 workers (prefetch {p}) drain them",
+            prefetch=p,
+            systems=("baseline", "sqm"),
+        )
+    return out
 
 
 def payload(i: int) -> dict[str, Any]:
@@ -240,6 +313,28 @@ def rpc_result(
     return res
 
 
+def backlog_result(
+    n: int, submit_s: float, first: float, last: float, tally: Tally
+) -> dict[str, Any]:
+    """Result dict of a backlog run; ``first``/``last`` are ``time.monotonic()``.
+
+    The drain rate counts the ``n - 1`` intervals from the first reply to the
+    last, so worker start-up (interpreter, imports) is not part of it.
+    """
+    return {
+        "n": n,
+        "submit_s": submit_s,
+        "submit_per_s": n / submit_s,
+        "first_reply_mono": first,
+        "last_reply_mono": last,
+        "drain_s": last - first,
+        "drain_per_s": (n - 1) / (last - first) if last > first else math.nan,
+        "warmup_n": 0,
+        "sender_seen_measured": dict(tally.measured),
+        "sender_seen_warmup": {},
+    }
+
+
 def warm_done(tally: Tally, expected_workers: int, count: int, minimum: int) -> bool:
     """Warm-up is over once ``minimum`` replies came and every worker answered."""
     return count >= minimum and len(tally.warmup) >= expected_workers
@@ -252,3 +347,19 @@ def merge_counts(files: Iterable[str]) -> dict[str, dict[str, int]]:
         with open(path, encoding="utf-8") as f:
             merged.update(json.load(f))
     return merged
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size (``VmRSS``) of process ``pid``, in bytes."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise BenchError(f"no VmRSS for pid {pid}")

@@ -1,9 +1,12 @@
 """sqm adapters: worker host and senders written against the public SPEC API.
 
 * broker: ``sqm serve QUEUE --endpoint ipc://...`` (started by the orchestrator);
-* workers: ``worker.Worker(queue, endpoint=..., callbacks={"work": cb}).run()``;
-* sync sender: ``sender.Sender`` -- W1 with ``rpc``, W2/W3 with ``submit`` +
-  ``receive()`` keeping at most ``window`` messages outstanding;
+* workers: ``worker.Worker(queue, endpoint=..., callbacks={"work": cb},
+  prefetch=N).run()``; several workers in one process share one ZeroMQ
+  context (``context=``) and each runs in its own thread;
+* sync sender: ``sender.Sender`` -- W1 with ``rpc``, W2/W3/W4 with ``submit`` +
+  ``receive()`` keeping at most ``window`` messages outstanding; W5 submits
+  everything (``timeout=600``) before any worker runs, then receives;
 * async sender: ``sender.AsyncSender`` -- W1 with ``await rpc``, W2/W3 with
   ``window`` concurrent tasks each awaiting ``rpc`` in a loop.
 
@@ -26,6 +29,7 @@ from bench.common import (
     METHOD,
     BenchError,
     Tally,
+    backlog_result,
     payload,
     pipelined_result,
     rpc_result,
@@ -36,16 +40,29 @@ from bench.common import (
 )
 
 
-def worker_host(queue: str, endpoint: str, nthreads: int, counts_path: str) -> None:
-    """Run ``nthreads`` sqm Workers in this process until SIGTERM.
+#: Backlog runs give each message this deadline (s): no worker runs while they queue.
+BACKLOG_MESSAGE_TIMEOUT = 600.0
+
+
+def worker_host(
+    queue: str, endpoint: str, nthreads: int, counts_path: str, prefetch: int = 1
+) -> None:
+    """Run ``nthreads`` sqm Workers (``prefetch`` credits each) until SIGTERM.
 
     With one worker, ``Worker.run()`` runs in the main thread and handles
-    SIGTERM itself (per SPEC). With several, each runs in a thread and the main
-    thread turns SIGTERM into ``terminate()`` calls. Per-worker counts are
-    written to ``counts_path`` once ``run()`` has returned.
+    SIGTERM itself (per SPEC). With several, they share one ZeroMQ context,
+    each runs in a thread, and the main thread turns SIGTERM into
+    ``terminate()`` calls. Per-worker counts are written to ``counts_path``
+    once ``run()`` has returned.
     """
+    import zmq
     from worker import Worker
 
+    ctx: zmq.Context | None = None
+    if nthreads > 1:
+        ctx = zmq.Context()
+        # ~4 sockets per Worker (dealer, monitor pair, heartbeat, mailbox push).
+        ctx.max_sockets = max(1024, 8 * nthreads + 64)
     counters: dict[str, dict[str, int]] = {}
     workers = []
     for t in range(nthreads):
@@ -58,7 +75,11 @@ def worker_host(queue: str, endpoint: str, nthreads: int, counts_path: str) -> N
         ) -> dict[str, Any]:
             return work(body, _wid, _c)
 
-        workers.append(Worker(queue, endpoint=endpoint, callbacks={METHOD: cb}))
+        workers.append(
+            Worker(
+                queue, endpoint=endpoint, callbacks={METHOD: cb}, prefetch=prefetch, context=ctx
+            )
+        )
     try:
         if nthreads == 1:
             workers[0].run()
@@ -81,12 +102,16 @@ def worker_host(queue: str, endpoint: str, nthreads: int, counts_path: str) -> N
             stop.wait()
             for w in workers:
                 w.terminate()
+            deadline = time.monotonic() + 10
             for th in threads:
-                th.join(5)
+                th.join(max(0.0, deadline - time.monotonic()))
             if errors:
                 raise errors[0]
-            if any(th.is_alive() for th in threads):
-                raise BenchError("sqm Worker.run() did not return after terminate()")
+            stuck = sum(th.is_alive() for th in threads)
+            if stuck:
+                raise BenchError(f"{stuck} sqm Worker.run() did not return after terminate()")
+            if ctx is not None:
+                ctx.term()
     finally:
         write_json_atomic(counts_path, counters)
 
@@ -98,6 +123,20 @@ def _run_sync(job: dict[str, Any]) -> dict[str, Any]:
     timeout = job["rpc_timeout"]
     tally = Tally()
     with Sender(job["queue"], endpoint=job["endpoint"], timeout=timeout) as s:
+        if wl["kind"] == "backlog":
+            n = wl["n"]
+            outstanding = set(range(n))
+            t0 = time.perf_counter()
+            for i in range(n):
+                s.submit(METHOD, payload(i), timeout=BACKLOG_MESSAGE_TIMEOUT)
+            submit_s = time.perf_counter() - t0
+            # No worker yet: the first reply may take as long as the whole run.
+            tally.take(outstanding, s.receive(timeout=job["first_reply_timeout"]))
+            first = time.monotonic()
+            while outstanding:
+                tally.take(outstanding, s.receive(timeout=timeout))
+            return backlog_result(n, submit_s, first, time.monotonic(), tally)
+
         if wl["kind"] == "rpc":
             for i in range(-wl["warmup"], 0):
                 tally.expect(i, s.rpc(METHOD, payload(i), timeout=timeout))

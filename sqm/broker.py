@@ -40,7 +40,7 @@ from .protocol import (
     MailboxPolicy,
 )
 from .sockets import ensure_ipc_dir, ipc_listener_alive, make_socket
-from .zmqfast import recv_frame, recv_rest, send_frames, send_more
+from .zmqfast import RCVTIMEO, recv_frame, recv_rest, send_frames, send_more, set_option
 
 log = logging.getLogger("sqm.broker")
 HEAD_UNPACK = protocol.ENVELOPE_HEAD.unpack_from
@@ -91,14 +91,19 @@ class QueueServer:
 
     # -------------------------------------------------------------- input
 
-    def drain(self, now: float) -> None:
-        """Read up to BATCH waiting messages, feed the core, then send its outbox."""
+    def drain(self, now: float, first: zmq.Frame | None = None) -> None:
+        """Handle ``first`` (if given) and up to BATCH more waiting messages,
+        then send the core's outbox."""
         sock = self.sock
         for _ in range(BATCH):
-            try:
-                rid_frame = recv_frame(sock)
-            except zmq.Again:
-                break
+            if first is not None:
+                rid_frame = first
+                first = None
+            else:
+                try:
+                    rid_frame = recv_frame(sock)
+                except zmq.Again:
+                    break
             frames = recv_rest(sock, rid_frame)
             try:
                 self.handle(rid_frame, frames, now)
@@ -316,12 +321,51 @@ class Broker:
 
     def run(self) -> None:
         """Serve until stopped; on the way out fail pending messages back and say bye."""
+        for q in self.queues:
+            log.info("queue %s: serving at %s", q.name, q.bind)
+        if len(self.queues) == 1:
+            self._run_one(self.queues[0])
+        else:
+            self._run_many()
+        now = time.time()
+        for q in self.queues:
+            q.core.shutdown(now)
+            q.flush(now)
+            log.info("queue %s: stopped", q.name)
+        self.close()
+
+    def _run_one(self, q: QueueServer) -> None:
+        """One queue: block in recv until the next tick (fewest system calls).
+
+        A signal interrupts the wait; the handler sets the stop flag, which
+        is seen at the latest at the next tick.
+        """
+        sock = q.sock
+        tick_every = max(0.01, self.opts.heartbeat / 4)
+        next_tick = time.time() + tick_every
+        while not self._stopping:
+            now = time.time()
+            if now < next_tick:
+                set_option(sock, RCVTIMEO, max(1, int((next_tick - now) * 1000)))
+                try:
+                    first = recv_frame(sock, 0)
+                except zmq.Again:
+                    first = None
+                now = time.time()
+                if first is not None:
+                    q.drain(now, first)
+            if now >= next_tick:
+                q.core.tick(now)
+                q.flush(now)
+                next_tick = now + tick_every
+
+    def _run_many(self) -> None:
+        """Several queues: poll their sockets (and the signal wake-up pipe)."""
         poller = zmq.Poller()
         by_sock = {}
         for q in self.queues:
             poller.register(q.sock, zmq.POLLIN)
             by_sock[q.sock] = q
-            log.info("queue %s: serving at %s", q.name, q.bind)
         poller.register(self._wake_r, zmq.POLLIN)
         tick_every = max(0.01, self.opts.heartbeat / 4)
         next_tick = time.time() + tick_every
@@ -339,12 +383,6 @@ class Broker:
                     q.core.tick(now)
                     q.flush(now)
                 next_tick = now + tick_every
-        now = time.time()
-        for q in self.queues:
-            q.core.shutdown(now)
-            q.flush(now)
-            log.info("queue %s: stopped", q.name)
-        self.close()
 
     def close(self) -> None:
         for q in self.queues:

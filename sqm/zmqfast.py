@@ -14,9 +14,11 @@ from zmq.backend import Socket as _Backend
 
 _send = _Backend.send
 _recv = _Backend.recv
+set_option = _Backend.set  # plain-int options, no enum conversion
 
 NOBLOCK = int(zmq.NOBLOCK)
 SNDMORE = int(zmq.SNDMORE)
+RCVTIMEO = int(zmq.RCVTIMEO)
 ZERO_COPY_ABOVE = 64 * 1024  # like pyzmq's copy_threshold: big frames are not copied
 
 

@@ -35,7 +35,8 @@ from sqm.protocol import (
     decode_envelope,
 )
 from sqm.sockets import make_socket
-from sqm.zmqfast import recv_frames, send_frames
+from sqm.zmqfast import RCVTIMEO, recv_frames, send_frames
+from sqm.zmqfast import set_option as _set_option
 
 from .mailboxes import MailboxPool
 
@@ -122,9 +123,6 @@ class Worker:
         self.busy_s = 0.0
         self._stop = threading.Event()
         self._hb_stop = threading.Event()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
         self._current: Originator | None = None
         self._pool: MailboxPool | None = None
         self._running = False
@@ -167,11 +165,7 @@ class Worker:
 
     def terminate(self) -> None:
         """Finish the message in hand, tell sqm we are gone, and make run() return."""
-        self._stop.set()
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
+        self._stop.set()  # run() notices within heartbeat/2, or as soon as a message arrives
 
     # ------------------------------------------------------------ run loop
 
@@ -197,21 +191,28 @@ class Worker:
         hb.start()
         log.info("worker %s serving queue %s at %s", self.id, self.queue, self.endpoint)
         last_heard = time.monotonic()
+        # Block in recv (the GIL released) rather than poll several sockets:
+        # fewer system calls per message. Chores run at most every `chore_s`.
+        chore_s = self.heartbeat / 2
         try:
             while not self._stop.is_set():
-                poller = zmq.Poller()
-                poller.register(sock, zmq.POLLIN)
-                poller.register(monitor, zmq.POLLIN)
-                poller.register(self._wake_r, zmq.POLLIN)
+                _set_option(sock, RCVTIMEO, max(1, int(chore_s * 1000)))
                 reconnect = False
+                next_chores = 0.0
                 while not self._stop.is_set():
-                    events = dict(poller.poll(int(self.heartbeat * 500)))
+                    try:
+                        frames = recv_frames(sock, 0)
+                    except zmq.Again:  # receive timeout: time for chores
+                        frames = None
                     now = time.monotonic()
-                    if sock in events:
+                    if frames is not None:
                         last_heard = now
-                        if self._drain(sock):
+                        if self._on_frames(sock, frames):
                             self._hello(sock)
-                    if monitor in events:
+                        if now < next_chores:
+                            continue
+                    next_chores = now + chore_s
+                    if monitor.poll(0):
                         self._drain_monitor(monitor, sock)
                     if now - last_heard > self.liveness * max(self.heartbeat,
                                                               self._broker_heartbeat):
@@ -283,27 +284,21 @@ class Worker:
                 self._was_disconnected = False
                 self._hello(sock)
 
-    def _drain(self, sock: zmq.Socket) -> bool:
-        """Handle everything waiting from sqm. True if sqm asked us to register again."""
-        rehello = False
-        while not self._stop.is_set():
-            try:
-                frames = recv_frames(sock)
-            except zmq.Again:
-                break
-            if len(frames) < 2 or frames[0] != SIGNATURE:
-                continue
-            cmd = frames[1]
-            if cmd == DISPATCH and len(frames) == protocol.SUBMIT_FRAMES:
-                self._handle(sock, frames)
-            elif cmd == BYE:
-                rehello = True  # sqm restarted or is stopping: say hello again
-            elif cmd == HEARTBEAT:
-                if len(frames) == 3 and frames[2].isdigit():
-                    self._broker_heartbeat = max(0.001, int(frames[2]) / 1000)
-            else:
-                log.debug("worker %s: ignoring command %r", self.id, cmd)
-        return rehello
+    def _on_frames(self, sock: zmq.Socket, frames: list[bytes]) -> bool:
+        """Handle one message from sqm. True if sqm asked us to register again."""
+        if len(frames) < 2 or frames[0] != SIGNATURE:
+            return False
+        cmd = frames[1]
+        if cmd == DISPATCH and len(frames) == protocol.SUBMIT_FRAMES:
+            self._handle(sock, frames)
+        elif cmd == BYE:
+            return True  # sqm restarted or is stopping: say hello again
+        elif cmd == HEARTBEAT:
+            if len(frames) == 3 and frames[2].isdigit():
+                self._broker_heartbeat = max(0.001, int(frames[2]) / 1000)
+        else:
+            log.debug("worker %s: ignoring command %r", self.id, cmd)
+        return False
 
     def _send_bye(self, sock: zmq.Socket) -> bool:
         """Send BYE once per run; False if it cannot be sent."""
