@@ -30,29 +30,129 @@ import zmq
 
 from bench import baseline, sqm_adapter
 from bench.common import (
+    PREFETCH_VARIANTS,
+    WORKLOAD_ORDER,
     BenchError,
     Workload,
+    cpu_seconds,
     ipc_endpoint,
     ipc_path,
     make_workloads,
     merge_counts,
+    rss_bytes,
     wait_until,
 )
 
 SYSTEMS = ("baseline", "sqm", "sqm-async")
 QUEUE = "bench"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: ``sqm serve --max-pending``: above W5's 100,000 so the backlog is never refused.
+SQM_MAX_PENDING = 200_000
+#: Seconds between status polls while waiting for a broker-side condition.
+STATUS_POLL_S = 0.2
 
-#: (metric key, label, higher is better) per workload, in table order.
-METRICS: dict[str, list[tuple[str, str, bool]]] = {
-    "W1": [("rpc_per_s", "rpc/s", True), ("p50_us", "p50 us", False), ("p99_us", "p99 us", False)],
-    "W2": [("tasks_per_s", "tasks/s", True)],
-    "W3": [
-        ("tasks_per_s", "tasks/s", True),
-        ("min_per_worker", "min tasks/worker", True),
-        ("max_per_worker", "max tasks/worker", False),
+
+@dataclass(frozen=True)
+class Metric:
+    """One table row of a workload.
+
+    ``ratio`` says whether the cell shows the ratio to the baseline's figure
+    of the same workload (not for figures that are ratios themselves, nor for
+    idle CPU, where the baseline is ~0). ``derived`` metrics are computed
+    after all runs from another workload's median figure: ``(workload,
+    system)``, where system ``""`` means the row's own system.
+    """
+
+    key: str
+    label: str
+    higher_better: bool
+    ratio: bool = True
+    fmt: str = "num"  # "num" | "x" (a ratio: 2 decimals and an x)
+    derived: tuple[str, str] | None = None
+
+
+_TASKS = Metric("tasks_per_s", "tasks/s", True)
+_BACKLOG = [
+    Metric("bytes_per_pending", "broker bytes/pending msg", False),
+    Metric("submit_per_s", "submit msgs/s (no worker)", True),
+    Metric("drain_per_s", "drain msgs/s", True),
+]
+
+#: Table rows per workload, in table order.
+METRICS: dict[str, list[Metric]] = {
+    "W1": [
+        Metric("rpc_per_s", "rpc/s", True),
+        Metric("p50_us", "p50 us", False),
+        Metric("p99_us", "p99 us", False),
     ],
+    "W2": [_TASKS],
+    **{
+        f"W2-p{p}": [
+            _TASKS,
+            Metric(
+                "x_base_w2",
+                "x W2 baseline (credit 1)",
+                True,
+                ratio=False,
+                fmt="x",
+                derived=("W2", "baseline"),
+            ),
+        ]
+        for p in PREFETCH_VARIANTS
+    },
+    "W3": [
+        _TASKS,
+        Metric("min_per_worker", "min tasks/worker", True),
+        Metric("max_per_worker", "max tasks/worker", False),
+    ],
+    "W4": [
+        Metric("broker_idle_cpu_pct", "broker idle CPU %", False, ratio=False),
+        Metric("hosts_idle_cpu_pct", "worker procs idle CPU %", False, ratio=False),
+        _TASKS,
+        Metric("x_own_w2", "x own W2 tasks/s", True, ratio=False, fmt="x", derived=("W2", "")),
+    ],
+    "W5": _BACKLOG,
+    "W5-p16": _BACKLOG,
 }
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal from the issue, checked on the sqm systems' medians."""
+
+    workload: str
+    key: str
+    op: str  # "<", "<=" or ">="
+    value: float
+    text: str
+
+    def met(self, v: float) -> bool:
+        """Whether figure ``v`` meets the target."""
+        if self.op == "<":
+            return v < self.value
+        if self.op == "<=":
+            return v <= self.value
+        return v >= self.value
+
+
+TARGETS: list[Target] = [
+    *(
+        Target(
+            f"W2-p{p}",
+            "x_base_w2",
+            ">=",
+            3.0,
+            "W2 with a documented throughput setting >= 3 x the credit-1 baseline",
+        )
+        for p in PREFETCH_VARIANTS
+    ),
+    Target("W4", "broker_idle_cpu_pct", "<", 5.0, "broker idle CPU < 5 % with 1,000 workers"),
+    Target("W4", "x_own_w2", ">=", 0.8, "W2 through 1,000 workers >= 0.8 x W2"),
+    Target("W5", "bytes_per_pending", "<=", 1024.0, "broker memory <= 1 KiB per pending message"),
+    Target(
+        "W5-p16", "bytes_per_pending", "<=", 1024.0, "broker memory <= 1 KiB per pending message"
+    ),
+]
 
 _MP = multiprocessing.get_context("spawn")
 
@@ -93,6 +193,11 @@ class _Proc:
     def kill(self) -> None:
         if self.alive():
             self.proc.kill()
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        return int(self.proc.pid)
 
 
 class ProcGroup:
@@ -153,7 +258,7 @@ class System:
     """How to start one system's broker, workers and sender."""
 
     name: str
-    worker_target: Callable[[str, str, int, str], None]
+    worker_target: Callable[[str, str, int, str, int], None]
     sender_target: Callable[[dict[str, Any]], None]
     uses_sqm_broker: bool
 
@@ -215,7 +320,8 @@ def _start_broker(system: System, tmp: str, group: ProcGroup, log_path: str) -> 
     if system.uses_sqm_broker:
         broker = group.popen(
             "sqm serve",
-            _sqm_serve_cmd() + ["serve", QUEUE, "--endpoint", endpoint],
+            _sqm_serve_cmd()
+            + ["serve", QUEUE, "--endpoint", endpoint, "--max-pending", str(SQM_MAX_PENDING)],
             log_path,
             _child_env(tmp),
         )
@@ -233,8 +339,82 @@ def _start_broker(system: System, tmp: str, group: ProcGroup, log_path: str) -> 
 # --------------------------------------------------------------------------- one run
 
 
+def _status_reader(system: System, endpoint: str, wl: Workload) -> Callable[[], dict[str, int]]:
+    """A function returning the broker's ``{"workers": n, "pending": n}``.
+
+    sqm: ``workers_current`` and ``pending`` from ``sqm status`` (the CLI's
+    ``fetch_status``). Baseline: its status query; its workers do not
+    register, so "workers" is the idle credits divided by the credits per
+    worker (exact while nothing runs).
+    """
+    if system.uses_sqm_broker:
+        from sqm.cli import fetch_status
+        from sqm.config import resolve
+
+        settings = resolve(QUEUE, endpoint=endpoint)
+
+        def read_sqm() -> dict[str, int]:
+            st = fetch_status(settings, 5.0)
+            return {"workers": int(st["workers_current"]), "pending": int(st["pending"])}
+
+        return read_sqm
+
+    def read_baseline() -> dict[str, int]:
+        st = baseline.query_status(endpoint, 5.0)
+        return {"workers": st["credits"] // wl.prefetch, "pending": st["pending"]}
+
+    return read_baseline
+
+
+def _wait_for(
+    cond: Callable[[], bool], timeout: float, what: str, watch: Sequence[_Proc], log_path: str
+) -> None:
+    """Poll ``cond`` (a status query) until true; fail if a watched process dies."""
+    deadline = time.monotonic() + timeout
+    while True:
+        dead = [p.name for p in watch if not p.alive()]
+        if dead:
+            raise BenchError(
+                f"died while waiting for {what}: {', '.join(dead)}; broker log: {_tail(log_path)}"
+            )
+        if cond():
+            return
+        if time.monotonic() >= deadline:
+            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(STATUS_POLL_S)
+
+
+def _measure_idle(
+    broker: _Proc, hosts: Sequence[_Proc], seconds: float, log_path: str
+) -> dict[str, float]:
+    """CPU % (of one core) of the broker and of all worker processes over ``seconds``."""
+    pids = [broker.pid, *(h.pid for h in hosts)]
+    before = [cpu_seconds(pid) for pid in pids]
+    t0 = time.monotonic()
+    end = t0 + seconds
+    while (left := end - time.monotonic()) > 0:
+        time.sleep(min(0.5, left))  # a measurement window, not a synchronisation
+        dead = [p.name for p in (broker, *hosts) if not p.alive()]
+        if dead:
+            raise BenchError(f"died while idle: {', '.join(dead)}; broker log: {_tail(log_path)}")
+    after = [cpu_seconds(pid) for pid in pids]
+    dt = time.monotonic() - t0
+    used = [b - a for a, b in zip(before, after, strict=True)]
+    return {
+        "broker_idle_cpu_pct": 100.0 * used[0] / dt,
+        "hosts_idle_cpu_pct": 100.0 * sum(used[1:]) / dt,
+        "idle_window_s": dt,
+    }
+
+
 def run_one(system: System, wl: Workload, args: argparse.Namespace) -> dict[str, Any]:
-    """Run workload ``wl`` on ``system`` in fresh processes; return a result row."""
+    """Run workload ``wl`` on ``system`` in fresh processes; return a result row.
+
+    Phases: broker; then for a backlog workload the sender (which submits
+    everything), a wait until the broker holds all of it, the broker's RSS,
+    and only then the workers; otherwise the workers, for an idle workload a
+    wait until all are registered and the broker's idle CPU, then the sender.
+    """
     row: dict[str, Any] = {
         "system": system.name,
         "workload": wl.name,
@@ -248,23 +428,15 @@ def run_one(system: System, wl: Workload, args: argparse.Namespace) -> dict[str,
     group = ProcGroup()
     log_path = os.path.join(tmp, "broker.log")
     saved_env = dict(os.environ)
+    details: dict[str, Any] = row["details"]
+    extra: dict[str, float] = {}
     try:
         # Spawned children inherit this: sqm files go to tmp, no stray SQM_* settings.
         os.environ.clear()
         os.environ.update(_child_env(tmp))
         endpoint, broker = _start_broker(system, tmp, group, log_path)
+        status = _status_reader(system, endpoint, wl)
         counts_paths = [os.path.join(tmp, f"counts-{k}.json") for k in range(wl.procs)]
-        workers = [
-            group.spawn(
-                f"{system.name} worker process {k}",
-                system.worker_target,
-                QUEUE,
-                endpoint,
-                wl.threads,
-                counts_paths[k],
-            )
-            for k in range(wl.procs)
-        ]
         job = {
             "workload": wl.to_dict(),
             "endpoint": endpoint,
@@ -273,8 +445,66 @@ def run_one(system: System, wl: Workload, args: argparse.Namespace) -> dict[str,
             "result_path": os.path.join(tmp, "result.json"),
             "rpc_timeout": args.rpc_timeout,
             "warmup_timeout": args.warmup_timeout,
+            "first_reply_timeout": args.timeout,
         }
-        sender = group.spawn(f"{system.name} sender", system.sender_target, job)
+
+        def spawn_workers() -> list[_Proc]:
+            return [
+                group.spawn(
+                    f"{system.name} worker process {k}",
+                    system.worker_target,
+                    QUEUE,
+                    endpoint,
+                    wl.threads,
+                    counts_paths[k],
+                    wl.prefetch,
+                )
+                for k in range(wl.procs)
+            ]
+
+        workers: list[_Proc] = []
+        t_spawn = 0.0
+        if wl.kind == "backlog":
+            status()  # the broker answers: its start-up allocations are done
+            rss0 = rss_bytes(broker.pid)
+            sender = group.spawn(f"{system.name} sender", system.sender_target, job)
+            _wait_for(
+                lambda: status()["pending"] >= wl.n,
+                args.timeout,
+                f"{wl.n} pending messages",
+                (broker, sender),
+                log_path,
+            )
+            pending = status()["pending"]
+            if pending != wl.n:
+                raise BenchError(f"broker holds {pending} pending messages, expected {wl.n}")
+            rss1 = rss_bytes(broker.pid)
+            details.update(rss_before=rss0, rss_pending=rss1)
+            extra["bytes_per_pending"] = (rss1 - rss0) / wl.n
+            t_spawn = time.monotonic()
+            workers = spawn_workers()
+        else:
+            workers = spawn_workers()
+            if wl.idle_s > 0:
+                t0 = time.monotonic()
+                _wait_for(
+                    lambda: status()["workers"] >= wl.workers,
+                    args.warmup_timeout,
+                    f"{wl.workers} registered workers",
+                    (broker, *workers),
+                    log_path,
+                )
+                details["registration_s"] = time.monotonic() - t0
+                idle = _measure_idle(broker, workers, wl.idle_s, log_path)
+                details["idle_window_s"] = idle.pop("idle_window_s")
+                extra.update(idle)
+                after = status()["workers"]
+                details["workers_after_idle"] = after
+                if after != wl.workers:
+                    raise BenchError(
+                        f"{wl.workers - after} of {wl.workers} workers dropped while idle"
+                    )
+            sender = group.spawn(f"{system.name} sender", system.sender_target, job)
         deadline = time.monotonic() + args.timeout
         while sender.alive() and time.monotonic() < deadline:
             sender.join(min(0.5, deadline - time.monotonic()))
@@ -286,9 +516,13 @@ def run_one(system: System, wl: Workload, args: argparse.Namespace) -> dict[str,
         if sender.alive():
             raise BenchError(f"sender did not finish within {args.timeout}s")
         res = _read_result(job["result_path"], sender)
+        if wl.kind == "backlog":
+            details["spawn_to_last_reply_s"] = res["last_reply_mono"] - t_spawn
+            details["rss_after_drain"] = rss_bytes(broker.pid)
         row["warnings"] += group.stop(workers, timeout=10)
-        row["details"].update(res)
-        row["metrics"] = _metrics_and_checks(wl, res, counts_paths, row["details"])
+        details.update(res)
+        row["metrics"] = _metrics_and_checks(wl, res, counts_paths, details)
+        row["metrics"].update(extra)
     except BenchError as exc:
         row.update(status="failed", error=str(exc))
     except Exception:  # noqa: BLE001 - one broken run must not hide the others
@@ -298,9 +532,9 @@ def run_one(system: System, wl: Workload, args: argparse.Namespace) -> dict[str,
         os.environ.update(saved_env)
         row["warnings"] += group.stop(timeout=5)
         if row["status"] != "ok" and os.path.exists(log_path):
-            row["details"]["broker_log_tail"] = _tail(log_path)
+            details["broker_log_tail"] = _tail(log_path)
         if args.keep_tmp:
-            row["details"]["tmp"] = tmp
+            details["tmp"] = tmp
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     return row
@@ -344,6 +578,8 @@ def _metrics_and_checks(
     details["workers"] = wl.workers
     if wl.kind == "rpc":
         return {k: res[k] for k in ("rpc_per_s", "p50_us", "p99_us")}
+    if wl.kind == "backlog":
+        return {k: res[k] for k in ("submit_per_s", "drain_per_s")}
     out = {"tasks_per_s": res["tasks_per_s"]}
     if wl.name == "W3":
         out["min_per_worker"] = min(measured.values())
@@ -433,7 +669,25 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Set ``row["ratios"]``: each metric divided by the baseline's, same workload."""
+    """Add the derived metrics, then set ``row["ratios"]``.
+
+    Derived metrics (see :class:`Metric`) divide a row's figure by another
+    workload's median from the same run. Ratios are each metric divided by
+    the baseline's, same workload.
+    """
+    by = {(r["system"], r["workload"]): r for r in rows if r["status"] == "ok"}
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        for m in METRICS.get(r["workload"], []):
+            if m.derived is None:
+                continue
+            ref_wl, ref_sys = m.derived
+            ref = by.get((ref_sys or r["system"], ref_wl))
+            num = r["metrics"].get("tasks_per_s")
+            den = ref["metrics"].get("tasks_per_s") if ref else None
+            if num is not None and den:
+                r["metrics"][m.key] = num / den
     base = {
         r["workload"]: r["metrics"]
         for r in rows
@@ -444,7 +698,46 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         r["ratios"] = {k: (v / b[k] if b.get(k) else None) for k, v in r["metrics"].items()}
 
 
-def _fmt(v: float) -> str:
+def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Evaluate :data:`TARGETS` on every sqm system's row that has the figure."""
+    out: list[dict[str, Any]] = []
+    for t in TARGETS:
+        for r in rows:
+            if r["workload"] != t.workload or r["system"] == "baseline" or r["status"] != "ok":
+                continue
+            v = r["metrics"].get(t.key)
+            if v is None:
+                continue
+            out.append(
+                {
+                    "workload": t.workload,
+                    "system": r["system"],
+                    "metric": t.key,
+                    "target": f"{t.op} {t.value:g}",
+                    "text": t.text,
+                    "value": v,
+                    "met": t.met(v),
+                }
+            )
+    return out
+
+
+def format_targets(results: list[dict[str, Any]]) -> str:
+    """One line per checked target."""
+    labels = {m.key: m.label for ms in METRICS.values() for m in ms}
+    lines = []
+    for t in results:
+        lines.append(
+            f"{t['workload']:<7} {t['system']:<10} {labels.get(t['metric'], t['metric'])} "
+            f"= {_fmt(t['value'])} (target {t['target']}): "
+            f"{'met' if t['met'] else 'NOT MET'}   [{t['text']}]"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(v: float, kind: str = "num") -> str:
+    if kind == "x":
+        return f"{v:.2f}x"
     if v >= 100:
         return f"{v:,.0f}"
     return f"{v:.1f}"
@@ -456,18 +749,20 @@ def format_table(rows: list[dict[str, Any]], systems: list[str], workloads: list
     header = ["workload", "metric", *systems]
     lines: list[list[str]] = []
     for w in workloads:
-        for key, label, _ in METRICS[w]:
-            line = [w, label]
+        for m in METRICS[w]:
+            line = [w, m.label]
             for s in systems:
                 r = by.get((s, w))
                 if r is None:
                     line.append("-")
                 elif r["status"] != "ok":
                     line.append(r["status"].upper())
+                elif m.key not in r["metrics"]:
+                    line.append("-")
                 else:
-                    cell = _fmt(r["metrics"][key])
-                    ratio = r["ratios"].get(key)
-                    if s != "baseline" and ratio is not None:
+                    cell = _fmt(r["metrics"][m.key], m.fmt)
+                    ratio = r["ratios"].get(m.key)
+                    if s != "baseline" and m.ratio and ratio is not None:
                         cell += f" ({ratio:.2f}x)"
                     line.append(cell)
             lines.append(line)
@@ -512,10 +807,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--only",
-        type=_csv(("W1", "W2", "W3"), "workload"),
-        default=["W1", "W2", "W3"],
+        type=_csv(WORKLOAD_ORDER, "workload"),
+        default=list(WORKLOAD_ORDER),
         metavar="W1,W2,...",
-        help="workloads to run (default: all)",
+        help=f"workloads to run, from {','.join(WORKLOAD_ORDER)} (default: all)",
     )
     ap.add_argument(
         "--systems",
@@ -524,7 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S1,S2,...",
         help=f"systems to run, from {','.join(SYSTEMS)} (default: all)",
     )
-    ap.add_argument("--quick", action="store_true", help="small counts: a smoke run (< 60 s)")
+    ap.add_argument("--quick", action="store_true", help="small counts: a smoke run (~60 s)")
     ap.add_argument(
         "--out", default="bench-results.json", help="JSON results file (default: %(default)s)"
     )
@@ -534,6 +829,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=(32, 1),
         metavar="PxT",
         help="W3 workers as P processes x T threads (default: 32x1)",
+    )
+    ap.add_argument(
+        "--w4-layout",
+        type=_layout,
+        default=(4, 250),
+        metavar="PxT",
+        help="W4 workers as P processes x T threads (default: 4x250)",
+    )
+    ap.add_argument(
+        "--w4-idle",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds of idle over which W4 measures CPU (default: 10, 3 with --quick)",
     )
     ap.add_argument(
         "--repeat",
@@ -576,8 +885,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     systems = _systems()
-    workloads = make_workloads(args.quick, args.w3_layout)
-    selected = [w for w in ("W1", "W2", "W3") if w in args.only]
+    workloads = make_workloads(args.quick, args.w3_layout, args.w4_layout, args.w4_idle)
+    selected = [w for w in WORKLOAD_ORDER if w in args.only]
     machine = machine_info()
     print(machine_line(machine), flush=True)
     if "baseline" not in args.systems:
@@ -599,7 +908,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs: dict[str, list[dict[str, Any]]] = {s: [] for s in args.systems}
             for rep in range(args.repeat):  # systems interleaved within each repetition
                 for s in args.systems:
-                    if systems[s].uses_sqm_broker and skip_reason:
+                    if (systems[s].uses_sqm_broker and skip_reason) or not wl.runs_on(s):
                         continue
                     rep_note = f" [{rep + 1}/{args.repeat}]" if args.repeat > 1 else ""
                     print(
@@ -618,7 +927,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         print(f"  FAILED: {row['error']}", file=sys.stderr)
                     runs[s].append(row)
             for s in args.systems:
-                if systems[s].uses_sqm_broker and skip_reason:
+                if not wl.runs_on(s):
+                    rows.append(
+                        {
+                            "system": s,
+                            "workload": w,
+                            "status": "n/a",
+                            "error": f"{w} is not defined for {s}",
+                            "warnings": [],
+                            "metrics": {},
+                            "details": {},
+                        }
+                    )
+                elif systems[s].uses_sqm_broker and skip_reason:
                     rows.append(
                         {
                             "system": s,
@@ -637,8 +958,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     machine["loadavg_end"] = _loadavg()
     add_ratios(rows)
+    targets = check_targets(rows)
     print()
     print(format_table(rows, args.systems, selected), flush=True)
+    if targets:
+        print("\ntargets (medians of this run):")
+        print(format_targets(targets), flush=True)
     failed = [r for r in rows if r["status"] == "failed"]
     report = {
         "machine": machine,
@@ -650,9 +975,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rpc_timeout": args.rpc_timeout,
             "repeat": args.repeat,
             "w3_layout": "x".join(map(str, args.w3_layout)),
+            "w4_layout": "x".join(map(str, args.w4_layout)),
         },
         "total_wall_s": time.monotonic() - t_start,
         "ok": not failed,
+        "targets": targets,
         "results": rows,
     }
     with open(args.out, "w", encoding="utf-8") as f:

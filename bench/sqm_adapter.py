@@ -39,7 +39,6 @@ from bench.common import (
     write_json_atomic,
 )
 
-
 #: Backlog runs give each message this deadline (s): no worker runs while they queue.
 BACKLOG_MESSAGE_TIMEOUT = 600.0
 
@@ -56,6 +55,7 @@ def worker_host(
     once ``run()`` has returned.
     """
     import zmq
+
     from worker import Worker
 
     ctx: zmq.Context | None = None
@@ -191,6 +191,8 @@ async def _run_async(job: dict[str, Any]) -> dict[str, Any]:
     from sender import AsyncSender
 
     wl = job["workload"]
+    if wl["kind"] == "backlog":
+        raise BenchError("backlog workloads are not defined for AsyncSender")
     timeout = job["rpc_timeout"]
     tally = Tally()
     s = AsyncSender(job["queue"], endpoint=job["endpoint"], timeout=timeout)
