@@ -91,26 +91,25 @@ class QueueServer:
 
     # -------------------------------------------------------------- input
 
-    def drain(self, now: float, first: zmq.Frame | None = None) -> None:
-        """Handle ``first`` (if given) and up to BATCH more waiting messages,
-        then send the core's outbox."""
+    def drain(self, now: float) -> None:
+        """Handle up to BATCH waiting messages, then send the core's outbox."""
         sock = self.sock
         for _ in range(BATCH):
-            if first is not None:
-                rid_frame = first
-                first = None
-            else:
-                try:
-                    rid_frame = recv_frame(sock)
-                except zmq.Again:
-                    break
-            frames = recv_rest(sock, rid_frame)
             try:
-                self.handle(rid_frame, frames, now)
-            except Exception:  # a bug must not stop sqm: count, log, carry on
-                self.core.malformed_total += 1
-                log.exception("queue %s: failed to handle a message", self.name)
+                rid_frame = recv_frame(sock)
+            except zmq.Again:
+                break
+            self.handle_one(rid_frame, now)
         self.flush(now)
+
+    def handle_one(self, rid_frame: zmq.Frame, now: float) -> None:
+        """Read the rest of the message that starts with ``rid_frame`` and handle it."""
+        frames = recv_rest(self.sock, rid_frame)
+        try:
+            self.handle(rid_frame, frames, now)
+        except Exception:  # a bug must not stop sqm: count, log, carry on
+            self.core.malformed_total += 1
+            log.exception("queue %s: failed to handle a message", self.name)
 
     def handle(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
         rid = rid_frame.bytes
@@ -353,7 +352,10 @@ class Broker:
                     first = None
                 now = time.time()
                 if first is not None:
-                    q.drain(now, first)
+                    # One message per wake-up: the next blocking recv returns at
+                    # once if more are queued, without a failing NOBLOCK recv.
+                    q.handle_one(first, now)
+                    q.flush(now)
             if now >= next_tick:
                 q.core.tick(now)
                 q.flush(now)
