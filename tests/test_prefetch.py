@@ -1,0 +1,41 @@
+"""Throughput mode: a worker with --prefetch N holds up to N messages, never more."""
+
+from __future__ import annotations
+
+import pytest
+
+from sender import Sender
+from tests.conftest import read_log, wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_prefetch_holds_up_to_n_and_counts_them_in_flight(cluster):
+    cluster.serve("q")
+    cluster.worker("q", "--prefetch", "3")
+    with Sender("q", timeout=30) as s:
+        ids = [s.submit("sleep", {"s": 0.4, "i": i}) for i in range(7)]
+        st = wait_for(
+            lambda: (x := cluster.status("q"))["in_flight"] == 3 and x["pending"] == 4 and x,
+            10, "3 prefetched, 4 pending",
+        )
+        assert st["workers"][0]["slots"] == 3 and st["workers"][0]["in_flight"] == 3
+        results = [s.receive(id=mid) for mid in ids]
+    assert [r["slept"] for r in results] == [0.4] * 7
+    # the worker ran them one after another, in submission order
+    starts = [e["payload"]["i"] for e in read_log(cluster.log) if e["kind"] == "start"]
+    assert starts == list(range(7))
+    wait_for(lambda: cluster.status("q")["completed_total"] == 7, 5, "7 completed")
+
+
+def test_default_credit_is_one(cluster):
+    cluster.serve("q")
+    cluster.worker("q")
+    with Sender("q", timeout=30) as s:
+        ids = [s.submit("sleep", {"s": 0.3, "i": i}) for i in range(3)]
+        st = wait_for(
+            lambda: (x := cluster.status("q"))["in_flight"] == 1 and x["pending"] == 2 and x,
+            10, "1 in flight, 2 pending",
+        )
+        assert st["workers"][0]["slots"] == 1
+        assert [s.receive(id=m)["slept"] for m in ids] == [0.3] * 3
