@@ -42,6 +42,7 @@ import zmq
 
 from bench.common import (
     BenchError,
+    CpuMeter,
     Tally,
     backlog_result,
     ipc_endpoint,
@@ -270,6 +271,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
         if wl["kind"] == "backlog":
             n = wl["n"]
             outstanding = set(range(n))
+            start = time.monotonic()
             t0 = time.perf_counter()
             for i in range(n):
                 cl.send(i)
@@ -278,11 +280,13 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
             cl.pull.rcvtimeo = int(job["first_reply_timeout"] * 1000)
             tally.take(outstanding, cl.recv())
             first = time.monotonic()
+            meter = CpuMeter(job)
             cl.pull.rcvtimeo = cl.timeout_ms
             while outstanding:
                 for r in cl.drain():
                     tally.take(outstanding, r)
-            return backlog_result(n, submit_s, first, time.monotonic(), tally)
+            last, cpu = time.monotonic(), meter.stop()
+            return backlog_result(n, start, submit_s, first, last, tally, cpu)
 
         if wl["kind"] == "rpc":
             for i in range(-wl["warmup"], 0):
@@ -290,6 +294,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
                 tally.expect(i, cl.recv())
             lat: list[int] = []
             clock = time.perf_counter_ns
+            meter = CpuMeter(job)
             t0 = time.perf_counter()
             for i in range(wl["n"]):
                 s = clock()
@@ -297,8 +302,8 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
                 r = cl.recv()
                 lat.append(clock() - s)
                 tally.expect(i, r)
-            elapsed = time.perf_counter() - t0
-            return rpc_result(wl["n"], elapsed, lat, tally, wl["warmup"])
+            elapsed, cpu = time.perf_counter() - t0, meter.stop()
+            return rpc_result(wl["n"], elapsed, lat, tally, wl["warmup"], cpu)
 
         window, expected = wl["window"], wl["procs"] * wl["threads"]
         # Warm-up: keep the window full until every worker has answered.
@@ -323,6 +328,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
 
         n = wl["n"]
         nxt = done = 0
+        meter = CpuMeter(job)
         t0 = time.perf_counter()
         while done < n:
             while len(outstanding) < window and nxt < n:
@@ -332,8 +338,8 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
             for r in cl.drain():
                 tally.take(outstanding, r)
                 done += 1
-        elapsed = time.perf_counter() - t0
-        return pipelined_result(n, elapsed, tally, warm_count)
+        elapsed, cpu = time.perf_counter() - t0, meter.stop()
+        return pipelined_result(n, elapsed, tally, warm_count, cpu)
     finally:
         cl.close()
 

@@ -41,6 +41,7 @@ from bench.common import (
     merge_counts,
     rss_bytes,
     wait_until,
+    write_json_atomic,
 )
 
 SYSTEMS = ("baseline", "sqm", "sqm-async")
@@ -74,7 +75,7 @@ class Metric:
 _TASKS = Metric("tasks_per_s", "tasks/s", True)
 _BACKLOG = [
     Metric("bytes_per_pending", "broker bytes/pending msg", False),
-    Metric("submit_per_s", "submit msgs/s (no worker)", True),
+    Metric("accept_per_s", "queued msgs/s (no worker)", True),
     Metric("drain_per_s", "drain msgs/s", True),
 ]
 
@@ -367,21 +368,45 @@ def _status_reader(system: System, endpoint: str, wl: Workload) -> Callable[[], 
 
 
 def _wait_for(
-    cond: Callable[[], bool], timeout: float, what: str, watch: Sequence[_Proc], log_path: str
+    cond: Callable[[], bool],
+    timeout: float,
+    what: str,
+    watch: Sequence[_Proc],
+    log_path: str,
+    warnings: list[str],
+    interval: float = STATUS_POLL_S,
 ) -> None:
-    """Poll ``cond`` (a status query) until true; fail if a watched process dies."""
+    """Poll ``cond`` (a status query) until true; fail if a watched process dies.
+
+    A status query that raises while the broker lives counts as "not yet"
+    (``sqm status`` can fail transiently while many peers connect at once);
+    such failures are added to ``warnings``.
+    """
     deadline = time.monotonic() + timeout
-    while True:
-        dead = [p.name for p in watch if not p.alive()]
-        if dead:
-            raise BenchError(
-                f"died while waiting for {what}: {', '.join(dead)}; broker log: {_tail(log_path)}"
+    errors: list[str] = []
+    try:
+        while True:
+            dead = [p.name for p in watch if not p.alive()]
+            if dead:
+                raise BenchError(
+                    f"died while waiting for {what}: {', '.join(dead)}; "
+                    f"broker log: {_tail(log_path)}"
+                )
+            try:
+                if cond():
+                    return
+            except Exception as exc:  # noqa: BLE001 - reported, and retried until the deadline
+                errors.append(f"{type(exc).__name__}: {exc}")
+            if time.monotonic() >= deadline:
+                last = f" (last status error: {errors[-1]})" if errors else ""
+                raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}{last}")
+            time.sleep(interval)
+    finally:
+        if errors:
+            warnings.append(
+                f"status query failed {len(errors)}x while waiting for {what}, "
+                f"retried; first: {errors[0]}"
             )
-        if cond():
-            return
-        if time.monotonic() >= deadline:
-            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(STATUS_POLL_S)
 
 
 def _measure_idle(
@@ -405,6 +430,35 @@ def _measure_idle(
         "hosts_idle_cpu_pct": 100.0 * sum(used[1:]) / dt,
         "idle_window_s": dt,
     }
+
+
+#: Per-message CPU figures (in every row's metrics), shown in their own table.
+CPU_METRICS = [
+    ("cpu_us_sender", "sender"),
+    ("cpu_us_broker", "broker"),
+    ("cpu_us_workers", "workers"),
+]
+
+
+def format_cpu_table(rows: list[dict[str, Any]], systems: list[str], workloads: list[str]) -> str:
+    """CPU µs per message of each process kind: rows = workload, cells ``s/b/w``."""
+    by = {(r["system"], r["workload"]): r for r in rows}
+    header = ["workload", *(f"{s} sender/broker/workers" for s in systems)]
+    lines = []
+    for w in workloads:
+        line = [w]
+        for s in systems:
+            r = by.get((s, w))
+            if r is None or r["status"] != "ok" or "cpu_us_broker" not in r["metrics"]:
+                line.append("-" if r is None else r["status"].upper())
+            else:
+                line.append(" / ".join(f"{r['metrics'][k]:.0f}" for k, _ in CPU_METRICS))
+        lines.append(line)
+    widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=True)]
+    fmt = "  ".join(f"{{:<{w}}}" if i < 1 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*line) for line in lines]
+    return "\n".join(out)
 
 
 def run_one(system: System, wl: Workload, args: argparse.Namespace) -> dict[str, Any]:
@@ -446,6 +500,7 @@ def run_one(system: System, wl: Workload, args: argparse.Namespace) -> dict[str,
             "rpc_timeout": args.rpc_timeout,
             "warmup_timeout": args.warmup_timeout,
             "first_reply_timeout": args.timeout,
+            "pids_path": os.path.join(tmp, "pids.json"),
         }
 
         def spawn_workers() -> list[_Proc]:
@@ -464,6 +519,11 @@ def run_one(system: System, wl: Workload, args: argparse.Namespace) -> dict[str,
 
         workers: list[_Proc] = []
         t_spawn = 0.0
+
+        def write_pids() -> None:
+            pids = {"broker": broker.pid, "workers": [w.pid for w in workers]}
+            write_json_atomic(job["pids_path"], pids)
+
         if wl.kind == "backlog":
             status()  # the broker answers: its start-up allocations are done
             rss0 = rss_bytes(broker.pid)
@@ -474,7 +534,10 @@ def run_one(system: System, wl: Workload, args: argparse.Namespace) -> dict[str,
                 f"{wl.n} pending messages",
                 (broker, sender),
                 log_path,
+                row["warnings"],
+                interval=0.05,  # no workers: a status query is cheap for the broker
             )
+            t_all_pending = time.monotonic()
             pending = status()["pending"]
             if pending != wl.n:
                 raise BenchError(f"broker holds {pending} pending messages, expected {wl.n}")
@@ -483,6 +546,7 @@ def run_one(system: System, wl: Workload, args: argparse.Namespace) -> dict[str,
             extra["bytes_per_pending"] = (rss1 - rss0) / wl.n
             t_spawn = time.monotonic()
             workers = spawn_workers()
+            write_pids()
         else:
             workers = spawn_workers()
             if wl.idle_s > 0:
@@ -493,6 +557,7 @@ def run_one(system: System, wl: Workload, args: argparse.Namespace) -> dict[str,
                     f"{wl.workers} registered workers",
                     (broker, *workers),
                     log_path,
+                    row["warnings"],
                 )
                 details["registration_s"] = time.monotonic() - t0
                 idle = _measure_idle(broker, workers, wl.idle_s, log_path)
@@ -504,6 +569,7 @@ def run_one(system: System, wl: Workload, args: argparse.Namespace) -> dict[str,
                     raise BenchError(
                         f"{wl.workers - after} of {wl.workers} workers dropped while idle"
                     )
+            write_pids()
             sender = group.spawn(f"{system.name} sender", system.sender_target, job)
         deadline = time.monotonic() + args.timeout
         while sender.alive() and time.monotonic() < deadline:
@@ -517,12 +583,14 @@ def run_one(system: System, wl: Workload, args: argparse.Namespace) -> dict[str,
             raise BenchError(f"sender did not finish within {args.timeout}s")
         res = _read_result(job["result_path"], sender)
         if wl.kind == "backlog":
+            extra["accept_per_s"] = wl.n / (t_all_pending - res["submit_start_mono"])
             details["spawn_to_last_reply_s"] = res["last_reply_mono"] - t_spawn
             details["rss_after_drain"] = rss_bytes(broker.pid)
         row["warnings"] += group.stop(workers, timeout=10)
         details.update(res)
         row["metrics"] = _metrics_and_checks(wl, res, counts_paths, details)
         row["metrics"].update(extra)
+        row["metrics"].update({f"cpu_us_{k}": 1e6 * v / wl.n for k, v in res["cpu_s"].items()})
     except BenchError as exc:
         row.update(status="failed", error=str(exc))
     except Exception:  # noqa: BLE001 - one broken run must not hide the others
@@ -579,7 +647,7 @@ def _metrics_and_checks(
     if wl.kind == "rpc":
         return {k: res[k] for k in ("rpc_per_s", "p50_us", "p99_us")}
     if wl.kind == "backlog":
-        return {k: res[k] for k in ("submit_per_s", "drain_per_s")}
+        return {"drain_per_s": res["drain_per_s"]}
     out = {"tasks_per_s": res["tasks_per_s"]}
     if wl.name == "W3":
         out["min_per_worker"] = min(measured.values())
@@ -624,6 +692,14 @@ def machine_info() -> dict[str, Any]:
             timeout=5,
         )
         info["git"] = rev.stdout.strip() or None
+        dirty = subprocess.run(
+            ["git", "-C", REPO_ROOT, "status", "--porcelain", "--", "sqm", "sender", "worker"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        # Uncommitted changes to the measured code: the git rev alone would mislead.
+        info["git_dirty"] = [ln[3:] for ln in dirty.stdout.splitlines() if ln.strip()]
     except (OSError, subprocess.SubprocessError):
         info["git"] = None
     info["loadavg_start"] = _loadavg()
@@ -642,7 +718,8 @@ def machine_line(m: dict[str, Any]) -> str:
     return (
         f"machine: {m['cpu']}, {m['cores']} cores, {m['implementation']} {m['python']}, "
         f"pyzmq {m['pyzmq']}, libzmq {m['libzmq']}, {m['platform']}, "
-        f"load {m['loadavg_start']}"
+        f"load {m['loadavg_start']}, git {m.get('git')}"
+        + (" (uncommitted changes in sqm/sender/worker)" if m.get("git_dirty") else "")
     )
 
 
@@ -724,12 +801,13 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def format_targets(results: list[dict[str, Any]]) -> str:
     """One line per checked target."""
-    labels = {m.key: m.label for ms in METRICS.values() for m in ms}
+    metrics = {m.key: m for ms in METRICS.values() for m in ms}
     lines = []
     for t in results:
+        m = metrics[t["metric"]]
         lines.append(
-            f"{t['workload']:<7} {t['system']:<10} {labels.get(t['metric'], t['metric'])} "
-            f"= {_fmt(t['value'])} (target {t['target']}): "
+            f"{t['workload']:<7} {t['system']:<10} {m.label} "
+            f"= {_fmt(t['value'], m.fmt)} (target {t['target']}): "
             f"{'met' if t['met'] else 'NOT MET'}   [{t['text']}]"
         )
     return "\n".join(lines)
@@ -878,6 +956,19 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _placeholder_row(system: str, workload: str, status: str, why: str) -> dict[str, Any]:
+    """A result row for a pair that did not run (``n/a`` or ``skipped``)."""
+    return {
+        "system": system,
+        "workload": workload,
+        "status": status,
+        "error": why,
+        "warnings": [],
+        "metrics": {},
+        "details": {},
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the suite; return 0 if every selected run passed, 1 otherwise."""
     parser = build_parser()
@@ -903,10 +994,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM to the orchestrator -> KeyboardInterrupt, so `finally` tears down.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        for w in selected:
-            wl = workloads[w]
-            runs: dict[str, list[dict[str, Any]]] = {s: [] for s in args.systems}
-            for rep in range(args.repeat):  # systems interleaved within each repetition
+        # Repetitions outermost: every workload's runs spread over the whole
+        # run, so ratios between workloads (W4 / W2, W2-pN / W2) see the same
+        # background load. Systems are interleaved within each repetition.
+        runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for rep in range(args.repeat):
+            for w in selected:
+                wl = workloads[w]
                 for s in args.systems:
                     if (systems[s].uses_sqm_broker and skip_reason) or not wl.runs_on(s):
                         continue
@@ -925,34 +1019,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         print(f"  warning: {warning}", file=sys.stderr)
                     if row["status"] == "failed":
                         print(f"  FAILED: {row['error']}", file=sys.stderr)
-                    runs[s].append(row)
+                    runs.setdefault((w, s), []).append(row)
+        for w in selected:
             for s in args.systems:
-                if not wl.runs_on(s):
-                    rows.append(
-                        {
-                            "system": s,
-                            "workload": w,
-                            "status": "n/a",
-                            "error": f"{w} is not defined for {s}",
-                            "warnings": [],
-                            "metrics": {},
-                            "details": {},
-                        }
-                    )
+                if not workloads[w].runs_on(s):
+                    rows.append(_placeholder_row(s, w, "n/a", f"{w} is not defined for {s}"))
                 elif systems[s].uses_sqm_broker and skip_reason:
-                    rows.append(
-                        {
-                            "system": s,
-                            "workload": w,
-                            "status": "skipped",
-                            "error": skip_reason,
-                            "warnings": [],
-                            "metrics": {},
-                            "details": {},
-                        }
-                    )
+                    rows.append(_placeholder_row(s, w, "skipped", skip_reason))
                 else:
-                    rows.append(merge_runs(runs[s]))
+                    rows.append(merge_runs(runs[(w, s)]))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -964,6 +1039,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if targets:
         print("\ntargets (medians of this run):")
         print(format_targets(targets), flush=True)
+    print(
+        "\nCPU us per measured message, by process (timed phase; W5: the drain; "
+        "W4 includes heartbeats):"
+    )
+    print(format_cpu_table(rows, args.systems, selected), flush=True)
     failed = [r for r in rows if r["status"] == "failed"]
     report = {
         "machine": machine,

@@ -285,11 +285,14 @@ def run_sender_process(
     write_json_atomic(job["result_path"], result)
 
 
-def pipelined_result(n: int, elapsed: float, tally: Tally, warm_n: int) -> dict[str, Any]:
-    """Result dict of a pipelined run."""
+def pipelined_result(
+    n: int, elapsed: float, tally: Tally, warm_n: int, cpu: dict[str, float]
+) -> dict[str, Any]:
+    """Result dict of a pipelined run; ``cpu``: :meth:`CpuMeter.stop` of the timed phase."""
     return {
         "n": n,
         "elapsed_s": elapsed,
+        "cpu_s": cpu,
         "tasks_per_s": n / elapsed,
         "warmup_n": warm_n,
         "sender_seen_measured": dict(tally.measured),
@@ -298,12 +301,13 @@ def pipelined_result(n: int, elapsed: float, tally: Tally, warm_n: int) -> dict[
 
 
 def rpc_result(
-    n: int, elapsed: float, lat_ns: list[int], tally: Tally, warm_n: int
+    n: int, elapsed: float, lat_ns: list[int], tally: Tally, warm_n: int, cpu: dict[str, float]
 ) -> dict[str, Any]:
-    """Result dict of a sequential rpc run."""
+    """Result dict of a sequential rpc run; ``cpu``: :meth:`CpuMeter.stop` of the timed phase."""
     res = {
         "n": n,
         "elapsed_s": elapsed,
+        "cpu_s": cpu,
         "rpc_per_s": n / elapsed,
         "warmup_n": warm_n,
         "sender_seen_measured": dict(tally.measured),
@@ -314,15 +318,26 @@ def rpc_result(
 
 
 def backlog_result(
-    n: int, submit_s: float, first: float, last: float, tally: Tally
+    n: int,
+    start: float,
+    submit_s: float,
+    first: float,
+    last: float,
+    tally: Tally,
+    cpu: dict[str, float],
 ) -> dict[str, Any]:
-    """Result dict of a backlog run; ``first``/``last`` are ``time.monotonic()``.
+    """Result dict of a backlog run; ``start``/``first``/``last`` are ``time.monotonic()``.
 
+    ``start`` is when the first submit began (the orchestrator compares it
+    with when the broker held them all: ``time.monotonic()`` is system-wide).
     The drain rate counts the ``n - 1`` intervals from the first reply to the
     last, so worker start-up (interpreter, imports) is not part of it.
+    ``cpu`` is :meth:`CpuMeter.stop` over the drain.
     """
     return {
         "n": n,
+        "cpu_s": cpu,
+        "submit_start_mono": start,
         "submit_s": submit_s,
         "submit_per_s": n / submit_s,
         "first_reply_mono": first,
@@ -363,3 +378,34 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise BenchError(f"no VmRSS for pid {pid}")
+
+
+class CpuMeter:
+    """CPU seconds of the sender (this process), the broker and the workers over a phase.
+
+    Created at the start of the phase. The orchestrator writes the broker's
+    and the worker processes' pids to ``job["pids_path"]`` (for a backlog run
+    only once it has started the workers, so this may wait for it).
+    """
+
+    def __init__(self, job: dict[str, Any], wait_s: float = 10.0) -> None:
+        path = job["pids_path"]
+        wait_until(lambda: os.path.exists(path), wait_s, "the broker and worker pids")
+        with open(path, encoding="utf-8") as f:
+            pids = json.load(f)
+        self.broker: int = pids["broker"]
+        self.workers: list[int] = pids["workers"]
+        self._start = self._read()
+
+    def _read(self) -> tuple[float, float, float]:
+        return (
+            time.process_time(),
+            cpu_seconds(self.broker),
+            sum(cpu_seconds(p) for p in self.workers),
+        )
+
+    def stop(self) -> dict[str, float]:
+        """``{"sender": s, "broker": s, "workers": s}`` used since the start."""
+        end = self._read()
+        keys = ("sender", "broker", "workers")
+        return {k: e - s for k, s, e in zip(keys, self._start, end, strict=True)}

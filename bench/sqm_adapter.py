@@ -28,6 +28,7 @@ from typing import Any
 from bench.common import (
     METHOD,
     BenchError,
+    CpuMeter,
     Tally,
     backlog_result,
     payload,
@@ -126,6 +127,7 @@ def _run_sync(job: dict[str, Any]) -> dict[str, Any]:
         if wl["kind"] == "backlog":
             n = wl["n"]
             outstanding = set(range(n))
+            start = time.monotonic()
             t0 = time.perf_counter()
             for i in range(n):
                 s.submit(METHOD, payload(i), timeout=BACKLOG_MESSAGE_TIMEOUT)
@@ -133,23 +135,26 @@ def _run_sync(job: dict[str, Any]) -> dict[str, Any]:
             # No worker yet: the first reply may take as long as the whole run.
             tally.take(outstanding, s.receive(timeout=job["first_reply_timeout"]))
             first = time.monotonic()
+            meter = CpuMeter(job)
             while outstanding:
                 tally.take(outstanding, s.receive(timeout=timeout))
-            return backlog_result(n, submit_s, first, time.monotonic(), tally)
+            last, cpu = time.monotonic(), meter.stop()
+            return backlog_result(n, start, submit_s, first, last, tally, cpu)
 
         if wl["kind"] == "rpc":
             for i in range(-wl["warmup"], 0):
                 tally.expect(i, s.rpc(METHOD, payload(i), timeout=timeout))
             lat: list[int] = []
             clock = time.perf_counter_ns
+            meter = CpuMeter(job)
             t0 = time.perf_counter()
             for i in range(wl["n"]):
                 st = clock()
                 r = s.rpc(METHOD, payload(i), timeout=timeout)
                 lat.append(clock() - st)
                 tally.expect(i, r)
-            elapsed = time.perf_counter() - t0
-            return rpc_result(wl["n"], elapsed, lat, tally, wl["warmup"])
+            elapsed, cpu = time.perf_counter() - t0, meter.stop()
+            return rpc_result(wl["n"], elapsed, lat, tally, wl["warmup"], cpu)
 
         window, expected = wl["window"], wl["procs"] * wl["threads"]
         outstanding: set[int] = set()
@@ -171,6 +176,7 @@ def _run_sync(job: dict[str, Any]) -> dict[str, Any]:
 
         n = wl["n"]
         nxt = done = 0
+        meter = CpuMeter(job)
         t0 = time.perf_counter()
         while done < n:
             while len(outstanding) < window and nxt < n:
@@ -179,8 +185,8 @@ def _run_sync(job: dict[str, Any]) -> dict[str, Any]:
                 nxt += 1
             tally.take(outstanding, s.receive(timeout=timeout))
             done += 1
-        elapsed = time.perf_counter() - t0
-        return pipelined_result(n, elapsed, tally, warm_count)
+        elapsed, cpu = time.perf_counter() - t0, meter.stop()
+        return pipelined_result(n, elapsed, tally, warm_count, cpu)
 
 
 async def _maybe_await(x: Any) -> Any:
@@ -202,14 +208,15 @@ async def _run_async(job: dict[str, Any]) -> dict[str, Any]:
                 tally.expect(i, await s.rpc(METHOD, payload(i), timeout=timeout))
             lat: list[int] = []
             clock = time.perf_counter_ns
+            meter = CpuMeter(job)
             t0 = time.perf_counter()
             for i in range(wl["n"]):
                 st = clock()
                 r = await s.rpc(METHOD, payload(i), timeout=timeout)
                 lat.append(clock() - st)
                 tally.expect(i, r)
-            elapsed = time.perf_counter() - t0
-            return rpc_result(wl["n"], elapsed, lat, tally, wl["warmup"])
+            elapsed, cpu = time.perf_counter() - t0, meter.stop()
+            return rpc_result(wl["n"], elapsed, lat, tally, wl["warmup"], cpu)
 
         window, expected = wl["window"], wl["procs"] * wl["threads"]
 
@@ -237,12 +244,13 @@ async def _run_async(job: dict[str, Any]) -> dict[str, Any]:
             for i in indices:  # shared iterator: each index taken exactly once
                 tally.expect(i, await s.rpc(METHOD, payload(i), timeout=timeout))
 
+        meter = CpuMeter(job)
         t0 = time.perf_counter()
         await asyncio.gather(*(lane() for _ in range(window)))
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, meter.stop()
         if sum(tally.measured.values()) != n:
             raise BenchError(f"{sum(tally.measured.values())} replies for {n} requests")
-        return pipelined_result(n, elapsed, tally, warm["count"])
+        return pipelined_result(n, elapsed, tally, warm["count"], cpu)
     finally:
         await _maybe_await(s.close())
 
