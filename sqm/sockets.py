@@ -58,8 +58,10 @@ def ipc_listener_alive(endpoint: str) -> bool:
         probe.settimeout(0.5)
         probe.connect(path)
         return True
+    except (BlockingIOError, TimeoutError):
+        return True  # listen backlog full (EAGAIN) or slow to accept: someone is there
     except OSError:
-        return False
+        return False  # ECONNREFUSED / ENOENT: a stale file, nobody listening
     finally:
         probe.close()
 

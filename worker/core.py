@@ -71,7 +71,10 @@ class Worker:
     """Serve a queue with callbacks ``fn(worker, originator, payload)``.
 
     ``context`` lets many Workers in one process share one ZeroMQ context
-    (one I/O thread) instead of each creating its own.
+    (one I/O thread) instead of each creating its own. Each Worker uses 4
+    sockets plus one per sender it is replying to (at most
+    ``max_mailboxes``): raise the context's ``max_sockets`` (default 1023)
+    when sharing it among many Workers.
 
     ``prefetch`` is how many messages sqm may hand this worker at once (its
     credit). The default, 1, gives work only to idle workers; more raises
@@ -395,6 +398,9 @@ class Worker:
             sock = self._pool.get(orig.mailbox)
         except ValueError as exc:
             log.warning("worker %s: refusing mailbox %r: %s", self.id, orig.mailbox[:80], exc)
+            return
+        except zmq.ZMQError as exc:  # e.g. the context's socket limit: keep serving
+            log.error("worker %s: cannot open mailbox %r: %s", self.id, orig.mailbox[:80], exc)
             return
         try:
             send_frames(sock, frames)
