@@ -195,6 +195,10 @@ class AsyncSender:
                     if not waiting:
                         del self._waiters[key]
 
+    def started(self, id: str) -> bool:  # noqa: A002
+        """True once a worker has acknowledged message ``id`` ("working"), before its reply."""
+        return id in self._core.started
+
     @property
     def outstanding(self) -> int:
         return len(self._core.outstanding) + len(self._core.ready)

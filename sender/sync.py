@@ -187,6 +187,12 @@ class Sender:
                 if outcome is not None:
                     return outcome
 
+    def started(self, id: str) -> bool:  # noqa: A002
+        """True once a worker has acknowledged message ``id`` ("working"), before its reply."""
+        self._check()
+        drain(self._mailbox, self._core, False)
+        return id in self._core.started
+
     @property
     def outstanding(self) -> int:
         """How many messages still await a reply."""

@@ -281,6 +281,7 @@ class QueueServer:
     def status(self, now: float) -> dict[str, Any]:
         data = self.core.status(now)
         data.update(
+            send_dropped_total=self.sent_dropped,
             endpoint=self.settings.endpoint,
             broker={"host": socket.gethostname(), "pid": os.getpid(), "version": __version__},
         )

@@ -104,6 +104,18 @@ def test_receive_timeout_keeps_message_outstanding(cluster):
         assert s.receive(id=mid, timeout=5)["slept"] == 0.5
 
 
+def test_working_acknowledgement_arrives_before_the_reply(cluster):
+    cluster.serve("q")
+    with Sender("q") as s:
+        mid = s.submit("sleep", {"s": 0.5}, timeout=30)
+        assert not s.started(mid)  # no worker yet: still pending in sqm
+        cluster.worker("q")
+        wait_for(lambda: s.started(mid), 10, "the worker's working acknowledgement")
+        assert s.outstanding == 1  # acknowledged, not answered yet
+        assert s.receive(id=mid)["slept"] == 0.5
+        assert not s.started(mid)  # answered: no longer tracked
+
+
 @pytest.mark.parametrize("name", ["cbor", "json", "yaml", "pickle"])
 def test_mixed_serializers(cluster, name):
     cluster.serve("q")
