@@ -18,7 +18,16 @@ import zmq
 from sqm import protocol, serializers
 from sqm.config import QueueSettings
 from sqm.errors import BROKER_ERRORS, MessageTooLarge, RemoteError, SQMError, WorkerLost
-from sqm.protocol import ACK, ENVELOPE_HEAD, ERROR, FLAG_ONEWAY, PROGRESS, RESULT, SIGNATURE, SUBMIT
+from sqm.protocol import (
+    ACK,
+    ERROR,
+    FLAG_ONEWAY,
+    PROGRESS,
+    RESULT,
+    SIGNATURE,
+    SUBMIT,
+    pack_envelope,
+)
 from sqm.sockets import local_address_towards
 from sqm.zmqfast import recv_frames
 
@@ -129,22 +138,15 @@ class Correlator:
         if len(method_b) > protocol.MAX_METHOD:
             raise ValueError("method name too long")
         mid = self.next_id()
-        mid_b = mid.encode()
-        env = (
-            ENVELOPE_HEAD.pack(
-                FLAG_ONEWAY if oneway else 0,
-                retries,
-                prio,
-                time.time() + timeout if timeout else 0.0,
-                len(mid_b),
-                len(self.mailbox),
-                len(method_b),
-                len(self.sertag),
-            )
-            + mid_b
-            + self.mailbox
-            + method_b
-            + self.sertag
+        env = pack_envelope(
+            FLAG_ONEWAY if oneway else 0,
+            retries,
+            prio,
+            time.time() + timeout if timeout else 0.0,
+            mid.encode(),
+            self.mailbox,
+            method_b,
+            self.sertag,
         )
         frames = [SIGNATURE, SUBMIT, env, body]
         if not oneway:

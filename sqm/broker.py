@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import socket
-import struct
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -38,12 +37,13 @@ from .protocol import (
     SUBMIT,
     SUBMIT_FRAMES,
     MailboxPolicy,
+    envelope_id,
+    read_head,
 )
 from .sockets import ensure_ipc_dir, ipc_listener_alive, make_socket
 from .zmqfast import RCVTIMEO, recv_frame, recv_rest, send_frames, send_more, set_option
 
 log = logging.getLogger("sqm.broker")
-HEAD_UNPACK = protocol.ENVELOPE_HEAD.unpack_from
 
 BATCH = 256  # messages read from one socket per poll wake-up
 
@@ -124,22 +124,11 @@ class QueueServer:
                 return
             env = frames[2]
             try:
-                flags, retries, priority, deadline, il, ml, mtl, sl = HEAD_UNPACK(env)
-            except struct.error:
-                self._malformed(rid, frames, "envelope too short")
-                return
-            if (
-                len(env) != HEAD + il + ml + mtl + sl
-                or not il
-                or not mtl
-                or not sl
-                or ml > protocol.MAX_MAILBOX
-                or mtl > protocol.MAX_METHOD
-                or sl > protocol.MAX_SERIALIZER
-            ):
+                flags, retries, priority, deadline, id_end, mailbox_end, _ = read_head(env)
+            except ValueError:
                 self._malformed(rid, frames, "invalid submit envelope")
                 return
-            mailbox = env[HEAD + il : HEAD + il + ml]
+            mailbox = env[id_end:mailbox_end]
             if self._mailbox_ok.get(rid) != mailbox:
                 reason = self._check_mailbox(rid_frame, mailbox)
                 if reason:
@@ -149,7 +138,7 @@ class QueueServer:
             self.core.submit(
                 now,
                 Message(
-                    env[HEAD : HEAD + il],
+                    env[HEAD:id_end],
                     rid,
                     frames,
                     size=len(frames[3]),
@@ -225,11 +214,9 @@ class QueueServer:
                 self.name, self.core.malformed_total, why,
             )
         if len(frames) >= 3 and frames[0] == SIGNATURE and frames[1] == SUBMIT:
-            env = frames[2]
-            if len(env) > HEAD and HEAD + env[HEAD - 6] <= len(env):
-                msg_id = env[HEAD : HEAD + env[HEAD - 6]]  # id_len is head byte 12
-                if msg_id:
-                    self._send(rid, [SIGNATURE, ERROR, msg_id, b"Malformed", why.encode(), b"{}"])
+            msg_id = envelope_id(frames[2])
+            if msg_id:
+                self._send(rid, [SIGNATURE, ERROR, msg_id, b"Malformed", why.encode(), b"{}"])
 
     def _reregister(self, rid: bytes) -> None:
         """An unknown worker talks to us (we restarted): ask it to say hello."""

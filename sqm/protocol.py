@@ -43,6 +43,7 @@ SUBMIT_FRAMES = 4
 #   id_len u8, mailbox_len u16, method_len u16, serializer_len u8
 ENVELOPE_HEAD = struct.Struct("!BBBxdBHHB")
 HEAD = ENVELOPE_HEAD.size  # 18
+ID_LEN_OFFSET = 12  # where the id length byte sits in the head
 FLAG_ONEWAY = 0x01
 PRIORITY_HIGH, PRIORITY_NORMAL, PRIORITY_LOW = 0, 1, 2
 PRIORITIES = {"high": PRIORITY_HIGH, "normal": PRIORITY_NORMAL, "low": PRIORITY_LOW}
@@ -78,6 +79,24 @@ class Envelope:
         return bool(self.flags & FLAG_ONEWAY)
 
 
+def pack_envelope(
+    flags: int,
+    retries: int,
+    priority: int,
+    deadline: float,
+    msg_id: bytes,
+    mailbox: bytes,
+    method: bytes,
+    serializer: bytes,
+) -> bytes:
+    """Pack an envelope without checks (callers have validated the fields)."""
+    return (
+        ENVELOPE_HEAD.pack(flags, retries, priority, deadline,
+                           len(msg_id), len(mailbox), len(method), len(serializer))
+        + msg_id + mailbox + method + serializer
+    )
+
+
 def encode_envelope(
     msg_id: bytes,
     mailbox: bytes,
@@ -95,27 +114,41 @@ def encode_envelope(
     if not (0 < len(msg_id) <= MAX_ID and len(mailbox) <= MAX_MAILBOX
             and 0 < len(method) <= MAX_METHOD and 0 < len(serializer) <= MAX_SERIALIZER):
         raise ValueError("envelope field empty or too long")
-    return (
-        ENVELOPE_HEAD.pack(
-            FLAG_ONEWAY if oneway else 0, retries, priority, deadline or 0.0,
-            len(msg_id), len(mailbox), len(method), len(serializer),
-        )
-        + msg_id + mailbox + method + serializer
-    )
+    return pack_envelope(FLAG_ONEWAY if oneway else 0, retries, priority, deadline or 0.0,
+                         msg_id, mailbox, method, serializer)
 
 
-def decode_envelope(env: bytes) -> Envelope:
-    """Unpack and validate an envelope; raises ValueError when malformed."""
-    if len(env) < HEAD:
-        raise ValueError("envelope too short")
-    flags, retries, priority, deadline, il, ml, mtl, sl = ENVELOPE_HEAD.unpack_from(env)
+def read_head(env: bytes) -> tuple[int, int, int, float, int, int, int]:
+    """Validate an envelope's lengths; return its head fields and the field ends.
+
+    Returns (flags, retries, priority, deadline, id_end, mailbox_end,
+    method_end); the id is ``env[HEAD:id_end]`` and so on. Raises ValueError
+    when malformed. This is all sqm reads of a message.
+    """
+    try:
+        flags, retries, priority, deadline, il, ml, mtl, sl = ENVELOPE_HEAD.unpack_from(env)
+    except struct.error:
+        raise ValueError("envelope too short") from None
     if len(env) != HEAD + il + ml + mtl + sl:
         raise ValueError("envelope lengths do not add up")
     if not il or not mtl or not sl or ml > MAX_MAILBOX or mtl > MAX_METHOD or sl > MAX_SERIALIZER:
         raise ValueError("envelope field empty or too long")
-    a = HEAD + il
-    b = a + ml
-    c = b + mtl
+    id_end = HEAD + il
+    mailbox_end = id_end + ml
+    return flags, retries, priority, deadline, id_end, mailbox_end, mailbox_end + mtl
+
+
+def envelope_id(env: bytes) -> bytes:
+    """The message id of a (possibly malformed) envelope, or b"" if it has none."""
+    if len(env) <= HEAD:
+        return b""
+    end = HEAD + env[ID_LEN_OFFSET]
+    return env[HEAD:end] if end <= len(env) else b""
+
+
+def decode_envelope(env: bytes) -> Envelope:
+    """Unpack and validate an envelope; raises ValueError when malformed."""
+    flags, retries, priority, deadline, a, b, c = read_head(env)
     return Envelope(flags, retries, priority, deadline, env[HEAD:a], env[a:b], env[b:c], env[c:])
 
 

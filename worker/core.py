@@ -126,7 +126,6 @@ class Worker:
         self.busy_s = 0.0
         self._stop = threading.Event()
         self._hb_stop = threading.Event()
-        self._current: Originator | None = None
         self._pool: MailboxPool | None = None
         self._running = False
         self._bye_sent = False
@@ -345,7 +344,6 @@ class Worker:
         if not orig.oneway:
             self._to_mailbox(orig, [SIGNATURE, ACK, msg_id])
         started = time.monotonic()
-        self._current = orig
         ok = False
         try:
             fn = self._callbacks.get(method)
@@ -371,7 +369,6 @@ class Worker:
                         else:
                             ok = True
         finally:
-            self._current = None
             self.tasks_done += 1
             self.busy_s += time.monotonic() - started
             if self._stop.is_set():
