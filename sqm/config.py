@@ -81,14 +81,40 @@ def check_endpoint(endpoint: str) -> str:
     return endpoint
 
 
+def split_endpoints(value: Any) -> tuple[str, ...]:
+    """One endpoint, a comma-separated list of them, or a YAML/Python list."""
+    if isinstance(value, (list, tuple)):
+        parts = [str(v).strip() for v in value]
+    else:
+        parts = [p.strip() for p in str(value).split(",")]
+    parts = [p for p in parts if p]
+    if not parts:
+        raise ConfigError("empty endpoint list")
+    seen: list[str] = []
+    for p in parts:
+        check_endpoint(p)
+        if p not in seen:
+            seen.append(p)
+    return tuple(seen)
+
+
 @dataclass(frozen=True)
 class QueueSettings:
-    """Everything a component needs to know about one queue, resolved once."""
+    """Everything a component needs to know about one queue, resolved once.
+
+    ``endpoints`` lists every broker serving the queue (usually one);
+    ``endpoint`` is the first of them.
+    """
 
     queue: str
     endpoint: str
     rundir: str
     options: dict[str, Any] = field(default_factory=dict)
+    endpoints: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.endpoints:
+            object.__setattr__(self, "endpoints", (self.endpoint,))
 
     def get(self, key: str, default: Any = None) -> Any:
         """A setting from ``queues.<name>`` or the top level of the config file."""
@@ -110,7 +136,7 @@ class QueueSettings:
 def resolve(
     queue: str | None = None,
     *,
-    endpoint: str | None = None,
+    endpoint: str | list[str] | tuple[str, ...] | None = None,
     config: str | dict[str, Any] | None = None,
 ) -> QueueSettings:
     """Resolve a queue's name, endpoint and options in SPEC's order."""
@@ -130,4 +156,5 @@ def resolve(
         or data.get("endpoint")
         or f"ipc://{os.path.join(rundir, name + '.sock')}"
     )
-    return QueueSettings(name, check_endpoint(str(chosen)), rundir, options)
+    endpoints = split_endpoints(chosen)
+    return QueueSettings(name, endpoints[0], rundir, options, endpoints)

@@ -19,13 +19,19 @@ SIGNATURE = b"SQM1"
 # client (Sender) -> broker
 SUBMIT = b"S"
 STATUS = b"?"
+CONTROL = b"!"  # admin request/reply: [SIG, !, json] both ways
+# broker -> client
+ACCEPTED = b"K"  # [SIG, K, id]: sqm took the message (journaled, in journal mode)
 # worker -> broker
 HELLO = b"W"
 DONE = b"R"
-HEARTBEAT = b"H"
+HEARTBEAT = b"H"  # [SIG, H] | [SIG, H, wid] | [SIG, H, wid, json self-report]
 BYE = b"X"
+NACK = b"N"  # [SIG, N, id]: "I am full, give it to someone else"; parks one slot
+CREDIT = b"C"  # [SIG, C, n]: n parked slots are free again
 # broker -> worker
 DISPATCH = b"D"
+STOP = b"Q"  # [SIG, Q]: finish the message in hand and exit (sqm stop-worker)
 # broker -> client, and worker -> mailbox
 ERROR = b"E"
 # worker -> mailbox
