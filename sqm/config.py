@@ -85,8 +85,10 @@ def split_endpoints(value: Any) -> tuple[str, ...]:
     """One endpoint, a comma-separated list of them, or a YAML/Python list."""
     if isinstance(value, (list, tuple)):
         parts = [str(v).strip() for v in value]
-    else:
+    elif "," in str(value):
         parts = [p.strip() for p in str(value).split(",")]
+    else:
+        parts = [str(value)]
     parts = [p for p in parts if p]
     if not parts:
         raise ConfigError("empty endpoint list")
