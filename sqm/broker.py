@@ -14,17 +14,22 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
-from . import __version__, protocol
+from . import __version__, procinfo, protocol
 from .config import QueueSettings
-from .core import OUT_BYE, OUT_DISPATCH, OUT_FAIL, OUT_HEARTBEAT, Message, QueueCore
+from .core import OUT_BYE, OUT_DISPATCH, OUT_FAIL, OUT_HEARTBEAT, OUT_STOP, Message, QueueCore
 from .errors import ConfigError
+from .journal import Journal
 from .protocol import (
+    ACCEPTED,
     BYE,
+    CONTROL,
+    CREDIT,
     DISPATCH,
     DONE,
     DONE_FAILED,
@@ -32,8 +37,10 @@ from .protocol import (
     HEAD,
     HEARTBEAT,
     HELLO,
+    NACK,
     SIGNATURE,
     STATUS,
+    STOP,
     SUBMIT,
     SUBMIT_FRAMES,
     MailboxPolicy,
@@ -57,10 +64,22 @@ class BrokerOptions:
     max_deliveries: int | None = None
 
 
+CONTROL_COMMANDS = ("status", "workers", "drain", "resume", "purge", "stop-worker", "shutdown")
+
+
 class QueueServer:
     """One queue: its settings, its core and its bound ROUTER socket."""
 
-    def __init__(self, ctx: zmq.Context, settings: QueueSettings, opts: BrokerOptions, now: float):
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        settings: QueueSettings,
+        opts: BrokerOptions,
+        now: float,
+        *,
+        journal: Journal | None = None,
+        on_shutdown: Callable[[], None] | None = None,
+    ):
         self.settings = settings
         self.name = settings.queue
         self.core = QueueCore(
@@ -88,6 +107,41 @@ class QueueServer:
         self.sent_dropped = 0
         # Heartbeats carry our interval (ms) so workers judge our silence by it.
         self._heartbeat_frames = [SIGNATURE, HEARTBEAT, b"%d" % int(opts.heartbeat * 1000)]
+        self.journal = journal
+        self._to_accept: list[tuple[bytes, bytes]] = []  # (origin, id) acked after commit
+        self._on_shutdown = on_shutdown
+        if journal is not None:
+            self._recover(now)
+
+    def _recover(self, now: float) -> None:
+        """Queue again what the journal holds: accepted before a restart, never ended."""
+        rows = self.journal.load(self.name)
+        for row in rows:
+            try:
+                flags, retries, priority, deadline, id_end, mailbox_end, method_end = read_head(
+                    row.envelope
+                )
+            except ValueError:
+                self.journal.remove(self.name, row.id)
+                continue
+            self.core.restore(
+                now,
+                Message(
+                    row.id,
+                    row.origin,
+                    [SIGNATURE, DISPATCH, row.envelope, row.payload],
+                    size=len(row.payload),
+                    oneway=bool(flags & protocol.FLAG_ONEWAY),
+                    retries=retries,
+                    priority=priority,
+                    deadline=deadline,
+                    method=row.envelope[mailbox_end:method_end],
+                ),
+            )
+        self.journal.commit()
+        if rows:
+            log.info("queue %s: recovered %d message(s) from journal %s",
+                     self.name, len(rows), self.journal.path)
 
     # -------------------------------------------------------------- input
 
@@ -124,7 +178,7 @@ class QueueServer:
                 return
             env = frames[2]
             try:
-                flags, retries, priority, deadline, id_end, mailbox_end, _ = read_head(env)
+                flags, retries, priority, deadline, id_end, mailbox_end, method_end = read_head(env)
             except ValueError:
                 self._malformed(rid, frames, "invalid submit envelope")
                 return
@@ -135,27 +189,50 @@ class QueueServer:
                     self._malformed(rid, frames, f"mailbox refused: {reason}")
                     return
             frames[1] = DISPATCH  # forwarded as is: only the command changes
-            self.core.submit(
+            mid = env[HEAD:id_end]
+            oneway = flags & protocol.FLAG_ONEWAY
+            accepted = self.core.submit(
                 now,
                 Message(
-                    env[HEAD:id_end],
+                    mid,
                     rid,
                     frames,
                     size=len(frames[3]),
-                    oneway=bool(flags & protocol.FLAG_ONEWAY),
+                    oneway=bool(oneway),
                     retries=retries,
                     priority=priority,
                     deadline=deadline,
+                    method=env[mailbox_end:method_end],
                 ),
             )
+            if accepted:
+                journal = self.journal
+                if journal is None:
+                    if not oneway:
+                        self._send(rid, [SIGNATURE, ACCEPTED, mid])
+                else:
+                    journal.add(self.name, mid, rid, env, frames[3])
+                    if not oneway:
+                        self._to_accept.append((rid, mid))
         elif cmd == DONE or cmd == DONE_FAILED:
             if n != 3:
                 self._malformed(rid, frames, "done needs 3 frames")
             elif not self.core.done(now, rid, frames[2], cmd == DONE):
                 self._reregister(rid)
+            elif self.journal is not None:
+                self.journal.remove(self.name, frames[2])
         elif cmd == HEARTBEAT:
             if n == 3:  # from a worker's heartbeat thread, naming the worker
                 self.core.seen_id(now, frames[2].decode("utf-8", "replace"))
+            elif n == 4:  # ... with its self-report (rss, nice, busy_s, ...)
+                wid = frames[2].decode("utf-8", "replace")
+                report = self._decode_json(frames[3])
+                if report is None:
+                    self.core.seen_id(now, wid)
+                    self._malformed(rid, frames, "heartbeat report is not a JSON object")
+                else:
+                    report["at"] = now
+                    self.core.report(now, wid, report)
             elif not self.core.seen(now, rid):
                 self._reregister(rid)
         elif cmd == HELLO:
@@ -172,20 +249,80 @@ class QueueServer:
             if rid in self.core.workers:
                 log.info("queue %s: worker %s left", self.name, self.core.workers[rid].id)
             self.core.bye(now, rid)
+        elif cmd == NACK:
+            if n != 3:
+                self._malformed(rid, frames, "nack needs 3 frames")
+            elif not self.core.nack(now, rid, frames[2]):
+                self._reregister(rid)
+        elif cmd == CREDIT:
+            try:
+                slots = int(frames[2]) if n == 3 else -1
+            except ValueError:
+                slots = -1
+            if slots < 0:
+                self._malformed(rid, frames, "credit needs 3 frames, the last a count")
+            elif not self.core.credit(now, rid, slots):
+                self._reregister(rid)
         elif cmd == STATUS:
             self._send(rid, [SIGNATURE, STATUS, json.dumps(self.status(now)).encode()])
+        elif cmd == CONTROL:
+            request = self._decode_json(frames[2]) if n == 3 else None
+            if request is None:
+                self._malformed(rid, frames, "control needs 3 frames, the last a JSON object")
+                return
+            reply = self.control(now, request)
+            self._send(rid, [SIGNATURE, CONTROL, json.dumps(reply).encode()])
+            if reply.get("shutdown") and self._on_shutdown is not None:
+                self._on_shutdown()
         else:
             self._malformed(rid, frames, f"unknown command {cmd[:8]!r}")
 
+    def control(self, now: float, request: dict[str, Any]) -> dict[str, Any]:
+        """An operator's command (``sqm drain|resume|purge|stop-worker|shutdown|workers``).
+
+        Answered at once, whatever is pending: admin traffic never waits
+        behind the queue. Every call is logged at info: operators want a trail.
+        """
+        cmd = request.get("cmd")
+        core = self.core
+        if cmd not in CONTROL_COMMANDS:
+            return {"ok": False, "error": f"unknown control command {cmd!r}; "
+                    f"expected one of {', '.join(CONTROL_COMMANDS)}"}
+        if cmd == "status":
+            return {"ok": True, "status": self.status(now)}
+        if cmd == "workers":
+            return {"ok": True, "workers": core.status(now)["workers"]}
+        log.info("queue %s: operator asked to %s %s", self.name, cmd, request.get("id") or "")
+        if cmd == "drain":
+            core.drain()
+            return {"ok": True, "pending": core.pending}
+        if cmd == "resume":
+            core.resume(now)
+            return {"ok": True, "pending": core.pending}
+        if cmd == "purge":
+            return {"ok": True, "purged": core.purge(now)}
+        if cmd == "stop-worker":
+            wid = str(request.get("id", ""))
+            if not core.stop_worker(wid):
+                known = ", ".join(w.id for w in core.workers.values()) or "none"
+                return {"ok": False, "error": f"no worker {wid!r} on queue {self.name!r} "
+                        f"(workers: {known})"}
+            return {"ok": True, "id": wid}
+        return {"ok": True, "shutdown": True}  # "shutdown"
+
     @staticmethod
-    def _decode_info(frames: list[bytes]) -> dict[str, Any] | None:
-        if len(frames) != 3 or len(frames[2]) > 64 * 1024:
+    def _decode_json(raw: bytes) -> dict[str, Any] | None:
+        if len(raw) > 64 * 1024:
             return None
         try:
-            info = json.loads(frames[2])
+            data = json.loads(raw)
         except ValueError:
             return None
-        return info if isinstance(info, dict) else None
+        return data if isinstance(data, dict) else None
+
+    @classmethod
+    def _decode_info(cls, frames: list[bytes]) -> dict[str, Any] | None:
+        return cls._decode_json(frames[2]) if len(frames) == 3 else None
 
     def _check_mailbox(self, rid_frame: zmq.Frame, mailbox: bytes) -> str | None:
         try:
@@ -227,8 +364,20 @@ class QueueServer:
     def flush(self, now: float) -> None:
         core = self.core
         out = core.outbox
-        if not out:
-            return
+        if out:
+            self._send_outbox(now, out)
+        journal = self.journal
+        if journal is not None and journal.dirty:
+            # Accepted means journaled: acknowledge only after the commit.
+            journal.commit()
+            accept = self._to_accept
+            if accept:
+                for rid, mid in accept:
+                    self._send(rid, [SIGNATURE, ACCEPTED, mid])
+                accept.clear()
+
+    def _send_outbox(self, now: float, out: list[tuple[Any, ...]]) -> None:
+        core = self.core
         sock = self.sock
         i = 0
         while i < len(out):  # the core may append while we send (unreachable workers)
@@ -246,6 +395,8 @@ class QueueServer:
                 send_frames(sock, msg.frames)
             elif kind == OUT_FAIL:
                 msg = entry[1]
+                if self.journal is not None and msg.seq:  # it was accepted: it has ended
+                    self.journal.remove(self.name, msg.id)
                 detail = b'{"deliveries":%d}' % msg.deliveries
                 self._send(
                     msg.origin,
@@ -255,6 +406,8 @@ class QueueServer:
                 self._send(entry[1], self._heartbeat_frames)
             elif kind == OUT_BYE:
                 self._send(entry[1], [SIGNATURE, BYE])
+            elif kind == OUT_STOP:
+                self._send(entry[1], [SIGNATURE, STOP])
         out.clear()
 
     def _send(self, rid: bytes, frames: list[bytes]) -> None:
@@ -270,22 +423,49 @@ class QueueServer:
         data.update(
             send_dropped_total=self.sent_dropped,
             endpoint=self.settings.endpoint,
-            broker={"host": socket.gethostname(), "pid": os.getpid(), "version": __version__},
+            broker={
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "version": __version__,
+                "rss_bytes": procinfo.rss_bytes(),
+                "nice": procinfo.nice(),
+            },
+            journal=None
+            if self.journal is None
+            else {"path": self.journal.path, "written_total": self.journal.written_total,
+                  "commits_total": self.journal.commits_total},
         )
         return data
 
 
 class Broker:
-    """Serves one or more queues from one thread until :meth:`stop` or a signal."""
+    """Serves one or more queues from one thread until :meth:`stop` or a signal.
 
-    def __init__(self, settings: list[QueueSettings], opts: BrokerOptions | None = None) -> None:
-        self.opts = opts or BrokerOptions()
+    ``opts`` is one BrokerOptions for every queue, or a list with one per
+    queue (in the order of ``settings``). With a ``journal``, accepted
+    messages survive a crash of sqm (see :mod:`sqm.journal`).
+    """
+
+    def __init__(
+        self,
+        settings: list[QueueSettings],
+        opts: BrokerOptions | list[BrokerOptions] | None = None,
+        *,
+        journal: Journal | None = None,
+    ) -> None:
+        per_queue = opts if isinstance(opts, list) else [opts or BrokerOptions()] * len(settings)
+        if len(per_queue) != len(settings):
+            raise ValueError("one BrokerOptions per queue")
+        self.opts = per_queue[0] if per_queue else BrokerOptions()
+        self.journal = journal
         self.ctx = zmq.Context()
         self.queues: list[QueueServer] = []
         now = time.time()
         try:
-            for s in settings:
-                self.queues.append(QueueServer(self.ctx, s, self.opts, now))
+            for s, o in zip(settings, per_queue, strict=True):
+                self.queues.append(
+                    QueueServer(self.ctx, s, o, now, journal=journal, on_shutdown=self.stop)
+                )
         except Exception:
             self.close()
             raise
@@ -293,6 +473,9 @@ class Broker:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        self._snapshot: dict[str, dict[str, Any]] = {}
+        self._snapshot_at = 0.0
+        self.snapshot_every = 0.0  # seconds; 0 = nobody reads snapshots (no --metrics-port)
 
     def stop(self, *_: Any) -> None:
         """Ask the loop to stop (safe from a signal handler)."""
@@ -306,20 +489,45 @@ class Broker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.stop)
 
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """The latest status of every queue, safe to read from another thread.
+
+        The loop refreshes it every ``snapshot_every`` seconds (on its tick),
+        so HTTP scrapes never touch the core and cost the hot path nothing.
+        """
+        return self._snapshot
+
+    def _refresh_snapshot(self, now: float) -> None:
+        if self.snapshot_every and now - self._snapshot_at >= self.snapshot_every:
+            self._snapshot_at = now
+            self._snapshot = {q.name: q.status(now) for q in self.queues}
+
     def run(self) -> None:
-        """Serve until stopped; on the way out fail pending messages back and say bye."""
+        """Serve until stopped; on the way out fail pending messages back and say bye.
+
+        With a journal, pending messages are kept for the next start instead
+        of being failed back: their senders keep waiting.
+        """
         for q in self.queues:
-            log.info("queue %s: serving at %s", q.name, q.bind)
-        if len(self.queues) == 1:
+            log.info("queue %s: serving at %s%s", q.name, q.bind,
+                     f" (journal {self.journal.path})" if self.journal else "")
+        self._refresh_snapshot(time.time())
+        if len(self.queues) == 1 and self.journal is None:
             self._run_one(self.queues[0])
         else:
             self._run_many()
         now = time.time()
         for q in self.queues:
-            q.core.shutdown(now)
+            q.core.shutdown(now, fail_pending=self.journal is None)
             q.flush(now)
             log.info("queue %s: stopped", q.name)
         self.close()
+
+    def _tick(self, now: float) -> None:
+        for q in self.queues:
+            q.core.tick(now)
+            q.flush(now)
+        self._refresh_snapshot(now)
 
     def _run_one(self, q: QueueServer) -> None:
         """One queue: block in recv until the next tick (fewest system calls).
@@ -345,12 +553,13 @@ class Broker:
                     q.handle_one(first, now)
                     q.flush(now)
             if now >= next_tick:
-                q.core.tick(now)
-                q.flush(now)
+                self._tick(now)
                 next_tick = now + tick_every
 
     def _run_many(self) -> None:
-        """Several queues: poll their sockets (and the signal wake-up pipe)."""
+        """Several queues, or a journal: poll the sockets (and the signal wake-up
+        pipe) and handle a batch per wake-up, so one journal commit covers many
+        messages."""
         poller = zmq.Poller()
         by_sock = {}
         for q in self.queues:
@@ -369,9 +578,7 @@ class Broker:
                 if q is not None:
                     q.drain(now)
             if now >= next_tick:
-                for q in self.queues:
-                    q.core.tick(now)
-                    q.flush(now)
+                self._tick(now)
                 next_tick = now + tick_every
 
     def close(self) -> None:
@@ -379,3 +586,6 @@ class Broker:
             q.sock.close(linger=1000)
         self.queues = []
         self.ctx.term()
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None

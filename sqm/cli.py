@@ -46,6 +46,13 @@ log_level_option = click.option(
     show_default=True,
     help="How much to log on stderr.",
 )
+log_format_option = click.option(
+    "--log-format",
+    type=click.Choice(logs.FORMATS),
+    default="text",
+    show_default=True,
+    help="Log lines on stderr as text, or one JSON object per line.",
+)
 
 
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -128,7 +135,35 @@ def main() -> None:
     default=None,
     help=f"Largest payload accepted, in bytes [{protocol.DEFAULT_MAX_MESSAGE_SIZE}].",
 )
+@click.option(
+    "--max-deliveries",
+    type=int,
+    default=None,
+    help="Fail a message back as WorkerLost once it has been handed to this many workers "
+    "that died, whatever its retries (poison messages) [no limit].",
+)
+@click.option(
+    "--journal",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="SQLite file recording accepted messages until they end; after a crash and restart "
+    "with the same FILE they are dispatched again [in memory only].",
+)
+@click.option(
+    "--journal-fsync", is_flag=True, help="fsync every journal commit (survives power loss; slower)."
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus /metrics and the live dashboard / on this HTTP port [off].",
+)
+@click.option(
+    "--metrics-bind", default="127.0.0.1", show_default=True, help="Address for --metrics-port."
+)
 @log_level_option
+@log_format_option
 @one_line_errors
 def serve(
     queues: tuple[str, ...],
@@ -137,16 +172,25 @@ def serve(
     heartbeat: float | None,
     max_pending: int | None,
     max_message_size: int | None,
+    max_deliveries: int | None,
+    journal: str | None,
+    journal_fsync: bool,
+    metrics_port: int | None,
+    metrics_bind: str,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run the broker for QUEUE... in the foreground (logs on stderr).
 
     SIGTERM or SIGINT stops it cleanly (exit 0): pending messages are failed
-    back to their senders and workers are told to wait for a new broker.
+    back to their senders (kept for the next start with --journal) and
+    workers are told to wait for a new broker. Limits may also be set per
+    queue in the config file (queues.<name>.max_pending, ...); options win.
     """
-    from .broker import Broker, BrokerOptions
+    from .broker import Broker
+    from .journal import Journal
 
-    logs.setup(log_level)
+    logs.setup(log_level, log_format)
     names = list(queues) or [None]
     if endpoints and len(endpoints) != len(names):
         raise SQMError("give one --endpoint per queue, in the same order")
@@ -154,19 +198,65 @@ def serve(
         resolve(q, endpoint=endpoints[i] if endpoints else None, config=config)
         for i, q in enumerate(names)
     ]
-    first = settings[0]
-    opts = BrokerOptions(
-        heartbeat=heartbeat or float(first.get("heartbeat", 1.0)),
-        max_pending=max_pending or int(first.get("max_pending", 100_000)),
-        max_message_size=max_message_size
-        or int(first.get("max_message_size", protocol.DEFAULT_MAX_MESSAGE_SIZE)),
-    )
-    if opts.heartbeat <= 0 or opts.max_pending <= 0 or opts.max_message_size <= 0:
-        raise SQMError("--heartbeat, --max-pending and --max-message-size must be positive")
-    broker = Broker(settings, opts)
+    for st in settings:
+        if len(st.endpoints) > 1:
+            raise SQMError(
+                f"queue {st.queue!r} has {len(st.endpoints)} endpoints ({', '.join(st.endpoints)}); "
+                "one sqm serves one of them: choose it with --endpoint"
+            )
+    opts = [
+        _broker_options(st, heartbeat, max_pending, max_message_size, max_deliveries)
+        for st in settings
+    ]
+    jnl = Journal(journal, fsync=journal_fsync) if journal else None
+    try:
+        broker = Broker(settings, opts, journal=jnl)
+    except Exception:
+        if jnl is not None:
+            jnl.close()
+        raise
     broker.install_signal_handlers()
+    web = None
+    if metrics_port is not None:
+        from . import web as web_mod
+
+        broker.snapshot_every = 1.0
+        try:
+            web = web_mod.start(metrics_bind, metrics_port, broker.snapshot)
+        except OSError as exc:
+            broker.close()
+            raise SQMError(f"cannot serve metrics on {metrics_bind}:{metrics_port}: {exc}") from None
+        log.info("metrics and dashboard at http://%s:%d/", metrics_bind, web.port)
     log.info("sqm %s starting (pid %d)", __version__, os.getpid())
-    broker.run()
+    try:
+        broker.run()
+    finally:
+        if web is not None:
+            web.close()
+
+
+def _broker_options(st: Any, heartbeat: float | None, max_pending: int | None,
+                    max_message_size: int | None, max_deliveries: int | None) -> Any:
+    """One queue's limits: the option, else queues.<name>.KEY, else top-level KEY, else default."""
+    from .broker import BrokerOptions
+
+    def pick(option: Any, key: str, default: Any, cast: Callable[[Any], Any]) -> Any:
+        value = option if option is not None else st.get(key, default)
+        try:
+            value = None if value is None else cast(value)
+        except (TypeError, ValueError):
+            raise SQMError(f"queue {st.queue!r}: {key} must be a number, got {value!r}") from None
+        if value is not None and value <= 0:
+            raise SQMError(f"queue {st.queue!r}: {key} must be positive, got {value}")
+        return value
+
+    return BrokerOptions(
+        heartbeat=pick(heartbeat, "heartbeat", 1.0, float),
+        max_pending=pick(max_pending, "max_pending", 100_000, int),
+        max_message_size=pick(max_message_size, "max_message_size",
+                              protocol.DEFAULT_MAX_MESSAGE_SIZE, int),
+        max_deliveries=pick(max_deliveries, "max_deliveries", None, int),
+    )
 
 
 # ---------------------------------------------------------------- submit
@@ -322,9 +412,63 @@ def fetch_status(settings: Any, timeout: float) -> dict[str, Any]:
         sock.close(0)
 
 
+def control_request(settings: Any, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Send one control command (docs/PROTOCOL.md, CONTROL) and return sqm's answer.
+
+    Raises SQMError with sqm's own explanation when it refuses the command.
+    """
+    require_broker(settings)
+    ctx = zmq.Context.instance()
+    sock = make_socket(ctx, zmq.DEALER, linger_ms=0)
+    try:
+        sock.connect(settings.endpoint)
+        sock.send_multipart([protocol.SIGNATURE, protocol.CONTROL, json.dumps(request).encode()])
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
+                raise SQMError(f"no answer from sqm at {settings.endpoint} within {timeout} s")
+            frames = sock.recv_multipart()
+            if len(frames) == 3 and frames[:2] == [protocol.SIGNATURE, protocol.CONTROL]:
+                reply = json.loads(frames[2])
+                if not reply.get("ok"):
+                    raise SQMError(reply.get("error", "sqm refused the command"))
+                return reply
+    finally:
+        sock.close(0)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}ms" if seconds < 10 else f"{seconds:.0f}s"
+
+
+def _latency_line(name: str, h: dict[str, Any]) -> str:
+    if not h or not h.get("count"):
+        return f"{name:<11} no samples yet"
+    return (f"{name:<11} p50 {_ms(h['p50'])}   p90 {_ms(h['p90'])}   p99 {_ms(h['p99'])}   "
+            f"({h['count']} samples)")
+
+
+def format_workers(workers: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        f"{'WORKER':<34} {'HOST':<14} {'PID':>7} {'STATE':<8} {'IDLE s':>7} {'TASKS':>7} "
+        f"{'BUSY s':>8} {'RSS MB':>7} {'NICE':>4}"
+    ]
+    for w in workers:
+        rss = w.get("rss_bytes")
+        nice = w.get("nice")
+        lines.append(
+            f"{w['id'][:34]:<34} {str(w['host'])[:14]:<14} {w['pid']:>7} {w['state']:<8} "
+            f"{w['idle_s']:>7.1f} {w['tasks_done']:>7} {w.get('busy_s', 0.0):>8.1f} "
+            f"{'-' if rss is None else f'{rss / 1e6:.1f}':>7} {'-' if nice is None else nice:>4}"
+        )
+    return lines
+
+
 def format_status(st: dict[str, Any]) -> str:
     lines = [
-        f"queue {st['queue']} at {st.get('endpoint', '?')}   up {st['uptime_s']:.0f} s",
+        f"queue {st['queue']} at {st.get('endpoint', '?')}   up {st['uptime_s']:.0f} s"
+        + ("   DRAINING (not dispatching)" if st.get("draining") else ""),
         f"pending {st['pending']}   in flight {st['in_flight']}   workers {st['workers_current']} "
         f"(ever {st['workers_ever']})   utilization {st['utilization'] * 100:.1f}%",
         f"assigned {st['assigned_total']}   completed {st['completed_total']}   "
@@ -332,14 +476,25 @@ def format_status(st: dict[str, Any]) -> str:
         f"rejected {st.get('rejected_total', 0)}   redelivered {st.get('redelivered_total', 0)}   "
         f"malformed {st.get('malformed_total', 0)}",
     ]
+    latency = st.get("latency") or {}
+    if latency:
+        lines.append(_latency_line("queue wait", latency.get("queue_wait", {})))
+        lines.append(_latency_line("service", latency.get("service", {})))
+    methods = st.get("methods") or {}
+    if methods:
+        lines.append("")
+        lines.append(f"{'METHOD':<24} {'ASSIGNED':>9} {'DONE':>9} {'FAILED':>7} "
+                     f"{'WAIT p50':>9} {'SERVICE p50':>12} {'p99':>9}")
+        for name, m in sorted(methods.items()):
+            svc = m["latency"]["service"]
+            lines.append(
+                f"{name[:24]:<24} {m['assigned_total']:>9} {m['completed_total']:>9} "
+                f"{m['failed_total']:>7} {_ms(m['latency']['queue_wait']['p50']):>9} "
+                f"{_ms(svc['p50']):>12} {_ms(svc['p99']):>9}"
+            )
     if st["workers"]:
         lines.append("")
-        lines.append(f"{'WORKER':<40} {'HOST':<16} {'PID':>7} {'STATE':<8} {'IDLE s':>8} {'TASKS':>8}")
-        for w in st["workers"]:
-            lines.append(
-                f"{w['id'][:40]:<40} {str(w['host'])[:16]:<16} {w['pid']:>7} {w['state']:<8} "
-                f"{w['idle_s']:>8.1f} {w['tasks_done']:>8}"
-            )
+        lines.extend(format_workers(st["workers"]))
     return "\n".join(lines)
 
 
@@ -349,13 +504,130 @@ def format_status(st: dict[str, Any]) -> str:
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--timeout", type=float, default=3.0, show_default=True, help="Seconds to wait for sqm.")
+@click.option("--watch", is_flag=True, help="Refresh in place until Ctrl-C.")
+@click.option("--interval", type=click.FloatRange(0.05), default=1.0, show_default=True,
+              help="Seconds between refreshes with --watch.")
+@click.option("--count", type=click.IntRange(1), default=None,
+              help="With --watch, stop after this many refreshes.")
 @one_line_errors
 def status(queue: str | None, endpoint: str | None, config: str | None, as_json: bool,
-           timeout: float) -> None:
-    """Print QUEUE's live metrics (queue from $SQM_QUEUE when omitted)."""
+           timeout: float, watch: bool, interval: float, count: int | None) -> None:
+    """Print QUEUE's live metrics (queue from $SQM_QUEUE when omitted).
+
+    The table shows counts, queue-wait and service latency percentiles
+    (overall and per method) and one row per worker; --json prints the same
+    as one object (one per line with --watch).
+    """
     settings = resolve(queue, endpoint=endpoint, config=config)
-    st = fetch_status(settings, timeout)
-    click.echo(json.dumps(st) if as_json else format_status(st))
+    if not watch:
+        st = fetch_status(settings, timeout)
+        click.echo(json.dumps(st) if as_json else format_status(st))
+        return
+    in_place = sys.stdout.isatty() and not as_json
+    done = 0
+    try:
+        while count is None or done < count:
+            if done:
+                threading_wait(interval)
+            st = fetch_status(settings, timeout)
+            if as_json:
+                click.echo(json.dumps(st))
+            elif in_place:
+                click.echo("\x1b[H\x1b[2J" + format_status(st))  # home, clear screen
+            else:
+                click.echo(format_status(st) + "\n")
+            done += 1
+    except KeyboardInterrupt:
+        return
+
+
+def threading_wait(seconds: float) -> None:
+    """Sleep that Ctrl-C interrupts at once (a refresh interval, not synchronization)."""
+    import threading
+
+    threading.Event().wait(seconds)
+
+
+@main.command("workers")
+@click.argument("queue", required=False)
+@endpoint_option
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+@click.option("--timeout", type=float, default=3.0, show_default=True, help="Seconds to wait for sqm.")
+@one_line_errors
+def workers_cmd(queue: str | None, endpoint: str | None, config: str | None, as_json: bool,
+                timeout: float) -> None:
+    """List QUEUE's registered workers: id, host, pid, state, idle time, tasks, busy time,
+    memory and nice value (the worker ID is what `sqm stop-worker` takes)."""
+    settings = resolve(queue, endpoint=endpoint, config=config)
+    workers = control_request(settings, {"cmd": "workers"}, timeout)["workers"]
+    if as_json:
+        click.echo(json.dumps(workers))
+    elif workers:
+        click.echo("\n".join(format_workers(workers)))
+    else:
+        click.echo(f"no workers on queue {settings.queue}")
+
+
+def _admin_command(name: str, summary: str, render: Callable[[str, dict[str, Any]], str]) -> None:
+    """Define `sqm NAME [QUEUE]`: one control command, one line of output."""
+
+    @click.argument("queue", required=False)
+    @endpoint_option
+    @config_option
+    @click.option("--timeout", type=float, default=3.0, show_default=True,
+                  help="Seconds to wait for sqm.")
+    @one_line_errors
+    def command(queue: str | None, endpoint: str | None, config: str | None,
+                timeout: float) -> None:
+        settings = resolve(queue, endpoint=endpoint, config=config)
+        reply = control_request(settings, {"cmd": name}, timeout)
+        click.echo(render(settings.queue, reply))
+
+    command.__doc__ = summary
+    main.command(name)(command)
+
+
+_admin_command(
+    "drain",
+    "Stop dispatching QUEUE's messages; pending ones stay and new ones are still accepted.",
+    lambda q, r: f"queue {q}: draining, {r['pending']} pending (sqm resume {q} to continue)",
+)
+_admin_command(
+    "resume",
+    "Dispatch QUEUE's messages again after `sqm drain`.",
+    lambda q, r: f"queue {q}: dispatching, {r['pending']} pending",
+)
+_admin_command(
+    "purge",
+    "Drop every pending message of QUEUE (no confirmation); each originator gets a Purged error.",
+    lambda q, r: f"queue {q}: purged {r['purged']} pending message(s)",
+)
+_admin_command(
+    "shutdown",
+    "Stop QUEUE's sqm as SIGTERM would (pending messages failed back, or kept with --journal).",
+    lambda q, r: f"queue {q}: sqm is shutting down",
+)
+
+
+@main.command("stop-worker")
+@click.argument("args", nargs=-1, metavar="[QUEUE] ID")
+@endpoint_option
+@config_option
+@click.option("--timeout", type=float, default=3.0, show_default=True, help="Seconds to wait for sqm.")
+@one_line_errors
+def stop_worker(args: tuple[str, ...], endpoint: str | None, config: str | None,
+                timeout: float) -> None:
+    """Ask worker ID (as `sqm status`/`sqm workers` show it) to finish its message and exit 0."""
+    if len(args) == 2:
+        queue, wid = args
+    elif len(args) == 1:
+        queue, wid = None, args[0]
+    else:
+        raise click.UsageError("expected [QUEUE] ID")
+    settings = resolve(queue, endpoint=endpoint, config=config)
+    control_request(settings, {"cmd": "stop-worker", "id": wid}, timeout)
+    click.echo(f"queue {settings.queue}: asked worker {wid} to stop")
 
 
 # ---------------------------------------------------------------- worker
@@ -392,11 +664,16 @@ def load_target(target: str) -> Any:
 @click.option("--prefetch", type=click.IntRange(1, 10_000), default=1, show_default=True,
               help="Messages sqm may hand each worker at once (more throughput, "
               "head-of-line blocking).")
+@click.option("--concurrency", "-c", type=click.IntRange(1, 10_000), default=None,
+              help="Callbacks each worker runs at once: async def ones as asyncio tasks, "
+              "plain ones in threads [1, or the Worker's own].")
 @log_level_option
+@log_format_option
 @one_line_errors
 def worker_cmd(target: str, queue: str | None, processes: int, endpoint: str | None,
                config: str | None, allow_pickle: bool, heartbeat: float | None,
-               prefetch: int, log_level: str) -> None:
+               prefetch: int, concurrency: int | None, log_level: str,
+               log_format: str) -> None:
     """Run workers from a callbacks dict (or a Worker) found at MODULE:ATTR.
 
     With --processes N, a parent starts N worker processes, restarts any that
@@ -406,9 +683,10 @@ def worker_cmd(target: str, queue: str | None, processes: int, endpoint: str | N
 
     from . import pool
 
-    logs.setup(log_level)
+    logs.setup(log_level, log_format)
     obj = load_target(target)
-    overrides = queue or endpoint or config or heartbeat or allow_pickle or prefetch != 1
+    overrides = (queue or endpoint or config or heartbeat or allow_pickle or prefetch != 1
+                 or concurrency is not None)
     if isinstance(obj, Worker):
         if processes == 1 and not overrides:
             pool.die_with_parent()
@@ -416,6 +694,7 @@ def worker_cmd(target: str, queue: str | None, processes: int, endpoint: str | N
             return
         callbacks = dict(obj._callbacks)
         queue = queue or obj.queue
+        concurrency = concurrency or obj.concurrency
     elif isinstance(obj, dict):
         callbacks = obj
     else:
@@ -425,15 +704,16 @@ def worker_cmd(target: str, queue: str | None, processes: int, endpoint: str | N
     resolve(queue, endpoint=endpoint, config=config)  # fail here, not in N children
     if processes > 1:
         argv = [sys.executable, "-m", "sqm", "worker", target, "--processes", "1",
-                "--log-level", log_level]
+                "--log-level", log_level, "--log-format", log_format]
         for flag, value in (("--queue", queue), ("--endpoint", endpoint), ("--config", config),
                             ("--heartbeat", heartbeat and str(heartbeat))):
             if value:
                 argv += [flag, value]
         if allow_pickle:
             argv.append("--allow-pickle")
-        argv += ["--prefetch", str(prefetch)]
+        argv += ["--prefetch", str(prefetch), "--concurrency", str(concurrency or 1)]
         sys.exit(pool.Pool(argv, processes).run())
     pool.die_with_parent()
     Worker(queue, callbacks=callbacks, endpoint=endpoint, config=config,
-           allow_pickle=allow_pickle, heartbeat=heartbeat, prefetch=prefetch).run()
+           allow_pickle=allow_pickle, heartbeat=heartbeat, prefetch=prefetch,
+           concurrency=concurrency or 1).run()

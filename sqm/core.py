@@ -24,15 +24,22 @@ import bisect
 from collections import deque
 from typing import Any
 
+from .metrics import Histogram, MethodStats
+
 # Outbox entry kinds. Entries are tuples whose first item is the kind:
 #   (OUT_DISPATCH, worker_rid, message)
 #   (OUT_FAIL, message, error_type, text)
 #   (OUT_HEARTBEAT, worker_rid)
 #   (OUT_BYE, worker_rid)          tell a worker to (re-)register / we stop
+#   (OUT_STOP, worker_rid)         an operator asked this worker to exit
 OUT_DISPATCH = 1
 OUT_FAIL = 2
 OUT_HEARTBEAT = 3
 OUT_BYE = 4
+OUT_STOP = 5
+
+MAX_METHODS = 1000  # distinct method names tracked; the rest count as OTHER_METHOD
+OTHER_METHOD = b"(other)"
 
 PENDING, INFLIGHT, FINISHED = 0, 1, 2
 LEVELS = 3  # high, normal, low
@@ -59,6 +66,9 @@ class Message:
         "deliveries",
         "worker",
         "state",
+        "method",
+        "stats",
+        "dispatched_at",
     )
 
     def __init__(
@@ -72,6 +82,7 @@ class Message:
         retries: int = 0,
         priority: int = 1,
         deadline: float = 0.0,
+        method: bytes = b"",
     ) -> None:
         self.id = id
         self.origin = origin
@@ -86,6 +97,9 @@ class Message:
         self.deliveries = 0
         self.worker: WorkerState | None = None
         self.state = PENDING
+        self.method = method
+        self.stats: MethodStats | None = None
+        self.dispatched_at = 0.0
 
     def __repr__(self) -> str:
         return f"<Message {self.id!r} seq={self.seq} state={self.state}>"
@@ -111,6 +125,9 @@ class WorkerState:
         "alive",
         "leaving",
         "ttl",
+        "parked",
+        "report",
+        "stopping",
     )
 
     def __init__(self, rid: bytes, wid: str, info: dict[str, Any], slots: int, now: float) -> None:
@@ -130,6 +147,9 @@ class WorkerState:
         self.alive = True
         self.leaving = False
         self.ttl = 3.0  # seconds of silence after which the worker is dead
+        self.parked = 0  # slots the worker handed back with NACK (it was full)
+        self.report: dict[str, Any] = {}  # its latest self-report (heartbeat)
+        self.stopping = False  # an operator asked it to stop
 
 
 class QueueCore:
@@ -173,15 +193,27 @@ class QueueCore:
         self.rejected_total = 0
         self.redelivered_total = 0
         self.malformed_total = 0
+        self.nacked_total = 0
+        self.dispatching = True  # False while drained by an operator
+        self._methods: dict[bytes, MethodStats] = {}
 
     # ------------------------------------------------------------------ senders
 
-    def submit(self, now: float, msg: Message) -> None:
-        """Accept a message (or refuse it at once) and dispatch what can be."""
-        if msg.id in self._live:
+    def submit(self, now: float, msg: Message) -> bool:
+        """Accept a message (or refuse it at once) and dispatch what can be.
+
+        Returns True when the message is accepted (the originator may be told
+        so), including a re-send of a message this originator already has
+        here (senders re-send what sqm had not acknowledged after a
+        reconnect); False when it was refused with an ``OUT_FAIL``.
+        """
+        known = self._live.get(msg.id)
+        if known is not None:
+            if known.origin == msg.origin:
+                return True  # a re-send: acknowledge again, keep one copy
             self.malformed_total += 1
             self.outbox.append((OUT_FAIL, msg, "Malformed", "message id already in use"))
-            return
+            return False
         if msg.size > self.max_message_size:
             self.rejected_total += 1
             self.outbox.append(
@@ -193,13 +225,17 @@ class QueueCore:
                     f"{self.max_message_size} bytes",
                 )
             )
-            return
+            return False
         if msg.deadline and msg.deadline <= now:
             self.expired_total += 1
             self.outbox.append((OUT_FAIL, msg, "Expired", "deadline passed before sqm got it"))
-            return
+            return False
+        stats = self._methods.get(msg.method)
+        if stats is None:
+            stats = self._method_stats(msg.method)
+        msg.stats = stats
         idle = self._idle
-        if idle and not self.pending:
+        if idle and not self.pending and self.dispatching:
             # Fast path: a free slot and nothing queued ahead of this message.
             w = idle.popleft()
             while not w.alive or w.free <= 0:
@@ -213,13 +249,13 @@ class QueueCore:
                 msg.submitted_at = now
                 self._live[msg.id] = msg
                 self._dispatch(now, w, msg)
-                return
+                return True
         if self.pending >= self.max_pending:
             self.rejected_total += 1
             self.outbox.append(
                 (OUT_FAIL, msg, "QueueFull", f"queue {self.name!r} has {self.pending} pending")
             )
-            return
+            return False
         self._seq += 1
         msg.seq = self._seq
         msg.submitted_at = now
@@ -227,6 +263,33 @@ class QueueCore:
         self._levels[msg.priority].append(msg)
         self.pending += 1
         if idle:
+            self._assign(now)
+        return True
+
+    def _method_stats(self, method: bytes) -> MethodStats:
+        if len(self._methods) >= MAX_METHODS:
+            method = OTHER_METHOD
+        stats = self._methods.get(method)
+        if stats is None:
+            stats = self._methods[method] = MethodStats()
+        return stats
+
+    def restore(self, now: float, msg: Message) -> None:
+        """Queue a message recovered from the journal (accepted before a restart).
+
+        It skips the admission checks (it was admitted once) but not expiry:
+        an expired one is failed back at dispatch or by the sweep.
+        """
+        if msg.id in self._live:
+            return
+        msg.stats = self._methods.get(msg.method) or self._method_stats(msg.method)
+        self._seq += 1
+        msg.seq = self._seq
+        msg.submitted_at = now
+        self._live[msg.id] = msg
+        self._levels[msg.priority].append(msg)
+        self.pending += 1
+        if self._idle:
             self._assign(now)
 
     # ------------------------------------------------------------------ workers
@@ -272,10 +335,14 @@ class QueueCore:
         del self._live[msg_id]
         self.in_flight -= 1
         w.tasks_done += 1
+        stats = msg.stats
+        stats.service.record(now - msg.dispatched_at)
         if ok:
             self.completed_total += 1
+            stats.completed += 1
         else:
             self.failed_total += 1
+            stats.failed += 1
         if not w.in_flight:
             w.busy_s += now - w.busy_since
             w.idle_since = now
@@ -284,10 +351,65 @@ class QueueCore:
                 self._remove_worker(now, w, "worker left")
             return True
         w.free += 1
-        if self.pending:
+        if self.pending and self.dispatching:
             self._levels_dispatch_to(now, w)
         else:
             self._idle.append(w)
+        return True
+
+    def nack(self, now: float, rid: bytes, msg_id: bytes) -> bool:
+        """The worker was full when ``msg_id`` arrived (it serves several brokers).
+
+        The message goes back to the queue in its place without using a
+        delivery, and the slot that carried it is parked until the worker
+        gives it back with :meth:`credit`. Returns False if the worker is unknown.
+        """
+        w = self.workers.get(rid)
+        if w is None:
+            return False
+        w.expires_at = now + w.ttl
+        msg = w.in_flight.pop(msg_id, None)
+        if msg is None:
+            return True
+        self.nacked_total += 1
+        self.in_flight -= 1
+        self.assigned_total -= 1
+        msg.stats.assigned -= 1
+        msg.deliveries -= 1
+        if not w.in_flight:
+            w.busy_s += now - w.busy_since
+            w.idle_since = now
+        w.parked += 1
+        self._requeue(msg)
+        if w.leaving and not w.in_flight:
+            self._remove_worker(now, w, "worker left")
+        elif self._idle and self.dispatching:
+            self._assign(now)
+        return True
+
+    def credit(self, now: float, rid: bytes, n: int) -> bool:
+        """The worker has room again for ``n`` of the slots it parked with NACK."""
+        w = self.workers.get(rid)
+        if w is None:
+            return False
+        w.expires_at = now + w.ttl
+        n = max(0, min(n, w.parked))
+        if not n or w.leaving:
+            return True
+        w.parked -= n
+        w.free += n
+        self._idle.extend([w] * n)
+        if self.pending and self.dispatching:
+            self._assign(now)
+        return True
+
+    def report(self, now: float, wid: str, info: dict[str, Any]) -> bool:
+        """A heartbeat that carries the worker's self-report (rss, nice, busy_s...)."""
+        w = self._by_id.get(wid)
+        if w is None:
+            return False
+        w.expires_at = now + w.ttl
+        w.report = info
         return True
 
     def seen(self, now: float, rid: bytes) -> bool:
@@ -320,6 +442,7 @@ class QueueCore:
             w.busy_s += now - w.busy_since
         self.in_flight -= 1
         self.assigned_total -= 1
+        msg.stats.assigned -= 1
         msg.deliveries -= 1
         self._requeue(msg)
         self._remove_worker(now, w, "worker connection lost while holding it")
@@ -357,18 +480,22 @@ class QueueCore:
             self._last_sweep = now
             self._sweep_expired(now)
 
-    def shutdown(self, now: float) -> None:
+    def shutdown(self, now: float, *, fail_pending: bool = True) -> None:
         """Fail every pending message back and tell every worker we stop.
 
         In-flight messages are not failed: their workers still reply
-        straight to the originators.
+        straight to the originators. With a journal (``fail_pending=False``)
+        pending messages are kept for the next start instead.
         """
-        for level in self._levels:
-            while level:
-                msg = level.popleft()
-                if msg.state == PENDING:
-                    self._finish_failed(msg, "BrokerShutdown", "sqm stopped before a worker took it")
-        self.pending = 0
+        if fail_pending:
+            for level in self._levels:
+                while level:
+                    msg = level.popleft()
+                    if msg.state == PENDING:
+                        self._finish_failed(
+                            msg, "BrokerShutdown", "sqm stopped before a worker took it"
+                        )
+            self.pending = 0
         for w in self.workers.values():
             self.outbox.append((OUT_BYE, w.rid))
 
@@ -380,9 +507,28 @@ class QueueCore:
                 msg = level.popleft()
                 if msg.state == PENDING:
                     n += 1
-                    self._finish_failed(msg, "BrokerShutdown", "purged by an operator")
+                    self._finish_failed(msg, "Purged", "purged by an operator")
         self.pending = 0
         return n
+
+    def drain(self) -> None:
+        """Stop dispatching: pending messages stay, new ones are still accepted."""
+        self.dispatching = False
+
+    def resume(self, now: float) -> None:
+        """Dispatch again after :meth:`drain`."""
+        self.dispatching = True
+        if self.pending and self._idle:
+            self._assign(now)
+
+    def stop_worker(self, wid: str) -> bool:
+        """Ask worker ``wid`` to finish what it holds and exit; False if unknown."""
+        w = self._by_id.get(wid)
+        if w is None:
+            return False
+        w.stopping = True
+        self.outbox.append((OUT_STOP, w.rid))
+        return True
 
     # ------------------------------------------------------------------ status
 
@@ -396,19 +542,35 @@ class QueueCore:
             busy += w_busy
             lifetime += now - w.registered_at
             info = w.info
+            rep = w.report
+            lived = now - w.registered_at
+            if w.leaving or w.stopping:
+                state = "leaving"
+            elif w.in_flight:
+                state = "busy"
+            else:
+                state = "idle"
             workers.append(
                 {
                     "id": w.id,
-                    "host": info.get("host", ""),
-                    "pid": info.get("pid", 0),
-                    "state": "leaving" if w.leaving else ("busy" if w.in_flight else "idle"),
+                    "host": rep.get("host") or info.get("host", ""),
+                    "pid": rep.get("pid") or info.get("pid", 0),
+                    "state": state,
                     "started_at": info.get("started_at", w.registered_at),
                     "registered_at": w.registered_at,
                     "idle_s": 0.0 if w.in_flight else max(0.0, now - w.idle_since),
                     "tasks_done": w.tasks_done,
                     "in_flight": len(w.in_flight),
                     "slots": w.slots,
-                    "busy_s": round(w_busy, 6),
+                    "parked": w.parked,
+                    # busy_s: the worker's own count (time inside callbacks) when
+                    # it reports one, else what sqm saw (time holding messages).
+                    "busy_s": round(float(rep.get("busy_s", w_busy)), 6),
+                    "utilization": min(1.0, w_busy / lived) if lived > 0 else 0.0,
+                    "rss_bytes": rep.get("rss_bytes"),
+                    "nice": rep.get("nice"),
+                    "worker_tasks_done": rep.get("tasks_done"),
+                    "last_report_at": rep.get("at"),
                 }
             )
         return {
@@ -427,8 +589,25 @@ class QueueCore:
             "rejected_total": self.rejected_total,
             "redelivered_total": self.redelivered_total,
             "malformed_total": self.malformed_total,
+            "nacked_total": self.nacked_total,
             "utilization": min(1.0, busy / lifetime) if lifetime > 0 else 0.0,
+            "draining": not self.dispatching,
+            "max_pending": self.max_pending,
+            "latency": self._latency_total(),
+            "methods": {
+                m.decode("utf-8", "replace"): st.snapshot() for m, st in self._methods.items()
+            },
         }
+
+    def _latency_total(self) -> dict[str, Any]:
+        """Queue-wide histograms: the sum of the per-method ones (recorded once)."""
+        wait, service = Histogram(), Histogram()
+        for st in self._methods.values():
+            for total, part in ((wait, st.wait), (service, st.service)):
+                total.count += part.count
+                total.sum += part.sum
+                total.counts = [a + b for a, b in zip(total.counts, part.counts, strict=True)]
+        return {"queue_wait": wait.snapshot(), "service": service.snapshot()}
 
     # ------------------------------------------------------------------ internals
 
@@ -436,6 +615,10 @@ class QueueCore:
         msg.state = INFLIGHT
         msg.worker = w
         msg.deliveries += 1
+        msg.dispatched_at = now
+        stats = msg.stats
+        stats.assigned += 1
+        stats.wait.record(now - msg.submitted_at)
         if not w.in_flight:
             w.busy_since = now
         w.in_flight[msg.id] = msg
@@ -473,6 +656,8 @@ class QueueCore:
             self._dispatch(now, w, msg)
 
     def _assign(self, now: float) -> None:
+        if not self.dispatching:
+            return
         idle = self._idle
         while self.pending and idle:
             w = idle.popleft()
@@ -526,8 +711,10 @@ class QueueCore:
         msg.state = FINISHED
         msg.worker = None
         self._live.pop(msg.id, None)
-        if kind in ("WorkerLost", "BrokerShutdown"):
+        if kind in ("WorkerLost", "BrokerShutdown", "Purged"):
             self.failed_total += 1
+            if msg.stats is not None:
+                msg.stats.failed += 1
         self.outbox.append((OUT_FAIL, msg, kind, text))
 
     def _sweep_expired(self, now: float) -> None:

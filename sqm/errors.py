@@ -40,7 +40,11 @@ class Expired(SQMError):
 
 
 class BrokerShutdown(SQMError):
-    """sqm stopped (or purged the message) before a worker took it."""
+    """sqm stopped before a worker took the message."""
+
+
+class Purged(SQMError):
+    """An operator purged the queue (``sqm purge``) while the message was pending."""
 
 
 class WorkerLost(SQMError):
@@ -75,5 +79,6 @@ BROKER_ERRORS: dict[str, type[SQMError]] = {
     "MessageTooLarge": MessageTooLarge,
     "Expired": Expired,
     "BrokerShutdown": BrokerShutdown,
+    "Purged": Purged,
     "Malformed": ProtocolError,
 }

@@ -72,7 +72,7 @@ LIVENESS = 3
 MAX_PENDING = 6
 T0 = 1_000_000.0
 
-FAIL_KINDS = {"Malformed", "Expired", "QueueFull", "WorkerLost", "BrokerShutdown"}
+FAIL_KINDS = {"Malformed", "Expired", "QueueFull", "WorkerLost", "BrokerShutdown", "Purged"}
 
 
 # --------------------------------------------------------------------------- model
@@ -317,13 +317,13 @@ class Model:
                     del self.live[mm.msg.id]
                     self.fail(mm, "Expired")
 
-    def drop_pending(self) -> int:
+    def drop_pending(self, kind: str = "BrokerShutdown") -> int:
         n = 0
         for mm in sorted(self.pending, key=self.key):
             n += 1
             self.failed += 1
             del self.live[mm.msg.id]
-            self.fail(mm, "BrokerShutdown")
+            self.fail(mm, kind)
         self.pending = []
         return n
 
@@ -593,7 +593,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.steps += 1
         live = list(self.model.workers)
         if kind == "purge":
-            expect = self.model.drop_pending()
+            expect = self.model.drop_pending("Purged")
             self._run("purge", lambda: self.core.purge(self.now), expect=expect)
         elif kind == "duplicate-id":
             if not self.model.live:

@@ -203,11 +203,11 @@ def test_message_too_large():
     assert core.status(T0)["assigned_total"] == 1
 
 
-def test_duplicate_id_is_malformed_and_original_survives():
+def test_duplicate_id_from_another_origin_is_malformed_and_original_survives():
     core = make_core()
     core.submit(T0, msg("x"))
-    dup = msg("x")
-    core.submit(T0, dup)
+    dup = Message(b"x", b"someone-else", [b"x"])
+    assert core.submit(T0, dup) is False
     out = drain(core)
     assert len(out) == 1
     assert out[0][0] == OUT_FAIL and out[0][1] is dup and out[0][2] == "Malformed"
@@ -215,12 +215,23 @@ def test_duplicate_id_is_malformed_and_original_survives():
     hello(core, b"w1")
     assert dispatches(drain(core)) == [(b"w1", b"x")]
     # still in flight: still a duplicate
-    core.submit(T0, msg("x"))
+    core.submit(T0, Message(b"x", b"someone-else", [b"x"]))
     assert fails(drain(core)) == [(b"x", "Malformed")]
     # once it has ended, the id may be used again
     core.done(T0, b"w1", b"x")
     core.submit(T0, msg("x"))
     assert dispatches(drain(core)) == [(b"w1", b"x")]
+
+
+def test_resend_from_same_origin_is_acknowledged_and_kept_once():
+    core = make_core()
+    assert core.submit(T0, msg("x")) is True
+    assert core.submit(T0, msg("x")) is True  # the sender re-sent after a reconnect
+    assert drain(core) == [] and core.pending == 1
+    hello(core, b"w1", slots=2)
+    assert dispatches(drain(core)) == [(b"w1", b"x")]
+    assert core.submit(T0, msg("x")) is True  # still in flight: not dispatched twice
+    assert drain(core) == [] and core.in_flight == 1
 
 
 def test_deadline_already_passed_is_expired_on_submit():
@@ -480,7 +491,7 @@ def test_purge_fails_pending_only():
     drain(core)
     assert core.purge(T0) == 2
     out = drain(core)
-    assert fails(out) == [(b"b", "BrokerShutdown"), (b"c", "BrokerShutdown")]
+    assert fails(out) == [(b"b", "Purged"), (b"c", "Purged")]
     assert core.pending == 0
     assert core.in_flight == 1
     assert core.failed_total == 2
