@@ -297,8 +297,9 @@ class QueueServer:
             core.drain()
             return {"ok": True, "pending": core.pending}
         if cmd == "resume":
+            held = core.pending
             core.resume(now)
-            return {"ok": True, "pending": core.pending}
+            return {"ok": True, "pending": held}
         if cmd == "purge":
             return {"ok": True, "purged": core.purge(now)}
         if cmd == "stop-worker":

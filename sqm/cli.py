@@ -596,7 +596,7 @@ _admin_command(
 _admin_command(
     "resume",
     "Dispatch QUEUE's messages again after `sqm drain`.",
-    lambda q, r: f"queue {q}: dispatching, {r['pending']} pending",
+    lambda q, r: f"queue {q}: dispatching again, {r['pending']} were pending",
 )
 _admin_command(
     "purge",
