@@ -91,6 +91,7 @@ class MWorker:
         self.alive = True
         self.leaving = False
         self.tasks_done = 0
+        self.parked = 0  # slots handed back with NACK, until CREDIT
 
 
 class MMsg:
@@ -119,6 +120,7 @@ class Model:
         self.expected: list[tuple] = []
         self.assigned = self.completed = self.failed = 0
         self.expired = self.rejected = self.redelivered = self.malformed = 0
+        self.dispatching = True  # False while drained
 
     # -- helpers
     def key(self, mm: MMsg) -> tuple[int, int]:
@@ -159,6 +161,8 @@ class Model:
         return None
 
     def assign(self) -> None:
+        if not self.dispatching:
+            return
         while self.pending and self.idle:
             w = self.next_idle()
             if w is None:
@@ -201,7 +205,7 @@ class Model:
             self.expired += 1
             self.fail(mm, "Expired")
             return mm
-        if self.idle and not self.pending:
+        if self.idle and not self.pending and self.dispatching:
             w = self.next_idle()
             if w is not None:
                 self.seq += 1
@@ -254,7 +258,7 @@ class Model:
                 self.remove_worker(w)
             return True
         w.free += 1
-        if self.pending:
+        if self.pending and self.dispatching:
             nxt = self.pop_pending()
             if nxt is None:
                 self.idle.append(w)
@@ -262,6 +266,51 @@ class Model:
                 self.dispatch(w, nxt)
         else:
             self.idle.append(w)
+        return True
+
+    def drain(self) -> None:
+        self.dispatching = False
+
+    def resume(self) -> None:
+        self.dispatching = True
+        if self.pending and self.idle:
+            self.assign()
+
+    def nack(self, rid: bytes, msg: Message) -> bool:
+        """The worker was full: the message goes back unassigned, its slot is parked."""
+        w = self.workers.get(rid)
+        if w is None:
+            return False
+        w.expires_at = self.now + HEARTBEAT * LIVENESS
+        if msg not in w.inflight:
+            return True
+        del w.inflight[msg]
+        mm = self.info[msg]
+        mm.deliveries -= 1
+        self.assigned -= 1
+        mm.state = "pending"
+        mm.worker = None
+        self.pending.append(mm)
+        w.parked += 1
+        if w.leaving and not w.inflight:
+            self.remove_worker(w)
+        elif self.idle and self.dispatching:
+            self.assign()
+        return True
+
+    def credit(self, rid: bytes, n: int) -> bool:
+        w = self.workers.get(rid)
+        if w is None:
+            return False
+        w.expires_at = self.now + HEARTBEAT * LIVENESS
+        n = max(0, min(n, w.parked))
+        if not n or w.leaving:
+            return True
+        w.parked -= n
+        w.free += n
+        self.idle.extend([w] * n)
+        if self.pending and self.dispatching:
+            self.assign()
         return True
 
     def seen(self, rid: bytes) -> bool:
@@ -396,9 +445,15 @@ class CoreMachine(RuleBasedStateMachine):
         return {m: (rid, w) for rid, w in self.core.workers.items() for m in w.in_flight.values()}
 
     @_marks_failure
-    def _run(self, label: str, call, *, dying: frozenset[bytes] = frozenset(), expect=None):
-        """Call the core, then check its outbox against the model's expectation."""
+    def _run(self, label: str, call, *, dying: frozenset[bytes] = frozenset(), expect=None,
+             released: Message | None = None):
+        """Call the core, then check its outbox against the model's expectation.
+
+        ``released`` is a message the call takes off its worker (NACK): it may
+        be dispatched again by the same call.
+        """
         before = self._holders()
+        before.pop(released, None)
         result = call()
         actual_raw = list(self.core.outbox)
         self.core.outbox.clear()
@@ -545,6 +600,43 @@ class CoreMachine(RuleBasedStateMachine):
             lambda: self.core.unreachable(self.now, rid, msg),
         )
 
+    @precondition(lambda self: not self.stopped)
+    @rule(resume=st.booleans())
+    def drain_or_resume(self, resume: bool) -> None:
+        self.steps += 1
+        if resume:
+            self.model.resume()
+            self._run("resume", lambda: self.core.resume(self.now))
+        else:
+            self.model.drain()
+            self._run("drain", lambda: self.core.drain())
+
+    @precondition(
+        lambda self: not self.stopped and any(w.inflight for w in self.model.workers.values())
+    )
+    @rule(data=st.data())
+    def nack(self, data) -> None:
+        self.steps += 1
+        pairs = [(rid, m) for rid, w in self.model.workers.items() for m in w.inflight]
+        rid, msg = data.draw(st.sampled_from(pairs), label="in flight")
+        expect = self.model.nack(rid, msg)
+        self.dispatches -= 1  # a NACKed hand-over is not an assignment
+        self._run(f"nack({rid!r}, {msg.id!r})", lambda: self.core.nack(self.now, rid, msg.id),
+                  expect=expect, released=msg)
+
+    @precondition(
+        lambda self: not self.stopped and any(w.parked for w in self.model.workers.values())
+    )
+    @rule(data=st.data(), n=st.integers(0, 3))
+    def credit(self, data, n: int) -> None:
+        self.steps += 1
+        rid = data.draw(
+            st.sampled_from([r for r, w in self.model.workers.items() if w.parked]), label="rid"
+        )
+        expect = self.model.credit(rid, n)
+        self._run(f"credit({rid!r}, {n})", lambda: self.core.credit(self.now, rid, n),
+                  expect=expect)
+
     @precondition(lambda self: not self.stopped and self.model.workers)
     @rule(data=st.data())
     def seen(self, data) -> None:
@@ -658,8 +750,9 @@ class CoreMachine(RuleBasedStateMachine):
             assert w.slots == mw.slots
             assert 0 <= w.free <= w.slots
             assert w.leaving == mw.leaving
-            free = 0 if mw.leaving else w.slots - len(w.in_flight)
-            assert w.free == free, (rid, w.free, len(w.in_flight))
+            assert w.parked == mw.parked, (rid, w.parked, mw.parked)
+            free = 0 if mw.leaving else w.slots - len(w.in_flight) - w.parked
+            assert w.free == free, (rid, w.free, len(w.in_flight), w.parked)
             assert w.free == mw.free, (rid, w.free, mw.free)
             assert set(w.in_flight) == {m.id for m in mw.inflight}, rid
             for mid in w.in_flight:
@@ -667,7 +760,7 @@ class CoreMachine(RuleBasedStateMachine):
                     f"{mid!r} in flight on two live workers: {seen_msgs[mid]!r} and {rid!r}"
                 )
                 seen_msgs[mid] = rid
-            if core.pending > 0:
+            if core.pending > 0 and core.dispatching:
                 assert w.free == 0, (
                     f"worker {rid!r} has {w.free} free slot(s) while {core.pending} pending"
                 )
