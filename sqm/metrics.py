@@ -20,25 +20,37 @@ INF = float("inf")
 
 
 class Histogram:
-    """Counts of durations (seconds) per fixed bucket, plus their sum."""
+    """Counts of durations (seconds) per fixed bucket, plus their sum.
 
-    __slots__ = ("counts", "count", "sum")
+    The total count is derived from the buckets when read, so recording
+    touches two fields only (the core inlines :meth:`record` on its hot path).
+    """
+
+    __slots__ = ("counts", "sum")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(BOUNDS) + 1)
-        self.count = 0
         self.sum = 0.0
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
 
     def record(self, seconds: float) -> None:
         self.counts[bisect_left(BOUNDS, seconds)] += 1
-        self.count += 1
         self.sum += seconds
+
+    def add(self, other: Histogram) -> None:
+        """Fold ``other`` into this one (a queue's total from its methods)."""
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.sum += other.sum
 
     def quantile(self, q: float) -> float:
         """The ``q`` quantile (0..1), interpolated within its bucket; 0.0 when empty."""
-        if not self.count:
+        count = self.count
+        if not count:
             return 0.0
-        rank = q * self.count
+        rank = q * count
         seen = 0
         for i, n in enumerate(self.counts):
             if n and seen + n >= rank:

@@ -1,0 +1,60 @@
+"""CPU cost of the broker core per message, without sockets: ``python -m bench.core_cost``.
+
+Drives :class:`sqm.core.QueueCore` through submit → dispatch → done cycles
+(the hot path) and prints the best of several runs in µs per message. Being
+pure Python with no I/O, it is far less noisy than the end-to-end benchmark,
+so it shows what bookkeeping (metrics, histograms) costs: run it on two
+checkouts (``PYTHONPATH=<other checkout> python -m bench.core_cost``) to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import time
+
+from sqm.core import Message, QueueCore
+
+ARGS = {"method": b"work"} if "method" in inspect.signature(Message).parameters else {}
+
+
+def cycle_cost(n: int, workers: int, backlog: bool) -> float:
+    """µs per message for ``n`` messages through ``workers`` one-slot workers."""
+    core = QueueCore("bench", 0.0, max_pending=n + 1)
+    for i in range(workers):
+        core.hello(0.0, b"w%d" % i, {"id": f"w{i}", "slots": 1})
+    msgs = [Message(b"m%d" % i, b"origin", None, **ARGS) for i in range(n)]
+    out = core.outbox
+    t0 = time.perf_counter()
+    now = 1.0
+    if backlog:  # everything queued first, then drained by done() calls
+        for m in msgs:
+            core.submit(now, m)
+        while core.in_flight:
+            for entry in out:
+                if entry[0] == 1:
+                    core.done(now, entry[1], entry[2].id)
+            out.clear()
+    else:  # steady state: each message finds an idle worker
+        for m in msgs:
+            core.submit(now, m)
+            entry = out[-1]
+            out.clear()
+            core.done(now, entry[1], m.id)
+            now += 1e-4
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=50_000)
+    p.add_argument("--repeat", type=int, default=7)
+    a = p.parse_args()
+    for label, workers, backlog in (("idle worker (W1-like)", 1, False),
+                                    ("backlog drained by 4 workers (W5-like)", 4, True)):
+        best = min(cycle_cost(a.n, workers, backlog) for _ in range(a.repeat))
+        print(f"{label:<40} {best:6.2f} µs/message (best of {a.repeat})")
+
+
+if __name__ == "__main__":
+    main()
