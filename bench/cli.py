@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import os
 import platform
+import shlex
 import shutil
 import signal
 import statistics
@@ -45,6 +46,7 @@ from bench.common import (
 )
 
 SYSTEMS = ("baseline", "sqm", "sqm-async")
+SQM_SERVE_EXTRA: list[str] = []  # --sqm-serve-args, split
 QUEUE = "bench"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: ``sqm serve --max-pending``: above W5's 100,000 so the backlog is never refused.
@@ -322,7 +324,8 @@ def _start_broker(system: System, tmp: str, group: ProcGroup, log_path: str) -> 
         broker = group.popen(
             "sqm serve",
             _sqm_serve_cmd()
-            + ["serve", QUEUE, "--endpoint", endpoint, "--max-pending", str(SQM_MAX_PENDING)],
+            + ["serve", QUEUE, "--endpoint", endpoint, "--max-pending", str(SQM_MAX_PENDING)]
+            + [arg.replace("{tmp}", tmp) for arg in SQM_SERVE_EXTRA],
             log_path,
             _child_env(tmp),
         )
@@ -948,6 +951,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="max seconds to wait for one reply (default: %(default)s)",
     )
     ap.add_argument(
+        "--sqm-serve-args",
+        default="",
+        metavar="ARGS",
+        help="extra `sqm serve` options, e.g. \"--journal {tmp}/journal.db\" "
+        "({tmp} is the run's temp dir)",
+    )
+    ap.add_argument(
         "--warmup-timeout",
         type=float,
         default=60.0,
@@ -973,6 +983,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the suite; return 0 if every selected run passed, 1 otherwise."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    SQM_SERVE_EXTRA[:] = shlex.split(args.sqm_serve_args)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     systems = _systems()
