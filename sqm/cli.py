@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -341,7 +342,7 @@ def submit(
     settings = resolve(queue, endpoint=endpoint, config=config)
     require_broker(settings)
     serializers.get(serializer)
-    with Sender(settings.queue, endpoint=settings.endpoint, config=config,
+    with Sender(settings.queue, endpoint=settings.endpoints, config=config,
                 serializer=serializer, timeout=timeout) as s:
         if input_file is None:
             payload = _parse_json(payload_text, "JSON argument") if payload_text else None
@@ -351,42 +352,106 @@ def submit(
             result = s.rpc(method, payload, timeout=timeout, retries=retries)
             click.echo(json.dumps(result, default=str))
             return
-        failed = 0
-        for item in _run_lines(s, method, input_file, timeout, retries, oneway, max(1, concurrency)):
-            if isinstance(item, Exception):
-                failed += 1
-                click.echo(json.dumps(_error_json(item)))
-            else:
-                click.echo(json.dumps(item, default=str))
+        if concurrency < 1:
+            raise click.BadParameter("must be at least 1", param_hint="--concurrency")
+        ok = failed = 0
+        t0 = time.monotonic()
+        if oneway:
+            items = _oneway_lines(s, method, input_file, retries)
+        else:
+            items = _batch_lines(s, method, input_file, timeout, retries, concurrency)
+        with _progress_bar(input_file) as bar:
+            for item in items:
+                if isinstance(item, Exception):
+                    failed += 1
+                    click.echo(json.dumps(_error_json(item)))
+                else:
+                    ok += 1
+                    click.echo(json.dumps(item, default=str))
+                bar.update(1)
+        click.echo(batch_summary(ok, failed, time.monotonic() - t0), err=True)
         if failed:
             sys.exit(1)
 
 
-def _run_lines(s: Any, method: str, lines: Any, timeout: float, retries: int,
-               oneway: bool, concurrency: int) -> Iterator[Any]:
-    """Submit one message per JSON line, keeping ``concurrency`` in flight, yield in order."""
-    window: list[Any] = []  # message ids (or exceptions for lines that failed early)
+def batch_summary(ok: int, failed: int, seconds: float) -> str:
+    """The last line ``sqm submit --input`` writes on stderr."""
+    return f"{ok} ok, {failed} failed in {seconds:.2f} s"
 
-    def settle(entry: Any) -> Any:
-        if isinstance(entry, Exception) or oneway:
-            return entry
-        try:
-            return s.receive(id=entry, timeout=timeout)
-        except SQMError as exc:
-            return exc
 
+def _input_payloads(lines: Any, errors: deque[SQMError | None]) -> Iterator[Any]:
+    """The JSON payload of every non-blank line. For each line ``errors``
+    gets None (sent) or, for a line that is not JSON, the error in its place."""
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             payload = _parse_json(line, f"input line {n}")
-            window.append(s.submit(method, payload, timeout=timeout, retries=retries, oneway=oneway))
         except SQMError as exc:
-            window.append(exc)
-        if len(window) >= concurrency:
-            yield settle(window.pop(0))
-    while window:
-        yield settle(window.pop(0))
+            errors.append(exc)
+            continue
+        errors.append(None)
+        yield payload
+
+
+def _batch_lines(s: Any, method: str, lines: Any, timeout: float, retries: int,
+                 concurrency: int) -> Iterator[Any]:
+    """One message per JSON line through Sender.map; items in input order.
+
+    map reads its input ahead of what it yields, so when it yields the k-th
+    reply, the lines up to the k-th sent one are in ``errors``: errors for
+    unparsable lines before it come out first, keeping input order.
+    """
+    errors: deque[SQMError | None] = deque()
+    for item in s.map(method, _input_payloads(lines, errors), max_concurrent=concurrency,
+                      retries=retries, timeout=timeout):
+        while errors[0] is not None:
+            yield errors.popleft()
+        errors.popleft()
+        yield item
+    yield from errors  # only parse errors are left
+
+
+def _oneway_lines(s: Any, method: str, lines: Any, retries: int) -> Iterator[Any]:
+    """--oneway: submit every line, yield its message id (or its error)."""
+    errors: deque[SQMError | None] = deque()
+    for payload in _input_payloads(lines, errors):
+        while errors[0] is not None:
+            yield errors.popleft()
+        errors.popleft()
+        try:
+            yield s.submit(method, payload, oneway=True, retries=retries)
+        except SQMError as exc:
+            yield exc
+    yield from errors
+
+
+class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        pass
+
+
+def _progress_bar(input_file: Any) -> Any:
+    """A progress bar on stderr when it is a terminal (the total when the input is a file)."""
+    if not sys.stderr.isatty():
+        return _NoBar()
+    total = None
+    try:
+        if input_file.seekable():
+            total = sum(1 for line in input_file if line.strip())
+            input_file.seek(0)
+    except (OSError, ValueError):
+        total = None
+    if total is None:
+        return click.progressbar(iter(int, 1), show_pos=True, label="sent", file=sys.stderr)
+    return click.progressbar(length=total, show_pos=True, show_percent=True, label="sent",
+                             file=sys.stderr)
 
 
 # ---------------------------------------------------------------- status

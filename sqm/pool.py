@@ -1,8 +1,9 @@
 """``sqm worker --processes N``: a parent that keeps N worker processes running.
 
 The parent forwards SIGTERM/SIGINT to its children, restarts a child that
-dies unexpectedly (not one that exited 0 on request), and waits for every
-child before it exits. Children ask the kernel to SIGTERM them if the parent
+dies unexpectedly (not one that exited 0 on request: ``sqm stop-worker``,
+i.e. sqm's STOP, or its own ``terminate()``), and waits for every child
+before it exits: with status 0 once all of them stopped that way. Children ask the kernel to SIGTERM them if the parent
 dies (PR_SET_PDEATHSIG), so even a SIGKILLed parent leaves nothing behind.
 """
 

@@ -1,9 +1,19 @@
-"""The Worker: takes messages from sqm, runs callbacks, replies to mailboxes."""
+"""The Worker: takes messages from sqm, runs callbacks, replies to mailboxes.
+
+Two runners share this class. The plain one (this module) serves one broker
+with synchronous callbacks, one message after another, blocking in ``recv``:
+the fastest path. The asyncio one (:mod:`worker.aio`) takes over when there
+is more than one broker, more than one callback at a time, or an ``async
+def`` callback.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import itertools
 import logging
+import operator
 import os
 import secrets
 import signal
@@ -12,10 +22,10 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
+from types import CoroutineType
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from sqm import protocol, serializers
 from sqm.config import resolve
@@ -29,8 +39,10 @@ from sqm.protocol import (
     ERROR,
     HEARTBEAT,
     HELLO,
+    PROGRESS,
     RESULT,
     SIGNATURE,
+    STOP,
     MailboxPolicy,
     decode_envelope,
 )
@@ -38,12 +50,22 @@ from sqm.sockets import make_socket
 from sqm.zmqfast import RCVTIMEO, recv_frames, send_frames
 from sqm.zmqfast import set_option as _set_option
 
+from . import selfreport
+from .links import BrokerLink
 from .mailboxes import MailboxPool
 
 log = logging.getLogger("sqm.worker")
 
 Callback = Callable[["Worker", "Originator", Any], Any]
 _counter = itertools.count(1)
+
+
+def is_async_callback(fn: Callable[..., Any]) -> bool:
+    """True for ``async def`` functions (also behind partial or an async ``__call__``)."""
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = getattr(fn, "__call__", None)  # noqa: B004 - the method, not callable()
+    return call is not None and inspect.iscoroutinefunction(call)
 
 
 class Originator:
@@ -72,20 +94,31 @@ class Worker:
 
     ``context`` lets many Workers in one process share one ZeroMQ context
     (one I/O thread) instead of each creating its own. Each Worker uses 4
-    sockets plus one per sender it is replying to (at most
+    sockets per broker plus one per sender it is replying to (at most
     ``max_mailboxes``): raise the context's ``max_sockets`` (default 1023)
     when sharing it among many Workers.
 
-    ``prefetch`` is how many messages sqm may hand this worker at once (its
-    credit). The default, 1, gives work only to idle workers; more raises
+    ``concurrency`` is how many callbacks run at once: ``async def``
+    callbacks as tasks on an asyncio event loop inside the worker, plain
+    ones in a pool of that many threads. ``prefetch`` is how many messages
+    sqm may hand this worker at once (its slots, at least ``concurrency``);
+    the ones beyond ``concurrency`` wait here for a turn. Prefetch raises
     throughput at the cost of head-of-line blocking: a message may wait
     behind a slow one on this worker while another worker is idle.
+
+    ``endpoint`` may name several brokers (a list, or a comma-separated
+    string): the worker registers with each and takes work from any, never
+    holding more than its slots; a dispatch that finds it full goes back to
+    its broker at once (NACK) for another worker to take.
 
     The callback's return value is the reply unless it called
     :meth:`respond` itself; an exception becomes a ``RemoteError`` at the
     sender and the worker carries on. Heartbeats go out from a background
-    thread, so a long callback does not look like a dead worker. If sqm
-    restarts, the worker registers again by itself.
+    thread, so a long callback does not look like a dead worker, and carry
+    a self-report (memory, nice, busy time) that ``sqm status`` shows. If
+    sqm restarts, the worker registers again by itself. When sqm sends STOP
+    (``sqm stop-worker``) it leaves like :meth:`terminate` and sets
+    ``stop_requested``.
     """
 
     def __init__(
@@ -93,24 +126,29 @@ class Worker:
         queue: str | None = None,
         *,
         callbacks: Mapping[str, Callback] | None = None,
-        endpoint: str | None = None,
+        endpoint: str | list[str] | tuple[str, ...] | None = None,
         config: str | dict[str, Any] | None = None,
         heartbeat: float | None = None,
         allow_pickle: bool = False,
         max_mailboxes: int = 64,
         mailbox_idle_s: float = 60.0,
         prefetch: int = 1,
+        concurrency: int = 1,
         context: zmq.Context | None = None,
     ) -> None:
         self.settings = resolve(queue, endpoint=endpoint, config=config)
         self.queue = self.settings.queue
+        self.endpoints = self.settings.endpoints
         self.endpoint = self.settings.endpoint
         self.heartbeat = float(heartbeat or self.settings.get("heartbeat", 1.0))
         self.liveness = 3
         self.allow_pickle = allow_pickle
-        if not isinstance(prefetch, int) or not 1 <= prefetch <= 10_000:
-            raise ValueError("prefetch must be an int between 1 and 10000")
+        for name, value in (("prefetch", prefetch), ("concurrency", concurrency)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 10_000:
+                raise ValueError(f"{name} must be an int between 1 and 10000")
         self.prefetch = prefetch
+        self.concurrency = concurrency
+        self.slots = max(prefetch, concurrency)  # what sqm may hand us at once
         self._shared_ctx = context  # many Workers in one process may share one
         self.max_mailboxes = max_mailboxes
         self.mailbox_idle_s = mailbox_idle_s
@@ -121,15 +159,22 @@ class Worker:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.id = f"{self.host}:{self.pid}:{next(_counter)}:{secrets.token_hex(2)}"
+        self._rid = b"W" + self.id.encode()
         self.started_at = time.time()
         self.tasks_done = 0
-        self.busy_s = 0.0
+        # (seconds busy before the current spell, monotonic start of it or 0):
+        # one tuple so the heartbeat thread reads a consistent pair.
+        self._busy = (0.0, 0.0)
+        self.stop_requested = False  # sqm asked this worker to stop (STOP)
         self._stop = threading.Event()
         self._hb_stop = threading.Event()
         self._pool: MailboxPool | None = None
         self._running = False
-        self._bye_sent = False
-        self._broker_heartbeat = 0.0
+        # Set while the asyncio runner serves: replies from callback threads
+        # are handed to the loop's thread, which owns every socket.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._wake: Callable[[], None] | None = None
 
     # ------------------------------------------------------------ public API
 
@@ -157,28 +202,48 @@ class Worker:
         originator.responded = True
         self._to_mailbox(originator, [SIGNATURE, RESULT, originator.id, body])
 
-    def _codec(self, tag: bytes) -> serializers.Serializer:
-        """The serializer for a message's tag (looked up once per tag)."""
-        codec = self._codecs.get(tag)
-        if codec is None:
-            codec = serializers.get(tag.decode("ascii", "replace"), allow_pickle=self.allow_pickle)
-            self._codecs[tag] = codec
-        return codec
+    def progress(self, originator: Originator, done: int, total: int) -> None:
+        """Tell the originator how far along its message is (Gearman's WORK_STATUS).
+
+        Goes straight to the sender's mailbox, in order with the reply; the
+        Sender reports it as ``on_status(done, total)``. Nothing is sent for
+        oneway messages or once the message was answered.
+        """
+        done = operator.index(done)
+        total = operator.index(total)
+        if done < 0 or total < 0:
+            raise ValueError("progress figures must not be negative")
+        if originator.oneway or originator.responded:
+            return
+        self._to_mailbox(originator, [SIGNATURE, PROGRESS, originator.id,
+                                      b"%d" % done, b"%d" % total])
 
     def terminate(self) -> None:
         """Finish the message in hand, tell sqm we are gone, and make run() return."""
-        self._stop.set()  # run() notices within heartbeat/2, or as soon as a message arrives
+        self._stop.set()  # the plain runner notices within heartbeat/2 or at the next message
+        wake = self._wake
+        if wake is not None:
+            try:
+                wake()
+            except RuntimeError:  # the loop has just closed: nothing left to wake
+                pass
+
+    @property
+    def busy_s(self) -> float:
+        """Seconds spent with a callback running, the current one included."""
+        total, since = self._busy
+        return total + (time.monotonic() - since if since else 0.0)
 
     # ------------------------------------------------------------ run loop
 
     def run(self) -> None:
-        """Serve until terminate(), SIGTERM or SIGINT."""
+        """Serve until terminate(), SIGTERM, SIGINT or sqm's STOP."""
         if self._running:
             raise SQMError("this Worker is already running")
         self._running = True
         self._stop.clear()
         self._hb_stop.clear()
-        self._bye_sent = False
+        self.stop_requested = False
         restore = self._install_signals()
         ctx = self._shared_ctx or zmq.Context()
         self._pool = MailboxPool(
@@ -189,10 +254,36 @@ class Worker:
         )
         hb = threading.Thread(target=self._heartbeat_loop, args=(ctx,), daemon=True,
                               name=f"sqm-heartbeat-{self.id}")
-        sock, monitor = self._connect(ctx)
-        hb.start()
+        try:
+            hb.start()
+            if self._needs_loop():
+                from .aio import AsyncRunner
+
+                AsyncRunner(self, ctx).run()
+            else:
+                self._run_plain(ctx)
+        finally:
+            self._stop.set()
+            self._hb_stop.set()
+            hb.join(timeout=self.heartbeat * 2)
+            self._pool.close()
+            if self._shared_ctx is None:
+                ctx.term()
+            restore()
+            self._running = False
+            log.info("worker %s stopped after %d task(s)", self.id, self.tasks_done)
+
+    def _needs_loop(self) -> bool:
+        """The asyncio runner is needed for several brokers, concurrency or async callbacks."""
+        return (len(self.endpoints) > 1 or self.concurrency > 1
+                or any(is_async_callback(fn) for fn in self._callbacks.values()))
+
+    def _run_plain(self, ctx: zmq.Context) -> None:
+        """One broker, one callback at a time: block in recv, the fewest system calls."""
+        link = BrokerLink(self.endpoint, self._rid)
+        sock = link.open(ctx)
+        self._hello(link)
         log.info("worker %s serving queue %s at %s", self.id, self.queue, self.endpoint)
-        last_heard = time.monotonic()
         # Block in recv (the GIL released) rather than poll several sockets:
         # fewer system calls per message. Chores run at most every `chore_s`.
         chore_s = self.heartbeat / 2
@@ -208,39 +299,29 @@ class Worker:
                         frames = None
                     now = time.monotonic()
                     if frames is not None:
-                        last_heard = now
-                        if self._on_frames(sock, frames):
-                            self._hello(sock)
+                        link.last_heard = now
+                        if (len(frames) == protocol.SUBMIT_FRAMES and frames[1] == DISPATCH
+                                and frames[0] == SIGNATURE):
+                            self._handle(link, frames)
+                        else:
+                            self._on_control(link, frames)
                         if now < next_chores:
                             continue
                     next_chores = now + chore_s
-                    if monitor.poll(0):
-                        self._drain_monitor(monitor, sock)
-                    if now - last_heard > self.liveness * max(self.heartbeat,
-                                                              self._broker_heartbeat):
+                    if link.reconnected():
+                        self._hello(link)  # sqm came back (restart): register again now
+                    if link.silent(now, self.heartbeat, self.liveness):
                         reconnect = True
                         break
                     self._pool.expire(now)
                 if reconnect:
-                    log.info("worker %s: sqm silent, reconnecting to %s", self.id, self.endpoint)
-                    monitor.close(0)
-                    sock.close(0)
-                    sock, monitor = self._connect(ctx)
-                    last_heard = time.monotonic()
-            self._leave(sock)
+                    log.info("worker %s: sqm silent, reconnecting to %s", self.id, link.endpoint)
+                    link.close(0)
+                    sock = link.open(ctx)
+                    self._hello(link)
+            self._leave(link)
         finally:
-            self._stop.set()
-            self._hb_stop.set()
-            hb.join(timeout=self.heartbeat * 2)
-            sock.disable_monitor()
-            monitor.close(0)
-            sock.close(linger=1000)
-            self._pool.close()
-            if self._shared_ctx is None:
-                ctx.term()
-            restore()
-            self._running = False
-            log.info("worker %s stopped after %d task(s)", self.id, self.tasks_done)
+            link.close(linger_ms=1000)
 
     def _install_signals(self) -> Callable[[], None]:
         if threading.current_thread() is not threading.main_thread():
@@ -255,82 +336,60 @@ class Worker:
 
         return restore
 
-    def _connect(self, ctx: zmq.Context) -> tuple[zmq.Socket, zmq.Socket]:
-        sock = make_socket(ctx, zmq.DEALER, routing_id=b"W" + self.id.encode())
-        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        sock.connect(self.endpoint)
-        self._hello(sock)
-        self._was_disconnected = False
-        return sock, monitor
-
-    def _hello(self, sock: zmq.Socket) -> None:
+    def _hello(self, link: BrokerLink) -> None:
+        """Register with one broker (again): it forgets what it had parked."""
         info = {
             "id": self.id,
             "host": self.host,
             "pid": self.pid,
             "started_at": self.started_at,
-            "slots": self.prefetch,
+            "slots": self.slots,
+            "concurrency": self.concurrency,
             "heartbeat": self.heartbeat,
             "methods": sorted(self._callbacks),
             "version": protocol.SIGNATURE.decode(),
         }
-        sock.send_multipart([SIGNATURE, HELLO, protocol.encode_json(info)], zmq.NOBLOCK)
+        link.parked = 0
+        link.send([SIGNATURE, HELLO, protocol.encode_json(info)])
 
-    def _drain_monitor(self, monitor: zmq.Socket, sock: zmq.Socket) -> None:
-        while monitor.poll(0):
-            event = recv_monitor_message(monitor)["event"]
-            if event == zmq.EVENT_DISCONNECTED:
-                self._was_disconnected = True
-            elif event == zmq.EVENT_CONNECTED and self._was_disconnected:
-                # sqm came back (restart): register again without waiting.
-                self._was_disconnected = False
-                self._hello(sock)
-
-    def _on_frames(self, sock: zmq.Socket, frames: list[bytes]) -> bool:
-        """Handle one message from sqm. True if sqm asked us to register again."""
+    def _on_control(self, link: BrokerLink, frames: list[bytes]) -> None:
+        """Anything from a broker but a dispatch (both runners)."""
         if len(frames) < 2 or frames[0] != SIGNATURE:
-            return False
-        cmd = frames[1]
-        if cmd == DISPATCH and len(frames) == protocol.SUBMIT_FRAMES:
-            self._handle(sock, frames)
-        elif cmd == BYE:
-            return True  # sqm restarted or is stopping: say hello again
-        elif cmd == HEARTBEAT:
-            if len(frames) == 3 and frames[2].isdigit():
-                self._broker_heartbeat = max(0.001, int(frames[2]) / 1000)
-        else:
-            log.debug("worker %s: ignoring command %r", self.id, cmd)
-        return False
-
-    def _send_bye(self, sock: zmq.Socket) -> bool:
-        """Send BYE once per run; False if it cannot be sent."""
-        if self._bye_sent:
-            return True
-        try:
-            sock.send_multipart([SIGNATURE, BYE], zmq.NOBLOCK)
-        except zmq.ZMQError:
-            return False
-        self._bye_sent = True
-        return True
-
-    def _leave(self, sock: zmq.Socket) -> None:
-        """Tell sqm we go; finish whatever it dispatched before it acknowledged."""
-        if not self._send_bye(sock):
             return
+        cmd = frames[1]
+        if cmd == HEARTBEAT:
+            if len(frames) == 3 and frames[2].isdigit():
+                link.broker_heartbeat = max(0.001, int(frames[2]) / 1000)
+        elif cmd == BYE:
+            if link.bye_sent:
+                link.bye_acked = True  # our leave is acknowledged: nothing more will come
+            else:
+                self._hello(link)  # sqm restarted or is stopping: say hello again
+        elif cmd == STOP:
+            if not self._stop.is_set():
+                log.info("worker %s: sqm at %s asked it to stop", self.id, link.endpoint)
+            self.stop_requested = True
+            self.terminate()
+        else:
+            log.debug("worker %s: ignoring command %r", self.id, cmd[:8])
+
+    def _leave(self, link: BrokerLink) -> None:
+        """Tell sqm we go; finish whatever it dispatched before it acknowledged."""
+        if not link.send_bye():
+            return
+        sock = link.sock
         deadline = time.monotonic() + self.heartbeat * self.liveness
-        while True:
+        while not link.bye_acked:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
                 return  # sqm is gone: nothing more can arrive
             frames = recv_frames(sock, 0)
-            if len(frames) < 2 or frames[0] != SIGNATURE:
-                continue
-            if frames[1] == DISPATCH and len(frames) == protocol.SUBMIT_FRAMES:
-                self._handle(sock, frames)
-            elif frames[1] == BYE:
-                return
+            if len(frames) == protocol.SUBMIT_FRAMES and frames[1] == DISPATCH:
+                self._handle(link, frames)
+            else:
+                self._on_control(link, frames)
 
-    def _handle(self, sock: zmq.Socket, frames: list[bytes]) -> None:
+    def _handle(self, link: BrokerLink, frames: list[bytes]) -> None:
         try:
             env = decode_envelope(frames[2])
         except ValueError as exc:  # sqm validated it: this is a bug, not input
@@ -344,6 +403,8 @@ class Worker:
         if not orig.oneway:
             self._to_mailbox(orig, [SIGNATURE, ACK, msg_id])
         started = time.monotonic()
+        busy_before = self._busy[0]
+        self._busy = (busy_before, started)
         ok = False
         try:
             fn = self._callbacks.get(method)
@@ -357,6 +418,8 @@ class Worker:
                 else:
                     try:
                         value = fn(self, orig, payload)
+                        if type(value) is CoroutineType:  # async, but not declared so
+                            value = asyncio.run(value)
                     except Exception as exc:
                         self._fail(orig, type(exc).__name__, str(exc), traceback.format_exc())
                     else:
@@ -370,14 +433,33 @@ class Worker:
                             ok = True
         finally:
             self.tasks_done += 1
-            self.busy_s += time.monotonic() - started
+            self._busy = (busy_before + time.monotonic() - started, 0.0)
             if self._stop.is_set():
                 # Say BYE before DONE, or sqm would refill the slot DONE frees.
-                self._send_bye(sock)
+                link.send_bye()
             try:
-                send_frames(sock, [SIGNATURE, DONE if ok else DONE_FAILED, msg_id])
+                send_frames(link.sock, [SIGNATURE, DONE if ok else DONE_FAILED, msg_id])
             except zmq.ZMQError:
                 pass
+
+    def _reply(self, orig: Originator, value: Any) -> bool:
+        """Send a callback's return value unless it answered itself; True if all went well."""
+        if orig.responded or orig.oneway:
+            return True
+        try:
+            self.respond(orig, value)
+        except Exception as exc:
+            self._fail(orig, type(exc).__name__, str(exc))
+            return False
+        return True
+
+    def _codec(self, tag: bytes) -> serializers.Serializer:
+        """The serializer for a message's tag (looked up once per tag)."""
+        codec = self._codecs.get(tag)
+        if codec is None:
+            codec = serializers.get(tag.decode("ascii", "replace"), allow_pickle=self.allow_pickle)
+            self._codecs[tag] = codec
+        return codec
 
     def _fail(self, orig: Originator, etype: str, message: str, trace: str = "") -> None:
         if orig.oneway or orig.responded:
@@ -390,6 +472,7 @@ class Worker:
         )
 
     def _to_mailbox(self, orig: Originator, frames: list[bytes]) -> None:
+        """Send to a sender's mailbox (from the thread that owns the sockets)."""
         assert self._pool is not None, "respond() is only valid while the worker runs"
         try:
             sock = self._pool.get(orig.mailbox)
@@ -404,18 +487,43 @@ class Worker:
         except zmq.Again:
             log.debug("worker %s: mailbox %r not keeping up; reply dropped", self.id, orig.mailbox)
 
+    def _to_mailbox_any_thread(self, orig: Originator, frames: list[bytes]) -> None:
+        """:meth:`_to_mailbox` while the asyncio runner serves (it installs this one).
+
+        Callback threads hand the send to the loop's thread, which owns every
+        socket; the loop runs them in call order, so replies stay in order.
+        The plain runner never pays for the check.
+        """
+        if threading.get_ident() == self._loop_thread:
+            Worker._to_mailbox(self, orig, frames)
+            return
+        try:
+            self._loop.call_soon_threadsafe(Worker._to_mailbox, self, orig, frames)
+        except RuntimeError:
+            log.warning("worker %s: reply for %s after the worker stopped", self.id, orig)
+
     # ------------------------------------------------------------ heartbeats
 
     def _heartbeat_loop(self, ctx: zmq.Context) -> None:
-        """Own socket, own thread: keeps beating while a callback runs."""
-        sock = make_socket(ctx, zmq.DEALER, linger_ms=0)
-        sock.connect(self.endpoint)
-        frames = [SIGNATURE, HEARTBEAT, self.id.encode()]
+        """Own sockets, own thread: keeps beating (with a self-report) while callbacks run."""
+        socks: list[zmq.Socket] = []
+        wid = self.id.encode()
         try:
+            for endpoint in self.endpoints:
+                sock = make_socket(ctx, zmq.DEALER, linger_ms=0)
+                socks.append(sock)
+                sock.connect(endpoint)
             while not self._hb_stop.wait(self.heartbeat):
                 try:
-                    sock.send_multipart(frames, zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
+                    frames = [SIGNATURE, HEARTBEAT, wid, selfreport.encode(self)]
+                except Exception:  # never let a report stop the heartbeats
+                    log.exception("worker %s: cannot build its self-report", self.id)
+                    frames = [SIGNATURE, HEARTBEAT, wid]
+                for sock in socks:
+                    try:
+                        sock.send_multipart(frames, zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
         finally:
-            sock.close(0)
+            for sock in socks:
+                sock.close(0)
