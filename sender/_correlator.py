@@ -3,6 +3,8 @@
 :class:`Sender` and :class:`AsyncSender` are thin façades over this one
 object: they move frames between sockets and :meth:`Correlator.feed`, and
 wait in their own style (poll vs. asyncio) for :meth:`Correlator.take`.
+Callbacks are never run here: :meth:`feed` queues them in ``calls`` and the
+façade runs them (see ``_hooks.run_calls``) where the caller expects them.
 """
 
 from __future__ import annotations
@@ -11,14 +13,23 @@ import json
 import os
 import secrets
 import time
+from collections import deque
 from typing import Any
 
 import zmq
 
 from sqm import protocol, serializers
 from sqm.config import QueueSettings
-from sqm.errors import BROKER_ERRORS, MessageTooLarge, RemoteError, SQMError, WorkerLost
+from sqm.errors import (
+    BROKER_ERRORS,
+    MessageTooLarge,
+    RemoteError,
+    SerializerError,
+    SQMError,
+    WorkerLost,
+)
 from sqm.protocol import (
+    ACCEPTED,
     ACK,
     ERROR,
     FLAG_ONEWAY,
@@ -33,6 +44,10 @@ from sqm.zmqfast import recv_frames
 
 OK = 0
 FAILED = 1
+
+#: What sqm answers to a SUBMIT whose id it already holds. A re-sent copy
+#: (see _links.py) can meet its original: that means "sqm has it", not an error.
+ID_IN_USE = "message id already in use"
 
 
 class Outcome:
@@ -70,10 +85,18 @@ class Correlator:
         self.routing_id = b"S" + bytes.fromhex(self.prefix)
         self._counter = 0
         self.outstanding: dict[str, float | None] = {}  # id -> receive deadline (monotonic)
-        self.started: set[str] = set()
+        self.started: set[str] = set()  # a worker sent ACK
+        self.accepted: set[str] = set()  # sqm sent ACCEPTED
+        # id -> (SUBMIT frames, link, link epoch): what to re-send if its broker
+        # goes away before a worker took it. Dropped at ACK or completion.
+        self.sent: dict[str, tuple[list[bytes], Any, int]] = {}
+        self.hooks: dict[str, Any] = {}  # id -> Hooks / BatchSink, only for ids that have them
+        self.consuming = 0  # outstanding ids whose outcome goes to hooks, not to receive()
+        self.calls: deque[tuple[Any, tuple[Any, ...]]] = deque()  # callbacks due, in order
+        self.callback_errors = 0
         self.ready: dict[str, Outcome] = {}  # insertion order = arrival order
         self.mailbox = b""
-        self.dropped = 0  # late, duplicate or foreign replies
+        self.dropped = 0  # late, duplicate or foreign replies (never ACCEPTED notices)
 
     # ------------------------------------------------------------ mailbox
 
@@ -112,8 +135,13 @@ class Correlator:
         timeout: float | None,
         retries: int,
         priority: str = "normal",
+        ttl: float | None = None,
     ) -> tuple[str, list[bytes]]:
-        """Build the SUBMIT frames and start tracking the id (unless oneway)."""
+        """Build the SUBMIT frames and start tracking the id (unless oneway).
+
+        The envelope's deadline is the smaller of ``timeout`` and ``ttl``;
+        only ``timeout`` bounds how long a receive waits for the reply.
+        """
         if not isinstance(method, str) or not method:
             raise ValueError("method must be a non-empty string")
         if not isinstance(retries, int) or not 0 <= retries <= 255:
@@ -124,6 +152,11 @@ class Correlator:
             raise ValueError("priority must be 'high', 'normal' or 'low'") from None
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive")
+        expires = timeout
+        if ttl is not None:
+            if ttl <= 0:
+                raise ValueError("ttl must be positive")
+            expires = ttl if timeout is None else min(timeout, ttl)
         try:
             body = self.serializer.dumps(payload)
         except Exception as exc:
@@ -142,7 +175,7 @@ class Correlator:
             FLAG_ONEWAY if oneway else 0,
             retries,
             prio,
-            time.time() + timeout if timeout else 0.0,
+            time.time() + expires if expires else 0.0,
             mid.encode(),
             self.mailbox,
             method_b,
@@ -156,7 +189,7 @@ class Correlator:
     # ------------------------------------------------------------ incoming
 
     def feed(self, frames: list[bytes], from_broker: bool) -> str | None:
-        """Take one incoming message; return its id if it completed an outstanding one."""
+        """Take one incoming message; return its id if it made a reply ready for receive()."""
         if len(frames) < 3 or frames[0] != SIGNATURE:
             self.dropped += 1
             return None
@@ -166,31 +199,68 @@ class Correlator:
         except UnicodeDecodeError:
             self.dropped += 1
             return None
+        if kind == ACCEPTED:
+            # One per SUBMIT, often after the reply itself: never "dropped".
+            if from_broker and mid in self.outstanding:
+                self.accepted.add(mid)
+            return None
         if mid not in self.outstanding:
             self.dropped += 1  # late (timed out), duplicate, oneway, or foreign
             return None
         if kind == RESULT and len(frames) == 4 and not from_broker:
             outcome = Outcome(OK, data=frames[3])
         elif kind == ERROR and len(frames) >= 5:
+            emsg = frames[4].decode("utf-8", "replace")
+            if from_broker and emsg == ID_IN_USE and frames[3] == b"Malformed":
+                self.accepted.add(mid)  # a re-sent copy met its original: sqm has it
+                return None
             outcome = Outcome(
                 FAILED,
                 etype=frames[3].decode("utf-8", "replace"),
-                emsg=frames[4].decode("utf-8", "replace"),
+                emsg=emsg,
                 trace=frames[5].decode("utf-8", "replace") if len(frames) > 5 else "",
                 from_broker=from_broker,
             )
         elif kind == ACK and not from_broker:
-            self.started.add(mid)
+            if mid not in self.started:
+                self.started.add(mid)
+                self.sent.pop(mid, None)  # a worker has it: no broker needs it again
+                if self.hooks:
+                    hooks = self.hooks.get(mid)
+                    if hooks is not None:
+                        hooks.started(self, mid)
             return None
-        elif kind == PROGRESS and not from_broker:
+        elif kind == PROGRESS and not from_broker and len(frames) == 5:
+            hooks = self.hooks.get(mid) if self.hooks else None
+            if hooks is not None:
+                try:
+                    done, total = int(frames[3]), int(frames[4])
+                except ValueError:
+                    self.dropped += 1
+                    return None
+                hooks.status(self, mid, done, total)
             return None
         else:
             self.dropped += 1
             return None
         del self.outstanding[mid]
         self.started.discard(mid)
+        self.accepted.discard(mid)
+        self.sent.pop(mid, None)
+        if self.hooks:
+            hooks = self.hooks.pop(mid, None)
+            if hooks is not None and hooks.consumes:
+                self.consuming -= 1
+                hooks.finish(self, mid, outcome)
+                return None
         self.ready[mid] = outcome
         return mid
+
+    def watch(self, mid: str, hooks: Any) -> None:
+        """Route ``mid``'s acknowledgement, progress and (if it consumes) outcome to ``hooks``."""
+        self.hooks[mid] = hooks
+        if hooks.consumes:
+            self.consuming += 1
 
     def take(self, mid: str | None) -> Outcome | None:
         """The outcome for ``mid`` (or the oldest one, when None), if it has arrived."""
@@ -200,18 +270,35 @@ class Correlator:
             mid = next(iter(self.ready))
         return self.ready.pop(mid, None)
 
+    def receivable(self) -> bool:
+        """True while receive() without an id has something to wait for."""
+        return bool(self.ready) or len(self.outstanding) > self.consuming
+
     def check_waitable(self, mid: str | None) -> None:
         if mid is None:
-            if not self.ready and not self.outstanding:
-                raise SQMError("nothing to receive: no message is outstanding")
+            if not self.receivable():
+                raise SQMError(
+                    "nothing to receive: no message is outstanding"
+                    + (" (those with on_complete/on_fail go to their callbacks)"
+                       if self.consuming else "")
+                )
         elif mid not in self.ready and mid not in self.outstanding:
             raise SQMError(f"unknown message id {mid!r} (already received, oneway, or not ours)")
+        elif mid in self.hooks and self.hooks[mid].consumes:
+            raise SQMError(f"message {mid!r} goes to its on_complete/on_fail callbacks, "
+                           "not to receive(); use poll()")
 
     def forget(self, mid: str) -> None:
         """Stop waiting for ``mid``: a reply arriving later is dropped."""
         self.outstanding.pop(mid, None)
         self.started.discard(mid)
+        self.accepted.discard(mid)
+        self.sent.pop(mid, None)
         self.ready.pop(mid, None)
+        if self.hooks:
+            hooks = self.hooks.pop(mid, None)
+            if hooks is not None and hooks.consumes:
+                self.consuming -= 1
 
     def deadline_for(self, mid: str | None, timeout: float | None, default: float | None) -> float:
         """Monotonic deadline for a wait: explicit timeout, else the message's, else default."""
@@ -229,7 +316,12 @@ class Correlator:
         """Decode a result, or raise the error it carries."""
         if outcome.kind == OK:
             # Workers answer in the serializer of the message: this sender's.
-            return self.serializer.loads(outcome.data)
+            try:
+                return self.serializer.loads(outcome.data)
+            except Exception as exc:
+                raise SerializerError(
+                    f"cannot decode the reply with {self.serializer.name}: {exc}"
+                ) from exc
         if outcome.from_broker:
             if outcome.etype == "WorkerLost":
                 try:
@@ -243,12 +335,14 @@ class Correlator:
         raise RemoteError(outcome.etype, outcome.emsg, outcome.trace)
 
 
-def drain(sock: zmq.Socket, core: Correlator, from_broker: bool) -> None:
-    """Feed every message waiting on ``sock`` to ``core`` without blocking."""
+def drain(sock: zmq.Socket, core: Correlator, from_broker: bool) -> int:
+    """Feed every message waiting on ``sock`` to ``core`` without blocking; how many."""
     feed = core.feed
+    n = 0
     while True:
         try:
             frames = recv_frames(sock)
         except zmq.Again:
-            return
+            return n
+        n += 1
         feed(frames, from_broker)

@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import zmq
 
 from sqm import protocol
-from sqm.config import resolve
+from sqm.config import resolve, split_endpoints
 from sqm.errors import SQMError, Timeout
 from sqm.sockets import make_socket
 from sqm.zmqfast import RCVTIMEO, recv_frames, send_frames, set_option
 
+from ._batch import Batch, check_map_args
 from ._correlator import Correlator, drain
+from ._hooks import Hooks, OnComplete, OnFail, OnStart, OnStatus, run_calls
+from ._links import MONITOR_EVENTS, Link, Links, monitor_event, tune
 
-#: How often a waiting Sender looks for errors from sqm (seconds).
+#: How often a waiting Sender looks at its connections to sqm (errors,
+#: ACCEPTED notices, connects and disconnects), in seconds.
 BROKER_CHECK_S = 0.02
+#: A Sender that only submits still looks at them every this many submissions,
+#: so sqm's notices never pile up unread.
+CHECK_EVERY = 64
+
+_monitor_ids = itertools.count(1)
 
 
 class Sender:
@@ -28,23 +40,30 @@ class Sender:
     :class:`~sqm.errors.SQMError`; create one Sender per thread instead.
     Several messages may be outstanding at once; replies are matched by id,
     and replies for other ids that arrive while waiting for one are kept.
+
+    ``endpoint`` may name several brokers of the queue (a list, or a
+    comma-separated string): messages are spread over the live ones.
+    Callbacks given to :meth:`submit` run inside this Sender's own calls
+    (receive, rpc, map, poll), never from another thread.
     """
 
     def __init__(
         self,
         queue: str | None = None,
         *,
-        endpoint: str | None = None,
+        endpoint: str | list[str] | tuple[str, ...] | None = None,
         config: str | dict[str, Any] | None = None,
         serializer: str = "cbor",
         timeout: float | None = 5.0,
         allow_pickle: bool = False,
         max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE,
+        heartbeat: float | None = None,
     ) -> None:
         self.settings = resolve(queue, endpoint=endpoint, config=config)
         self.queue = self.settings.queue
-        self.endpoint = self.settings.endpoint
         self.timeout = timeout
+        #: ZMTP heartbeat towards each broker (s): a silent one is dropped after 3.
+        self.heartbeat = float(heartbeat or self.settings.get("heartbeat", 1.0))
         self._owner = threading.get_ident()
         self._core = Correlator(
             self.settings,
@@ -55,15 +74,60 @@ class Sender:
         self._ctx = zmq.Context.instance()
         self._closed = False
         self._mailbox = make_socket(self._ctx, zmq.PULL, linger_ms=0)
-        self._broker = make_socket(self._ctx, zmq.DEALER, routing_id=self._core.routing_id)
         try:
             self._mailbox.bind(self._core.mailbox_bind_address())
             self._core.set_mailbox(self._mailbox.last_endpoint.decode())
-            self._broker.connect(self.endpoint)
+            self._links = Links(self._core, self.settings.endpoints, self._open_link,
+                                self._close_link, self.heartbeat)
         except zmq.ZMQError as exc:
-            self.close()
+            self._closed = True
+            self._mailbox.close(0)
             raise SQMError(f"cannot set up sender for queue {self.queue!r}: {exc}") from None
+        self._one = self._links.single
         self._next_broker_check = 0.0
+        self._unchecked = 0
+
+    # ------------------------------------------------------------ sockets
+
+    def _open_link(self, link: Link) -> None:
+        sock = make_socket(self._ctx, zmq.DEALER, routing_id=self._core.routing_id)
+        try:
+            tune(sock, self.heartbeat)
+            monitor = sock.get_monitor_socket(
+                MONITOR_EVENTS, f"inproc://sqm-sender-{self._core.prefix}-{next(_monitor_ids)}"
+            )
+        except zmq.ZMQError:
+            sock.close(0)
+            raise
+        try:
+            sock.connect(link.endpoint)
+        except zmq.ZMQError:
+            sock.disable_monitor()
+            monitor.close(0)
+            sock.close(0)
+            raise
+        link.sock = link.raw = sock
+        link.monitor = monitor
+
+    @staticmethod
+    def _close_link(link: Link, linger: int) -> None:
+        try:
+            link.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        link.monitor.close(0)
+        link.sock.close(linger=linger)
+        link.sock = link.raw = link.monitor = None
+
+    @property
+    def endpoint(self) -> str:
+        """The first broker's endpoint."""
+        return self.settings.endpoint
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """Every broker this sender talks to."""
+        return self.settings.endpoints
 
     @property
     def mailbox(self) -> str:
@@ -79,6 +143,8 @@ class Sender:
                 "create one Sender per thread"
             )
 
+    # ------------------------------------------------------------ sending
+
     def submit(
         self,
         method: str,
@@ -88,34 +154,80 @@ class Sender:
         timeout: float | None = None,
         retries: int = 0,
         priority: str = "normal",
+        ttl: float | None = None,
+        on_start: OnStart | None = None,
+        on_status: OnStatus | None = None,
+        on_complete: OnComplete | None = None,
+        on_fail: OnFail | None = None,
     ) -> str:
         """Queue ``method(payload)`` for one worker and return the message id.
 
         ``timeout`` gives the message a deadline: sqm will not hand it to a
         worker after it, and ``receive(id=...)`` waits at most that long.
+        ``ttl`` is a deadline for sqm only (the smaller of the two applies);
+        with neither, the message waits for a worker as long as it takes.
         ``retries`` is how many more workers may be tried if the one holding
         the message dies. ``oneway`` messages get no reply.
+
+        Callbacks run inside this Sender's receive/rpc/map/poll calls:
+        ``on_start()`` when a worker acknowledges the message,
+        ``on_status(done, total)`` per progress report (in order),
+        ``on_complete(result)`` / ``on_fail(exc)`` with the outcome. A message
+        given on_complete or on_fail is consumed by them: receive() never
+        returns it.
         """
+        hooks = None
+        if on_start is not None or on_status is not None or on_complete is not None \
+                or on_fail is not None:
+            if oneway:
+                raise ValueError("a oneway message is never acknowledged or answered: "
+                                 "it takes no callbacks")
+            hooks = Hooks.make(on_start, on_status, on_complete, on_fail)
+        return self._submit(method, payload, oneway, timeout, retries, priority, ttl, hooks)
+
+    def _submit(self, method: str, payload: Any, oneway: bool, timeout: float | None,
+                retries: int, priority: str, ttl: float | None, hooks: Any) -> str:
         self._check()
-        mid, frames = self._core.encode_submit(
-            method, payload, oneway=oneway, timeout=timeout, retries=retries, priority=priority
+        core = self._core
+        mid, frames = core.encode_submit(
+            method, payload, oneway=oneway, timeout=timeout, retries=retries,
+            priority=priority, ttl=ttl,
         )
+        if hooks is not None:
+            core.watch(mid, hooks)
+        link = self._one or self._links.pick()
         try:
-            send_frames(self._broker, frames)
+            send_frames(link.raw, frames)
         except zmq.Again:
-            self._send_slow(mid, frames, timeout)
+            link = self._send_slow(mid, frames, timeout, link)
+        if not oneway:
+            core.sent[mid] = (frames, link, link.epoch)
+        self._unchecked += 1
+        if self._unchecked >= CHECK_EVERY:
+            self._check_brokers(time.monotonic())
         return mid
 
-    def _send_slow(self, mid: str, frames: list[bytes], timeout: float | None) -> None:
-        """The send queue towards sqm is full (sqm down or slow): wait, bounded."""
+    def _send_slow(self, mid: str, frames: list[bytes], timeout: float | None,
+                   link: Link) -> Link:
+        """The send queue towards sqm is full (sqm down or slow): another
+        live broker, else wait, bounded."""
+        for other in self._links.up:
+            if other is not link:
+                try:
+                    send_frames(other.raw, frames)
+                except zmq.Again:
+                    continue
+                return other
         limit = timeout if timeout is not None else self.timeout
-        if self._broker.poll(None if limit is None else int(limit * 1000), zmq.POLLOUT):
-            send_frames(self._broker, frames)
-            return
+        if link.raw.poll(None if limit is None else int(limit * 1000), zmq.POLLOUT):
+            send_frames(link.raw, frames)
+            return link
         self._core.forget(mid)
         raise Timeout(
-            f"sqm at {self.endpoint} did not take the message within {limit} s: is it running?"
+            f"sqm at {link.endpoint} did not take the message within {limit} s: is it running?"
         )
+
+    # ------------------------------------------------------------ receiving
 
     def receive(self, timeout: float | None = None, id: str | None = None) -> Any:  # noqa: A002
         """Return the next reply's result (or that of message ``id``).
@@ -144,7 +256,7 @@ class Sender:
     ) -> Any:
         """Submit and wait for that message's result (timeout: explicit, else the Sender's)."""
         limit = timeout if timeout is not None else self.timeout
-        mid = self.submit(method, payload, timeout=limit, retries=retries, priority=priority)
+        mid = self._submit(method, payload, False, limit, retries, priority, None, None)
         try:
             outcome = self._wait(mid, self._core.deadline_for(mid, limit, None))
         except BaseException:
@@ -154,23 +266,24 @@ class Sender:
 
     def _wait(self, mid: str | None, deadline: float) -> Any:
         """Block in recv on the mailbox, where replies arrive; look at the
-        connection to sqm (which only carries errors) every BROKER_CHECK_S.
+        connections to sqm (errors, notices, connects) every BROKER_CHECK_S.
 
         Blocking in one recv costs far fewer system calls per reply than
-        polling two sockets; a broker error still reaches the caller within
-        BROKER_CHECK_S.
+        polling several sockets; a broker error still reaches the caller
+        within BROKER_CHECK_S.
         """
         core = self._core
         mailbox = self._mailbox
         while True:
             now = time.monotonic()
             if now >= self._next_broker_check:
-                self._next_broker_check = now + BROKER_CHECK_S
-                drain(self._broker, core, True)
+                self._check_brokers(now)
+                if core.calls:
+                    run_calls(core)
                 outcome = core.take(mid)
                 if outcome is not None:
                     return outcome
-            if mid is None and not core.outstanding and not core.ready:
+            if mid is None and not core.receivable():
                 raise SQMError("nothing to receive: no message is outstanding")
             remaining = deadline - now
             if remaining <= 0:
@@ -182,10 +295,133 @@ class Sender:
                 frames = recv_frames(mailbox, 0)
             except zmq.Again:
                 continue
-            if core.feed(frames, False) is not None:
+            done = core.feed(frames, False)
+            if core.calls:
+                run_calls(core)
+            if done is not None:
                 outcome = core.take(mid)
                 if outcome is not None:
                     return outcome
+
+    def _check_brokers(self, now: float) -> int:
+        """Read every broker socket dry (errors, ACCEPTED notices) and every
+        connect/disconnect event; do the re-sends that are due."""
+        self._next_broker_check = now + BROKER_CHECK_S
+        self._unchecked = 0
+        links = self._links
+        n = 0
+        for link in links.links:
+            n += links.drain(link)
+        for link in links.links:
+            while True:
+                try:
+                    frames = recv_frames(link.monitor)
+                except zmq.Again:
+                    break
+                links.event(link, monitor_event(frames), now)
+        links.due(now)
+        return n
+
+    def poll(self, timeout: float | None = 0) -> int:
+        """Take in whatever has arrived and run the callbacks it triggers.
+
+        Returns how many messages were handled: replies, acknowledgements,
+        progress reports and errors (sqm's ACCEPTED notices are taken in
+        but not counted). With a ``timeout`` (seconds; None = no limit) it
+        first waits up to that long for one to arrive.
+        Replies for messages without on_complete/on_fail stay for receive().
+        """
+        self._check()
+        deadline = float("inf") if timeout is None else time.monotonic() + timeout
+        return self._poll_until(deadline, True)
+
+    def _poll_until(self, deadline: float, fresh: bool = False) -> int:
+        """poll() (``fresh``: look at sqm's sockets now) and map()'s wait."""
+        core = self._core
+        mailbox = self._mailbox
+        n = drain(mailbox, core, False)
+        now = time.monotonic()
+        if fresh or now >= self._next_broker_check:
+            n += self._check_brokers(now)
+        while not n:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            if now >= self._next_broker_check:
+                n = self._check_brokers(now)
+                if n:
+                    break
+            wait = min(deadline, self._next_broker_check) - now
+            set_option(mailbox, RCVTIMEO, max(1, int(wait * 1000)))
+            try:
+                frames = recv_frames(mailbox, 0)
+            except zmq.Again:
+                continue
+            core.feed(frames, False)
+            n = 1 + drain(mailbox, core, False)
+        if core.calls:
+            run_calls(core)
+        return n
+
+    # ------------------------------------------------------------ batches
+
+    def map(
+        self,
+        method: str,
+        payloads: Iterable[Any],
+        max_concurrent: int = 50,
+        retries: int = 0,
+        timeout: float | None = None,
+        ordered: bool = True,
+    ) -> Iterator[Any]:
+        """Run ``method`` on every payload, at most ``max_concurrent`` at a time.
+
+        Yields one item per payload: its result, or in its place the
+        :class:`SQMError` it ended with (RemoteError, Timeout, ...); a failed
+        item never stops the batch. In input order, or with
+        ``ordered=False`` as ``(index, item)`` pairs as they complete.
+        ``timeout`` is per item (default: the Sender's). The batch advances
+        as you iterate; stopping early forgets what is still outstanding.
+        """
+        self._check()
+        check_map_args(max_concurrent, retries, timeout)
+        if not isinstance(method, str) or not method:
+            raise ValueError("method must be a non-empty string")
+        limit = timeout if timeout is not None else self.timeout
+        return self._map(method, iter(payloads), Batch(self._core, max_concurrent, ordered),
+                         retries, limit)
+
+    def _map(self, method: str, items: Iterator[Any], batch: Batch, retries: int,
+             limit: float | None) -> Iterator[Any]:
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and batch.room():
+                    try:
+                        payload = next(items)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    try:
+                        mid = self._submit(method, payload, False, limit, retries, "normal",
+                                           None, batch.sink)
+                    except SQMError as exc:
+                        batch.failed(exc)
+                    else:
+                        batch.sent(mid)
+                batch.collect()
+                out = batch.out
+                while out:
+                    yield out.popleft()
+                if exhausted and not batch.inflight:
+                    return
+                if batch.sink.done or (not exhausted and batch.room()):
+                    continue
+                self._poll_until(batch.next_deadline())
+        finally:
+            batch.close()
+
+    # ------------------------------------------------------------ state
 
     def started(self, id: str) -> bool:  # noqa: A002
         """True once a worker has acknowledged message ``id`` ("working"), before its reply."""
@@ -193,17 +429,38 @@ class Sender:
         drain(self._mailbox, self._core, False)
         return id in self._core.started
 
+    def accepted(self, id: str) -> bool:  # noqa: A002
+        """True once sqm has taken message ``id`` (journaled, in journal mode), before its reply."""
+        self._check()
+        self._check_brokers(time.monotonic())
+        return id in self._core.accepted
+
     @property
     def outstanding(self) -> int:
         """How many messages still await a reply."""
         return len(self._core.outstanding) + len(self._core.ready)
+
+    def set_endpoints(self, endpoints: str | Iterable[str]) -> None:
+        """Talk to exactly these brokers from now on (a list, or a comma-separated string).
+
+        Messages a removed broker had not accepted, or that sat on a dead
+        one, are re-sent through the others. The mailbox stays where it is.
+        """
+        self._check()
+        eps = split_endpoints(endpoints if isinstance(endpoints, str) else list(endpoints))
+        try:
+            self._links.replace(eps)
+        except zmq.ZMQError as exc:
+            raise SQMError(f"cannot connect to {eps}: {exc}") from None
+        self.settings = replace(self.settings, endpoint=eps[0], endpoints=eps)
+        self._one = self._links.single
 
     def close(self) -> None:
         """Close the sockets; replies that arrive later are dropped by ZeroMQ."""
         if self._closed:
             return
         self._closed = True
-        self._broker.close(linger=1000)
+        self._links.close(1000)
         self._mailbox.close(linger=0)
 
     def __enter__(self) -> Sender:
@@ -214,7 +471,7 @@ class Sender:
 
     def __del__(self) -> None:
         try:
-            if not self._closed:
+            if not self._closed and hasattr(self, "_links"):
                 self.close()
         except Exception:
             pass

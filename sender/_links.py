@@ -1,0 +1,267 @@
+"""Which broker gets the next message, and what to re-send when one goes away.
+
+A sender keeps one DEALER per broker of its queue: a :class:`Link`. A link
+is NEW until its first ZMTP handshake, then UP; it goes DOWN on a
+disconnect (a killed broker at once; a hung one when ZMTP heartbeats go
+unanswered for 3 intervals) or a refused connect. Submissions go
+round-robin over UP links (else NEW ones, else any: libzmq then queues
+them until a broker is there, as a single-broker sender always did).
+
+Every tracked message remembers the link and the connection (``epoch``) it
+went out on, until a worker acknowledges it (ACK) or it completes. Then:
+
+- a link goes DOWN while another is UP: its DEALER is re-created (dropping
+  copies still queued in libzmq) and its messages are re-sent through UP
+  links, same id. A duplicate reply is dropped by the correlator;
+- a link comes back UP: after a grace period (time for the ACCEPTED of
+  copies that got through to arrive), messages sent on its previous
+  connection that its broker never ACCEPTED are re-sent to it. Those it did
+  accept are in its journal (if it keeps one) or lost: their callers get
+  Timeout at the deadline.
+
+Socket creation and closing belong to the façade (sync or asyncio), given
+as ``opener``/``closer``; everything here is plain, synchronous logic.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import zmq
+
+from sqm.protocol import ACCEPTED
+from sqm.zmqfast import recv_frames, send_frames
+
+from ._correlator import Correlator
+
+NEW, UP, DOWN, GONE = 0, 1, 2, 3  # GONE: removed by set_endpoints, closed
+
+UP_EVENTS = int(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+DOWN_EVENTS = int(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
+MONITOR_EVENTS = UP_EVENTS | DOWN_EVENTS
+
+
+def tune(sock: zmq.Socket, heartbeat: float) -> None:
+    """ZMTP heartbeats: a silent broker is dropped after 3 intervals, a stuck handshake too."""
+    ms = max(1, int(heartbeat * 1000))
+    sock.setsockopt(zmq.HEARTBEAT_IVL, ms)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ms)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, max(3 * ms, 1000))
+
+
+def monitor_event(frames: list[bytes]) -> int:
+    """The event number of a libzmq monitor message (first 2 bytes, native order)."""
+    return int.from_bytes(frames[0][:2], sys.byteorder)
+
+
+class Link:
+    """One broker: its DEALER (``sock``; ``raw`` is a plain view for NOBLOCK
+    I/O), the monitor socket, and what the sender knows of the connection."""
+
+    __slots__ = ("endpoint", "sock", "raw", "monitor", "state", "epoch", "resend_at", "tasks")
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.sock: Any = None
+        self.raw: Any = None
+        self.monitor: Any = None
+        self.state = NEW
+        self.epoch = 0  # +1 per loss of connection
+        self.resend_at = 0.0  # monotonic; when to re-send what the last connection lost
+        self.tasks: list[Any] = []  # AsyncSender's reader tasks
+
+    def __repr__(self) -> str:
+        return f"<Link {self.endpoint} {('NEW', 'UP', 'DOWN', 'GONE')[self.state]} epoch {self.epoch}>"
+
+
+class Links:
+    """The links of one sender and the decisions about them."""
+
+    def __init__(
+        self,
+        core: Correlator,
+        endpoints: Iterable[str],
+        opener: Callable[[Link], None],
+        closer: Callable[[Link, int], None],
+        heartbeat: float,
+        wake: Callable[[str], None] | None = None,
+    ) -> None:
+        self.core = core
+        self.wake = wake  # told of ids whose reply became ready while draining
+        self._open = opener
+        self._close = closer
+        self.grace = heartbeat
+        self.links: list[Link] = []
+        self.up: list[Link] = []
+        self._rr = 0
+        self.retry: list[str] = []  # ids whose re-send found every queue full
+        self.resent = 0
+        try:
+            for ep in endpoints:
+                self.links.append(self._new(ep))
+        except BaseException:
+            self.close(0)
+            raise
+
+    def _new(self, endpoint: str) -> Link:
+        link = Link(endpoint)
+        self._open(link)
+        return link
+
+    @property
+    def single(self) -> Link | None:
+        """The one link of a single-broker sender (its hot path skips pick())."""
+        return self.links[0] if len(self.links) == 1 else None
+
+    def pick(self) -> Link:
+        up = self.up
+        self._rr += 1
+        if up:
+            return up[self._rr % len(up)]
+        pool = [link for link in self.links if link.state == NEW] or self.links
+        return pool[self._rr % len(pool)]
+
+    # ------------------------------------------------------------ events
+
+    def event(self, link: Link, event: int, now: float) -> None:
+        """Apply one monitor event of ``link``."""
+        if event & UP_EVENTS:
+            if link.state == UP:
+                return
+            if link.state == DOWN and link.epoch:
+                link.resend_at = now + self.grace
+            link.state = UP
+        elif event & DOWN_EVENTS:
+            if link.state == DOWN:
+                return
+            link.state = DOWN
+            link.epoch += 1
+        else:
+            return
+        self.up = [x for x in self.links if x.state == UP]
+        self.rehome()
+
+    def rehome(self) -> None:
+        """Re-send, through UP links, what DOWN links hold that no worker took."""
+        if not self.up:
+            return
+        core = self.core
+        stranded: dict[Link, list[str]] = {}
+        for mid, (_, link, _) in core.sent.items():
+            if link.state == DOWN:
+                stranded.setdefault(link, []).append(mid)
+        for link, mids in stranded.items():
+            self.purge(link)
+            for mid in mids:
+                self.resend(mid, self.pick())
+
+    def purge(self, link: Link) -> None:
+        """Re-create a DOWN link's DEALER so copies queued in it are never delivered."""
+        self.drain(link)  # ACCEPTED / errors that made it first
+        self._close(link, 0)
+        self._open(link)
+
+    def drain(self, link: Link) -> int:
+        """Feed everything waiting on ``link``'s DEALER to the correlator.
+
+        Returns how many were errors rather than ACCEPTED notices (those come
+        one per message and mean nothing to a caller of poll()).
+        """
+        core = self.core
+        wake = self.wake
+        n = 0
+        while True:
+            try:
+                frames = recv_frames(link.raw)
+            except zmq.Again:
+                return n
+            mid = core.feed(frames, True)
+            if mid is not None:
+                n += 1
+                if wake is not None:
+                    wake(mid)
+            elif len(frames) < 2 or frames[1] != ACCEPTED:
+                n += 1
+
+    def due(self, now: float) -> float:
+        """Do re-sends whose time has come; return when to look again (inf: nothing to do)."""
+        core = self.core
+        nxt = float("inf")
+        for link in self.links:
+            if not link.resend_at:
+                continue
+            if now < link.resend_at:
+                nxt = min(nxt, link.resend_at)
+                continue
+            link.resend_at = 0.0
+            if link.state != UP:
+                continue
+            lost = [mid for mid, (_, x, epoch) in core.sent.items()
+                    if x is link and epoch < link.epoch and mid not in core.accepted]
+            for mid in lost:
+                self.resend(mid, link)
+        if self.retry:
+            retry, self.retry = self.retry, []
+            for mid in retry:
+                self.resend(mid, self.pick())
+            if self.retry:
+                nxt = min(nxt, now + 0.1)
+        return nxt
+
+    def resend(self, mid: str, link: Link) -> None:
+        core = self.core
+        entry = core.sent.get(mid)
+        if entry is None or mid not in core.outstanding:
+            return  # started or answered meanwhile
+        frames = entry[0]
+        for candidate in [link, *(x for x in self.up if x is not link)]:
+            try:
+                send_frames(candidate.raw, frames)
+            except zmq.ZMQError:
+                continue
+            core.sent[mid] = (frames, candidate, candidate.epoch)
+            core.accepted.discard(mid)
+            self.resent += 1
+            return
+        self.retry.append(mid)
+
+    # ------------------------------------------------------------ membership
+
+    def replace(self, endpoints: Iterable[str]) -> list[Link]:
+        """Use exactly ``endpoints`` (in order) from now on; return the new links."""
+        old = {link.endpoint: link for link in self.links}
+        links: list[Link] = []
+        added: list[Link] = []
+        for ep in endpoints:
+            link = old.pop(ep, None)
+            if link is None:
+                link = self._new(ep)
+                added.append(link)
+            links.append(link)
+        self.links = links
+        self.up = [x for x in links if x.state == UP]
+        core = self.core
+        for gone in old.values():
+            self.drain(gone)
+            mids = [mid for mid, (_, x, _) in core.sent.items() if x is gone]
+            if gone.state == UP:
+                # A live broker keeps what it accepted and answers through its
+                # workers; the rest may not have reached it: send elsewhere.
+                self._close(gone, 1000)
+                kept = [m for m in mids if m in core.accepted]
+                for mid in kept:
+                    del core.sent[mid]  # nowhere to re-send it to any more
+                mids = [m for m in mids if m not in core.accepted]
+            else:
+                self._close(gone, 0)
+            gone.state = GONE
+            for mid in mids:
+                self.resend(mid, self.pick())
+        return added
+
+    def close(self, linger: int) -> None:
+        for link in self.links:
+            if link.sock is not None:
+                self._close(link, linger)
