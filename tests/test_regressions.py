@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 
 import pytest
 import zmq
 
+from sender import Sender
 from sqm.protocol import MailboxPolicy
 from sqm.sockets import ipc_listener_alive
 from worker import Originator, Worker
 from worker.mailboxes import MailboxPool
+
+from .conftest import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -59,3 +63,18 @@ def test_worker_survives_running_out_of_sockets(rundir, caplog):
         w._pool.close()
     finally:
         ctx.term()
+
+
+def test_receive_after_the_deadline_still_takes_a_reply_that_already_arrived(cluster):
+    """Found by the soak review: receive(id) past the message's deadline raised
+    Timeout without reading the mailbox, even with the reply waiting in it."""
+    cluster.serve("q")
+    cluster.worker("q")
+    with Sender("q") as s:
+        mid = s.submit("echo", "made it", timeout=0.5)
+        # the worker says DONE after sending the reply: it is in the socket, unread
+        wait_for(lambda: cluster.status("q")["completed_total"] == 1, 5, "the reply")
+        assert s._mailbox.poll(5000, zmq.POLLIN)
+        deadline = time.monotonic() + 0.6
+        wait_for(lambda: time.monotonic() > deadline, 5, "the message's deadline to pass")
+        assert s.receive(id=mid) == "made it"
