@@ -194,15 +194,20 @@ class Correlator:
             self.dropped += 1
             return None
         kind = frames[1]
+        if kind == ACCEPTED:
+            # [SIG, K, id, id, ...]: sqm batches them; often after the reply
+            # itself, so never counted as "dropped".
+            if from_broker:
+                outstanding = self.outstanding
+                for raw in frames[2:]:
+                    mid = raw.decode("ascii", "replace")
+                    if mid in outstanding:
+                        self.accepted.add(mid)
+            return None
         try:
             mid = frames[2].decode("ascii")
         except UnicodeDecodeError:
             self.dropped += 1
-            return None
-        if kind == ACCEPTED:
-            # One per SUBMIT, often after the reply itself: never "dropped".
-            if from_broker and mid in self.outstanding:
-                self.accepted.add(mid)
             return None
         if mid not in self.outstanding:
             self.dropped += 1  # late (timed out), duplicate, oneway, or foreign

@@ -25,6 +25,7 @@ as ``opener``/``closer``; everything here is plain, synchronous logic.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -32,6 +33,7 @@ from typing import Any
 import zmq
 
 from sqm.protocol import ACCEPTED
+from sqm.sockets import make_socket
 from sqm.zmqfast import recv_frames, send_frames
 
 from ._correlator import Correlator
@@ -49,6 +51,35 @@ def tune(sock: zmq.Socket, heartbeat: float) -> None:
     sock.setsockopt(zmq.HEARTBEAT_IVL, ms)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ms)
     sock.setsockopt(zmq.HANDSHAKE_IVL, max(3 * ms, 1000))
+
+
+_monitor_ids = itertools.count(1)
+
+
+def open_dealer(ctx: zmq.Context, endpoint: str, routing_id: bytes, heartbeat: float,
+                prefix: str) -> tuple[zmq.Socket, zmq.Socket]:
+    """A tuned DEALER connected to ``endpoint`` and its monitor socket.
+
+    ``ctx`` decides the flavour (a zmq.asyncio context gives asyncio
+    sockets). Nothing is left open on failure.
+    """
+    sock = make_socket(ctx, zmq.DEALER, routing_id=routing_id)
+    try:
+        tune(sock, heartbeat)
+        monitor = sock.get_monitor_socket(
+            MONITOR_EVENTS, f"inproc://sqm-sender-{prefix}-{next(_monitor_ids)}"
+        )
+    except zmq.ZMQError:
+        sock.close(0)
+        raise
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError:
+        sock.disable_monitor()
+        monitor.close(0)
+        sock.close(0)
+        raise
+    return sock, monitor
 
 
 def monitor_event(frames: list[bytes]) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -22,14 +21,13 @@ from sqm.zmqfast import recv_frames, send_frames
 from ._batch import Batch, check_map_args
 from ._correlator import Correlator
 from ._hooks import Hooks, OnComplete, OnFail, OnStart, OnStatus, run_calls
-from ._links import MONITOR_EVENTS, Link, Links, monitor_event, tune
+from ._links import Link, Links, monitor_event, open_dealer
 
 log = logging.getLogger("sender")
 
 _ANY = object()
 #: How often, at most, a busy AsyncSender reads its connections to sqm (s).
 BROKER_CHECK_S = 0.02
-_monitor_ids = itertools.count(1)
 
 
 def _set_if_pending(fut: asyncio.Future[None]) -> None:
@@ -90,22 +88,9 @@ class AsyncSender:
     # ------------------------------------------------------------ sockets and tasks
 
     def _open_link(self, link: Link) -> None:
-        sock = make_socket(self._ctx, zmq.DEALER, routing_id=self._core.routing_id)
-        try:
-            tune(sock, self.heartbeat)
-            monitor = sock.get_monitor_socket(
-                MONITOR_EVENTS, f"inproc://sqm-asender-{self._core.prefix}-{next(_monitor_ids)}"
-            )
-        except zmq.ZMQError:
-            sock.close(0)
-            raise
-        try:
-            sock.connect(link.endpoint)
-        except zmq.ZMQError:
-            sock.disable_monitor()
-            monitor.close(0)
-            sock.close(0)
-            raise
+        sock, monitor = open_dealer(
+            self._ctx, link.endpoint, self._core.routing_id, self.heartbeat, self._core.prefix
+        )
         link.sock = sock
         link.raw = zmq.Socket.shadow(sock.underlying)  # sync view: NOBLOCK send/recv
         link.monitor = monitor

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -20,7 +19,7 @@ from sqm.zmqfast import RCVTIMEO, recv_frames, send_frames, set_option
 from ._batch import Batch, check_map_args
 from ._correlator import Correlator, drain
 from ._hooks import Hooks, OnComplete, OnFail, OnStart, OnStatus, run_calls
-from ._links import MONITOR_EVENTS, Link, Links, monitor_event, tune
+from ._links import Link, Links, monitor_event, open_dealer
 
 #: How often a waiting Sender looks at its connections to sqm (errors,
 #: ACCEPTED notices, connects and disconnects), in seconds.
@@ -29,7 +28,6 @@ BROKER_CHECK_S = 0.02
 #: so sqm's notices never pile up unread.
 CHECK_EVERY = 64
 
-_monitor_ids = itertools.count(1)
 
 
 class Sender:
@@ -90,22 +88,9 @@ class Sender:
     # ------------------------------------------------------------ sockets
 
     def _open_link(self, link: Link) -> None:
-        sock = make_socket(self._ctx, zmq.DEALER, routing_id=self._core.routing_id)
-        try:
-            tune(sock, self.heartbeat)
-            monitor = sock.get_monitor_socket(
-                MONITOR_EVENTS, f"inproc://sqm-sender-{self._core.prefix}-{next(_monitor_ids)}"
-            )
-        except zmq.ZMQError:
-            sock.close(0)
-            raise
-        try:
-            sock.connect(link.endpoint)
-        except zmq.ZMQError:
-            sock.disable_monitor()
-            monitor.close(0)
-            sock.close(0)
-            raise
+        sock, monitor = open_dealer(
+            self._ctx, link.endpoint, self._core.routing_id, self.heartbeat, self._core.prefix
+        )
         link.sock = link.raw = sock
         link.monitor = monitor
 

@@ -457,24 +457,29 @@ def _progress_bar(input_file: Any) -> Any:
 # ---------------------------------------------------------------- status
 
 
-def fetch_status(settings: Any, timeout: float) -> dict[str, Any]:
-    """Ask the broker for its status over a short-lived DEALER socket."""
+def _ask(settings: Any, command: bytes, body: bytes | None, timeout: float) -> Any:
+    """One request/answer with sqm over a short-lived DEALER: the decoded JSON answer."""
     require_broker(settings)
     ctx = zmq.Context.instance()
     sock = make_socket(ctx, zmq.DEALER, linger_ms=0)
     try:
         sock.connect(settings.endpoint)
-        sock.send_multipart([protocol.SIGNATURE, protocol.STATUS])
+        sock.send_multipart([protocol.SIGNATURE, command] + ([body] if body is not None else []))
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
                 raise SQMError(f"no answer from sqm at {settings.endpoint} within {timeout} s")
             frames = sock.recv_multipart()
-            if len(frames) == 3 and frames[:2] == [protocol.SIGNATURE, protocol.STATUS]:
+            if len(frames) == 3 and frames[:2] == [protocol.SIGNATURE, command]:
                 return json.loads(frames[2])
     finally:
         sock.close(0)
+
+
+def fetch_status(settings: Any, timeout: float) -> dict[str, Any]:
+    """Ask the broker for its status (STATUS)."""
+    return _ask(settings, protocol.STATUS, None, timeout)
 
 
 def control_request(settings: Any, request: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -482,25 +487,10 @@ def control_request(settings: Any, request: dict[str, Any], timeout: float) -> d
 
     Raises SQMError with sqm's own explanation when it refuses the command.
     """
-    require_broker(settings)
-    ctx = zmq.Context.instance()
-    sock = make_socket(ctx, zmq.DEALER, linger_ms=0)
-    try:
-        sock.connect(settings.endpoint)
-        sock.send_multipart([protocol.SIGNATURE, protocol.CONTROL, json.dumps(request).encode()])
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
-                raise SQMError(f"no answer from sqm at {settings.endpoint} within {timeout} s")
-            frames = sock.recv_multipart()
-            if len(frames) == 3 and frames[:2] == [protocol.SIGNATURE, protocol.CONTROL]:
-                reply = json.loads(frames[2])
-                if not reply.get("ok"):
-                    raise SQMError(reply.get("error", "sqm refused the command"))
-                return reply
-    finally:
-        sock.close(0)
+    reply = _ask(settings, protocol.CONTROL, json.dumps(request).encode(), timeout)
+    if not reply.get("ok"):
+        raise SQMError(reply.get("error", "sqm refused the command"))
+    return reply
 
 
 def _ms(seconds: float) -> str:

@@ -111,7 +111,9 @@ def test_without_journal_a_killed_sqm_costs_its_pending_messages_a_timeout(clust
     sqm = cluster.serve("q")
     with Sender("q") as s:
         mid = s.submit("record", "lost", timeout=2.0)
-        wait_for(lambda: cluster.status("q")["pending"] == 1, 10, "1 pending")
+        # accepted: sqm has it (a message it had not acknowledged would be re-sent)
+        wait_for(lambda: (s.poll(0), s.accepted(mid))[1], 10, "sqm's ACCEPTED")
+        assert cluster.status("q")["pending"] == 1
         sqm.signal(signal.SIGKILL)
         sqm.wait()
         cluster.serve("q")
