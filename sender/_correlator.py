@@ -38,6 +38,7 @@ from sqm.protocol import (
     SIGNATURE,
     SUBMIT,
     pack_envelope,
+    unpack_ids,
 )
 from sqm.sockets import local_address_towards
 from sqm.zmqfast import recv_frames
@@ -195,11 +196,11 @@ class Correlator:
             return None
         kind = frames[1]
         if kind == ACCEPTED:
-            # [SIG, K, id, id, ...]: sqm batches them; often after the reply
+            # [SIG, K, packed ids]: sqm batches them; often after the reply
             # itself, so never counted as "dropped".
             if from_broker:
                 outstanding = self.outstanding
-                for raw in frames[2:]:
+                for raw in unpack_ids(frames[2]):
                     mid = raw.decode("ascii", "replace")
                     if mid in outstanding:
                         self.accepted.add(mid)

@@ -53,7 +53,7 @@ from .zmqfast import RCVTIMEO, recv_frame, recv_rest, send_frames, send_more, se
 log = logging.getLogger("sqm.broker")
 
 BATCH = 256  # messages read from one socket per poll wake-up
-# ACCEPTED notices are batched per sender: one [SIG, K, id, id, ...] message
+# ACCEPTED notices are batched per sender: one [SIG, K, packed ids] message
 # per ACK_BATCH accepted messages, or as soon as sqm has nothing to read for
 # ACK_IDLE_MS (and after every journal commit). One send per message would
 # cost ~10 µs of broker CPU per message, a twentieth of W2's throughput.
@@ -387,7 +387,7 @@ class QueueServer:
     def send_acks(self) -> None:
         """Tell each sender which of its messages sqm has accepted (one message each)."""
         for rid, ids in self._acks.items():
-            self._send(rid, [SIGNATURE, ACCEPTED, *ids])
+            self._send(rid, [SIGNATURE, ACCEPTED, protocol.pack_ids(ids)])
         self._acks.clear()
         self.acks_pending = 0
 

@@ -21,7 +21,7 @@ SUBMIT = b"S"
 STATUS = b"?"
 CONTROL = b"!"  # admin request/reply: [SIG, !, json] both ways
 # broker -> client
-ACCEPTED = b"K"  # [SIG, K, id]: sqm took the message (journaled, in journal mode)
+ACCEPTED = b"K"  # [SIG, K, packed ids]: sqm took these messages (journaled, with --journal)
 # worker -> broker
 HELLO = b"W"
 DONE = b"R"
@@ -62,6 +62,22 @@ MAX_MAILBOX = 256
 MAX_METHOD = 256
 MAX_SERIALIZER = 32
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+
+
+def pack_ids(ids: list[bytes]) -> bytes:
+    """Message ids in one frame, each preceded by its length (1 byte; ids are ≤ 128)."""
+    return b"".join([bytes((len(i),)) + i for i in ids])
+
+
+def unpack_ids(frame: bytes) -> list[bytes]:
+    """The ids :func:`pack_ids` packed; a truncated tail is ignored."""
+    ids = []
+    pos, end = 0, len(frame)
+    while pos < end:
+        n = frame[pos]
+        ids.append(frame[pos + 1 : pos + 1 + n])
+        pos += 1 + n
+    return ids
 
 
 class Envelope:

@@ -19,7 +19,7 @@ from sender import AsyncSender, Sender
 from sender._correlator import Correlator
 from sender._links import DOWN, UP, UP_EVENTS, Links
 from sqm.config import resolve
-from sqm.protocol import ACCEPTED, ACK, SIGNATURE, decode_envelope
+from sqm.protocol import ACCEPTED, ACK, SIGNATURE, decode_envelope, pack_ids
 from sqm.zmqfast import recv_frames, send_frames
 from tests.conftest import free_port, wait_for
 
@@ -209,7 +209,7 @@ def test_resend_rules_on_inproc_sockets(rundir):
         on_a, on_b = received(a.endpoint), received(b.endpoint)
         assert sorted(on_a + on_b) == sorted(ids) and len(on_a) == len(on_b) == 3
         core.feed([SIGNATURE, ACK, on_a[0].encode()], False)  # a worker has it
-        core.feed([SIGNATURE, ACCEPTED, on_a[1].encode()], True)  # A has it
+        core.feed([SIGNATURE, ACCEPTED, pack_ids([on_a[1].encode()])], True)  # A has it
 
         # A dies while B is up: all that no worker took moves to B, K or not.
         links.event(a, int(zmq.EVENT_DISCONNECTED), 1.0)
@@ -219,7 +219,7 @@ def test_resend_rules_on_inproc_sockets(rundir):
 
         # B drops and comes back, nobody else up: only what B never accepted
         # is re-sent to it, one grace period after the reconnect.
-        core.feed([SIGNATURE, ACCEPTED, on_b[0].encode()], True)
+        core.feed([SIGNATURE, ACCEPTED, pack_ids([on_b[0].encode()])], True)
         links.event(b, int(zmq.EVENT_DISCONNECTED), 2.0)
         assert received(b.endpoint) == []  # nowhere to go while nothing is up
         links.event(b, UP_EVENTS, 3.0)

@@ -336,3 +336,11 @@ def test_truncated_or_padded_envelopes_are_refused(cut):
 
 def test_priority_names():
     assert protocol.PRIORITIES == {"high": 0, "normal": 1, "low": 2}
+
+
+def test_packed_ids_round_trip():
+    from sqm.protocol import pack_ids, unpack_ids
+
+    ids = [b"a", b"0123456789abcdef:42", b"x" * 128, b""]
+    assert unpack_ids(pack_ids(ids)) == ids
+    assert unpack_ids(b"") == []

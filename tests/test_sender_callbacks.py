@@ -17,7 +17,16 @@ from sender import AsyncSender, Expired, RemoteError, Sender, SQMError
 from sender._correlator import ID_IN_USE, Correlator
 from sender._hooks import Hooks, run_calls
 from sqm.config import resolve
-from sqm.protocol import ACCEPTED, ACK, ERROR, PROGRESS, RESULT, SIGNATURE, decode_envelope
+from sqm.protocol import (
+    ACCEPTED,
+    ACK,
+    ERROR,
+    PROGRESS,
+    RESULT,
+    SIGNATURE,
+    decode_envelope,
+    pack_ids,
+)
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -102,15 +111,15 @@ def test_messages_without_consuming_callbacks_stay_receivable(core):
 def test_accepted_is_tracked_and_never_counts_as_dropped(core):
     mid, _ = submit(core)
     assert mid not in core.accepted
-    core.feed([SIGNATURE, ACCEPTED, mid.encode()], True)
+    core.feed([SIGNATURE, ACCEPTED, pack_ids([mid.encode()])], True)
     assert mid in core.accepted
-    core.feed([SIGNATURE, ACCEPTED, mid.encode()], False)  # only sqm's count
+    core.feed([SIGNATURE, ACCEPTED, pack_ids([mid.encode()])], False)  # only sqm's count
     for i in range(1000):  # unsolicited: answered already, or not ours
-        core.feed([SIGNATURE, ACCEPTED, b"%016x:%d" % (7, i)], True)
+        core.feed([SIGNATURE, ACCEPTED, pack_ids([b"%016x:%d" % (7, i)])], True)
     assert core.dropped == 0
     core.feed([SIGNATURE, RESULT, mid.encode(), b"3"], False)
     assert mid not in core.accepted  # answered: no longer tracked
-    core.feed([SIGNATURE, ACCEPTED, mid.encode()], True)  # ACCEPTED after the reply
+    core.feed([SIGNATURE, ACCEPTED, pack_ids([mid.encode()])], True)  # ACCEPTED after the reply
     assert core.dropped == 0 and mid not in core.accepted
     core.feed([SIGNATURE, RESULT, mid.encode(), b"3"], False)  # a duplicate reply
     assert core.dropped == 1 and core.result(core.take(mid)) == 3 and core.take(mid) is None
