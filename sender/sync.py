@@ -262,10 +262,7 @@ class Sender:
         while True:
             now = time.monotonic()
             if now >= self._next_broker_check:
-                self._check_brokers(now)
-                if core.calls:
-                    run_calls(core)
-                outcome = core.take(mid)
+                outcome = self._settle(now, mid)
                 if outcome is not None:
                     return outcome
             if mid is None and not core.receivable():
@@ -275,10 +272,7 @@ class Sender:
                 # Past the deadline: still take what has already arrived
                 # (a reply may be waiting unread) before giving up.
                 drain(mailbox, core, False)
-                self._check_brokers(now)
-                if core.calls:
-                    run_calls(core)
-                outcome = core.take(mid)
+                outcome = self._settle(now, mid)
                 if outcome is not None:
                     return outcome
                 what = f"message {mid}" if mid else "any reply"
@@ -296,6 +290,14 @@ class Sender:
                 outcome = core.take(mid)
                 if outcome is not None:
                     return outcome
+
+    def _settle(self, now: float, mid: str | None) -> Any:
+        """Look at the brokers, run due callbacks, and take ``mid``'s outcome if it is in."""
+        core = self._core
+        self._check_brokers(now)
+        if core.calls:
+            run_calls(core)
+        return core.take(mid)
 
     def _check_brokers(self, now: float) -> int:
         """Read every broker socket dry (errors, ACCEPTED notices) and every

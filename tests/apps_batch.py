@@ -7,21 +7,14 @@ side how many messages ran at the same time.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
 
+from tests.apps import _log
 from tests.apps import callbacks as _base
 
 _pause = threading.Event().wait  # simulated work that takes a given time
-
-
-def _log(kind: str, payload: object) -> None:
-    path = os.environ.get("SQM_TEST_LOG")
-    if path:
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"pid": os.getpid(), "kind": kind, "payload": payload}) + "\n")
 
 
 def square(worker, originator, payload):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
 import sys
@@ -11,7 +10,8 @@ import time
 import pytest
 
 from sender import RemoteError, Sender
-from tests.conftest import REPO, Proc, read_log, wait_for
+from tests.conftest import Proc, read_log, wait_for
+from tests.test_readme import readme_file
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -102,18 +102,9 @@ def test_sigterm_finishes_every_running_task_then_exits_0(cluster):
     assert st["completed_total"] == 3 and st["failed_total"] == 0
 
 
-def readme_block(name: str) -> str:
-    """The README's python block whose first line is ``# name``."""
-    text = (REPO / "README.md").read_text()
-    for block in re.findall(r"```python\n(.*?)```", text, re.S):
-        if block.startswith(f"# {name}\n"):
-            return block
-    raise AssertionError(f"README has no python block for {name}")
-
-
 def test_readme_async_example_runs_as_printed(cluster, rundir):
-    (rundir / "async_worker.py").write_text(readme_block("async_worker.py"))
-    (rundir / "progress_sender.py").write_text(readme_block("progress_sender.py"))
+    (rundir / "async_worker.py").write_text(readme_file("async_worker.py"))
+    (rundir / "progress_sender.py").write_text(readme_file("progress_sender.py"))
     cluster.serve("myqueue")
     worker = Proc([sys.executable, str(rundir / "async_worker.py")], cluster.env, rundir, "w")
     cluster.procs.append(worker)
