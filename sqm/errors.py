@@ -82,3 +82,25 @@ BROKER_ERRORS: dict[str, type[SQMError]] = {
     "Purged": Purged,
     "Malformed": ProtocolError,
 }
+
+
+class AuthError(SQMError, PermissionError):
+    """The broker refused this peer's key (CURVE/ZAP handshake) or its role forbids the action."""
+
+
+class KeyFileError(SQMError):
+    """A CURVE key file is missing, unreadable, malformed or readable by others.
+
+    The message is one line naming the file and the problem.
+    """
+# sqm answers a forbidden action with an ERROR of this type.
+BROKER_ERRORS["AuthError"] = AuthError
+
+
+class BrokerUnreachable(SQMError, ConnectionError):
+    """No broker listens at the queue's endpoint(s): the message never reached sqm.
+
+    Raised promptly for ``ipc://`` endpoints whose socket file is missing or
+    refuses connections (a tcp endpoint ends in :class:`Timeout` instead,
+    whose message says no broker was reached).
+    """

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import os
 import socket as _socket
+import stat
 
 import zmq
 
+from .security.keys import KeyPair
+
 # How long closing a socket may keep flushing queued messages (ms).
 DEFAULT_LINGER_MS = 1000
+#: ipc socket files: owner only unless ``--ipc-mode`` widens it.
+DEFAULT_IPC_MODE = 0o600
 
 
 def make_socket(
@@ -22,9 +27,25 @@ def make_socket(
     routing_id: bytes | None = None,
     linger_ms: int = DEFAULT_LINGER_MS,
     hwm: int | None = None,
+    curve_server: KeyPair | None = None,
+    curve_client: KeyPair | None = None,
+    server_key: bytes | None = None,
 ) -> zmq.Socket:
-    """Create a socket with sqm's defaults (the single hook for security options)."""
-    sock = ctx.socket(kind)
+    """Create a socket with sqm's defaults (the single hook for security options).
+
+    ``curve_server=pair`` makes it a CURVE server (it will bind; clients
+    are then vetted by the context's ZAP handler, if one runs).
+    ``curve_client=pair, server_key=z85`` makes it a CURVE client of the
+    server whose public key is ``server_key``. Neither: plain (NULL).
+    """
+    sock: zmq.Socket = ctx.socket(kind)
+    if curve_server is not None:
+        set_curve_server(sock, curve_server)
+    elif curve_client is not None or server_key is not None:
+        if curve_client is None or server_key is None:
+            sock.close(0)
+            raise ValueError("a CURVE client needs both its own key pair and the server's public key")
+        set_curve_client(sock, curve_client, server_key)
     sock.linger = linger_ms
     if routing_id is not None:
         sock.routing_id = routing_id
@@ -40,10 +61,113 @@ def make_socket(
     return sock
 
 
-def ensure_ipc_dir(endpoint: str) -> None:
-    """Create the directory of an ``ipc://`` endpoint (private to this user)."""
+def set_curve_server(sock: zmq.Socket, keys: KeyPair) -> None:
+    """Make ``sock`` a CURVE server with ``keys`` (before bind)."""
+    sock.curve_secretkey = keys.secret
+    sock.curve_publickey = keys.public
+    sock.curve_server = True
+
+
+def set_curve_client(sock: zmq.Socket, keys: KeyPair, server_key: bytes) -> None:
+    """Make ``sock`` a CURVE client with its own ``keys`` talking to ``server_key`` (before connect)."""
+    sock.curve_secretkey = keys.secret
+    sock.curve_publickey = keys.public
+    sock.curve_serverkey = server_key
+
+
+def dir_mode_for(ipc_mode: int) -> int:
+    """The run directory mode that lets exactly the classes in ``ipc_mode`` reach its sockets.
+
+    Connecting to a unix socket needs write on the file and search (x) on
+    its directory; listing the directory is never needed, so it is not given.
+    """
+    mode = 0o700
+    if ipc_mode & 0o070:
+        mode |= 0o010
+    if ipc_mode & 0o007:
+        mode |= 0o001
+    return mode
+
+
+def ensure_private_dir(path: str, *, mode: int = 0o700) -> None:
+    """Create ``path`` with exactly ``mode``; tighten or widen it if this user owns it.
+
+    A directory someone else owns is refused (PermissionError): in a shared
+    temp dir it could be planted to catch our sockets.
+    """
+    path = os.path.abspath(path)
+    os.makedirs(path, mode=mode, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(f"{path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise PermissionError(f"{path} belongs to another user (uid {st.st_uid}); refusing to use it")
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)
+
+
+def ensure_ipc_dir(endpoint: str, *, mode: int | None = None) -> None:
+    """Create the directory of an ``ipc://`` endpoint (private to this user).
+
+    With ``mode`` (the ipc socket mode, e.g. ``0o600``) the directory is
+    also set to :func:`dir_mode_for` it when this user owns it; without it
+    only a missing directory is created (owner-only), as before.
+    """
+    if not endpoint.startswith("ipc://"):
+        return
+    directory = os.path.dirname(os.path.abspath(endpoint[6:]))
+    if mode is None:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    else:
+        ensure_private_dir(directory, mode=dir_mode_for(mode))
+
+
+def bind(sock: zmq.Socket, endpoint: str, *, mode: int = DEFAULT_IPC_MODE) -> None:
+    """Bind ``sock``; an ``ipc://`` socket file gets ``mode`` (owner-only by default).
+
+    The file is created by bind with the umask's mode and chmod-ed right
+    after; the directory (see :func:`ensure_ipc_dir`) closes that window.
+    """
     if endpoint.startswith("ipc://"):
-        os.makedirs(os.path.dirname(os.path.abspath(endpoint[6:])), mode=0o700, exist_ok=True)
+        ensure_ipc_dir(endpoint, mode=mode)
+        sock.bind(endpoint)
+        os.chmod(endpoint[6:], mode)
+    else:
+        sock.bind(endpoint)
+
+
+def sweep_stale_sockets(rundir: str) -> list[str]:
+    """Remove socket files in ``rundir`` nobody listens on; return their paths.
+
+    Only unix socket files (never regular files or symlinks) owned by this
+    user are touched, and only when a connect is refused. The file is
+    unlinked only if it is still the same inode it was before the probe, so
+    a socket re-bound meanwhile by a starting process is left alone.
+    """
+    removed: list[str] = []
+    try:
+        names = os.listdir(rundir)
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    uid = os.geteuid()
+    for name in names:
+        path = os.path.join(rundir, name)
+        try:
+            before = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISSOCK(before.st_mode) or before.st_uid != uid:
+            continue
+        if ipc_listener_alive("ipc://" + path):
+            continue
+        try:
+            after = os.lstat(path)
+            if (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino):
+                os.unlink(path)
+                removed.append(path)
+        except OSError:
+            continue  # gone already, or not ours to remove
+    return removed
 
 
 def ipc_listener_alive(endpoint: str) -> bool:
@@ -72,7 +196,7 @@ def local_address_towards(host: str) -> str:
     probe = _socket.socket(family, _socket.SOCK_DGRAM)
     try:
         probe.connect((host, 9))
-        return probe.getsockname()[0]
+        return str(probe.getsockname()[0])
     except OSError:
         return "127.0.0.1"
     finally:

@@ -1,0 +1,96 @@
+"""Turn a refused ZeroMQ handshake into an :class:`~sqm.errors.AuthError` promptly.
+
+A refused CURVE peer gets no message from ZeroMQ, only silence, so without
+this a caller would wait for its full timeout and see ``Timeout``. The
+socket monitor reports the handshake outcome within milliseconds:
+
+- ``EVENT_HANDSHAKE_FAILED_AUTH``: the server's ZAP handler said no (our key
+  is not in its lists);
+- ``EVENT_HANDSHAKE_FAILED_NO_DETAIL``: the CURVE handshake broke (usually a
+  wrong server key, or we have no key and the server wants one);
+- ``EVENT_HANDSHAKE_FAILED_PROTOCOL``: a security mechanism mismatch (one end
+  CURVE, the other not) or a peer that does not speak ZMTP properly.
+
+:func:`classify` is pure; :class:`HandshakeWatch` wraps a blocking socket.
+Asyncio users read the monitor socket themselves and call :func:`classify`.
+"""
+
+from __future__ import annotations
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from ..errors import AuthError
+
+#: The monitor events the watch listens to.
+HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+)
+
+
+def classify(event: int, value: int, endpoint: str) -> AuthError | None:
+    """The error a handshake monitor event means for a client, or None if it is not one."""
+    where = endpoint or "the server"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return AuthError(f"{where} refused our key (ZAP status {value}): "
+                         "it is not in the server's senders/workers/admins lists")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+        return AuthError(f"security handshake with {where} failed: "
+                         "wrong server key, or the server needs a key and we gave none")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return AuthError(f"security handshake with {where} failed: "
+                         "one end uses CURVE and the other does not (check --secret-key/--server-key)")
+    return None
+
+
+class HandshakeWatch:
+    """Follow the handshakes of one client socket (all its connections).
+
+    ``check()`` never blocks; ``wait(timeout)`` blocks until a handshake
+    succeeded (True), failed (raises AuthError) or the time ran out (False).
+    Make it before ``connect`` so no event is missed.
+    """
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self.monitor: zmq.Socket = sock.get_monitor_socket(HANDSHAKE_EVENTS)
+        self._sock = sock
+        self.succeeded = False
+
+    def _take(self) -> None:
+        frames = self.monitor.recv_multipart()
+        msg = parse_monitor_message(frames)
+        event = int(msg["event"])
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.succeeded = True
+            return
+        endpoint = msg["endpoint"]
+        error = classify(event, int(msg["value"]),
+                         endpoint.decode(errors="replace") if isinstance(endpoint, bytes) else str(endpoint))
+        if error is not None:
+            raise error
+
+    def check(self) -> bool:
+        """Read pending events: raise AuthError on a failed handshake; True once one succeeded."""
+        while self.monitor.poll(0):
+            self._take()
+        return self.succeeded
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to ``timeout`` s for the first handshake outcome."""
+        if self.check():
+            return True
+        if self.monitor.poll(int(timeout * 1000)):
+            self._take()
+            self.check()
+        return self.succeeded
+
+    def close(self) -> None:
+        """Stop monitoring (the watched socket stays open)."""
+        try:
+            self._sock.disable_monitor()
+        except zmq.ZMQError:
+            pass  # the socket was closed first
+        self.monitor.close(linger=0)
