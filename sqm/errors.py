@@ -104,3 +104,7 @@ class BrokerUnreachable(SQMError, ConnectionError):
     refuses connections (a tcp endpoint ends in :class:`Timeout` instead,
     whose message says no broker was reached).
     """
+
+
+class LockHeld(SQMError):
+    """A task pool ``spawn`` found its lockfile held by another live task; nothing was started."""

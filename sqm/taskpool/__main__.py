@@ -1,0 +1,5 @@
+"""``python -m sqm.taskpool ...`` is ``sqm pool ...``."""
+
+from .cli import run
+
+run()
