@@ -14,6 +14,7 @@ run left behind (``sweep_stale``) without touching a live run's namespaces.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import random
 import re
@@ -27,6 +28,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent.parent
 PREFIX = "sqmt"
@@ -245,6 +247,15 @@ class Host:
             ["ip", "netns", "exec", self.name, *argv], env=self.env(env), cwd=REPO,
             capture_output=True, text=True, timeout=timeout, check=False,
         )
+
+    def status(self, queue: str, endpoint: str, timeout: float = 2.0) -> dict[str, Any] | None:
+        """``sqm status QUEUE --json`` asked from this host; None while sqm does not answer."""
+        done = self.call([sys.executable, "-m", "sqm", "status", queue, "--endpoint", endpoint,
+                          "--json", "--timeout", str(timeout)], timeout=timeout + 30)
+        if done.returncode != 0:
+            return None
+        found: dict[str, Any] = json.loads(done.stdout)
+        return found
 
     def probe_tcp(self, addr: str, port: int, timeout: float = 1.0) -> str:
         """Try a TCP connection from this host: "ok", "refused", "timeout" or the error."""

@@ -1,0 +1,86 @@
+"""sqm across hosts: each process on its own network namespace (tests/system/hosts.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from tests.conftest import read_log, wait_for
+from tests.system.hosts import Host, HostProc, Network
+
+PORT = 5555
+
+# Sends one rpc, prints its result as JSON, then holds the Sender open (and so
+# its mailbox) until a line arrives on stdin.
+RPC_SENDER = """
+import json, sys
+from sender import Sender
+with Sender("q", endpoint=sys.argv[1], timeout=15) as s:
+    print(json.dumps(s.rpc("record", {"from": sys.argv[2]})), flush=True)
+    sys.stdin.readline()
+"""
+
+
+def alive_or_fail(proc: HostProc) -> None:
+    if proc.popen.poll() is not None:
+        raise AssertionError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.stderr}")
+
+
+def tcp_peers(host: Host) -> set[tuple[str, int]]:
+    """Remote (address, port) of the host's established TCP connections."""
+    out = host.call(["ss", "-Htn", "state", "established"]).stdout
+    peers = set()
+    for line in out.splitlines():
+        match = re.search(r"\s(\d+\.\d+\.\d+\.\d+):(\d+)\s*$", line)
+        if match:
+            peers.add((match.group(1), int(match.group(2))))
+    return peers
+
+
+def test_rpc_across_three_hosts(net: Network) -> None:
+    """Broker on A, worker on B, Sender on C: the reply needs C's mailbox reachable from B."""
+    a, b, c = net(3)
+    endpoint = f"tcp://{a.addr}:{PORT}"
+    # TODO(security): add --insecure here once `sqm serve` refuses non-loopback
+    # tcp binds without --secret-key.
+    broker = a.sqm("serve", "q", "--endpoint", endpoint, "--heartbeat", "0.2")
+
+    def answering() -> bool:
+        alive_or_fail(broker)
+        return c.status("q", endpoint, timeout=1.0) is not None
+
+    wait_for(answering, 20, "sqm on host A answering host C")
+    worker = b.sqm("worker", "tests.apps:callbacks", "--queue", "q", "--endpoint", endpoint,
+                   "--heartbeat", "0.2")
+
+    def registered() -> bool:
+        alive_or_fail(worker)
+        st = c.status("q", endpoint, timeout=1.0)
+        return st is not None and st["workers_current"] == 1
+
+    wait_for(registered, 20, "the worker on host B registered with sqm on host A")
+
+    sender = c.python("-c", RPC_SENDER, endpoint, c.label, name="sender", stdin=True)
+
+    def replied() -> bool:
+        alive_or_fail(sender)
+        return bool(sender.stdout.strip())
+
+    wait_for(replied, 30, f"the rpc's reply on host C; sender stderr:\n{sender.stderr}")
+    reply = json.loads(sender.stdout)
+    assert reply["payload"] == {"from": c.label}
+    # The worker on B handled it (its own log, in B's run directory)...
+    handled = read_log(b.rundir / "handled.jsonl")
+    assert [(r["kind"], r["payload"], r["pid"]) for r in handled] == [
+        ("record", {"from": c.label}, reply["pid"])
+    ]
+    # ...and answered straight to the Sender's mailbox on C, not through A: B holds
+    # a connection to C's address (C's own broker connection goes to A's port).
+    b_peers = tcp_peers(b)
+    assert (a.addr, PORT) in b_peers
+    mailbox_peers = {(addr, port) for addr, port in b_peers if addr == c.addr}
+    assert mailbox_peers, f"B has no connection to C's mailbox; B's peers: {b_peers}"
+    assert (a.addr, PORT) in tcp_peers(c)
+
+    sender.write("done\n")
+    assert sender.wait(15) == 0, sender.stderr
