@@ -279,7 +279,7 @@ def _systems() -> dict[str, System]:
 def sqm_unavailable() -> str | None:
     """Why the sqm systems cannot run (``None`` if they can)."""
     try:
-        importlib.import_module("sqm.cli")
+        importlib.import_module("sqm.admin")
         s = importlib.import_module("sender")
         w = importlib.import_module("worker")
         for mod, attr in ((s, "Sender"), (s, "AsyncSender"), (w, "Worker")):
@@ -352,7 +352,7 @@ def _status_reader(system: System, endpoint: str, wl: Workload) -> Callable[[], 
     worker (exact while nothing runs).
     """
     if system.uses_sqm_broker:
-        from sqm.cli import fetch_status
+        from sqm.admin import fetch_status
         from sqm.config import resolve
 
         settings = resolve(QUEUE, endpoint=endpoint)

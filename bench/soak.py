@@ -361,7 +361,7 @@ class Soak:
         return child
 
     def _status(self, timeout: float = 1.0) -> dict[str, Any] | None:
-        from sqm.cli import fetch_status
+        from sqm.admin import fetch_status
         from sqm.errors import SQMError
 
         try:

@@ -19,15 +19,23 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict, TypeVar
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, SQMError
+
+#: The longest ``ipc://`` path the kernel takes: sun_path is 108 bytes on
+#: Linux, one of them the terminating NUL.
+IPC_PATH_MAX = 107
+#: A Sender's mailbox file name, ``mbox-<16 hex>.sock``; mailboxes live next
+#: to the queue's socket (else in the run directory).
+MAILBOX_NAME_LEN = len("mbox-0123456789abcdef.sock")
 
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-ENDPOINT = re.compile(r"^(ipc://.+|tcp://[^\s/]+:(\d+|\*))$")
+ENDPOINT = re.compile(r"^(ipc://.+|tcp://[^\s/]+:(\d+|\*)|inproc://.+)$")
 
 
 def default_rundir() -> str:
@@ -73,7 +81,8 @@ def resolve_queue(queue: str | None) -> str:
 
 
 def check_endpoint(endpoint: str) -> str:
-    """Accept only ``tcp://host:port`` and ``ipc://path`` endpoints."""
+    """Accept only ``tcp://host:port`` and ``ipc://path`` endpoints (and
+    ``inproc://name``, for in-process tests on a shared zmq.Context)."""
     if not isinstance(endpoint, str) or not ENDPOINT.match(endpoint):
         raise ConfigError(
             f"invalid endpoint {endpoint!r}: expected tcp://HOST:PORT or ipc:///path"
@@ -113,6 +122,8 @@ class QueueSettings:
     rundir: str
     options: dict[str, Any] = field(default_factory=dict)
     endpoints: tuple[str, ...] = ()
+    #: Where ``endpoint`` came from, for error messages ("$SQM_RUNDIR", ...).
+    origin: str = "the endpoint argument"
 
     def __post_init__(self) -> None:
         if not self.endpoints:
@@ -149,14 +160,116 @@ def resolve(
         raise ConfigError(f"config: queues.{name} must be a mapping")
     options = {k: v for k, v in data.items() if k != "queues"}
     options.update(section)
-    rundir = os.environ.get("SQM_RUNDIR") or options.get("rundir") or default_rundir()
+    if os.environ.get("SQM_RUNDIR"):
+        rundir, rundir_origin = os.environ["SQM_RUNDIR"], "$SQM_RUNDIR"
+    elif options.get("rundir"):
+        rundir, rundir_origin = options["rundir"], "the config's rundir"
+    else:
+        rundir, rundir_origin = default_rundir(), "the default run directory"
     rundir = os.path.abspath(str(rundir))
-    chosen = (
-        endpoint
-        or os.environ.get("SQM_ENDPOINT")
-        or section.get("endpoint")
-        or data.get("endpoint")
-        or f"ipc://{os.path.join(rundir, name + '.sock')}"
-    )
+    candidates: list[tuple[Any, str]] = [
+        (endpoint, "the endpoint argument"),
+        (os.environ.get("SQM_ENDPOINT"), "$SQM_ENDPOINT"),
+        (section.get("endpoint"), f"the config's queues.{name}.endpoint"),
+        (data.get("endpoint"), "the config's endpoint"),
+        (f"ipc://{os.path.join(rundir, name + '.sock')}", rundir_origin),
+    ]
+    chosen, origin = next((value, where) for value, where in candidates if value)
     endpoints = split_endpoints(chosen)
-    return QueueSettings(name, endpoints[0], rundir, options, endpoints)
+    return QueueSettings(name, endpoints[0], rundir, options, endpoints, origin)
+
+
+# ------------------------------------------------------------ ipc paths
+
+
+def ipc_path_fits(path: str) -> bool:
+    """True when ``path`` (a file path or an ``ipc://`` endpoint) fits the kernel's limit."""
+    if path.startswith("ipc://"):
+        path = path[len("ipc://"):]
+    return len(os.fsencode(os.path.abspath(path))) <= IPC_PATH_MAX
+
+
+def mailbox_dir_fits(directory: str) -> bool:
+    """True when a Sender's mailbox file in ``directory`` fits the ipc path limit."""
+    return ipc_path_fits(os.path.join(directory, "m" * MAILBOX_NAME_LEN))
+
+
+def prepare_ipc(settings: QueueSettings) -> None:
+    """Check, before sqm binds, that its ipc socket and its senders' mailboxes can exist.
+
+    Creates the socket's directory (private to this user) and raises
+    :class:`ConfigError` naming where the path came from (``$SQM_RUNDIR``,
+    the config, ...) when it cannot be created or a path would be too long
+    for the kernel: otherwise sqm would start and every sender would fail.
+    """
+    if not settings.bind.startswith("ipc://"):
+        return
+    path = os.path.abspath(settings.bind[len("ipc://"):])
+    directory = os.path.dirname(path)
+    where = f"(from {settings.origin})"
+    if not ipc_path_fits(path):
+        raise ConfigError(
+            f"ipc path {path} {where} is {len(os.fsencode(path))} bytes, over the kernel's "
+            f"limit of {IPC_PATH_MAX}: choose a shorter directory or queue name"
+        )
+    if settings.endpoint == settings.bind and not (
+        mailbox_dir_fits(directory) or mailbox_dir_fits(settings.rundir)
+    ):
+        room = IPC_PATH_MAX - MAILBOX_NAME_LEN - 1
+        raise ConfigError(
+            f"directory {directory} {where} is too long for sender mailboxes "
+            f"(mbox-<id>.sock must fit in {IPC_PATH_MAX} bytes): "
+            f"use a directory of at most {room} bytes"
+        )
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create directory {directory} {where}: {exc.strerror or exc}"
+        ) from None
+
+
+# ------------------------------------------------------------ broker limits
+
+
+class QueueLimits(TypedDict):
+    """One queue's limits, the keyword arguments of the broker's options."""
+
+    heartbeat: float
+    max_pending: int
+    max_message_size: int
+    max_deliveries: int | None
+
+
+_N = TypeVar("_N", int, float)
+
+
+def queue_limits(
+    settings: QueueSettings,
+    *,
+    heartbeat: float | None = None,
+    max_pending: int | None = None,
+    max_message_size: int | None = None,
+    max_deliveries: int | None = None,
+    default_max_message_size: int,
+) -> QueueLimits:
+    """Each limit from its option, else ``queues.<name>.KEY``, else top-level KEY, else default."""
+
+    def pick(option: _N | None, key: str, default: _N | None, cast: Callable[[Any], _N]) -> _N | None:
+        value = option if option is not None else settings.get(key, default)
+        try:
+            value = None if value is None else cast(value)
+        except (TypeError, ValueError):
+            raise SQMError(
+                f"queue {settings.queue!r}: {key} must be a number, got {value!r}"
+            ) from None
+        if value is not None and value <= 0:
+            raise SQMError(f"queue {settings.queue!r}: {key} must be positive, got {value}")
+        return value
+
+    hb = pick(heartbeat, "heartbeat", 1.0, float)
+    pending = pick(max_pending, "max_pending", 100_000, int)
+    size = pick(max_message_size, "max_message_size", default_max_message_size, int)
+    assert hb is not None and pending is not None and size is not None  # defaults are set
+    return QueueLimits(heartbeat=hb, max_pending=pending, max_message_size=size,
+                       max_deliveries=pick(max_deliveries, "max_deliveries", None, int))

@@ -24,6 +24,21 @@ CRASH_WINDOW_S = 2.0
 MAX_QUICK_CRASHES = 5
 
 
+def sqm_command(*args: str) -> list[str]:
+    """The argv that runs this very sqm's CLI with ``args`` in a child process.
+
+    Not ``python -m sqm``: that puts the current directory first on
+    sys.path, so a user's own ``sqm.py``, ``worker.py`` or ``sender.py``
+    there would be imported instead of ours. The child puts the directory
+    holding this sqm first instead (``sqm worker`` still imports the user's
+    MODULE from the current directory).
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    boot = (f"import sys; sys.path[0] = {root!r}; sys.argv[0] = 'sqm'; "
+            "from sqm.cli import main; main()")
+    return [sys.executable, "-c", boot, *args]
+
+
 def die_with_parent() -> None:
     """In a child: get SIGTERM when the parent dies; exit now if it already did."""
     parent = os.environ.get(PARENT_ENV)

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from sqm.cli import fetch_status
+from sqm.admin import fetch_status
 from sqm.config import resolve
 from sqm.errors import SQMError
 

@@ -1,0 +1,128 @@
+"""Talking to a running sqm as an operator: status, workers and control commands.
+
+The CLI, the tests and the benchmarks all use :class:`AdminClient`, so the
+admin side of docs/PROTOCOL.md (STATUS, CONTROL) is written once. Each
+request opens a short-lived DEALER, sends one request and waits for the one
+answer. A new control command is one method calling :meth:`AdminClient.control`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import zmq
+
+from . import protocol
+from .config import QueueSettings
+from .errors import SQMError
+from .sockets import ipc_listener_alive, make_socket
+
+DEFAULT_TIMEOUT = 3.0
+
+#: A JSON object as sqm sends it (docs/PROTOCOL.md, STATUS and CONTROL).
+Answer = dict[str, Any]
+
+
+def require_broker(settings: QueueSettings) -> None:
+    """Fail fast when an ipc endpoint has no broker behind it (tcp cannot tell)."""
+    if settings.endpoint.startswith("ipc://") and not ipc_listener_alive(settings.endpoint):
+        raise SQMError(
+            f"no sqm is serving queue {settings.queue!r} at {settings.endpoint} "
+            f"(start it with: sqm serve {settings.queue})"
+        )
+
+
+class AdminClient:
+    """Operator requests to the sqm serving ``settings`` (its first endpoint).
+
+    Every method waits at most ``timeout`` seconds and raises :class:`SQMError`
+    when nothing answers or sqm refuses the command (with sqm's own reason).
+    """
+
+    def __init__(self, settings: QueueSettings, timeout: float = DEFAULT_TIMEOUT,
+                 ctx: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
+        self.settings = settings
+        self.timeout = timeout
+        self.ctx = ctx
+
+    # -------------------------------------------------------------- commands
+
+    def status(self) -> Answer:
+        """The queue's live metrics (STATUS), as `sqm status --json` prints them."""
+        return self.request(protocol.STATUS, None)
+
+    def workers(self) -> list[dict[str, Any]]:
+        """One dict per registered worker (id, host, pid, state, ...)."""
+        workers: list[dict[str, Any]] = self.control("workers")["workers"]
+        return workers
+
+    def drain(self) -> Answer:
+        """Stop dispatching; pending messages stay. The answer has ``pending``."""
+        return self.control("drain")
+
+    def resume(self) -> Answer:
+        """Dispatch again after :meth:`drain`. The answer has ``pending``."""
+        return self.control("resume")
+
+    def purge(self) -> Answer:
+        """Drop every pending message (each sender gets Purged). The answer has ``purged``."""
+        return self.control("purge")
+
+    def stop_worker(self, worker_id: str) -> Answer:
+        """Ask one worker to finish its message and exit 0."""
+        return self.control("stop-worker", id=worker_id)
+
+    def shutdown(self) -> Answer:
+        """Stop the broker as SIGTERM would."""
+        return self.control("shutdown")
+
+    # -------------------------------------------------------------- plumbing
+
+    def control(self, cmd: str, **args: Any) -> Answer:
+        """Send control command ``cmd`` with ``args`` (docs/PROTOCOL.md, CONTROL)."""
+        body = json.dumps({"cmd": cmd, **args}).encode()
+        reply = self.request(protocol.CONTROL, body)
+        if not reply.get("ok"):
+            raise SQMError(reply.get("error", "sqm refused the command"))
+        return reply
+
+    def request(self, command: bytes, body: bytes | None) -> Answer:
+        """One request/answer over a short-lived DEALER: the decoded JSON answer."""
+        require_broker(self.settings)
+        sock = self._socket()
+        try:
+            sock.connect(self.settings.endpoint)
+            sock.send_multipart([protocol.SIGNATURE, command] + ([body] if body is not None else []))
+            deadline = time.monotonic() + self.timeout
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
+                    raise SQMError(f"no answer from sqm at {self.settings.endpoint} "
+                                   f"within {self.timeout} s")
+                frames = sock.recv_multipart()
+                if len(frames) == 3 and frames[:2] == [protocol.SIGNATURE, command]:
+                    answer: Answer = json.loads(frames[2])
+                    return answer
+        finally:
+            sock.close(0)
+
+    def _socket(self) -> zmq.Socket[bytes]:
+        """The DEALER for one request (where transport keys will be applied)."""
+        return make_socket(self.ctx or zmq.Context.instance(), zmq.DEALER, linger_ms=0)
+
+
+def fetch_status(settings: QueueSettings, timeout: float = DEFAULT_TIMEOUT) -> Answer:
+    """Ask the broker for its status (STATUS)."""
+    return AdminClient(settings, timeout).status()
+
+
+def control_request(settings: QueueSettings, request: dict[str, Any],
+                    timeout: float = DEFAULT_TIMEOUT) -> Answer:
+    """Send one control command given as a dict (``{"cmd": ..., ...}``) and return sqm's answer.
+
+    Raises SQMError with sqm's own explanation when it refuses the command.
+    """
+    args = dict(request)
+    return AdminClient(settings, timeout).control(str(args.pop("cmd")), **args)

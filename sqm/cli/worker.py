@@ -1,0 +1,136 @@
+"""``sqm worker MODULE:ATTR``: run one worker, or a supervised pool of them."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .. import logs, pool
+from ..config import resolve
+from ..errors import SQMError
+from .options import (
+    config_option,
+    endpoint_option,
+    log_format_option,
+    log_level_option,
+    one_line_errors,
+)
+
+log = logging.getLogger("sqm.cli")
+
+#: Top-level packages this distribution installs next to each other.
+OWN_PACKAGES = ("sqm", "sender", "worker")
+_SQM_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _where(exc: BaseException) -> str:
+    """Where the user's code raised ``exc``: " (FILE, line N)", or "" if unknown."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f" ({exc.filename}, line {exc.lineno})"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(("<frozen ", _SQM_DIR))]
+    return f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+
+
+def load_target(target: str) -> Any:
+    """Import MODULE:ATTR (ATTR may be dotted) from the current directory or sys.path.
+
+    A module that fails to import is reported in one line that points at the
+    user's own code; ``--log-level debug`` logs the full traceback first.
+    """
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise SQMError(f"expected MODULE:ATTR, got {target!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's module is reported
+        log.debug("importing %s failed", module_name, exc_info=True)
+        if isinstance(exc, ImportError) and exc.name == module_name:
+            raise SQMError(f"cannot import {module_name!r}: {exc}") from None
+        detail = exc.msg if isinstance(exc, SyntaxError) else str(exc)
+        raise SQMError(f"cannot import {module_name!r}: {type(exc).__name__}: {detail}"
+                       f"{_where(exc)}") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            hint = ""
+            if module_name.partition(".")[0] in OWN_PACKAGES:
+                hint = f" ({module_name!r} is sqm's own package: rename your module)"
+            raise SQMError(f"{module_name!r} has no attribute {attr!r}{hint}") from None
+    return obj
+
+
+@click.command("worker")
+@click.argument("target", metavar="MODULE:ATTR")
+@click.option("--queue", "-q", help="Queue to serve (default: $SQM_QUEUE, or the Worker's own).")
+@click.option("--processes", "-n", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Worker processes to run under one supervising parent.")
+@endpoint_option
+@config_option
+@click.option("--allow-pickle", is_flag=True, help="Accept pickle payloads (runs code!).")
+@click.option("--heartbeat", type=float, default=None, help="Seconds between heartbeats [1.0].")
+@click.option("--prefetch", type=click.IntRange(1, 10_000), default=1, show_default=True,
+              help="Messages sqm may hand each worker at once (more throughput, "
+              "head-of-line blocking).")
+@click.option("--concurrency", "-c", type=click.IntRange(1, 10_000), default=None,
+              help="Callbacks each worker runs at once: async def ones as asyncio tasks, "
+              "plain ones in threads [1, or the Worker's own].")
+@log_level_option
+@log_format_option
+@one_line_errors
+def worker(target: str, queue: str | None, processes: int, endpoint: str | None,
+           config: str | None, allow_pickle: bool, heartbeat: float | None,
+           prefetch: int, concurrency: int | None, log_level: str,
+           log_format: str) -> None:
+    """Run workers from a callbacks dict (or a Worker) found at MODULE:ATTR.
+
+    With --processes N, a parent starts N worker processes, restarts any that
+    die, forwards SIGTERM/SIGINT to them and exits when they all have.
+    """
+    from worker import Worker
+
+    logs.setup(log_level, log_format)
+    obj = load_target(target)
+    overrides = (queue or endpoint or config or heartbeat or allow_pickle or prefetch != 1
+                 or concurrency is not None)
+    callbacks: dict[str, Callable[..., Any]]
+    if isinstance(obj, Worker):
+        if processes == 1 and not overrides:
+            pool.die_with_parent()
+            obj.run()  # the Worker exactly as the module configured it
+            return
+        callbacks = dict(obj._callbacks)
+        queue = queue or obj.queue
+        concurrency = concurrency or obj.concurrency
+    elif isinstance(obj, dict):
+        callbacks = obj
+    else:
+        raise SQMError(f"{target} is neither a dict of callbacks nor a Worker")
+    if not callbacks:
+        raise SQMError(f"{target} defines no callbacks")
+    resolve(queue, endpoint=endpoint, config=config)  # fail here, not in N children
+    if processes > 1:
+        argv = pool.sqm_command("worker", target, "--processes", "1",
+                                "--log-level", log_level, "--log-format", log_format)
+        for flag, value in (("--queue", queue), ("--endpoint", endpoint), ("--config", config),
+                            ("--heartbeat", heartbeat and str(heartbeat))):
+            if value:
+                argv += [flag, value]
+        if allow_pickle:
+            argv.append("--allow-pickle")
+        argv += ["--prefetch", str(prefetch), "--concurrency", str(concurrency or 1)]
+        sys.exit(pool.Pool(argv, processes).run())
+    pool.die_with_parent()
+    Worker(queue, callbacks=callbacks, endpoint=endpoint, config=config,
+           allow_pickle=allow_pickle, heartbeat=heartbeat, prefetch=prefetch,
+           concurrency=concurrency or 1).run()
