@@ -35,6 +35,7 @@ PREFIX = "sqmt"
 _OWNED = re.compile(rf"^{PREFIX}-(\d+)-")
 _SWITCH_PORT = "br0"  # the bridge inside the switch namespace
 _HOST_NIC = "eth0"  # each host's end of its veth pair
+WORKDIR_PARENT = "/tmp"  # short paths: ipc socket paths must stay under ~100 bytes
 _pause = threading.Event().wait  # polling interval while waiting on a condition
 
 # One random /24 per test session (10.231.N.0/24), so two runs never share one
@@ -121,14 +122,20 @@ def remove_namespace(name: str, timeout: float = 10.0) -> None:
         raise HarnessError(f"namespace {name} could not be deleted")
 
 
+def _stale(name: str) -> bool:
+    pid = owner_pid(name)
+    return pid is not None and pid != os.getpid() and not alive(pid)
+
+
 def sweep_stale() -> list[str]:
-    """Remove namespaces left by earlier test runs whose process is gone; return them."""
-    stale = [
-        name for name in namespaces()
-        if (pid := owner_pid(name)) is not None and pid != os.getpid() and not alive(pid)
-    ]
+    """Remove namespaces (and work directories) left by earlier test runs whose
+    process is gone; return the namespaces removed."""
+    stale = [name for name in namespaces() if _stale(name)]
     for name in stale:
         remove_namespace(name)
+    for workdir in Path(WORKDIR_PARENT).glob(f"{PREFIX}-*"):
+        if workdir.is_dir() and _stale(workdir.name):
+            shutil.rmtree(workdir, ignore_errors=True)
     return stale
 
 
@@ -311,7 +318,7 @@ class Network:
         self.switch = f"{self.base}-sw"
         self.hosts: list[Host] = []
         self.created: list[str] = []  # namespaces made so far, for close()
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-net-", dir="/tmp"))
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.base}-", dir=WORKDIR_PARENT))
         self.closed = False
         Network._open.append(self)
         try:

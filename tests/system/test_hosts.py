@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from tests.conftest import wait_for
 from tests.system.hosts import (
     REPO,
+    WORKDIR_PARENT,
     HarnessError,
     Host,
     HostProc,
@@ -281,18 +283,26 @@ def test_sweep_removes_only_namespaces_of_dead_runs() -> None:
     dead_ns = f"sqmt-{dead_pid}-1-h1"
     live_ns = f"sqmt-{live.pid}-1-h1"
     mine = f"sqmt-{os.getpid()}-999-h1"
+    dirs = {name: Path(WORKDIR_PARENT, f"sqmt-{pid}-1-test") for name, pid in
+            (("dead", dead_pid), ("live", live.pid), ("mine", os.getpid()))}
     try:
         for name in (dead_ns, live_ns, mine):
             ip("netns", "add", name)
+        for path in dirs.values():
+            path.mkdir()
         swept = sweep_stale()
         assert dead_ns in swept
         left = namespaces()
         assert dead_ns not in left
         assert live_ns in left and mine in left
         assert live_ns not in swept and mine not in swept
+        assert not dirs["dead"].exists()
+        assert dirs["live"].exists() and dirs["mine"].exists()
     finally:
         live.kill()
         live.wait()
+        for path in dirs.values():
+            shutil.rmtree(path, ignore_errors=True)
         for name in (dead_ns, live_ns, mine):
             if name in namespaces():
                 remove_namespace(name)
