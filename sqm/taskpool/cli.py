@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from .pool import RESTART_POLICIES, Task, TaskPool, default_pool_path, matches
-from .supervisor import signal_number
+from .signals import signal_number
 
 
 def pairs(values: tuple[str, ...], what: str) -> dict[str, str]:

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..config import default_rundir
 from ..errors import LockHeld, SQMError, Timeout
+from .signals import signal_number
 from .store import LIVE_STATES, PoolDir, connect, pid_alive, read_line, request
 
 BEHAVIORS = ("foreground", "background", "daemon")
@@ -119,9 +120,7 @@ class Task:
 
         False when no child is running (the task exited or is between restarts).
         """
-        answer = self._ask({"op": "kill", "signal": sig})
-        if answer is not None and answer.get("error", "").startswith("ValueError"):
-            raise ValueError(answer["error"])
+        answer = self._ask({"op": "kill", "signal": signal_number(sig)})
         return bool(answer and answer.get("ok"))
 
     def terminate_supervisor(self, timeout: float = 10.0) -> int | None:

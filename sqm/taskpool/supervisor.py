@@ -28,6 +28,7 @@ import time
 import traceback
 from typing import Any
 
+from .signals import signal_number
 from .store import PoolDir, process_start, rss_of, short_path
 
 FOLLOW_BACKLOG_MAX = 8 * 1024 * 1024
@@ -39,21 +40,6 @@ def die_with_parent(sig: int) -> None:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
-
-
-def signal_number(value: str | int) -> int:
-    """``"INT"``, ``"SIGINT"``, ``"2"`` or ``2`` -> 2; ValueError for anything else."""
-    if isinstance(value, int):
-        return int(signal.Signals(value))
-    text = value.strip().upper()
-    if text.isdigit():
-        return int(signal.Signals(int(text)))
-    if not text.startswith("SIG"):
-        text = "SIG" + text
-    try:
-        return int(signal.Signals[text])
-    except KeyError:
-        raise ValueError(f"unknown signal {value!r}") from None
 
 
 class Conn:
@@ -269,11 +255,15 @@ class Supervisor:
         self.ring += chunk
         if len(self.ring) > self.max_output:
             del self.ring[: len(self.ring) - self.max_output]
-        limit = self.config["output_file_bytes"]
-        if self.out_size and self.out_size + len(chunk) > limit:
-            self.rotate()
-        os.write(self.out_fd, chunk)
-        self.out_size += len(chunk)
+        limit = max(1, self.config["output_file_bytes"])
+        view = memoryview(chunk)
+        while view:
+            if self.out_size >= limit:
+                self.rotate()
+            part = view[: limit - self.out_size]
+            os.write(self.out_fd, part)
+            self.out_size += len(part)
+            view = view[len(part):]
         for conn in list(self.conns.values()):
             if conn.mode == "follow":
                 if len(conn.outbuf) > FOLLOW_BACKLOG_MAX:
