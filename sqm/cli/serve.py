@@ -8,7 +8,7 @@ import os
 import click
 
 from .. import __version__, logs, protocol
-from ..config import queue_limits, resolve
+from ..config import prepare_ipc, queue_limits, resolve
 from ..errors import SQMError
 from .options import config_option, log_format_option, log_level_option, one_line_errors
 
@@ -104,6 +104,7 @@ def serve(
                 f"queue {st.queue!r} has {len(st.endpoints)} endpoints ({', '.join(st.endpoints)}); "
                 "one sqm serves one of them: choose it with --endpoint"
             )
+        prepare_ipc(st)
     opts = [
         BrokerOptions(**queue_limits(
             st, heartbeat=heartbeat, max_pending=max_pending, max_message_size=max_message_size,

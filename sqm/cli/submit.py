@@ -71,8 +71,11 @@ def _error_json(exc: Exception) -> dict[str, Any]:
 @click.option("--retries", type=int, default=0, show_default=True, help="Other workers to try if one dies.")
 @click.option("--oneway", is_flag=True, help="Expect no reply (prints the message id).")
 @click.option(
-    "--serializer", default="cbor", show_default=True, help="Payload encoding on the wire."
+    "--serializer", default="cbor", show_default=True,
+    help="Payload encoding on the wire: cbor, json, yaml or pickle (with --allow-pickle).",
 )
+@click.option("--allow-pickle", is_flag=True,
+              help="Allow the pickle serializer (the worker must allow it too; runs code!).")
 @click.option(
     "--concurrency", type=int, default=100, show_default=True, help="Messages in flight with --input."
 )
@@ -86,6 +89,7 @@ def submit(
     retries: int,
     oneway: bool,
     serializer: str,
+    allow_pickle: bool,
     concurrency: int,
 ) -> None:
     """Send METHOD with a JSON payload to QUEUE and print the reply as JSON.
@@ -102,9 +106,9 @@ def submit(
         raise SQMError("give either a JSON argument or --input, not both")
     settings = resolve(queue, endpoint=endpoint, config=config)
     require_broker(settings)
-    serializers.get(serializer)
+    serializers.get(serializer, allow_pickle=allow_pickle)
     with Sender(settings.queue, endpoint=settings.endpoints, config=config,
-                serializer=serializer, timeout=timeout) as s:
+                serializer=serializer, timeout=timeout, allow_pickle=allow_pickle) as s:
         if input_file is None:
             payload = _parse_json(payload_text, "JSON argument") if payload_text else None
             if oneway:
