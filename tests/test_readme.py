@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +66,93 @@ def test_example_config_resolves_as_documented(monkeypatch):
     assert (resize.endpoint, resize.bind) == ("tcp://127.0.0.1:5555", "tcp://*:5555")
     assert resize.get("max_pending") == 5000 and resize.get("heartbeat") == 1.0
     assert resolve("reports", config=conf).endpoint == "ipc:///tmp/sqm-example/reports.sock"
+
+
+# ---------------------------------------------------------------- Command line section
+
+
+def readme_section(title: str) -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end]
+
+
+def test_readme_named_python_files_pass_the_projects_ruff():
+    """Saved in the repo root as named, every README file passes `ruff check .` (I001...)."""
+    text = (REPO / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S)
+              if re.match(r"# \w+\.py\n", b)]
+    assert len(blocks) >= 2
+    ruff = Path(sys.executable).parent / "ruff"
+    for block in blocks:
+        name = block.splitlines()[0][2:]
+        out = subprocess.run(
+            [str(ruff), "check", "--config", str(REPO / "pyproject.toml"),
+             "--stdin-filename", str(REPO / name), "-"],
+            input=block, capture_output=True, text=True, timeout=30,
+        )
+        assert out.returncode == 0, f"{name}:\n{out.stdout}{out.stderr}"
+
+
+def test_readme_command_rows_list_every_option_of_their_command():
+    """Each command's rows in the table name exactly its options (as --help lists them);
+    --endpoint/--config are said once above the table, except for serve."""
+    from sqm.cli import main
+
+    rows: dict[str, set[str]] = {}
+    for row in re.findall(r"^\| `(sqm .*?)` \|", readme_section("Command line"), re.M):
+        for usage in row.split("` / `"):
+            name = usage.split()[1]
+            rows.setdefault(name, set()).update(re.findall(r"--[a-z][a-z-]*", usage))
+    assert set(rows) == set(main.commands), "a command without a row, or a row without one"
+    for name, command in main.commands.items():
+        options = {o for p in command.params for o in p.opts if o.startswith("--")}
+        options.discard("--help")
+        if name != "serve":
+            options -= {"--endpoint", "--config"}
+        assert rows[name] == options, (name, rows[name] ^ options)
+
+
+def test_readme_command_line_examples_run_outside_the_repo(cluster, rundir):
+    """The section's sh block, line by line, from a directory outside the repo with
+    only sqm's own packages importable (not tests.*), as a user with the venv active."""
+    block = re.search(r"```sh\n(.*?)```", readme_section("Command line"), re.S)
+    assert block is not None
+    lines = [line for line in block.group(1).splitlines() if line.strip()]
+    assert lines[0].startswith(". .venv/bin/activate")
+    assert (REPO / ".venv" / "bin" / "activate").exists() or "VIRTUAL_ENV" not in os.environ
+    site = rundir / "site"  # sqm's packages only, so tests.apps cannot be found
+    site.mkdir()
+    for package in ("sqm", "sender", "worker"):
+        (site / package).symlink_to(REPO / package)
+    outside = rundir / "elsewhere"
+    outside.mkdir()
+    env = dict(cluster.env, PYTHONPATH=str(site),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    assert subprocess.run([sys.executable, "-c", "import tests.apps"], cwd=outside, env=env,
+                          capture_output=True, timeout=30).returncode != 0  # the probe holds
+    cluster.serve("myqueue")
+    background = [line for line in lines[1:] if line.rstrip().endswith("&")]
+    assert len(background) == 1 and "--processes 4" in background[0]
+    worker = subprocess.Popen(["bash", "-c", "exec " + background[0].rstrip(" &")], cwd=outside,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              start_new_session=True)
+    try:
+        cluster.wait_workers("myqueue", 4, timeout=30)
+        outputs = []
+        for line in lines[1:]:
+            if line in background:
+                continue
+            command, _, comment = line.partition("  #")
+            out = subprocess.run(["bash", "-c", command], cwd=outside, env=env,
+                                 capture_output=True, text=True, timeout=30)
+            assert out.returncode == 0, f"{command}: {out.stderr}"
+            if "prints " in comment:
+                assert out.stdout.strip() == comment.split("prints ")[1].strip(), command
+            outputs.append(out.stdout)
+        assert outputs[1].split() == ["3", "7"]  # the --input line
+        assert json.loads(outputs[2])["workers_current"] == 4  # status --json
+    finally:
+        os.killpg(worker.pid, 15)
+        worker.wait(15)
