@@ -140,9 +140,10 @@ def sweep_stale_sockets(rundir: str) -> list[str]:
     """Remove socket files in ``rundir`` nobody listens on; return their paths.
 
     Only unix socket files (never regular files or symlinks) owned by this
-    user are touched, and only when a connect is refused. The file is
-    unlinked only if it is still the same inode it was before the probe, so
-    a socket re-bound meanwhile by a starting process is left alone.
+    user are touched, and only when a connect is refused. A file re-bound by
+    a starting process between our probe and our unlink must survive, so a
+    dead-looking file is first renamed aside and probed again there: still
+    dead, it is removed; alive after all, it is linked back to its name.
     """
     removed: list[str] = []
     try:
@@ -153,20 +154,27 @@ def sweep_stale_sockets(rundir: str) -> list[str]:
     for name in names:
         path = os.path.join(rundir, name)
         try:
-            before = os.lstat(path)
+            st = os.lstat(path)
         except OSError:
             continue
-        if not stat.S_ISSOCK(before.st_mode) or before.st_uid != uid:
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != uid:
             continue
         if ipc_listener_alive("ipc://" + path):
             continue
+        aside = os.path.join(rundir, f".sweep-{os.getpid()}-{name}")
         try:
-            after = os.lstat(path)
-            if (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino):
-                os.unlink(path)
-                removed.append(path)
+            os.rename(path, aside)
         except OSError:
-            continue  # gone already, or not ours to remove
+            continue  # gone already, or not ours to move
+        if ipc_listener_alive("ipc://" + aside):
+            try:
+                os.link(aside, path)  # never replaces a newer file at that name
+            except OSError:
+                pass
+            os.unlink(aside)
+            continue
+        os.unlink(aside)
+        removed.append(path)
     return removed
 
 
