@@ -31,16 +31,15 @@ def cycle_cost(n: int, workers: int, backlog: bool) -> float:
         for m in msgs:
             core.submit(now, m)
         while core.in_flight:
-            for entry in out:
-                if entry[0] == 1:
-                    core.done(now, entry[1], entry[2].id)
+            for entry in out:  # only dispatches here; [-2] and [-1] fit old and new shapes
+                core.done(now, entry[-2], entry[-1].id)
             out.clear()
     else:  # steady state: each message finds an idle worker
         for m in msgs:
             core.submit(now, m)
-            entry = out[-1]
+            rid = out[-1][-2]  # the dispatch's worker, in old and new entry shapes
             out.clear()
-            core.done(now, entry[1], m.id)
+            core.done(now, rid, m.id)
             now += 1e-4
     return (time.perf_counter() - t0) / n * 1e6
 

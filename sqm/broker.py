@@ -22,7 +22,7 @@ import zmq
 
 from . import __version__, procinfo, protocol
 from .config import QueueSettings
-from .core import OUT_BYE, OUT_DISPATCH, OUT_FAIL, OUT_HEARTBEAT, OUT_STOP, Message, QueueCore
+from .core import Bye, Dispatch, Ended, Fail, Heartbeat, Message, OutboxEntry, QueueCore, Stop
 from .errors import ConfigError
 from .journal import Journal
 from .protocol import (
@@ -118,6 +118,7 @@ class QueueServer:
         self.acks_pending = 0
         self._on_shutdown = on_shutdown
         if journal is not None:
+            self.core.track_ends = True
             self._recover(now)
 
     def _recover(self, now: float) -> None:
@@ -229,8 +230,6 @@ class QueueServer:
                 self._malformed(rid, frames, "done needs 3 frames")
             elif not self.core.done(now, rid, frames[2], cmd == DONE):
                 self._reregister(rid)
-            elif self.journal is not None:
-                self.journal.remove(self.name, frames[2])
         elif cmd == HEARTBEAT:
             if n == 3:  # from a worker's heartbeat thread, naming the worker
                 self.core.seen_id(now, frames[2].decode("utf-8", "replace"))
@@ -391,38 +390,37 @@ class QueueServer:
         self._acks.clear()
         self.acks_pending = 0
 
-    def _send_outbox(self, now: float, out: list[tuple[Any, ...]]) -> None:
+    def _send_outbox(self, now: float, out: list[OutboxEntry]) -> None:
         core = self.core
         sock = self.sock
         i = 0
         while i < len(out):  # the core may append while we send (unreachable workers)
             entry = out[i]
             i += 1
-            kind = entry[0]
-            if kind == OUT_DISPATCH:
-                rid = entry[1]
-                msg = entry[2]
+            kind = type(entry)
+            if kind is Dispatch:
+                rid, msg = entry
                 try:
                     send_more(sock, rid)
                 except zmq.ZMQError:  # EHOSTUNREACH (gone) or EAGAIN (not keeping up)
                     core.unreachable(now, rid, msg)
                     continue
                 send_frames(sock, msg.frames)
-            elif kind == OUT_FAIL:
-                msg = entry[1]
-                if self.journal is not None and msg.seq:  # it was accepted: it has ended
-                    self.journal.remove(self.name, msg.id)
+            elif kind is Fail:
+                msg, error, text = entry
                 detail = b'{"deliveries":%d}' % msg.deliveries
                 self._send(
-                    msg.origin,
-                    [SIGNATURE, ERROR, msg.id, entry[2].encode(), entry[3].encode(), detail],
+                    msg.origin, [SIGNATURE, ERROR, msg.id, error.encode(), text.encode(), detail]
                 )
-            elif kind == OUT_HEARTBEAT:
-                self._send(entry[1], self._heartbeat_frames)
-            elif kind == OUT_BYE:
-                self._send(entry[1], [SIGNATURE, BYE])
-            elif kind == OUT_STOP:
-                self._send(entry[1], [SIGNATURE, STOP])
+            elif kind is Ended:
+                if self.journal is not None:
+                    self.journal.remove(self.name, entry[0].id)
+            elif kind is Heartbeat:
+                self._send(entry[0], self._heartbeat_frames)
+            elif kind is Bye:
+                self._send(entry[0], [SIGNATURE, BYE])
+            elif kind is Stop:
+                self._send(entry[0], [SIGNATURE, STOP])
         out.clear()
 
     def _send(self, rid: bytes, frames: list[bytes]) -> None:

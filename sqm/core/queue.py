@@ -3,9 +3,9 @@
 :class:`QueueCore` holds one queue's pending messages (FIFO per priority),
 its workers' free slots (longest idle first), in-flight assignments and
 worker liveness. Every method takes ``now`` (unix seconds) as an argument;
-what the broker must send is appended to :attr:`QueueCore.outbox` as plain
-tuples, which the I/O loop (:mod:`sqm.broker`) drains after each batch of
-input. That split lets tests drive thousands of random event sequences in
+what the broker must send is appended to :attr:`QueueCore.outbox` as typed
+entries (:mod:`sqm.core.events`), which the I/O loop (:mod:`sqm.broker`)
+sends after each batch of input. That split lets tests drive thousands of random event sequences in
 milliseconds (see tests/test_core_properties.py).
 
 Invariants kept after every public call:
@@ -15,7 +15,13 @@ Invariants kept after every public call:
 - within a priority level, the message dispatched is always the oldest one
   pending (by submission order, redeliveries included);
 - every accepted message ends exactly once: completed by a worker
-  (:meth:`done`) or failed back to its originator (an ``OUT_FAIL`` entry).
+  (:meth:`done`) or failed back to its originator (a :class:`Fail` entry);
+  with :attr:`QueueCore.track_ends` set, each accepted message also gets
+  exactly one :class:`Ended` entry.
+
+Draining (an operator's "stop dispatching") is one state of the queue,
+checked in two places only: the admission fast path and
+:meth:`QueueCore._pop_pending`, through which every other dispatch passes.
 """
 
 from __future__ import annotations
@@ -25,24 +31,18 @@ from bisect import bisect_left
 from collections import deque
 from typing import Any
 
-from .metrics import BOUNDS, Histogram, MethodStats
+from ..metrics import BOUNDS, MethodStats
+from .events import COMPLETED, FAILED, Bye, Dispatch, Ended, Fail, Heartbeat, OutboxEntry, Stop
+from .stats import queue_status
+from .workers import GONE, LEAVING, READY, STOPPING, WorkerState
 
-# Outbox entry kinds. Entries are tuples whose first item is the kind:
-#   (OUT_DISPATCH, worker_rid, message)
-#   (OUT_FAIL, message, error_type, text)
-#   (OUT_HEARTBEAT, worker_rid)
-#   (OUT_BYE, worker_rid)          tell a worker to (re-)register / we stop
-#   (OUT_STOP, worker_rid)         an operator asked this worker to exit
-OUT_DISPATCH = 1
-OUT_FAIL = 2
-OUT_HEARTBEAT = 3
-OUT_BYE = 4
-OUT_STOP = 5
+_new_tuple = tuple.__new__  # builds a Dispatch without NamedTuple.__new__'s Python frame
 
 MAX_METHODS = 1000  # distinct method names tracked; the rest count as OTHER_METHOD
 OTHER_METHOD = b"(other)"
 
 PENDING, INFLIGHT, FINISHED = 0, 1, 2
+UNADMITTED = MethodStats()  # placeholder stats of a message not admitted; never reported
 LEVELS = 3  # high, normal, low
 
 
@@ -99,58 +99,11 @@ class Message:
         self.worker: WorkerState | None = None
         self.state = PENDING
         self.method = method
-        self.stats: MethodStats | None = None
+        self.stats = UNADMITTED  # its method's stats once the core admits it
         self.dispatched_at = 0.0
 
     def __repr__(self) -> str:
         return f"<Message {self.id!r} seq={self.seq} state={self.state}>"
-
-
-class WorkerState:
-    """A registered worker connection and its bookkeeping."""
-
-    __slots__ = (
-        "rid",
-        "id",
-        "info",
-        "slots",
-        "free",
-        "in_flight",
-        "registered_at",
-        "expires_at",
-        "last_sent",
-        "idle_since",
-        "busy_since",
-        "busy_s",
-        "tasks_done",
-        "alive",
-        "leaving",
-        "ttl",
-        "parked",
-        "report",
-        "stopping",
-    )
-
-    def __init__(self, rid: bytes, wid: str, info: dict[str, Any], slots: int, now: float) -> None:
-        self.rid = rid
-        self.id = wid
-        self.info = info
-        self.slots = slots
-        self.free = slots
-        self.in_flight: dict[bytes, Message] = {}
-        self.registered_at = now
-        self.expires_at = 0.0
-        self.last_sent = now
-        self.idle_since = now
-        self.busy_since = 0.0
-        self.busy_s = 0.0
-        self.tasks_done = 0
-        self.alive = True
-        self.leaving = False
-        self.ttl = 3.0  # seconds of silence after which the worker is dead
-        self.parked = 0  # slots the worker handed back with NACK (it was full)
-        self.report: dict[str, Any] = {}  # its latest self-report (heartbeat)
-        self.stopping = False  # an operator asked it to stop
 
 
 class QueueCore:
@@ -174,18 +127,21 @@ class QueueCore:
         self.max_pending = max_pending
         self.max_message_size = max_message_size
         self.max_deliveries = max_deliveries
-        self.outbox: list[tuple[Any, ...]] = []
+        self.outbox: list[OutboxEntry] = []
+        # Set by the server when a plugin listens for ends (the journal):
+        # each accepted message then gets one Ended entry when it ends.
+        self.track_ends = False
         self._levels: list[deque[Message]] = [deque() for _ in range(LEVELS)]
         self.pending = 0
         self.in_flight = 0
-        self._live: dict[bytes, Message] = {}
+        self._live: dict[bytes, Message] = {}  # accepted, not ended
         self._seq = 0
         self._idle: deque[WorkerState] = deque()  # one entry per free slot
         self.workers: dict[bytes, WorkerState] = {}
         self._by_id: dict[str, WorkerState] = {}
-        self._ever: set[str] = set()
-        self._dead_busy_s = 0.0
-        self._dead_lifetime_s = 0.0
+        self.ever: set[str] = set()  # ids of every worker seen since start
+        self.dead_busy_s = 0.0  # busy and lifetime seconds of removed workers
+        self.dead_lifetime_s = 0.0
         self._last_sweep = now
         self.assigned_total = 0
         self.completed_total = 0
@@ -196,7 +152,7 @@ class QueueCore:
         self.malformed_total = 0
         self.nacked_total = 0
         self.dispatching = True  # False while drained by an operator
-        self._methods: dict[bytes, MethodStats] = {}
+        self.methods: dict[bytes, MethodStats] = {}
 
     # ------------------------------------------------------------------ senders
 
@@ -206,20 +162,19 @@ class QueueCore:
         Returns True when the message is accepted (the originator may be told
         so), including a re-send of a message this originator already has
         here (senders re-send what sqm had not acknowledged after a
-        reconnect); False when it was refused with an ``OUT_FAIL``.
+        reconnect); False when it was refused with a :class:`Fail` entry.
         """
         known = self._live.get(msg.id)
         if known is not None:
             if known.origin == msg.origin:
                 return True  # a re-send: acknowledge again, keep one copy
             self.malformed_total += 1
-            self.outbox.append((OUT_FAIL, msg, "Malformed", "message id already in use"))
+            self.outbox.append(Fail(msg, "Malformed", "message id already in use"))
             return False
         if msg.size > self.max_message_size:
             self.rejected_total += 1
             self.outbox.append(
-                (
-                    OUT_FAIL,
+                Fail(
                     msg,
                     "MessageTooLarge",
                     f"payload of {msg.size} bytes exceeds this queue's limit of "
@@ -229,9 +184,9 @@ class QueueCore:
             return False
         if msg.deadline and msg.deadline <= now:
             self.expired_total += 1
-            self.outbox.append((OUT_FAIL, msg, "Expired", "deadline passed before sqm got it"))
+            self.outbox.append(Fail(msg, "Expired", "deadline passed before sqm got it"))
             return False
-        stats = self._methods.get(msg.method)
+        stats = self.methods.get(msg.method)
         if stats is None:
             stats = self._method_stats(msg.method)
         msg.stats = stats
@@ -239,22 +194,34 @@ class QueueCore:
         if idle and not self.pending and self.dispatching:
             # Fast path: a free slot and nothing queued ahead of this message.
             w = idle.popleft()
-            while not w.alive or w.free <= 0:
-                if not idle:
-                    w = None
-                    break
+            while w.free <= 0 and idle:  # stale entry: gone, leaving or full
                 w = idle.popleft()
-            if w is not None:
+            if w.free > 0:
+                # _dispatch, inlined and specialised for the hot path: the
+                # message waited 0 s (the first bucket of the wait histogram).
                 self._seq += 1
+                mid = msg.id
                 msg.seq = self._seq
-                msg.submitted_at = now
-                self._live[msg.id] = msg
-                self._dispatch(now, w, msg)
+                msg.submitted_at = msg.dispatched_at = now
+                self._live[mid] = msg
+                msg.state = INFLIGHT
+                msg.worker = w
+                msg.deliveries += 1
+                stats.assigned += 1
+                stats.wait.counts[0] += 1
+                if not w.in_flight:
+                    w.busy_since = now
+                w.in_flight[mid] = msg
+                w.free -= 1
+                w.last_sent = now
+                self.in_flight += 1
+                self.assigned_total += 1
+                self.outbox.append(_new_tuple(Dispatch, (w.rid, msg)))
                 return True
         if self.pending >= self.max_pending:
             self.rejected_total += 1
             self.outbox.append(
-                (OUT_FAIL, msg, "QueueFull", f"queue {self.name!r} has {self.pending} pending")
+                Fail(msg, "QueueFull", f"queue {self.name!r} has {self.pending} pending")
             )
             return False
         self._seq += 1
@@ -268,11 +235,11 @@ class QueueCore:
         return True
 
     def _method_stats(self, method: bytes) -> MethodStats:
-        if len(self._methods) >= MAX_METHODS:
+        if len(self.methods) >= MAX_METHODS:
             method = OTHER_METHOD
-        stats = self._methods.get(method)
+        stats = self.methods.get(method)
         if stats is None:
-            stats = self._methods[method] = MethodStats()
+            stats = self.methods[method] = MethodStats()
         return stats
 
     def restore(self, now: float, msg: Message) -> None:
@@ -283,7 +250,7 @@ class QueueCore:
         """
         if msg.id in self._live:
             return
-        msg.stats = self._methods.get(msg.method) or self._method_stats(msg.method)
+        msg.stats = self.methods.get(msg.method) or self._method_stats(msg.method)
         self._seq += 1
         msg.seq = self._seq
         msg.submitted_at = now
@@ -313,7 +280,7 @@ class QueueCore:
         w.expires_at = now + w.ttl
         self.workers[rid] = w
         self._by_id[wid] = w
-        self._ever.add(wid)
+        self.ever.add(wid)
         self._idle.extend([w] * slots)
         if self.pending:
             self._assign(now)
@@ -334,6 +301,8 @@ class QueueCore:
             return True
         msg.state = FINISHED
         del self._live[msg_id]
+        if self.track_ends:
+            self.outbox.append(Ended(msg, COMPLETED if ok else FAILED))
         self.in_flight -= 1
         w.tasks_done += 1
         stats = msg.stats
@@ -350,15 +319,16 @@ class QueueCore:
         if not w.in_flight:
             w.busy_s += now - w.busy_since
             w.idle_since = now
-        if w.leaving:
+        if w.state == LEAVING:
             if not w.in_flight:
                 self._remove_worker(now, w, "worker left")
             return True
         w.free += 1
-        if self.pending and self.dispatching:
-            self._levels_dispatch_to(now, w)
-        else:
+        nxt = self._pop_pending(now) if self.pending else None
+        if nxt is None:
             self._idle.append(w)
+        else:
+            self._dispatch(now, w, nxt)
         return True
 
     def nack(self, now: float, rid: bytes, msg_id: bytes) -> bool:
@@ -385,9 +355,9 @@ class QueueCore:
             w.idle_since = now
         w.parked += 1
         self._requeue(msg)
-        if w.leaving and not w.in_flight:
+        if w.state == LEAVING and not w.in_flight:
             self._remove_worker(now, w, "worker left")
-        elif self._idle and self.dispatching:
+        elif self._idle:
             self._assign(now)
         return True
 
@@ -398,12 +368,12 @@ class QueueCore:
             return False
         w.expires_at = now + w.ttl
         n = max(0, min(n, w.parked))
-        if not n or w.leaving:
+        if not n or w.state == LEAVING:
             return True
         w.parked -= n
         w.free += n
         self._idle.extend([w] * n)
-        if self.pending and self.dispatching:
+        if self.pending:
             self._assign(now)
         return True
 
@@ -454,16 +424,15 @@ class QueueCore:
     def bye(self, now: float, rid: bytes) -> None:
         """A worker asks to leave: no new work for it; it finishes what it holds.
 
-        The acknowledgement (OUT_BYE) tells the worker that nothing more was
+        The acknowledgement (:class:`Bye`) tells the worker that nothing more was
         sent after it, so it may exit once it has finished what it holds.
         """
         w = self.workers.get(rid)
         if w is None:
-            self.outbox.append((OUT_BYE, rid))
+            self.outbox.append(Bye(rid))
             return
-        w.leaving = True
-        w.free = 0  # its idle slots become stale entries
-        self.outbox.append((OUT_BYE, rid))
+        w.move(LEAVING)  # its idle slots become stale entries
+        self.outbox.append(Bye(rid))
         if not w.in_flight:
             self._remove_worker(now, w, "worker left")
 
@@ -473,13 +442,13 @@ class QueueCore:
         """Expire silent workers, heartbeat quiet ones, sweep expired pending."""
         dead = [w for w in self.workers.values() if w.expires_at < now]
         for w in dead:
-            w.alive = False  # all of them first: a retry must not go to another dead one
+            w.move(GONE)  # all of them first: a retry must not go to another dead one
         for w in dead:
             self._remove_worker(now, w, "worker stopped heartbeating")
         for w in self.workers.values():
             if now - w.last_sent >= self.heartbeat:
                 w.last_sent = now
-                self.outbox.append((OUT_HEARTBEAT, w.rid))
+                self.outbox.append(Heartbeat(w.rid))
         if self.pending and now - self._last_sweep >= self.heartbeat:
             self._last_sweep = now
             self._sweep_expired(now)
@@ -501,7 +470,7 @@ class QueueCore:
                         )
             self.pending = 0
         for w in self.workers.values():
-            self.outbox.append((OUT_BYE, w.rid))
+            self.outbox.append(Bye(w.rid))
 
     def purge(self, now: float) -> int:
         """Drop every pending message, failing each back to its originator."""
@@ -530,86 +499,16 @@ class QueueCore:
         w = self._by_id.get(wid)
         if w is None:
             return False
-        w.stopping = True
-        self.outbox.append((OUT_STOP, w.rid))
+        if w.state == READY:
+            w.move(STOPPING)
+        self.outbox.append(Stop(w.rid))
         return True
 
     # ------------------------------------------------------------------ status
 
     def status(self, now: float) -> dict[str, Any]:
-        """The figures ``sqm status --json`` prints."""
-        workers = []
-        busy = self._dead_busy_s
-        lifetime = self._dead_lifetime_s
-        for w in self.workers.values():
-            w_busy = w.busy_s + (now - w.busy_since if w.in_flight else 0.0)
-            busy += w_busy
-            lifetime += now - w.registered_at
-            info = w.info
-            rep = w.report
-            lived = now - w.registered_at
-            if w.leaving or w.stopping:
-                state = "leaving"
-            elif w.in_flight:
-                state = "busy"
-            else:
-                state = "idle"
-            workers.append(
-                {
-                    "id": w.id,
-                    "host": rep.get("host") or info.get("host", ""),
-                    "pid": rep.get("pid") or info.get("pid", 0),
-                    "state": state,
-                    "started_at": info.get("started_at", w.registered_at),
-                    "registered_at": w.registered_at,
-                    "idle_s": 0.0 if w.in_flight else max(0.0, now - w.idle_since),
-                    "tasks_done": w.tasks_done,
-                    "in_flight": len(w.in_flight),
-                    "slots": w.slots,
-                    "parked": w.parked,
-                    # busy_s: the worker's own count (time inside callbacks) when
-                    # it reports one, else what sqm saw (time holding messages).
-                    "busy_s": round(float(rep.get("busy_s", w_busy)), 6),
-                    "utilization": min(1.0, w_busy / lived) if lived > 0 else 0.0,
-                    "rss_bytes": rep.get("rss_bytes"),
-                    "nice": rep.get("nice"),
-                    "worker_tasks_done": rep.get("tasks_done"),
-                    "last_report_at": rep.get("at"),
-                }
-            )
-        return {
-            "queue": self.name,
-            "started_at": self.started_at,
-            "uptime_s": max(0.0, now - self.started_at),
-            "pending": self.pending,
-            "in_flight": self.in_flight,
-            "workers": workers,
-            "workers_current": len(self.workers),
-            "workers_ever": len(self._ever),
-            "assigned_total": self.assigned_total,
-            "completed_total": self.completed_total,
-            "failed_total": self.failed_total,
-            "expired_total": self.expired_total,
-            "rejected_total": self.rejected_total,
-            "redelivered_total": self.redelivered_total,
-            "malformed_total": self.malformed_total,
-            "nacked_total": self.nacked_total,
-            "utilization": min(1.0, busy / lifetime) if lifetime > 0 else 0.0,
-            "draining": not self.dispatching,
-            "max_pending": self.max_pending,
-            "latency": self._latency_total(),
-            "methods": {
-                m.decode("utf-8", "replace"): st.snapshot() for m, st in self._methods.items()
-            },
-        }
-
-    def _latency_total(self) -> dict[str, Any]:
-        """Queue-wide histograms: the sum of the per-method ones (recorded once)."""
-        wait, service = Histogram(), Histogram()
-        for st in self._methods.values():
-            wait.add(st.wait)
-            service.add(st.service)
-        return {"queue_wait": wait.snapshot(), "service": service.snapshot()}
+        """The figures ``sqm status --json`` prints (built by :mod:`sqm.core.stats`)."""
+        return queue_status(self, now)
 
     # ------------------------------------------------------------------ internals
 
@@ -631,10 +530,16 @@ class QueueCore:
         w.last_sent = now
         self.in_flight += 1
         self.assigned_total += 1
-        self.outbox.append((OUT_DISPATCH, w.rid, msg))
+        self.outbox.append(_new_tuple(Dispatch, (w.rid, msg)))
 
     def _pop_pending(self, now: float) -> Message | None:
-        """The oldest live pending message of the highest priority, or None."""
+        """The oldest live pending message of the highest priority, or None.
+
+        None as well while drained: every dispatch but the admission fast
+        path takes its message from here, so this is where draining holds.
+        """
+        if not self.dispatching:
+            return None
         for level in self._levels:
             while level:
                 msg = level.popleft()
@@ -642,32 +547,17 @@ class QueueCore:
                     continue
                 self.pending -= 1
                 if msg.deadline and msg.deadline <= now:
-                    self.expired_total += 1
-                    del self._live[msg.id]
-                    msg.state = FINISHED
-                    self.outbox.append(
-                        (OUT_FAIL, msg, "Expired", "deadline passed before a worker was free")
-                    )
+                    self._finish_failed(msg, "Expired", "deadline passed before a worker was free")
                     continue
                 return msg
         return None
 
-    def _levels_dispatch_to(self, now: float, w: WorkerState) -> None:
-        """Give the freed slot of ``w`` the oldest pending message, if any."""
-        msg = self._pop_pending(now)
-        if msg is None:
-            self._idle.append(w)
-        else:
-            self._dispatch(now, w, msg)
-
     def _assign(self, now: float) -> None:
-        if not self.dispatching:
-            return
         idle = self._idle
         while self.pending and idle:
             w = idle.popleft()
-            if not w.alive or w.free <= 0:
-                continue  # stale slot of a dead or re-registered worker
+            if w.free <= 0:
+                continue  # stale slot of a gone or leaving worker
             msg = self._pop_pending(now)
             if msg is None:
                 idle.appendleft(w)
@@ -688,14 +578,15 @@ class QueueCore:
         self.pending += 1
 
     def _remove_worker(self, now: float, w: WorkerState, why: str) -> None:
-        w.alive = False
+        if w.state != GONE:
+            w.move(GONE)
         del self.workers[w.rid]
         if self._by_id.get(w.id) is w:
             del self._by_id[w.id]
         if w.in_flight:
             w.busy_s += now - w.busy_since
-        self._dead_busy_s += w.busy_s
-        self._dead_lifetime_s += now - w.registered_at
+        self.dead_busy_s += w.busy_s
+        self.dead_lifetime_s += now - w.registered_at
         held = sorted(w.in_flight.values(), key=lambda m: m.seq)
         w.in_flight.clear()
         self.in_flight -= len(held)
@@ -713,14 +604,18 @@ class QueueCore:
             self._assign(now)
 
     def _finish_failed(self, msg: Message, kind: str, text: str) -> None:
+        """End an accepted message by failing it back to its originator."""
         msg.state = FINISHED
         msg.worker = None
         self._live.pop(msg.id, None)
-        if kind in ("WorkerLost", "BrokerShutdown", "Purged"):
+        if kind == "Expired":
+            self.expired_total += 1
+        else:  # WorkerLost, BrokerShutdown, Purged
             self.failed_total += 1
-            if msg.stats is not None:
-                msg.stats.failed += 1
-        self.outbox.append((OUT_FAIL, msg, kind, text))
+            msg.stats.failed += 1
+        self.outbox.append(Fail(msg, kind, text))
+        if self.track_ends:
+            self.outbox.append(Ended(msg, kind))
 
     def _sweep_expired(self, now: float) -> None:
         for i, level in enumerate(self._levels):
@@ -732,10 +627,7 @@ class QueueCore:
                     continue
                 if msg.deadline and msg.deadline <= now:
                     self.pending -= 1
-                    self.expired_total += 1
-                    msg.state = FINISHED
-                    del self._live[msg.id]
-                    self.outbox.append((OUT_FAIL, msg, "Expired", "deadline passed while pending"))
+                    self._finish_failed(msg, "Expired", "deadline passed while pending")
                 else:
                     keep.append(msg)
             self._levels[i] = keep

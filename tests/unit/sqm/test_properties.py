@@ -57,12 +57,16 @@ from hypothesis.stateful import (
 )
 
 from sqm.core import (
+    COMPLETED,
+    FAILED,
     OUT_BYE,
     OUT_DISPATCH,
+    OUT_ENDED,
     OUT_FAIL,
     OUT_HEARTBEAT,
     Message,
     QueueCore,
+    as_tuple,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -427,6 +431,10 @@ class CoreMachine(RuleBasedStateMachine):
         self.known_rids: list[bytes] = []
         self.submitted: list[Message] = []
         self.ends: dict[Message, list[str]] = {}
+        # Ended events (track_ends on): one per accepted message, when it ends
+        self.core.track_ends = True
+        self.accepted: set[Message] = set()
+        self.ended: dict[Message, list[str]] = {}
         self.dispatches = 0
         self.steps = 0
         self.stopped = False
@@ -446,20 +454,25 @@ class CoreMachine(RuleBasedStateMachine):
 
     @_marks_failure
     def _run(self, label: str, call, *, dying: frozenset[bytes] = frozenset(), expect=None,
-             released: Message | None = None):
+             released: Message | None = None, ending: Message | None = None):
         """Call the core, then check its outbox against the model's expectation.
 
         ``released`` is a message the call takes off its worker (NACK): it may
-        be dispatched again by the same call.
+        be dispatched again by the same call. ``ending`` is a message the
+        caller already recorded as ended by this call (a worker's DONE).
         """
         before = self._holders()
         before.pop(released, None)
         result = call()
-        actual_raw = list(self.core.outbox)
+        actual_raw = [as_tuple(e) for e in self.core.outbox]
         self.core.outbox.clear()
         actual: list[tuple] = []
+        ends_before = {m: list(v) for m, v in self.ends.items() if m is not ending}
+        ended_now: list[tuple[Message, str]] = []
         for e in actual_raw:
-            if e[0] == OUT_DISPATCH:
+            if e[0] == OUT_ENDED:
+                ended_now.append((e[1], e[2]))
+            elif e[0] == OUT_DISPATCH:
                 _, rid, msg = e
                 actual.append(("D", rid, msg))
                 self.dispatches += 1
@@ -499,9 +512,25 @@ class CoreMachine(RuleBasedStateMachine):
                 mark = "  " if a == x else "!!"
                 lines.append(f"{mark} core: {a:<45} model: {x}")
             raise AssertionError("\n".join(lines))
+        self._check_ended_events(label, ended_now, ends_before)
         if expect is not None:
             assert result == expect, f"{label} returned {result!r}, expected {expect!r}"
         return result
+
+    def _check_ended_events(self, label: str, ended_now: list[tuple[Message, str]],
+                            ends_before: dict[Message, list[str]]) -> None:
+        """Each Ended names an accepted message that ended in this very call, with its outcome."""
+        for msg, outcome in ended_now:
+            assert msg in self.accepted, f"{label}: Ended for {msg.id!r}, never accepted"
+            how = self.ends.get(msg, [])
+            assert how and not ends_before.get(msg), (
+                f"{label}: Ended for {msg.id!r}, which did not end in this call ({how})"
+            )
+            expected = {"done-ok": COMPLETED, "done-failed": FAILED}.get(how[0], how[0])
+            assert outcome == expected, f"{label}: {msg.id!r} ended {how[0]}, Ended says {outcome}"
+            prev = self.ended.setdefault(msg, [])
+            assert not prev, f"{label}: two Ended events for {msg.id!r}"
+            prev.append(outcome)
 
     def _end(self, msg: Message, how: str) -> None:
         prev = self.ends.setdefault(msg, [])
@@ -533,7 +562,8 @@ class CoreMachine(RuleBasedStateMachine):
         )
         self.submitted.append(msg)
         self.model.submit(msg, retries)
-        self._run(f"submit({mid!r})", lambda: self.core.submit(self.now, msg))
+        if self._run(f"submit({mid!r})", lambda: self.core.submit(self.now, msg)):
+            self.accepted.add(msg)
 
     @precondition(lambda self: not self.stopped)
     @rule(slots=st.integers(1, 3))
@@ -575,6 +605,7 @@ class CoreMachine(RuleBasedStateMachine):
             f"done({rid!r}, {msg.id!r}, ok={ok})",
             lambda: self.core.done(self.now, rid, msg.id, ok),
             expect=expect,
+            ending=msg,
         )
 
     @precondition(lambda self: not self.stopped and self.known_rids)
@@ -784,6 +815,9 @@ class CoreMachine(RuleBasedStateMachine):
         for msg in self.submitted:
             ended = self.model.info[msg].state == "ended"
             assert (len(self.ends.get(msg, ())) == 1) == ended, (msg.id, self.ends.get(msg))
+            # exactly one Ended per accepted message that has ended; none otherwise
+            got = len(self.ended.get(msg, ()))
+            assert got == (1 if ended and msg in self.accepted else 0), (msg.id, self.ended.get(msg))
 
     def teardown(self) -> None:
         if not self.healthy:
@@ -809,6 +843,7 @@ class CoreMachine(RuleBasedStateMachine):
         assert self.core.in_flight == 0
         for msg in self.submitted:
             assert len(self.ends.get(msg, [])) == 1, (msg.id, self.ends.get(msg))
+            assert len(self.ended.get(msg, [])) == (msg in self.accepted), (msg.id, self.ended)
 
 
 class OneDeathPerTickMachine(CoreMachine):

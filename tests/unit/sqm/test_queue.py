@@ -11,6 +11,7 @@ from sqm.core import (
     OUT_HEARTBEAT,
     Message,
     QueueCore,
+    as_tuple,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -45,7 +46,8 @@ def msg(mid: str, **kw) -> Message:
 
 
 def drain(core: QueueCore) -> list[tuple]:
-    out = list(core.outbox)
+    """The outbox in the ``(OUT_*, fields...)`` shape, emptied."""
+    out = [as_tuple(e) for e in core.outbox]
     core.outbox.clear()
     return out
 
@@ -544,3 +546,32 @@ def test_simultaneous_deaths_do_not_hand_a_retry_to_a_dead_worker():
     assert fails(out) == []
     assert dispatches(out) == [(b"w3", b"m")]
     assert core.in_flight == 1
+
+
+# --------------------------------------------------------------------------- Ended events
+
+
+def test_ended_events_only_with_track_ends_one_per_accepted_message():
+    from sqm.core import Ended
+
+    for track in (False, True):
+        core = make_core(max_pending=2)
+        core.track_ends = track
+        hello(core, b"w1")
+        core.submit(T0, msg("a"))  # dispatched at once
+        core.submit(T0, msg("b"))  # pending
+        core.submit(T0, msg("c"))  # pending
+        core.submit(T0, msg("d"))  # refused: queue full, never accepted
+        core.done(T0, b"w1", b"a", True)  # completed; b dispatched
+        core.done(T0, b"w1", b"b", False)  # the worker's error reply; c dispatched
+        core.drain()
+        core.submit(T0, msg("e"))
+        core.submit(T0, msg("f", deadline=T0 + 1))
+        core.purge(T0)  # e and f purged
+        core.tick(T0 + 10)  # w1 silent: c lost with it
+        ended = [(e.msg.id, e.outcome) for e in core.outbox if type(e) is Ended]
+        if track:
+            assert ended == [(b"a", "completed"), (b"b", "failed"), (b"e", "Purged"),
+                             (b"f", "Purged"), (b"c", "WorkerLost")]
+        else:
+            assert ended == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sqm.core import OUT_DISPATCH, OUT_FAIL, OUT_STOP, Message, QueueCore
+from sqm.core import OUT_DISPATCH, OUT_FAIL, OUT_STOP, Message, QueueCore, as_tuple
 from sqm.metrics import BOUNDS, Histogram
 
 pytestmark = pytest.mark.timeout(30)
@@ -25,7 +25,8 @@ def hello(core: QueueCore, rid: bytes, slots: int = 1, now: float = T0) -> None:
 
 
 def take(core: QueueCore) -> list[tuple]:
-    out = list(core.outbox)
+    """The outbox in the ``(OUT_*, fields...)`` shape, emptied."""
+    out = [as_tuple(e) for e in core.outbox]
     core.outbox.clear()
     return out
 

@@ -1,0 +1,98 @@
+"""A registered worker connection and its bookkeeping, with an explicit state table.
+
+A worker's life is a few states with fixed moves between them (the table
+below). Only :meth:`WorkerState.move` changes the state, so an impossible
+move (a dead worker coming back, a leaving one being asked to stop) fails
+loudly instead of leaving two flags that disagree.
+
+The dispatch hot path never reads the state: a worker that cannot take work
+(leaving or gone) has ``free == 0``, and that single check also makes its
+stale entries in the queue's idle-slot deque harmless.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .queue import Message
+
+READY = 0  # takes work while it has free slots
+STOPPING = 1  # an operator asked it to exit (STOP sent); still takes work until its BYE
+LEAVING = 2  # it said BYE: no new work, it finishes what it holds
+GONE = 3  # removed: left, dead (silent), unreachable or re-registered
+
+STATE_NAMES = {READY: "ready", STOPPING: "stopping", LEAVING: "leaving", GONE: "gone"}
+
+# state -> the states it may move to
+MOVES: dict[int, frozenset[int]] = {
+    READY: frozenset({STOPPING, LEAVING, GONE}),
+    STOPPING: frozenset({STOPPING, LEAVING, GONE}),
+    LEAVING: frozenset({LEAVING, GONE}),  # a repeated BYE changes nothing
+    GONE: frozenset(),
+}
+
+
+class WorkerState:
+    """A registered worker connection and its bookkeeping."""
+
+    __slots__ = (
+        "rid",
+        "id",
+        "info",
+        "slots",
+        "free",
+        "in_flight",
+        "registered_at",
+        "expires_at",
+        "last_sent",
+        "idle_since",
+        "busy_since",
+        "busy_s",
+        "tasks_done",
+        "state",
+        "ttl",
+        "parked",
+        "report",
+    )
+
+    def __init__(self, rid: bytes, wid: str, info: dict[str, Any], slots: int, now: float) -> None:
+        self.rid = rid
+        self.id = wid
+        self.info = info
+        self.slots = slots
+        self.free = slots
+        self.in_flight: dict[bytes, Message] = {}
+        self.registered_at = now
+        self.expires_at = 0.0
+        self.last_sent = now
+        self.idle_since = now
+        self.busy_since = 0.0
+        self.busy_s = 0.0
+        self.tasks_done = 0
+        self.state = READY
+        self.ttl = 3.0  # seconds of silence after which the worker is dead
+        self.parked = 0  # slots the worker handed back with NACK (it was full)
+        self.report: dict[str, Any] = {}  # its latest self-report (heartbeat)
+
+    def move(self, to: int) -> None:
+        """Change state along :data:`MOVES`; a worker that cannot take work gets no free slot."""
+        if to not in MOVES[self.state]:
+            raise AssertionError(
+                f"worker {self.id}: cannot move from {STATE_NAMES[self.state]} to {STATE_NAMES[to]}"
+            )
+        self.state = to
+        if to >= LEAVING:
+            self.free = 0  # its entries in the idle deque become stale
+
+    @property
+    def alive(self) -> bool:
+        return self.state != GONE
+
+    @property
+    def leaving(self) -> bool:
+        return self.state == LEAVING
+
+    @property
+    def stopping(self) -> bool:
+        return self.state == STOPPING
