@@ -1,92 +1,46 @@
-"""The Worker: takes messages from sqm, runs callbacks, replies to mailboxes.
+"""The public Worker: settings, callbacks, the reply API, and one run at a time.
 
-Two runners share this class. The plain one (this module) serves one broker
-with synchronous callbacks, one message after another, blocking in ``recv``:
-the fastest path. The asyncio one (:mod:`worker.aio`) takes over when there
-is more than one broker, more than one callback at a time, or an ``async
-def`` callback.
+How messages are taken and run is a runner's job (:mod:`worker.plain`: one
+broker, one callback at a time, the fastest path; :mod:`worker.aio`: several
+brokers, ``concurrency`` > 1, ``async def`` callbacks), and what a message
+means is :mod:`worker.execute`'s. The Worker picks a runner and hands it a
+:class:`~worker.session.Session`; heartbeats go out from a thread of its own.
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import itertools
 import logging
-import operator
 import os
 import secrets
 import signal
 import socket
 import threading
 import time
-import traceback
 from collections.abc import Callable, Mapping
-from types import CoroutineType
 from typing import Any
 
 import zmq
 
-from sqm import protocol, serializers
+from sqm import protocol
 from sqm.config import resolve
 from sqm.errors import SQMError
-from sqm.protocol import (
-    ACK,
-    BYE,
-    DISPATCH,
-    DONE,
-    DONE_FAILED,
-    ERROR,
-    HEARTBEAT,
-    HELLO,
-    PROGRESS,
-    RESULT,
-    SIGNATURE,
-    STOP,
-    MailboxPolicy,
-    decode_envelope,
-)
+from sqm.protocol import HEARTBEAT, SIGNATURE, MailboxPolicy
 from sqm.sockets import make_socket
-from sqm.zmqfast import RCVTIMEO, recv_frames, send_frames
-from sqm.zmqfast import set_option as _set_option
 
 from . import selfreport
-from .links import BrokerLink
+from .aio import AsyncRunner
+from .execute import Execution, Originator, Workload, is_async_callback
 from .mailboxes import MailboxPool
+from .plain import PlainRunner
+from .session import Runner, Session
+
+__all__ = ["Callback", "Originator", "Worker", "is_async_callback"]
 
 log = logging.getLogger("sqm.worker")
 
-Callback = Callable[["Worker", "Originator", Any], Any]
+Callback = Callable[["Worker", Originator, Any], Any]
 _counter = itertools.count(1)
-
-
-def is_async_callback(fn: Callable[..., Any]) -> bool:
-    """True for ``async def`` functions (also behind partial or an async ``__call__``)."""
-    if inspect.iscoroutinefunction(fn):
-        return True
-    call = getattr(fn, "__call__", None)  # noqa: B004 - the method, not callable()
-    return call is not None and inspect.iscoroutinefunction(call)
-
-
-class Originator:
-    """Opaque handle for where a reply goes. Pass it back to :meth:`Worker.respond`."""
-
-    __slots__ = ("id", "mailbox", "sertag", "oneway", "responded", "method")
-
-    def __init__(self, msg_id: bytes, mailbox: bytes, sertag: bytes, oneway: bool, method: str):
-        self.id = msg_id
-        self.mailbox = mailbox
-        self.sertag = sertag
-        self.oneway = oneway
-        self.method = method
-        self.responded = False
-
-    @property
-    def message_id(self) -> str:
-        return self.id.decode("ascii", "replace")
-
-    def __repr__(self) -> str:
-        return f"<Originator {self.message_id} {self.method}>"
 
 
 class Worker:
@@ -153,7 +107,6 @@ class Worker:
         self.max_mailboxes = max_mailboxes
         self.mailbox_idle_s = mailbox_idle_s
         self._callbacks: dict[str, Callback] = {}
-        self._codecs: dict[bytes, serializers.Serializer] = {}
         if callbacks:
             self.callbacks(**dict(callbacks))
         self.host = socket.gethostname()
@@ -161,20 +114,13 @@ class Worker:
         self.id = f"{self.host}:{self.pid}:{next(_counter)}:{secrets.token_hex(2)}"
         self._rid = b"W" + self.id.encode()
         self.started_at = time.time()
-        self.tasks_done = 0
-        # (seconds busy before the current spell, monotonic start of it or 0):
-        # one tuple so the heartbeat thread reads a consistent pair.
-        self._busy = (0.0, 0.0)
+        self._workload = Workload()
+        self._execution = Execution(self, self.id, self._callbacks, allow_pickle=allow_pickle)
         self.stop_requested = False  # sqm asked this worker to stop (STOP)
         self._stop = threading.Event()
         self._hb_stop = threading.Event()
-        self._pool: MailboxPool | None = None
+        self._runner: Runner | None = None
         self._running = False
-        # Set while the asyncio runner serves: replies from callback threads
-        # are handed to the loop's thread, which owns every socket.
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: int | None = None
-        self._wake: Callable[[], None] | None = None
 
     # ------------------------------------------------------------ public API
 
@@ -188,19 +134,7 @@ class Worker:
 
     def respond(self, originator: Originator, value: Any) -> None:
         """Send ``value`` as the reply to ``originator`` (at most once per message)."""
-        if originator.oneway:
-            return
-        if originator.responded:
-            raise SQMError(f"message {originator.message_id} was already answered")
-        codec = self._codec(originator.sertag)
-        try:
-            body = codec.dumps(value)
-        except Exception as exc:
-            raise serializers.SerializerError(
-                f"cannot encode the reply with {codec.name}: {exc}"
-            ) from exc
-        originator.responded = True
-        self._to_mailbox(originator, [SIGNATURE, RESULT, originator.id, body])
+        self._execution.respond(originator, value)
 
     def progress(self, originator: Originator, done: int, total: int) -> None:
         """Tell the originator how far along its message is (Gearman's WORK_STATUS).
@@ -209,32 +143,26 @@ class Worker:
         Sender reports it as ``on_status(done, total)``. Nothing is sent for
         oneway messages or once the message was answered.
         """
-        done = operator.index(done)
-        total = operator.index(total)
-        if done < 0 or total < 0:
-            raise ValueError("progress figures must not be negative")
-        if originator.oneway or originator.responded:
-            return
-        self._to_mailbox(originator, [SIGNATURE, PROGRESS, originator.id,
-                                      b"%d" % done, b"%d" % total])
+        self._execution.progress(originator, done, total)
 
     def terminate(self) -> None:
         """Finish the message in hand, tell sqm we are gone, and make run() return."""
-        self._stop.set()  # the plain runner notices within heartbeat/2 or at the next message
-        wake = self._wake
-        if wake is not None:
-            try:
-                wake()
-            except RuntimeError:  # the loop has just closed: nothing left to wake
-                pass
+        self._stop.set()
+        runner = self._runner
+        if runner is not None:
+            runner.stop()
+
+    @property
+    def tasks_done(self) -> int:
+        """Messages this worker has run (answered or failed)."""
+        return self._workload.tasks_done
 
     @property
     def busy_s(self) -> float:
         """Seconds spent with a callback running, the current one included."""
-        total, since = self._busy
-        return total + (time.monotonic() - since if since else 0.0)
+        return self._workload.busy_s
 
-    # ------------------------------------------------------------ run loop
+    # ------------------------------------------------------------ run
 
     def run(self) -> None:
         """Serve until terminate(), SIGTERM, SIGINT or sqm's STOP."""
@@ -244,9 +172,12 @@ class Worker:
         self._stop.clear()
         self._hb_stop.clear()
         self.stop_requested = False
+        self._execution.allow_pickle = self.allow_pickle
+        runner: Runner = AsyncRunner() if self._needs_loop() else PlainRunner()
+        self._runner = runner
         restore = self._install_signals()
         ctx = self._shared_ctx or zmq.Context()
-        self._pool = MailboxPool(
+        pool = self._pool = MailboxPool(
             ctx,
             MailboxPolicy.for_settings(self.settings),
             max_open=self.max_mailboxes,
@@ -256,20 +187,17 @@ class Worker:
                               name=f"sqm-heartbeat-{self.id}")
         try:
             hb.start()
-            if self._needs_loop():
-                from .aio import AsyncRunner
-
-                AsyncRunner(self, ctx).run()
-            else:
-                self._run_plain(ctx)
+            runner.run(self._session(ctx, pool))
         finally:
             self._stop.set()
             self._hb_stop.set()
             hb.join(timeout=self.heartbeat * 2)
-            self._pool.close()
+            pool.close()
+            self._pool = None
             if self._shared_ctx is None:
                 ctx.term()
             restore()
+            self._runner = None
             self._running = False
             log.info("worker %s stopped after %d task(s)", self.id, self.tasks_done)
 
@@ -278,50 +206,38 @@ class Worker:
         return (len(self.endpoints) > 1 or self.concurrency > 1
                 or any(is_async_callback(fn) for fn in self._callbacks.values()))
 
-    def _run_plain(self, ctx: zmq.Context) -> None:
-        """One broker, one callback at a time: block in recv, the fewest system calls."""
-        link = BrokerLink(self.endpoint, self._rid)
-        sock = link.open(ctx)
-        self._hello(link)
-        log.info("worker %s serving queue %s at %s", self.id, self.queue, self.endpoint)
-        # Block in recv (the GIL released) rather than poll several sockets:
-        # fewer system calls per message. Chores run at most every `chore_s`.
-        chore_s = self.heartbeat / 2
-        try:
-            while not self._stop.is_set():
-                _set_option(sock, RCVTIMEO, max(1, int(chore_s * 1000)))
-                reconnect = False
-                next_chores = 0.0
-                while not self._stop.is_set():
-                    try:
-                        frames = recv_frames(sock, 0)
-                    except zmq.Again:  # receive timeout: time for chores
-                        frames = None
-                    now = time.monotonic()
-                    if frames is not None:
-                        link.last_heard = now
-                        if (len(frames) == protocol.SUBMIT_FRAMES and frames[1] == DISPATCH
-                                and frames[0] == SIGNATURE):
-                            self._handle(link, frames)
-                        else:
-                            self._on_control(link, frames)
-                        if now < next_chores:
-                            continue
-                    next_chores = now + chore_s
-                    if link.reconnected():
-                        self._hello(link)  # sqm came back (restart): register again now
-                    if link.silent(now, self.heartbeat, self.liveness):
-                        reconnect = True
-                        break
-                    self._pool.expire(now)
-                if reconnect:
-                    log.info("worker %s: sqm silent, reconnecting to %s", self.id, link.endpoint)
-                    link.close(0)
-                    sock = link.open(ctx)
-                    self._hello(link)
-            self._leave(link)
-        finally:
-            link.close(linger_ms=1000)
+    def _session(self, ctx: zmq.Context, pool: MailboxPool) -> Session:
+        """What the runner may use of this worker for one run."""
+        return Session(
+            worker_id=self.id,
+            queue=self.queue,
+            endpoints=list(self.endpoints),
+            routing_id=self._rid,
+            heartbeat=self.heartbeat,
+            liveness=self.liveness,
+            slots=self.slots,
+            concurrency=self.concurrency,
+            ctx=ctx,
+            execution=self._execution,
+            mailboxes=pool,
+            workload=self._workload,
+            info={
+                "id": self.id,
+                "host": self.host,
+                "pid": self.pid,
+                "started_at": self.started_at,
+                "slots": self.slots,
+                "concurrency": self.concurrency,
+                "heartbeat": self.heartbeat,
+                "version": protocol.SIGNATURE.decode(),
+            },
+            on_stop_request=self._stop_requested_by_sqm,
+            stop=self._stop,
+        )
+
+    def _stop_requested_by_sqm(self) -> None:
+        self.stop_requested = True
+        self.terminate()
 
     def _install_signals(self) -> Callable[[], None]:
         if threading.current_thread() is not threading.main_thread():
@@ -336,171 +252,18 @@ class Worker:
 
         return restore
 
-    def _hello(self, link: BrokerLink) -> None:
-        """Register with one broker (again): it forgets what it had parked."""
-        info = {
-            "id": self.id,
-            "host": self.host,
-            "pid": self.pid,
-            "started_at": self.started_at,
-            "slots": self.slots,
-            "concurrency": self.concurrency,
-            "heartbeat": self.heartbeat,
-            "methods": sorted(self._callbacks),
-            "version": protocol.SIGNATURE.decode(),
-        }
-        link.parked = 0
-        link.send([SIGNATURE, HELLO, protocol.encode_json(info)])
+    # The mailbox pool lives in the execution, which sends the replies.
+    @property
+    def _pool(self) -> MailboxPool | None:
+        return self._execution.mailboxes
 
-    def _on_control(self, link: BrokerLink, frames: list[bytes]) -> None:
-        """Anything from a broker but a dispatch (both runners)."""
-        if len(frames) < 2 or frames[0] != SIGNATURE:
-            return
-        cmd = frames[1]
-        if cmd == HEARTBEAT:
-            if len(frames) == 3 and frames[2].isdigit():
-                link.broker_heartbeat = max(0.001, int(frames[2]) / 1000)
-        elif cmd == BYE:
-            if link.bye_sent:
-                link.bye_acked = True  # our leave is acknowledged: nothing more will come
-            else:
-                self._hello(link)  # sqm restarted or is stopping: say hello again
-        elif cmd == STOP:
-            if not self._stop.is_set():
-                log.info("worker %s: sqm at %s asked it to stop", self.id, link.endpoint)
-            self.stop_requested = True
-            self.terminate()
-        else:
-            log.debug("worker %s: ignoring command %r", self.id, cmd[:8])
-
-    def _leave(self, link: BrokerLink) -> None:
-        """Tell sqm we go; finish whatever it dispatched before it acknowledged."""
-        if not link.send_bye():
-            return
-        sock = link.sock
-        deadline = time.monotonic() + self.heartbeat * self.liveness
-        while not link.bye_acked:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
-                return  # sqm is gone: nothing more can arrive
-            frames = recv_frames(sock, 0)
-            if len(frames) == protocol.SUBMIT_FRAMES and frames[1] == DISPATCH:
-                self._handle(link, frames)
-            else:
-                self._on_control(link, frames)
-
-    def _handle(self, link: BrokerLink, frames: list[bytes]) -> None:
-        try:
-            env = decode_envelope(frames[2])
-        except ValueError as exc:  # sqm validated it: this is a bug, not input
-            log.error("worker %s: undecodable dispatch envelope: %s", self.id, exc)
-            return
-        msg_id = env.id
-        sertag = env.serializer
-        body = frames[3]
-        method = env.method.decode("utf-8", "replace")
-        orig = Originator(msg_id, env.mailbox, sertag, env.oneway, method)
-        if not orig.oneway:
-            self._to_mailbox(orig, [SIGNATURE, ACK, msg_id])
-        started = time.monotonic()
-        busy_before = self._busy[0]
-        self._busy = (busy_before, started)
-        ok = False
-        try:
-            fn = self._callbacks.get(method)
-            if fn is None:
-                self._fail(orig, "UnknownMethod", f"no callback for method {method!r} on this worker")
-            else:
-                try:
-                    payload = self._codec(sertag).loads(body)
-                except Exception as exc:
-                    self._fail(orig, "SerializerError", str(exc))
-                else:
-                    try:
-                        value = fn(self, orig, payload)
-                        if type(value) is CoroutineType:  # async, but not declared so
-                            value = asyncio.run(value)
-                    except Exception as exc:
-                        self._fail(orig, type(exc).__name__, str(exc), traceback.format_exc())
-                    else:
-                        if not orig.responded and not orig.oneway:
-                            try:
-                                self.respond(orig, value)
-                                ok = True
-                            except Exception as exc:
-                                self._fail(orig, type(exc).__name__, str(exc))
-                        else:
-                            ok = True
-        finally:
-            self.tasks_done += 1
-            self._busy = (busy_before + time.monotonic() - started, 0.0)
-            if self._stop.is_set():
-                # Say BYE before DONE, or sqm would refill the slot DONE frees.
-                link.send_bye()
-            try:
-                send_frames(link.sock, [SIGNATURE, DONE if ok else DONE_FAILED, msg_id])
-            except zmq.ZMQError:
-                pass
-
-    def _reply(self, orig: Originator, value: Any) -> bool:
-        """Send a callback's return value unless it answered itself; True if all went well."""
-        if orig.responded or orig.oneway:
-            return True
-        try:
-            self.respond(orig, value)
-        except Exception as exc:
-            self._fail(orig, type(exc).__name__, str(exc))
-            return False
-        return True
-
-    def _codec(self, tag: bytes) -> serializers.Serializer:
-        """The serializer for a message's tag (looked up once per tag)."""
-        codec = self._codecs.get(tag)
-        if codec is None:
-            codec = serializers.get(tag.decode("ascii", "replace"), allow_pickle=self.allow_pickle)
-            self._codecs[tag] = codec
-        return codec
-
-    def _fail(self, orig: Originator, etype: str, message: str, trace: str = "") -> None:
-        if orig.oneway or orig.responded:
-            if etype != "UnknownMethod":
-                log.warning("worker %s: %s in oneway/answered %s: %s", self.id, etype, orig, message)
-            return
-        orig.responded = True
-        self._to_mailbox(
-            orig, [SIGNATURE, ERROR, orig.id, etype.encode(), message.encode(), trace.encode()]
-        )
+    @_pool.setter
+    def _pool(self, pool: MailboxPool | None) -> None:
+        self._execution.mailboxes = pool
 
     def _to_mailbox(self, orig: Originator, frames: list[bytes]) -> None:
-        """Send to a sender's mailbox (from the thread that owns the sockets)."""
-        assert self._pool is not None, "respond() is only valid while the worker runs"
-        try:
-            sock = self._pool.get(orig.mailbox)
-        except ValueError as exc:
-            log.warning("worker %s: refusing mailbox %r: %s", self.id, orig.mailbox[:80], exc)
-            return
-        except zmq.ZMQError as exc:  # e.g. the context's socket limit: keep serving
-            log.error("worker %s: cannot open mailbox %r: %s", self.id, orig.mailbox[:80], exc)
-            return
-        try:
-            send_frames(sock, frames)
-        except zmq.Again:
-            log.debug("worker %s: mailbox %r not keeping up; reply dropped", self.id, orig.mailbox)
-
-    def _to_mailbox_any_thread(self, orig: Originator, frames: list[bytes]) -> None:
-        """:meth:`_to_mailbox` while the asyncio runner serves (it installs this one).
-
-        Callback threads hand the send to the loop's thread, which owns every
-        socket; the loop runs them in call order, so replies stay in order.
-        The plain runner never pays for the check.
-        """
-        if threading.get_ident() == self._loop_thread:
-            Worker._to_mailbox(self, orig, frames)
-            return
-        try:
-            self._loop.call_soon_threadsafe(Worker._to_mailbox, self, orig, frames)
-        except RuntimeError:
-            log.warning("worker %s: reply for %s after the worker stopped", self.id, orig)
+        """Send to a sender's mailbox from the thread that owns the sockets."""
+        self._execution.deliver(orig, frames)
 
     # ------------------------------------------------------------ heartbeats
 

@@ -20,17 +20,20 @@ from sqm.zmqfast import send_frames
 class BrokerLink:
     """The worker's side of one broker connection (not thread-safe)."""
 
-    __slots__ = ("endpoint", "routing_id", "sock", "monitor", "last_heard", "broker_heartbeat",
-                 "was_disconnected", "parked", "bye_sent", "bye_acked")
+    __slots__ = ("endpoint", "routing_id", "sock", "monitor", "last_heard", "opened_at",
+                 "broker_heartbeat", "connected", "was_disconnected", "parked", "bye_sent",
+                 "bye_acked", "outage")
 
     def __init__(self, endpoint: str, routing_id: bytes) -> None:
         self.endpoint = endpoint
         self.routing_id = routing_id
         self.sock: zmq.Socket | None = None
         self.monitor: zmq.Socket | None = None
-        self.last_heard = time.monotonic()
+        self.last_heard = self.opened_at = time.monotonic()
         self.broker_heartbeat = 0.0  # the broker's interval (s), from its heartbeats
+        self.connected = False  # a transport connection is up (from the monitor)
         self.was_disconnected = False
+        self.outage = Outage()
         self.parked = 0  # slots this broker parked because we NACKed its dispatches
         self.bye_sent = False
         self.bye_acked = False
@@ -41,7 +44,8 @@ class BrokerLink:
         self.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sock.connect(self.endpoint)
         self.sock = sock
-        self.last_heard = time.monotonic()
+        self.last_heard = self.opened_at = time.monotonic()
+        self.connected = False
         self.was_disconnected = False
         self.parked = 0
         return sock
@@ -60,8 +64,11 @@ class BrokerLink:
 
     def send(self, frames: list[bytes]) -> bool:
         """Send without blocking; False if the message could not be queued."""
+        sock = self.sock
+        if sock is None:
+            return False
         try:
-            send_frames(self.sock, frames)
+            send_frames(sock, frames)
         except zmq.ZMQError:
             return False
         return True
@@ -79,12 +86,66 @@ class BrokerLink:
         while monitor is not None and monitor.poll(0):
             event = recv_monitor_message(monitor)["event"]
             if event == zmq.EVENT_DISCONNECTED:
+                self.connected = False
                 self.was_disconnected = True
-            elif event == zmq.EVENT_CONNECTED and self.was_disconnected:
-                self.was_disconnected = False
-                back = True
+            elif event == zmq.EVENT_CONNECTED:
+                self.connected = True
+                if self.was_disconnected:
+                    self.was_disconnected = False
+                    back = True
         return back
+
+    def reachable(self) -> bool:
+        """Whether a broker is connected now: worth waiting for its answer to BYE."""
+        self.reconnected()
+        return self.connected
+
+    def answered_again(self, now: float) -> tuple[float, int] | None:
+        """(seconds, attempts) of an outage that just ended with the broker heard; else None."""
+        if self.outage.since is None or self.last_heard <= self.opened_at:
+            return None
+        return self.outage.over(now)
 
     def silent(self, now: float, heartbeat: float, liveness: int) -> bool:
         """True when the broker has been quiet for ``liveness`` intervals."""
         return now - self.last_heard > liveness * max(heartbeat, self.broker_heartbeat)
+
+
+class Outage:
+    """When to say a broker is unreachable: at the first failure, then at most every ``every_s``.
+
+    A worker with no broker retries every few seconds; logging each attempt
+    floods the log (two workers: 220 lines in 5 minutes), so attempts in
+    between are counted and the next line says how many.
+    """
+
+    __slots__ = ("every_s", "since", "attempts", "unreported", "reported_at")
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self.every_s = every_s
+        self.since: float | None = None  # monotonic time of the first failure
+        self.attempts = 0
+        self.unreported = 0
+        self.reported_at = 0.0
+
+    def attempt(self, now: float) -> int | None:
+        """Count a reconnect attempt: None to stay quiet, 0 for the first failure,
+        else how many attempts went unreported since the last report."""
+        if self.since is None:
+            self.since = self.reported_at = now
+            self.attempts = 1
+            self.unreported = 0
+            return 0
+        self.attempts += 1
+        self.unreported += 1
+        if now - self.reported_at < self.every_s:
+            return None
+        count, self.unreported, self.reported_at = self.unreported, 0, now
+        return count
+
+    def over(self, now: float) -> tuple[float, int] | None:
+        """The broker answers again: (seconds the outage lasted, attempts), and forget it."""
+        if self.since is None:
+            return None
+        lasted, self.since = now - self.since, None
+        return lasted, self.attempts

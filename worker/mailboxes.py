@@ -43,7 +43,8 @@ class MailboxPool:
         if entry is not None:
             self._open.move_to_end(addr)
             entry[1] = time.monotonic()
-            return entry[0]
+            sock: zmq.Socket = entry[0]
+            return sock
         reason = self._refused.get(addr)
         if reason is None:
             try:

@@ -27,7 +27,9 @@ class Reporting(Protocol):
     host: str
     pid: int
     started_at: float
-    tasks_done: int
+
+    @property
+    def tasks_done(self) -> int: ...
 
     @property
     def busy_s(self) -> float: ...

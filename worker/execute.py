@@ -1,0 +1,263 @@
+"""Executing a dispatch: the one place that turns a DISPATCH into a call and a reply.
+
+Both runners use :class:`Execution`, so what a message means is written once:
+decode the envelope, acknowledge it, find the callback, decode the payload,
+call, and answer (the callback's return value unless it answered itself; an
+exception becomes a ``RemoteError``). Runners differ only in *how* they call
+(in this thread, on an event loop, in a thread pool) and in what they tell
+the broker afterwards. Handling that wraps a call (retries, time limits,
+cancellation) belongs here too, so both runners get it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import operator
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from types import CoroutineType
+from typing import Any
+
+import zmq
+
+from sqm import serializers
+from sqm.errors import SQMError
+from sqm.protocol import ACK, ERROR, PROGRESS, RESULT, SIGNATURE, decode_envelope
+from sqm.zmqfast import send_frames
+
+from .mailboxes import MailboxPool
+
+log = logging.getLogger("sqm.worker")
+
+# fn(worker, originator, payload); the worker is typed in worker.core.
+AnyCallback = Callable[[Any, "Originator", Any], Any]
+Send = Callable[["Originator", list[bytes]], None]
+
+
+def is_async_callback(fn: Callable[..., Any]) -> bool:
+    """True for ``async def`` functions (also behind partial or an async ``__call__``)."""
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = getattr(fn, "__call__", None)  # noqa: B004 - the method, not callable()
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+class Originator:
+    """Opaque handle for where a reply goes. Pass it back to :meth:`Worker.respond`."""
+
+    __slots__ = ("id", "mailbox", "sertag", "oneway", "responded", "method")
+
+    def __init__(self, msg_id: bytes, mailbox: bytes, sertag: bytes, oneway: bool, method: str):
+        self.id = msg_id
+        self.mailbox = mailbox
+        self.sertag = sertag
+        self.oneway = oneway
+        self.method = method
+        self.responded = False
+
+    @property
+    def message_id(self) -> str:
+        return self.id.decode("ascii", "replace")
+
+    def __repr__(self) -> str:
+        return f"<Originator {self.message_id} {self.method}>"
+
+
+class Workload:
+    """How much a worker has done: read by the heartbeat thread, written by a runner.
+
+    ``busy`` is (seconds busy before the current spell, monotonic start of
+    it or 0): one tuple, so another thread always reads a consistent pair.
+    """
+
+    __slots__ = ("tasks_done", "busy")
+
+    def __init__(self) -> None:
+        self.tasks_done = 0
+        self.busy = (0.0, 0.0)
+
+    def begin(self) -> None:
+        """A busy spell starts (the first callback running)."""
+        self.busy = (self.busy[0], time.monotonic())
+
+    def end(self) -> None:
+        """The busy spell ends (no callback running any more)."""
+        total, since = self.busy
+        self.busy = (total + time.monotonic() - since, 0.0)
+
+    @property
+    def busy_s(self) -> float:
+        """Seconds spent with a callback running, the current spell included."""
+        total, since = self.busy
+        return total + (time.monotonic() - since if since else 0.0)
+
+
+class Call:
+    """A dispatch ready to run: its originator, callback and decoded payload."""
+
+    __slots__ = ("orig", "fn", "payload")
+
+    def __init__(self, orig: Originator, fn: AnyCallback, payload: Any) -> None:
+        self.orig = orig
+        self.fn = fn
+        self.payload = payload
+
+
+class Execution:
+    """Runs a worker's callbacks on dispatches and sends their replies.
+
+    Replies go through :attr:`send`: straight to the mailbox socket when
+    the caller owns the sockets (:meth:`deliver`), or through whatever a
+    runner installs with :meth:`route` (the asyncio runner hands sends from
+    callback threads to its loop thread).
+    """
+
+    def __init__(
+        self,
+        worker: object,
+        worker_id: str,
+        callbacks: Mapping[str, AnyCallback],
+        *,
+        allow_pickle: bool = False,
+    ) -> None:
+        self.worker = worker  # the first argument of every callback
+        self.worker_id = worker_id
+        self.callbacks = callbacks
+        self.allow_pickle = allow_pickle
+        self.mailboxes: MailboxPool | None = None  # set while the worker runs
+        self.send: Send = self.deliver
+        self._codecs: dict[bytes, serializers.Serializer] = {}
+
+    def route(self, send: Send | None) -> None:
+        """Send replies through ``send`` from now on (None: straight to the socket)."""
+        self.send = self.deliver if send is None else send
+
+    # ------------------------------------------------------------ a dispatch
+
+    def run(self, frames: list[bytes]) -> tuple[bytes, bool]:
+        """Run one dispatch in this thread. Returns (message id or b"", succeeded)."""
+        call = self.prepare(frames)
+        if not isinstance(call, Call):
+            return call
+        orig = call.orig
+        try:
+            value = call.fn(self.worker, orig, call.payload)
+            if type(value) is CoroutineType:  # async, but not declared so
+                value = asyncio.run(value)
+        except Exception as exc:
+            self.raised(orig, exc)
+            return orig.id, False
+        return orig.id, self.settle(orig, value)
+
+    def prepare(self, frames: list[bytes]) -> Call | tuple[bytes, bool]:
+        """Decode and acknowledge a dispatch and find its callback.
+
+        Returns the :class:`Call` to make, or (message id or b"", False) when
+        there is nothing to call (the sender was already told why).
+        """
+        try:
+            env = decode_envelope(frames[2])
+        except ValueError as exc:  # sqm validated it: this is a bug, not input
+            log.error("worker %s: undecodable dispatch envelope: %s", self.worker_id, exc)
+            return b"", False
+        msg_id = env.id
+        method = env.method.decode("utf-8", "replace")
+        orig = Originator(msg_id, env.mailbox, env.serializer, env.oneway, method)
+        if not orig.oneway:
+            self.send(orig, [SIGNATURE, ACK, msg_id])
+        fn = self.callbacks.get(method)
+        if fn is None:
+            self.fail(orig, "UnknownMethod", f"no callback for method {method!r} on this worker")
+            return msg_id, False
+        try:
+            payload = self.codec(env.serializer).loads(frames[3])
+        except Exception as exc:
+            self.fail(orig, "SerializerError", str(exc))
+            return msg_id, False
+        return Call(orig, fn, payload)
+
+    def settle(self, orig: Originator, value: Any) -> bool:
+        """Send a callback's return value unless it answered itself; True if all went well."""
+        if orig.responded or orig.oneway:
+            return True
+        try:
+            self.respond(orig, value)
+        except Exception as exc:
+            self.fail(orig, type(exc).__name__, str(exc))
+            return False
+        return True
+
+    def raised(self, orig: Originator, exc: BaseException) -> None:
+        """A callback raised: log it (debug, with the traceback) and tell the sender."""
+        trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        log.debug("worker %s: callback for %s raised\n%s", self.worker_id, orig, trace.rstrip())
+        self.fail(orig, type(exc).__name__, str(exc), trace)
+
+    # ------------------------------------------------------------ replies
+
+    def respond(self, orig: Originator, value: Any) -> None:
+        """Send ``value`` as the reply (at most once per message)."""
+        if orig.oneway:
+            return
+        if orig.responded:
+            raise SQMError(f"message {orig.message_id} was already answered")
+        codec = self.codec(orig.sertag)
+        try:
+            body = codec.dumps(value)
+        except Exception as exc:
+            raise serializers.SerializerError(
+                f"cannot encode the reply with {codec.name}: {exc}"
+            ) from exc
+        orig.responded = True
+        self.send(orig, [SIGNATURE, RESULT, orig.id, body])
+
+    def progress(self, orig: Originator, done: int, total: int) -> None:
+        """Send PROGRESS unless the message is oneway or already answered."""
+        done = operator.index(done)
+        total = operator.index(total)
+        if done < 0 or total < 0:
+            raise ValueError("progress figures must not be negative")
+        if orig.oneway or orig.responded:
+            return
+        self.send(orig, [SIGNATURE, PROGRESS, orig.id, b"%d" % done, b"%d" % total])
+
+    def fail(self, orig: Originator, etype: str, message: str, trace: str = "") -> None:
+        """Answer with a RemoteError (or log it, when nobody waits for an answer)."""
+        if orig.oneway or orig.responded:
+            if etype != "UnknownMethod":
+                log.warning("worker %s: %s in oneway/answered %s: %s",
+                            self.worker_id, etype, orig, message)
+            return
+        orig.responded = True
+        self.send(orig, [SIGNATURE, ERROR, orig.id, etype.encode(), message.encode(),
+                         trace.encode()])
+
+    def codec(self, tag: bytes) -> serializers.Serializer:
+        """The serializer for a message's tag (looked up once per tag)."""
+        codec = self._codecs.get(tag)
+        if codec is None:
+            codec = serializers.get(tag.decode("ascii", "replace"), allow_pickle=self.allow_pickle)
+            self._codecs[tag] = codec
+        return codec
+
+    def deliver(self, orig: Originator, frames: list[bytes]) -> None:
+        """Send to a sender's mailbox (from the thread that owns the sockets)."""
+        assert self.mailboxes is not None, "respond() is only valid while the worker runs"
+        try:
+            sock = self.mailboxes.get(orig.mailbox)
+        except ValueError as exc:
+            log.warning("worker %s: refusing mailbox %r: %s",
+                        self.worker_id, orig.mailbox[:80], exc)
+            return
+        except zmq.ZMQError as exc:  # e.g. the context's socket limit: keep serving
+            log.error("worker %s: cannot open mailbox %r: %s",
+                      self.worker_id, orig.mailbox[:80], exc)
+            return
+        try:
+            send_frames(sock, frames)
+        except zmq.Again:
+            log.debug("worker %s: mailbox %r not keeping up; reply dropped",
+                      self.worker_id, orig.mailbox)

@@ -1,0 +1,128 @@
+"""The plain runner: one broker, one callback at a time, blocking in ``recv``.
+
+The fastest path: no event loop, no poll of several sockets, the GIL
+released while it waits. Used unless the worker needs the asyncio runner
+(several brokers, ``concurrency`` > 1, ``async def`` callbacks).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import zmq
+
+from sqm import protocol
+from sqm.protocol import DISPATCH, DONE, DONE_FAILED, SIGNATURE
+from sqm.zmqfast import RCVTIMEO, recv_frames
+from sqm.zmqfast import set_option as _set_option
+
+from .execute import Workload
+from .links import BrokerLink
+from .session import Session
+
+log = logging.getLogger("sqm.worker")
+
+# The longest recv blocks before looking at the stop flag: how long a
+# terminate() (SIGINT, SIGTERM) may wait to be noticed by an idle worker.
+WAKE_S = 0.1
+
+
+class PlainRunner:
+    """Serves one broker with synchronous callbacks, one message after another."""
+
+    def __init__(self) -> None:
+        self._session: Session | None = None
+        self._stop = threading.Event()
+        self._work = Workload()
+        self._execute: Callable[[list[bytes]], tuple[bytes, bool]] = lambda frames: (b"", False)
+
+    def stop(self) -> None:
+        """Nothing to wake: :meth:`run` looks at the stop flag at least every ``WAKE_S``."""
+
+    def run(self, session: Session) -> None:
+        self._session = s = session
+        self._stop = stop = s.stop
+        self._work = s.workload
+        self._execute = s.execution.run  # looked up once, not per message
+        link = BrokerLink(s.endpoints[0], s.routing_id)
+        sock = self._open(link)
+        log.info("worker %s serving queue %s at %s", s.worker_id, s.queue, link.endpoint)
+        # Chores (liveness, reconnects, idle mailboxes) run at most every
+        # `chore_s`, also while messages stream in.
+        chore_s = s.heartbeat / 2
+        next_chores = 0.0
+        try:
+            while not stop.is_set():
+                try:
+                    frames = recv_frames(sock, 0)
+                except zmq.Again:  # receive timeout: time to look around
+                    frames = None
+                now = time.monotonic()
+                if frames is not None:
+                    link.last_heard = now
+                    if (len(frames) == protocol.SUBMIT_FRAMES and frames[1] == DISPATCH
+                            and frames[0] == SIGNATURE):
+                        self._handle(link, frames)
+                    else:
+                        s.on_control(link, frames)
+                if now < next_chores:
+                    continue
+                next_chores = now + chore_s
+                if link.reconnected():
+                    s.hello(link)  # sqm came back (restart): register again now
+                if s.reconnect_due(link, now):
+                    link.close(0)
+                    sock = self._open(link)
+                s.mailboxes.expire(now)
+            self._leave(link)
+        finally:
+            link.close(linger_ms=1000 if link.reachable() else 0)
+
+    def _open(self, link: BrokerLink) -> zmq.Socket:
+        s = self._session
+        assert s is not None
+        sock = link.open(s.ctx)
+        _set_option(sock, RCVTIMEO, max(1, int(min(s.heartbeat / 2, WAKE_S) * 1000)))
+        s.hello(link)
+        return sock
+
+    def _handle(self, link: BrokerLink, frames: list[bytes]) -> None:
+        """Run one dispatch, then tell the broker it is done."""
+        work = self._work
+        started = time.monotonic()
+        before = work.busy[0]
+        work.busy = (before, started)
+        msg_id = b""
+        ok = False
+        try:
+            msg_id, ok = self._execute(frames)
+        finally:
+            work.busy = (before + time.monotonic() - started, 0.0)
+            if msg_id:
+                work.tasks_done += 1
+                if self._stop.is_set():
+                    # Say BYE before DONE, or sqm would refill the slot DONE frees.
+                    link.send_bye()
+                link.send([SIGNATURE, DONE if ok else DONE_FAILED, msg_id])
+
+    def _leave(self, link: BrokerLink) -> None:
+        """Tell sqm we go; finish whatever it dispatched before it acknowledged."""
+        s = self._session
+        assert s is not None
+        if not link.send_bye() or not link.reachable():
+            return  # nobody to wait for: no broker connected
+        sock = link.sock
+        assert sock is not None
+        deadline = time.monotonic() + s.heartbeat * s.liveness
+        while not link.bye_acked:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
+                return  # sqm is gone: nothing more can arrive
+            frames = recv_frames(sock, 0)
+            if len(frames) == protocol.SUBMIT_FRAMES and frames[1] == DISPATCH:
+                self._handle(link, frames)
+            else:
+                s.on_control(link, frames)

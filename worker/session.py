@@ -1,0 +1,107 @@
+"""What a runner gets from its Worker: a :class:`Session`, and the :class:`Runner` protocol.
+
+A runner (plain or asyncio) serves a worker's queue until told to stop. It
+sees the worker only through this narrow object (settings, the shared
+:class:`~worker.execute.Execution`, the mailbox pool, the stop flag and the
+registration/control handling both runners share), never the Worker's
+own attributes, so runners and the Worker can change independently.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import zmq
+
+from sqm import protocol
+from sqm.protocol import BYE, HEARTBEAT, HELLO, SIGNATURE, STOP
+
+from .execute import Execution, Workload
+from .links import BrokerLink
+from .mailboxes import MailboxPool
+
+log = logging.getLogger("sqm.worker")
+
+
+class Runner(Protocol):
+    """Serves one worker: :meth:`run` blocks until the worker leaves."""
+
+    def run(self, session: Session) -> None:
+        """Register, take work and run it until ``session.stop`` is set, then leave."""
+
+    def stop(self) -> None:
+        """Wake :meth:`run` to notice ``session.stop`` (any thread, even a signal handler)."""
+
+
+@dataclass(eq=False)
+class Session:
+    """One run of a worker, as its runner sees it."""
+
+    worker_id: str
+    queue: str
+    endpoints: list[str]
+    routing_id: bytes
+    heartbeat: float
+    liveness: int
+    slots: int
+    concurrency: int
+    ctx: zmq.Context
+    execution: Execution
+    mailboxes: MailboxPool
+    workload: Workload
+    info: dict[str, Any]  # what HELLO tells a broker about this worker
+    on_stop_request: Callable[[], None]  # a broker sent STOP
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def hello(self, link: BrokerLink) -> None:
+        """Register with one broker (again): it forgets what it had parked."""
+        info = dict(self.info, methods=sorted(self.execution.callbacks))
+        link.parked = 0
+        link.send([SIGNATURE, HELLO, protocol.encode_json(info)])
+
+    def on_control(self, link: BrokerLink, frames: list[bytes]) -> None:
+        """Anything from a broker but a dispatch (both runners)."""
+        if len(frames) < 2 or frames[0] != SIGNATURE:
+            return
+        cmd = frames[1]
+        if cmd == HEARTBEAT:
+            if len(frames) == 3 and frames[2].isdigit():
+                link.broker_heartbeat = max(0.001, int(frames[2]) / 1000)
+        elif cmd == BYE:
+            if link.bye_sent:
+                link.bye_acked = True  # our leave is acknowledged: nothing more will come
+            else:
+                self.hello(link)  # sqm restarted or is stopping: say hello again
+        elif cmd == STOP:
+            if not self.stop.is_set():
+                log.info("worker %s: sqm at %s asked it to stop", self.worker_id, link.endpoint)
+            self.on_stop_request()
+        else:
+            log.debug("worker %s: ignoring command %r", self.worker_id, cmd[:8])
+
+    def reconnect_due(self, link: BrokerLink, now: float) -> bool:
+        """True when ``link``'s broker is silent and the link should start afresh.
+
+        Says so in the log the first time, then at most once a minute
+        (counting the attempts in between); and says when it answers again.
+        """
+        if not link.silent(now, self.heartbeat, self.liveness):
+            back = link.answered_again(now)
+            if back is not None:
+                log.info("worker %s: sqm at %s answers again after %.0f s (%d reconnect(s))",
+                         self.worker_id, link.endpoint, *back)
+            return False
+        report = link.outage.attempt(now)
+        if report is not None:
+            if report == 0:
+                log.warning("worker %s: sqm at %s silent for %.0f s, reconnecting (said again at"
+                            " most once a minute)", self.worker_id, link.endpoint,
+                            self.heartbeat * self.liveness)
+            else:
+                log.warning("worker %s: sqm at %s still silent, %d reconnect(s) since the last"
+                            " report", self.worker_id, link.endpoint, report)
+        return True
