@@ -3,8 +3,12 @@
 A batch keeps at most ``max_concurrent`` messages outstanding, turns each
 outcome into an item (the result, or the SQMError in its place, like
 ``asyncio.gather(return_exceptions=True)``), expires items whose deadline
-passed, and hands items out in input order or as they complete. The
-façades only submit, wait and yield.
+passed, and hands items out in input order or as they complete.
+
+:meth:`Batch.step` is the whole loop as a state machine: it says what the
+façade must do next (NEED a payload, EMIT the items in ``out``, WAIT until
+:meth:`Batch.next_deadline`, or DONE). The façades only fetch payloads,
+submit, yield and wait, each in its own style.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 from sqm.errors import SQMError, Timeout
+
+#: What :meth:`Batch.step` asks of the façade.
+NEED, EMIT, WAIT, DONE = 0, 1, 2, 3
 
 
 class BatchSink:
@@ -51,10 +58,18 @@ def check_map_args(max_concurrent: int, retries: int, timeout: float | None) -> 
 
 
 class Batch:
-    """The window, per-item deadlines and output order of one map()."""
+    """The window, per-item deadlines and output order of one map().
 
-    def __init__(self, core: Any, max_concurrent: int, ordered: bool) -> None:
+    ``grace(mid, now)``: how much longer to wait for sqm's verdict on an item
+    whose deadline just passed (0: none; see SenderBase._verdict_grace).
+    """
+
+    def __init__(self, core: Any, max_concurrent: int, ordered: bool,
+                 grace: Callable[[str, float], float] | None = None) -> None:
         self.core = core
+        self.grace = grace
+        self.exhausted = False  # the input has no more payloads
+        self._extended: dict[str, float] = {}  # id -> end of its grace (monotonic)
         self.sink = BatchSink()
         self.max_concurrent = max_concurrent
         self.ordered = ordered
@@ -66,6 +81,21 @@ class Batch:
 
     def room(self) -> bool:
         return len(self.inflight) < self.max_concurrent
+
+    def step(self) -> int:
+        """What the façade does next: NEED (take a payload, then call
+        :meth:`sent`/:meth:`failed`, or set ``exhausted``), EMIT (hand out
+        ``out``), WAIT (until :meth:`next_deadline` or an outcome), DONE."""
+        if not self.exhausted and self.room():
+            return NEED
+        self.collect()
+        if self.out:
+            return EMIT
+        if self.exhausted and not self.inflight:
+            return DONE
+        if not self.exhausted and self.room():
+            return NEED
+        return WAIT
 
     def sent(self, mid: str) -> None:
         self.inflight[mid] = self.count
@@ -86,6 +116,8 @@ class Batch:
             index = inflight.pop(mid, None)
             if index is None:
                 continue
+            if self._extended:
+                self._extended.pop(mid, None)
             try:
                 item = core.result(outcome)
             except SQMError as exc:
@@ -94,33 +126,45 @@ class Batch:
         if inflight:
             now = time.monotonic()
             expired = []
+            extended = self._extended
             # Every item has the same timeout and was submitted in order, so
             # deadlines grow along the dict: stop at the first one still alive.
             for mid in inflight:
                 deadline = core.outstanding.get(mid)
                 if deadline is None or deadline > now:
                     break
+                until = extended.get(mid)
+                if until is None and self.grace is not None:
+                    extra = self.grace(mid, now)
+                    if extra > 0:
+                        extended[mid] = now + extra  # sqm accepted it: await its verdict
+                        continue
+                elif until is not None and until > now:
+                    continue
                 expired.append(mid)
             for mid in expired:
+                extended.pop(mid, None)
                 core.forget(mid)
                 self._put(inflight.pop(mid),
                           Timeout(f"no reply for message {mid} in time (map item)"))
 
     def next_deadline(self) -> float:
-        """When the oldest outstanding item expires (monotonic), or inf."""
+        """When the oldest outstanding item (or a grace) ends (monotonic), or inf."""
+        extended = self._extended
+        nxt = min(extended.values()) if extended else float("inf")
         for mid in self.inflight:
+            if mid in extended:
+                continue
             deadline = self.core.outstanding.get(mid)
-            return float("inf") if deadline is None else deadline
-        return float("inf")
-
-    def finished(self, exhausted: bool) -> bool:
-        return exhausted and not self.inflight and not self.out
+            return nxt if deadline is None else min(nxt, deadline)
+        return nxt
 
     def close(self) -> None:
         """The consumer stopped early: forget what is still outstanding."""
         for mid in self.inflight:
             self.core.forget(mid)
         self.inflight.clear()
+        self._extended.clear()
 
     def _put(self, index: int, item: Any) -> None:
         if not self.ordered:

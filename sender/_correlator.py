@@ -107,6 +107,8 @@ class Correlator:
         configured = s.get("mailbox_bind")
         if configured:
             return str(configured)
+        if s.endpoint.startswith("inproc://"):  # an in-process broker on a shared context
+            return f"inproc://sqm-mbox-{self.prefix}"
         if s.endpoint.startswith("ipc://"):
             directory = s.ipc_dir or s.rundir
             path = os.path.join(directory, f"mbox-{self.prefix}.sock")

@@ -91,7 +91,8 @@ class Link:
     """One broker: its DEALER (``sock``; ``raw`` is a plain view for NOBLOCK
     I/O), the monitor socket, and what the sender knows of the connection."""
 
-    __slots__ = ("endpoint", "sock", "raw", "monitor", "state", "epoch", "resend_at", "tasks")
+    __slots__ = ("endpoint", "sock", "raw", "monitor", "state", "epoch", "resend_at", "tasks",
+                 "reached")
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
@@ -102,6 +103,7 @@ class Link:
         self.epoch = 0  # +1 per loss of connection
         self.resend_at = 0.0  # monotonic; when to re-send what the last connection lost
         self.tasks: list[Any] = []  # AsyncSender's reader tasks
+        self.reached = False  # a broker answered here at least once (ZMTP handshake)
 
     def __repr__(self) -> str:
         return f"<Link {self.endpoint} {('NEW', 'UP', 'DOWN', 'GONE')[self.state]} epoch {self.epoch}>"
@@ -129,6 +131,9 @@ class Links:
         self._rr = 0
         self.retry: list[str] = []  # ids whose re-send found every queue full
         self.resent = 0
+        #: A link that never reached a broker was refused (no socket file, no
+        #: listener): the façade may then check whether any broker exists.
+        self.refused = False
         try:
             for ep in endpoints:
                 self.links.append(self._new(ep))
@@ -164,7 +169,10 @@ class Links:
             if link.state == DOWN and link.epoch:
                 link.resend_at = now + self.grace
             link.state = UP
+            link.reached = True
         elif event & DOWN_EVENTS:
+            if not link.reached:
+                self.refused = True
             if link.state == DOWN:
                 return
             link.state = DOWN

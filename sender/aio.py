@@ -6,22 +6,20 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
 
 from sqm import protocol
-from sqm.config import resolve, split_endpoints
-from sqm.errors import SQMError, Timeout
-from sqm.sockets import make_socket
+from sqm.errors import SQMError
 from sqm.zmqfast import recv_frames, send_frames
 
-from ._batch import Batch, check_map_args
-from ._correlator import Correlator
-from ._hooks import Hooks, OnComplete, OnFail, OnStart, OnStatus, run_calls
-from ._links import Link, Links, monitor_event, open_dealer
+from ._batch import DONE, EMIT, NEED, Batch
+from ._correlator import Outcome
+from ._hooks import OnComplete, OnFail, OnStart, OnStatus, run_calls
+from ._links import Link, monitor_event
+from .base import SenderBase
 
 log = logging.getLogger("sender")
 
@@ -35,7 +33,7 @@ def _set_if_pending(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-class AsyncSender:
+class AsyncSender(SenderBase):
     """Like :class:`sender.Sender`, for asyncio. Many coroutines may share one.
 
     Replies are read by background tasks on the event loop the sender is
@@ -55,45 +53,35 @@ class AsyncSender:
         allow_pickle: bool = False,
         max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE,
         heartbeat: float | None = None,
+        context: zmq.Context | None = None,
     ) -> None:
-        self.settings = resolve(queue, endpoint=endpoint, config=config)
-        self.queue = self.settings.queue
-        self.timeout = timeout
-        self.heartbeat = float(heartbeat or self.settings.get("heartbeat", 1.0))
-        self._core = Correlator(
-            self.settings,
-            serializer=serializer,
-            allow_pickle=allow_pickle,
-            max_message_size=max_message_size,
-        )
-        self._ctx = zmq.asyncio.Context.instance()
-        self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._readers: list[asyncio.Task[None]] = []
         self._spawned: set[asyncio.Future[Any]] = set()
         self._tick: asyncio.TimerHandle | None = None
         self._waiters: dict[Any, list[asyncio.Future[None]]] = {}
-        self._mailbox = make_socket(self._ctx, zmq.PULL, linger_ms=0)
-        try:
-            self._mailbox.bind(self._core.mailbox_bind_address())
-            self._core.set_mailbox(self._mailbox.last_endpoint.decode())
-            self._links = Links(self._core, self.settings.endpoints, self._open_link,
-                                self._close_link, self.heartbeat, self._wake)
-        except zmq.ZMQError as exc:
-            self._closed = True
-            self._mailbox.close(0)
-            raise SQMError(f"cannot set up sender for queue {self.queue!r}: {exc}") from None
-        self._one = self._links.single
+        self._link_wake = self._wake
+        super().__init__(queue, endpoint=endpoint, config=config, serializer=serializer,
+                         timeout=timeout, allow_pickle=allow_pickle,
+                         max_message_size=max_message_size, heartbeat=heartbeat,
+                         context=context)
+
+    def _kind(self) -> str:
+        return "AsyncSender"
+
+    def _context(self, context: zmq.Context | None) -> zmq.Context:
+        if context is None:
+            return zmq.asyncio.Context.instance()
+        if isinstance(context, zmq.asyncio.Context):
+            return context
+        return zmq.asyncio.Context.shadow(context.underlying)  # asyncio sockets, same context
 
     # ------------------------------------------------------------ sockets and tasks
 
     def _open_link(self, link: Link) -> None:
-        sock, monitor = open_dealer(
-            self._ctx, link.endpoint, self._core.routing_id, self.heartbeat, self._core.prefix
-        )
+        sock = self._dealer(link)
         link.sock = sock
         link.raw = zmq.Socket.shadow(sock.underlying)  # sync view: NOBLOCK send/recv
-        link.monitor = monitor
         if self._loop is not None:
             self._start_link(link)
 
@@ -130,12 +118,12 @@ class AsyncSender:
         asyncio.gather(*pending, return_exceptions=True).add_done_callback(shut)
 
     def _start(self) -> None:
-        if self._closed:
-            raise SQMError("this AsyncSender is closed")
+        self._check_open()
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             self._readers = [self._loop.create_task(
-                self._read(self._mailbox, zmq.Socket.shadow(self._mailbox.underlying), False))]
+                self._read(cast(zmq.asyncio.Socket, self._mailbox),
+                           zmq.Socket.shadow(self._mailbox.underlying), False))]
             for link in self._links.links:
                 self._start_link(link)
 
@@ -152,7 +140,7 @@ class AsyncSender:
         feed = core.feed
         wake = self._wake
         while True:
-            await sock.poll(flags=zmq.POLLIN)
+            await sock.poll()  # POLLIN
             while True:
                 try:
                     frames = recv_frames(raw)
@@ -180,7 +168,10 @@ class AsyncSender:
         if self._tick is not None:
             self._tick.cancel()
             self._tick = None
-        nxt = self._links.due(time.monotonic())
+        links = self._links
+        if links.refused and self._waiters:
+            self._wake_all()  # a wait may now end as BrokerUnreachable
+        nxt = links.due(time.monotonic())
         core = self._core
         if core.calls:
             run_calls(core, self._spawn)
@@ -200,6 +191,12 @@ class AsyncSender:
             self._core.callback_errors += 1
             log.error("an async sender callback raised", exc_info=task.exception())
 
+    def _wake_all(self) -> None:
+        for futures in self._waiters.values():
+            for fut in futures:
+                if not fut.done():
+                    fut.set_result(None)
+
     def _wake(self, mid: str) -> None:
         for key in (mid, _ANY):
             futures = self._waiters.get(key)
@@ -208,18 +205,6 @@ class AsyncSender:
                 if not fut.done():
                     fut.set_result(None)
                     return
-
-    @property
-    def endpoint(self) -> str:
-        return self.settings.endpoint
-
-    @property
-    def endpoints(self) -> tuple[str, ...]:
-        return self.settings.endpoints
-
-    @property
-    def mailbox(self) -> str:
-        return self._core.mailbox.decode()
 
     # ------------------------------------------------------------ calls
 
@@ -243,60 +228,41 @@ class AsyncSender:
         Callbacks run on the event loop as the worker's messages arrive;
         an ``async def`` callback is run as a task.
         """
-        hooks = None
-        if on_start is not None or on_status is not None or on_complete is not None \
-                or on_fail is not None:
-            if oneway:
-                raise ValueError("a oneway message is never acknowledged or answered: "
-                                 "it takes no callbacks")
-            hooks = Hooks.make(on_start, on_status, on_complete, on_fail)
+        hooks = self._hooks(oneway, on_start, on_status, on_complete, on_fail)
         return await self._submit(method, payload, oneway, timeout, retries, priority, ttl, hooks)
 
     async def _submit(self, method: str, payload: Any, oneway: bool, timeout: float | None,
                       retries: int, priority: str, ttl: float | None, hooks: Any) -> str:
         self._start()
-        core = self._core
-        mid, frames = core.encode_submit(
-            method, payload, oneway=oneway, timeout=timeout, retries=retries,
-            priority=priority, ttl=ttl,
-        )
-        if hooks is not None:
-            core.watch(mid, hooks)
-        link = self._one or self._links.pick()
+        mid, frames, link = self._prepare(method, payload, oneway, timeout, retries, priority,
+                                          ttl, hooks)
         try:
             send_frames(link.raw, frames)
         except zmq.Again:  # the queue towards sqm is full (sqm down or slow)
             link = await self._send_slow(mid, frames, timeout, link)
         if not oneway:
-            core.sent[mid] = (frames, link, link.epoch)
+            self._core.sent[mid] = (frames, link, link.epoch)
         return mid
 
     async def _send_slow(self, mid: str, frames: list[bytes], timeout: float | None,
                          link: Link) -> Link:
-        for other in self._links.up:
-            if other is not link:
-                try:
-                    send_frames(other.raw, frames)
-                except zmq.Again:
-                    continue
-                return other
-        limit = timeout if timeout is not None else self.timeout
+        other = self._send_elsewhere(frames, link)
+        if other is not None:
+            return other
+        limit = self._limit(timeout)
         sock = link.sock
         if not await sock.poll(None if limit is None else int(limit * 1000), zmq.POLLOUT):
-            self._core.forget(mid)
-            raise Timeout(f"sqm at {link.endpoint} did not take the message within {limit} s")
+            raise self._not_taken(mid, limit, link)
         send_frames(zmq.Socket.shadow(sock.underlying), frames)
         return link
 
     async def receive(self, timeout: float | None = None, id: str | None = None) -> Any:  # noqa: A002
         """The next reply's result, or that of message ``id`` (see Sender.receive)."""
         self._start()
-        core = self._core
-        outcome = core.take(id)
+        outcome, deadline = self._receive_now(id, timeout)
         if outcome is None:
-            core.check_waitable(id)
-            outcome = await self._wait(id, core.deadline_for(id, timeout, self.timeout))
-        return core.result(outcome)
+            outcome = await self._wait(id, deadline)
+        return self._core.result(outcome)
 
     async def rpc(
         self,
@@ -308,7 +274,7 @@ class AsyncSender:
         priority: str = "normal",
     ) -> Any:
         """Submit and await that message's result. Cancelling it forgets the message."""
-        limit = timeout if timeout is not None else self.timeout
+        limit = self._limit(timeout)
         mid = await self._submit(method, payload, False, limit, retries, priority, None, None)
         try:
             outcome = await self._wait(mid, self._core.deadline_for(mid, limit, None))
@@ -317,19 +283,29 @@ class AsyncSender:
             raise
         return self._core.result(outcome)
 
-    async def _wait(self, mid: str | None, deadline: float) -> Any:
+    async def _wait(self, mid: str | None, deadline: float) -> Outcome:
         loop = asyncio.get_running_loop()
         key = _ANY if mid is None else mid
         core = self._core
+        graced = False
         while True:
             outcome = core.take(mid)
             if outcome is not None:
                 return outcome
-            remaining = deadline - loop.time() if deadline != float("inf") else None
+            if self._links.refused:
+                error = self._unreachable()
+                if error is not None:
+                    raise error
             # deadline is time.monotonic(); asyncio's loop.time() is monotonic too
+            now = loop.time()
+            remaining = deadline - now if deadline != float("inf") else None
             if remaining is not None and remaining <= 0:
-                what = f"message {mid}" if mid else "any reply"
-                raise Timeout(f"no reply for {what} from queue {self.queue!r} in time")
+                grace = 0.0 if graced else self._verdict_grace(mid, now)
+                if grace <= 0:
+                    raise self._timeout(mid)
+                graced = True  # sqm accepted it: its Expired is on the way
+                deadline = now + grace
+                remaining = grace
             fut: asyncio.Future[None] = loop.create_future()
             self._waiters.setdefault(key, []).append(fut)
             # Await the future itself (not asyncio.wait_for, which on some
@@ -360,14 +336,8 @@ class AsyncSender:
 
         ``payloads`` may be an iterable or an async iterable.
         """
-        if self._closed:
-            raise SQMError("this AsyncSender is closed")
-        check_map_args(max_concurrent, retries, timeout)
-        if not isinstance(method, str) or not method:
-            raise ValueError("method must be a non-empty string")
-        limit = timeout if timeout is not None else self.timeout
-        return self._map(method, payloads, Batch(self._core, max_concurrent, ordered),
-                         retries, limit)
+        batch, limit = self._batch(method, max_concurrent, retries, timeout, ordered)
+        return self._map(method, payloads, batch, retries, limit)
 
     async def _map(self, method: str, payloads: Any, batch: Batch, retries: int,
                    limit: float | None) -> AsyncIterator[Any]:
@@ -382,18 +352,19 @@ class AsyncSender:
                 fut.set_result(None)
 
         batch.sink.notify = notify
-        exhausted = False
         try:
             while True:
-                while not exhausted and batch.room():
+                step = batch.step()
+                if step == NEED:
                     try:
                         if items is not None:
                             payload = next(items)
                         else:
+                            assert aitems is not None
                             payload = await aitems.__anext__()
                     except (StopIteration, StopAsyncIteration):
-                        exhausted = True
-                        break
+                        batch.exhausted = True
+                        continue
                     try:
                         mid = await self._submit(method, payload, False, limit, retries,
                                                  "normal", None, batch.sink)
@@ -401,14 +372,16 @@ class AsyncSender:
                         batch.failed(exc)
                     else:
                         batch.sent(mid)
-                batch.collect()
-                out = batch.out
-                while out:
-                    yield out.popleft()
-                if exhausted and not batch.inflight:
-                    return
-                if batch.sink.done or (not exhausted and batch.room()):
                     continue
+                if step == EMIT:
+                    out = batch.out
+                    while out:
+                        yield out.popleft()
+                    continue
+                if step == DONE:
+                    return
+                if batch.sink.done:
+                    continue  # arrived while we were yielding
                 fut: asyncio.Future[None] = loop.create_future()
                 waiter[0] = fut
                 deadline = batch.next_deadline()
@@ -433,22 +406,6 @@ class AsyncSender:
         """True once sqm has taken message ``id`` (journaled, in journal mode), before its reply."""
         return id in self._core.accepted
 
-    @property
-    def outstanding(self) -> int:
-        return len(self._core.outstanding) + len(self._core.ready)
-
-    def set_endpoints(self, endpoints: str | Iterable[str]) -> None:
-        """Talk to exactly these brokers from now on (see Sender.set_endpoints)."""
-        if self._closed:
-            raise SQMError("this AsyncSender is closed")
-        eps = split_endpoints(endpoints if isinstance(endpoints, str) else list(endpoints))
-        try:
-            self._links.replace(eps)
-        except zmq.ZMQError as exc:
-            raise SQMError(f"cannot connect to {eps}: {exc}") from None
-        self.settings = replace(self.settings, endpoint=eps[0], endpoints=eps)
-        self._one = self._links.single
-
     async def close(self) -> None:
         """Stop the reader tasks and close the sockets."""
         if self._closed:
@@ -467,8 +424,7 @@ class AsyncSender:
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
-        self._links.close(1000)
-        self._mailbox.close(linger=0)
+        self._close_sockets()
 
     async def __aenter__(self) -> AsyncSender:
         return self

@@ -5,21 +5,20 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
 from typing import Any
 
 import zmq
+import zmq.asyncio
 
 from sqm import protocol
-from sqm.config import resolve, split_endpoints
-from sqm.errors import SQMError, Timeout
-from sqm.sockets import make_socket
+from sqm.errors import SQMError
 from sqm.zmqfast import RCVTIMEO, recv_frames, send_frames, set_option
 
-from ._batch import Batch, check_map_args
-from ._correlator import Correlator, drain
-from ._hooks import Hooks, OnComplete, OnFail, OnStart, OnStatus, run_calls
-from ._links import Link, Links, monitor_event, open_dealer
+from ._batch import DONE, EMIT, NEED, Batch
+from ._correlator import Outcome, drain
+from ._hooks import OnComplete, OnFail, OnStart, OnStatus, run_calls
+from ._links import Link, monitor_event
+from .base import SenderBase
 
 #: How often a waiting Sender looks at its connections to sqm (errors,
 #: ACCEPTED notices, connects and disconnects), in seconds.
@@ -29,8 +28,7 @@ BROKER_CHECK_S = 0.02
 CHECK_EVERY = 64
 
 
-
-class Sender:
+class Sender(SenderBase):
     """Submit messages to a queue and collect the workers' replies.
 
     Thread-safety: a Sender belongs to the thread that created it (ZeroMQ
@@ -42,7 +40,8 @@ class Sender:
     ``endpoint`` may name several brokers of the queue (a list, or a
     comma-separated string): messages are spread over the live ones.
     Callbacks given to :meth:`submit` run inside this Sender's own calls
-    (receive, rpc, map, poll), never from another thread.
+    (receive, rpc, map, poll), never from another thread. ``context``: a
+    zmq.Context to share (in-process brokers on ``inproc://`` need it).
     """
 
     def __init__(
@@ -56,43 +55,27 @@ class Sender:
         allow_pickle: bool = False,
         max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE,
         heartbeat: float | None = None,
+        context: zmq.Context | None = None,
     ) -> None:
-        self.settings = resolve(queue, endpoint=endpoint, config=config)
-        self.queue = self.settings.queue
-        self.timeout = timeout
-        #: ZMTP heartbeat towards each broker (s): a silent one is dropped after 3.
-        self.heartbeat = float(heartbeat or self.settings.get("heartbeat", 1.0))
         self._owner = threading.get_ident()
-        self._core = Correlator(
-            self.settings,
-            serializer=serializer,
-            allow_pickle=allow_pickle,
-            max_message_size=max_message_size,
-        )
-        self._ctx = zmq.Context.instance()
-        self._closed = False
-        self._mailbox = make_socket(self._ctx, zmq.PULL, linger_ms=0)
-        try:
-            self._mailbox.bind(self._core.mailbox_bind_address())
-            self._core.set_mailbox(self._mailbox.last_endpoint.decode())
-            self._links = Links(self._core, self.settings.endpoints, self._open_link,
-                                self._close_link, self.heartbeat)
-        except zmq.ZMQError as exc:
-            self._closed = True
-            self._mailbox.close(0)
-            raise SQMError(f"cannot set up sender for queue {self.queue!r}: {exc}") from None
-        self._one = self._links.single
         self._next_broker_check = 0.0
         self._unchecked = 0
+        super().__init__(queue, endpoint=endpoint, config=config, serializer=serializer,
+                         timeout=timeout, allow_pickle=allow_pickle,
+                         max_message_size=max_message_size, heartbeat=heartbeat,
+                         context=context)
 
     # ------------------------------------------------------------ sockets
 
+    def _context(self, context: zmq.Context | None) -> zmq.Context:
+        if context is None:
+            return zmq.Context.instance()
+        if isinstance(context, zmq.asyncio.Context):
+            return zmq.Context.shadow(context.underlying)  # blocking sockets on the same context
+        return context
+
     def _open_link(self, link: Link) -> None:
-        sock, monitor = open_dealer(
-            self._ctx, link.endpoint, self._core.routing_id, self.heartbeat, self._core.prefix
-        )
-        link.sock = link.raw = sock
-        link.monitor = monitor
+        link.sock = link.raw = self._dealer(link)
 
     @staticmethod
     def _close_link(link: Link, linger: int) -> None:
@@ -104,21 +87,6 @@ class Sender:
         link.sock.close(linger=linger)
         link.sock = link.raw = link.monitor = None
 
-    @property
-    def endpoint(self) -> str:
-        """The first broker's endpoint."""
-        return self.settings.endpoint
-
-    @property
-    def endpoints(self) -> tuple[str, ...]:
-        """Every broker this sender talks to."""
-        return self.settings.endpoints
-
-    @property
-    def mailbox(self) -> str:
-        """The address workers send this sender's replies to."""
-        return self._core.mailbox.decode()
-
     def _check(self) -> None:
         if self._closed:
             raise SQMError("this Sender is closed")
@@ -127,6 +95,8 @@ class Sender:
                 "a Sender may only be used by the thread that created it; "
                 "create one Sender per thread"
             )
+
+    _check_usable = _check
 
     # ------------------------------------------------------------ sending
 
@@ -161,32 +131,20 @@ class Sender:
         given on_complete or on_fail is consumed by them: receive() never
         returns it.
         """
-        hooks = None
-        if on_start is not None or on_status is not None or on_complete is not None \
-                or on_fail is not None:
-            if oneway:
-                raise ValueError("a oneway message is never acknowledged or answered: "
-                                 "it takes no callbacks")
-            hooks = Hooks.make(on_start, on_status, on_complete, on_fail)
+        hooks = self._hooks(oneway, on_start, on_status, on_complete, on_fail)
         return self._submit(method, payload, oneway, timeout, retries, priority, ttl, hooks)
 
     def _submit(self, method: str, payload: Any, oneway: bool, timeout: float | None,
                 retries: int, priority: str, ttl: float | None, hooks: Any) -> str:
         self._check()
-        core = self._core
-        mid, frames = core.encode_submit(
-            method, payload, oneway=oneway, timeout=timeout, retries=retries,
-            priority=priority, ttl=ttl,
-        )
-        if hooks is not None:
-            core.watch(mid, hooks)
-        link = self._one or self._links.pick()
+        mid, frames, link = self._prepare(method, payload, oneway, timeout, retries, priority,
+                                          ttl, hooks)
         try:
             send_frames(link.raw, frames)
         except zmq.Again:
             link = self._send_slow(mid, frames, timeout, link)
         if not oneway:
-            core.sent[mid] = (frames, link, link.epoch)
+            self._core.sent[mid] = (frames, link, link.epoch)
         self._unchecked += 1
         if self._unchecked >= CHECK_EVERY:
             self._check_brokers(time.monotonic())
@@ -196,21 +154,14 @@ class Sender:
                    link: Link) -> Link:
         """The send queue towards sqm is full (sqm down or slow): another
         live broker, else wait, bounded."""
-        for other in self._links.up:
-            if other is not link:
-                try:
-                    send_frames(other.raw, frames)
-                except zmq.Again:
-                    continue
-                return other
-        limit = timeout if timeout is not None else self.timeout
+        other = self._send_elsewhere(frames, link)
+        if other is not None:
+            return other
+        limit = self._limit(timeout)
         if link.raw.poll(None if limit is None else int(limit * 1000), zmq.POLLOUT):
             send_frames(link.raw, frames)
             return link
-        self._core.forget(mid)
-        raise Timeout(
-            f"sqm at {link.endpoint} did not take the message within {limit} s: is it running?"
-        )
+        raise self._not_taken(mid, limit, link)
 
     # ------------------------------------------------------------ receiving
 
@@ -222,13 +173,10 @@ class Sender:
         QueueFull...).
         """
         self._check()
-        core = self._core
-        outcome = core.take(id)
+        outcome, deadline = self._receive_now(id, timeout)
         if outcome is None:
-            core.check_waitable(id)
-            deadline = core.deadline_for(id, timeout, self.timeout)
             outcome = self._wait(id, deadline)
-        return core.result(outcome)
+        return self._core.result(outcome)
 
     def rpc(
         self,
@@ -240,7 +188,7 @@ class Sender:
         priority: str = "normal",
     ) -> Any:
         """Submit and wait for that message's result (timeout: explicit, else the Sender's)."""
-        limit = timeout if timeout is not None else self.timeout
+        limit = self._limit(timeout)
         mid = self._submit(method, payload, False, limit, retries, priority, None, None)
         try:
             outcome = self._wait(mid, self._core.deadline_for(mid, limit, None))
@@ -249,7 +197,7 @@ class Sender:
             raise
         return self._core.result(outcome)
 
-    def _wait(self, mid: str | None, deadline: float) -> Any:
+    def _wait(self, mid: str | None, deadline: float) -> Outcome:
         """Block in recv on the mailbox, where replies arrive; look at the
         connections to sqm (errors, notices, connects) every BROKER_CHECK_S.
 
@@ -259,6 +207,7 @@ class Sender:
         """
         core = self._core
         mailbox = self._mailbox
+        graced = False
         while True:
             now = time.monotonic()
             if now >= self._next_broker_check:
@@ -275,8 +224,12 @@ class Sender:
                 outcome = self._settle(now, mid)
                 if outcome is not None:
                     return outcome
-                what = f"message {mid}" if mid else "any reply"
-                raise Timeout(f"no reply for {what} from queue {self.queue!r} in time")
+                grace = 0.0 if graced else self._verdict_grace(mid, now)
+                if grace <= 0:
+                    raise self._timeout(mid)
+                graced = True  # sqm accepted it: its Expired is on the way
+                deadline = now + grace
+                continue
             wait = min(remaining, self._next_broker_check - now)
             set_option(mailbox, RCVTIMEO, max(1, int(wait * 1000)))
             try:
@@ -291,10 +244,17 @@ class Sender:
                 if outcome is not None:
                     return outcome
 
-    def _settle(self, now: float, mid: str | None) -> Any:
-        """Look at the brokers, run due callbacks, and take ``mid``'s outcome if it is in."""
+    def _settle(self, now: float, mid: str | None) -> Outcome | None:
+        """Look at the brokers, run due callbacks, and take ``mid``'s outcome if it is in.
+
+        Raises BrokerUnreachable when a refused connect shows no broker exists.
+        """
         core = self._core
         self._check_brokers(now)
+        if self._links.refused:
+            error = self._unreachable()
+            if error is not None:
+                raise error
         if core.calls:
             run_calls(core)
         return core.take(mid)
@@ -380,24 +340,20 @@ class Sender:
         as you iterate; stopping early forgets what is still outstanding.
         """
         self._check()
-        check_map_args(max_concurrent, retries, timeout)
-        if not isinstance(method, str) or not method:
-            raise ValueError("method must be a non-empty string")
-        limit = timeout if timeout is not None else self.timeout
-        return self._map(method, iter(payloads), Batch(self._core, max_concurrent, ordered),
-                         retries, limit)
+        batch, limit = self._batch(method, max_concurrent, retries, timeout, ordered)
+        return self._map(method, iter(payloads), batch, retries, limit)
 
     def _map(self, method: str, items: Iterator[Any], batch: Batch, retries: int,
              limit: float | None) -> Iterator[Any]:
-        exhausted = False
         try:
             while True:
-                while not exhausted and batch.room():
+                step = batch.step()
+                if step == NEED:
                     try:
                         payload = next(items)
                     except StopIteration:
-                        exhausted = True
-                        break
+                        batch.exhausted = True
+                        continue
                     try:
                         mid = self._submit(method, payload, False, limit, retries, "normal",
                                            None, batch.sink)
@@ -405,15 +361,14 @@ class Sender:
                         batch.failed(exc)
                     else:
                         batch.sent(mid)
-                batch.collect()
-                out = batch.out
-                while out:
-                    yield out.popleft()
-                if exhausted and not batch.inflight:
+                elif step == EMIT:
+                    out = batch.out
+                    while out:
+                        yield out.popleft()
+                elif step == DONE:
                     return
-                if batch.sink.done or (not exhausted and batch.room()):
-                    continue
-                self._poll_until(batch.next_deadline())
+                else:
+                    self._poll_until(batch.next_deadline())
         finally:
             batch.close()
 
@@ -431,33 +386,12 @@ class Sender:
         self._check_brokers(time.monotonic())
         return id in self._core.accepted
 
-    @property
-    def outstanding(self) -> int:
-        """How many messages still await a reply."""
-        return len(self._core.outstanding) + len(self._core.ready)
-
-    def set_endpoints(self, endpoints: str | Iterable[str]) -> None:
-        """Talk to exactly these brokers from now on (a list, or a comma-separated string).
-
-        Messages a removed broker had not accepted, or that sat on a dead
-        one, are re-sent through the others. The mailbox stays where it is.
-        """
-        self._check()
-        eps = split_endpoints(endpoints if isinstance(endpoints, str) else list(endpoints))
-        try:
-            self._links.replace(eps)
-        except zmq.ZMQError as exc:
-            raise SQMError(f"cannot connect to {eps}: {exc}") from None
-        self.settings = replace(self.settings, endpoint=eps[0], endpoints=eps)
-        self._one = self._links.single
-
     def close(self) -> None:
         """Close the sockets; replies that arrive later are dropped by ZeroMQ."""
         if self._closed:
             return
         self._closed = True
-        self._links.close(1000)
-        self._mailbox.close(linger=0)
+        self._close_sockets()
 
     def __enter__(self) -> Sender:
         return self
