@@ -11,13 +11,15 @@ socket monitor reports the handshake outcome within milliseconds:
 - ``EVENT_HANDSHAKE_FAILED_PROTOCOL``: a security mechanism mismatch (one end
   CURVE, the other not) or a peer that does not speak ZMTP properly.
 
-:func:`classify` is pure; :class:`HandshakeWatch` wraps a blocking socket.
-Asyncio users read the monitor socket themselves and call :func:`classify`.
+:func:`classify` is pure; :class:`HandshakeWatch` follows a socket, blocking
+(``wait``) or, for a socket of a ``zmq.asyncio`` context, as a coroutine
+(``wait_async``).
 """
 
 from __future__ import annotations
 
 import zmq
+import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from ..errors import AuthError
@@ -49,13 +51,21 @@ def classify(event: int, value: int, endpoint: str) -> AuthError | None:
 class HandshakeWatch:
     """Follow the handshakes of one client socket (all its connections).
 
-    ``check()`` never blocks; ``wait(timeout)`` blocks until a handshake
-    succeeded (True), failed (raises AuthError) or the time ran out (False).
-    Make it before ``connect`` so no event is missed.
+    ``check()`` never blocks; ``wait(timeout)`` (or ``await
+    wait_async(timeout)``) waits until a handshake succeeded (True), failed
+    (raises AuthError) or the time ran out (False). Make it before
+    ``connect`` so no event is missed.
     """
 
     def __init__(self, sock: zmq.Socket) -> None:
-        self.monitor: zmq.Socket = sock.get_monitor_socket(HANDSHAKE_EVENTS)
+        monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
+        self._owned: zmq.Socket = monitor
+        self._async: zmq.asyncio.Socket | None = None
+        if isinstance(monitor, zmq.asyncio.Socket):
+            # a blocking view of the same socket, so check() never needs a loop
+            self._async = monitor
+            monitor = zmq.Socket.shadow(monitor.underlying)
+        self.monitor: zmq.Socket = monitor
         self._sock = sock
         self.succeeded = False
 
@@ -87,10 +97,21 @@ class HandshakeWatch:
             self.check()
         return self.succeeded
 
+    async def wait_async(self, timeout: float) -> bool:
+        """:meth:`wait` for a socket made by a ``zmq.asyncio`` context."""
+        if self.check():
+            return True
+        if self._async is None:
+            raise TypeError("wait_async needs a socket of a zmq.asyncio context; use wait()")
+        if await self._async.poll(int(timeout * 1000)):
+            self._take()
+            self.check()
+        return self.succeeded
+
     def close(self) -> None:
         """Stop monitoring (the watched socket stays open)."""
         try:
             self._sock.disable_monitor()
         except zmq.ZMQError:
             pass  # the socket was closed first
-        self.monitor.close(linger=0)
+        self._owned.close(linger=0)

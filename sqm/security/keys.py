@@ -181,3 +181,21 @@ def generate_keypair(
     _write(secret_path, _cert_text("**Secret**", public, secret), SECRET_MODE, overwrite)
     _write(public_path, _cert_text("Public", public, None), 0o644, overwrite)
     return Path(public_path), Path(secret_path)
+
+
+def client_keys(
+    secret_key: str | os.PathLike[str] | None, server_key: str | os.PathLike[str] | None
+) -> tuple[KeyPair, bytes] | None:
+    """A client's CURVE settings from its two options: (own pair, server public key).
+
+    None when neither is given (a plain client). One without the other is a
+    one-line KeyFileError: half a configuration must not silently mean
+    "insecure".
+    """
+    if secret_key is None and server_key is None:
+        return None
+    if secret_key is None:
+        raise KeyFileError("--server-key given without --secret-key: a secured client needs both")
+    if server_key is None:
+        raise KeyFileError("--secret-key given without --server-key: a secured client needs both")
+    return load_keypair(secret_key), load_public_key(server_key)

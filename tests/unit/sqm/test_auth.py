@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import zmq
+import zmq.asyncio
 
 from sqm.errors import AuthError, KeyFileError
 from sqm.security.auth import BrokerAuthenticator, ClientKeys
@@ -248,3 +250,38 @@ def test_missing_clients_dir_is_a_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError, match="clients directory .*missing: not found") as exc:
         ClientKeys(tmp_path / "missing")
     assert "\n" not in str(exc.value)
+
+
+def test_async_watch(server: Server, tmp_path: Path) -> None:
+    friend, friend_pub = make_key(tmp_path / "k", "friend")
+    stranger, _ = make_key(tmp_path / "k", "stranger")
+    grant(server.clients, "senders", friend_pub)
+    server.auth.reload()
+
+    async def handshake(keys: KeyPair) -> bool:
+        actx = zmq.asyncio.Context()
+        sock = make_socket(actx, zmq.DEALER, linger_ms=0, curve_client=keys,
+                           server_key=server.keys.public)
+        watch = HandshakeWatch(sock)
+        try:
+            sock.connect(server.endpoint)
+            return await watch.wait_async(10)
+        finally:
+            watch.close()
+            sock.close(0)
+            actx.term()
+
+    assert asyncio.run(handshake(friend))
+    start = time.monotonic()
+    with pytest.raises(AuthError, match="refused our key"):
+        asyncio.run(handshake(stranger))
+    assert time.monotonic() - start < PROMPT_S
+
+
+def test_wait_async_needs_an_asyncio_socket(server: Server) -> None:
+    sock = make_socket(server.client_ctx, zmq.DEALER, linger_ms=0)  # not connected: no event
+    watch = HandshakeWatch(sock)
+    with pytest.raises(TypeError, match="zmq.asyncio"):
+        asyncio.run(watch.wait_async(0.01))
+    watch.close()
+    sock.close(0)

@@ -13,6 +13,7 @@ import zmq.auth
 from sqm.errors import KeyFileError, SQMError
 from sqm.security.keys import (
     KeyPair,
+    client_keys,
     generate_keypair,
     load_key_dir,
     load_keypair,
@@ -163,3 +164,16 @@ def test_key_dir(tmp_path: Path) -> None:
     (tmp_path / "bad.key").write_text("garbage")
     with pytest.raises(KeyFileError, match="bad.key"):
         load_key_dir(tmp_path)
+
+
+def test_client_keys(tmp_path: Path) -> None:
+    assert client_keys(None, None) is None
+    srv_pub, srv_sec = generate_keypair("srv", tmp_path)
+    _, me_sec = generate_keypair("me", tmp_path)
+    me = load_keypair(me_sec)
+    assert client_keys(me_sec, srv_pub) == (me, load_public_key(srv_pub))
+    assert client_keys(str(me_sec), str(srv_sec)) == (me, load_public_key(srv_pub))
+    with pytest.raises(KeyFileError, match="--server-key given without --secret-key"):
+        client_keys(None, srv_pub)
+    with pytest.raises(KeyFileError, match="--secret-key given without --server-key"):
+        client_keys(me_sec, None)
