@@ -30,6 +30,7 @@ def make_socket(
     curve_server: KeyPair | None = None,
     curve_client: KeyPair | None = None,
     server_key: bytes | None = None,
+    router_handover: bool = True,
 ) -> zmq.Socket:
     """Create a socket with sqm's defaults (the single hook for security options).
 
@@ -37,6 +38,11 @@ def make_socket(
     are then vetted by the context's ZAP handler, if one runs).
     ``curve_client=pair, server_key=z85`` makes it a CURVE client of the
     server whose public key is ``server_key``. Neither: plain (NULL).
+
+    ``router_handover=False`` (ROUTER only): a second connection presenting
+    a routing id already in use is refused instead of taking the slot over.
+    A secured broker needs that: otherwise a peer with any admitted key
+    could present a worker's routing id and receive its DISPATCHes.
     """
     sock: zmq.Socket = ctx.socket(kind)
     if curve_server is not None:
@@ -54,10 +60,10 @@ def make_socket(
         sock.rcvhwm = hwm
     if kind == zmq.ROUTER:
         # Fail loudly (EHOSTUNREACH) instead of silently dropping a message
-        # for a peer that is gone, and let a reconnecting peer with the same
-        # routing id take over its old slot.
+        # for a peer that is gone, and (unless told not to) let a reconnecting
+        # peer with the same routing id take over its old slot.
         sock.router_mandatory = 1
-        sock.router_handover = 1
+        sock.router_handover = int(router_handover)
     return sock
 
 

@@ -69,6 +69,7 @@ class ClientKeys:
         self._checked_at = float("-inf")
         self._bad_stamp: tuple[int, ...] | None = None
         self._logged_unknown: set[bytes] = set()
+        self._admitted: tuple[bytes, str] = (b"", "")  # callback -> curve_user_id hand-over
         self.reload()
 
     def _dirs(self) -> list[str]:
@@ -122,13 +123,24 @@ class ClientKeys:
         """The User-Id (role string) of a z85 public key, or None if not admitted."""
         return self._table.get(z85_key)
 
+    def admitted_user_id(self, z85_key: bytes) -> str:
+        """The User-Id :meth:`callback` just admitted ``z85_key`` with.
+
+        Taken from that decision, not from the table again, so a reload in
+        between cannot leave an admitted peer with an empty User-Id.
+        """
+        key, uid = self._admitted
+        return uid if key == z85_key else (self._table.get(z85_key) or "")
+
     def __len__(self) -> int:
         return len(self._table)
 
     # pyzmq credentials-provider protocol (configure_curve_callback)
     def callback(self, domain: str, z85_key: bytes) -> bool:
         self.refresh()
-        if z85_key in self._table:
+        uid = self._table.get(z85_key)
+        if uid:
+            self._admitted = (z85_key, uid)
             return True
         if z85_key not in self._logged_unknown and len(self._logged_unknown) < _MAX_LOGGED_UNKNOWN:
             self._logged_unknown.add(z85_key)
@@ -145,7 +157,7 @@ class _Authenticator(ThreadAuthenticator):
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         # Called right after callback() admitted this key, in the same thread.
-        return self.keys.user_id(z85.encode(client_public_key)) or ""
+        return self.keys.admitted_user_id(z85.encode(client_public_key))
 
 
 class BrokerAuthenticator:

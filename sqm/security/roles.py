@@ -49,6 +49,11 @@ RIGHTS: dict[str, frozenset[bytes]] = {
     ADMIN: _SUBMITTING | _SERVING | {CONTROL},
 }
 
+#: Commands every admitted peer may send, whatever its roles: the ZAP handler
+#: admits only keys with at least one role, so the broker need not read the
+#: User-Id of these (SUBMIT, the hot one, among them).
+ADMITTED_MAY: frozenset[bytes] = frozenset.intersection(*RIGHTS.values())
+
 #: Control requests (the ``cmd`` of a CONTROL message) that only read state:
 #: anyone who may read status may send them. Every other control command is
 #: an operator action and needs the admin role.

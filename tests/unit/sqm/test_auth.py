@@ -285,3 +285,16 @@ def test_wait_async_needs_an_asyncio_socket(server: Server) -> None:
         asyncio.run(watch.wait_async(0.01))
     watch.close()
     sock.close(0)
+
+
+def test_admitted_user_id_survives_a_reload_between_decision_and_reply(tmp_path: Path) -> None:
+    clients = tmp_path / "clients"
+    _, pub = make_key(tmp_path / "k", "a")
+    grant(clients, "senders", pub)
+    keys = ClientKeys(clients)
+    z = load_public_key(pub)
+    assert keys.callback("*", z)
+    (clients / "senders" / "a.key").unlink()
+    keys.reload()  # SIGHUP lands between pyzmq's callback and its curve_user_id call
+    assert keys.admitted_user_id(z) == "sender"
+    assert not keys.callback("*", z)

@@ -9,6 +9,7 @@ import pytest
 from sqm import protocol
 from sqm.security.roles import (
     ADMIN,
+    ADMITTED_MAY,
     RIGHTS_BY_USER_ID,
     ROLES,
     SENDER,
@@ -80,3 +81,11 @@ def test_control_commands(roles: frozenset[str]) -> None:
         assert control_allowed(roles, name) is (ADMIN in roles)
     for name in ["status", "workers"]:
         assert control_allowed(roles, name) is bool(roles)
+
+
+def test_every_admitted_peer_may_submit_and_read_status() -> None:
+    # The broker skips the User-Id read for these; that is only sound while it holds.
+    assert ADMITTED_MAY == {protocol.SUBMIT, protocol.STATUS}
+    for roles in ALL_ROLE_SETS:
+        if roles:
+            assert all(allowed(roles, c) for c in ADMITTED_MAY)

@@ -12,6 +12,7 @@ import pytest
 import zmq
 
 from sqm import sockets
+from sqm.security.handshake import HandshakeWatch
 from sqm.security.keys import KeyPair
 from sqm.sockets import (
     bind,
@@ -180,3 +181,29 @@ def test_sweep_leaves_a_socket_rebound_during_the_probe(
         assert sorted(p.name for p in rundir.iterdir()) == ["q.sock"]
     finally:
         fresh.close()
+
+
+@pytest.mark.parametrize("handover", [True, False])
+def test_router_handover_decides_who_gets_a_routing_id_in_use(ctx: zmq.Context, handover: bool) -> None:
+    # Why a secured broker passes router_handover=False: with handover, a second
+    # peer presenting a worker's routing id receives what was meant for the worker.
+    router = make_socket(ctx, zmq.ROUTER, linger_ms=0, router_handover=handover)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    worker = make_socket(ctx, zmq.DEALER, linger_ms=0, routing_id=b"Wsame")
+    worker.connect(f"tcp://127.0.0.1:{port}")
+    worker.send(b"hello")
+    assert router.poll(10_000) and router.recv_multipart() == [b"Wsame", b"hello"]
+    impostor = make_socket(ctx, zmq.DEALER, linger_ms=0, routing_id=b"Wsame")
+    watch = HandshakeWatch(impostor)
+    impostor.connect(f"tcp://127.0.0.1:{port}")
+    assert watch.wait(10)  # the impostor's connection is up before the router sends
+    watch.close()
+    impostor.send(b"me too")
+    if handover:
+        assert router.poll(10_000) and router.recv_multipart() == [b"Wsame", b"me too"]
+    router.send_multipart([b"Wsame", b"dispatch"])
+    winner, loser = (impostor, worker) if handover else (worker, impostor)
+    assert winner.poll(10_000) and winner.recv() == b"dispatch"
+    assert not loser.poll(0)
+    for s in (impostor, worker, router):
+        s.close(0)
