@@ -142,11 +142,12 @@ def bind(sock: zmq.Socket, endpoint: str, *, mode: int = DEFAULT_IPC_MODE) -> No
         sock.bind(endpoint)
 
 
-def sweep_stale_sockets(rundir: str) -> list[str]:
+def sweep_stale_sockets(rundir: str, *, suffix: str = ".sock") -> list[str]:
     """Remove socket files in ``rundir`` nobody listens on; return their paths.
 
-    Only unix socket files (never regular files or symlinks) owned by this
-    user are touched, and only when a connect is refused. A file re-bound by
+    Only unix socket files named ``*<suffix>`` (sqm's queues and mailboxes;
+    never regular files or symlinks) owned by this user are touched, and
+    only when a connect is refused. A file re-bound by
     a starting process between our probe and our unlink must survive, so a
     dead-looking file is first renamed aside and probed again there: still
     dead, it is removed; alive after all, it is linked back to its name.
@@ -158,6 +159,8 @@ def sweep_stale_sockets(rundir: str) -> list[str]:
         return removed
     uid = os.geteuid()
     for name in names:
+        if not name.endswith(suffix) or name.startswith("."):
+            continue
         path = os.path.join(rundir, name)
         try:
             st = os.lstat(path)

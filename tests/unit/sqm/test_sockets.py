@@ -134,6 +134,7 @@ def test_sweep_removes_only_our_dead_sockets(ctx: zmq.Context, tmp_path: Path) -
     stale_socket(rundir / "theirs.sock")
     os.chown(rundir / "theirs.sock", NOBODY, NOBODY)
     (rundir / "file.sock").write_text("not a socket")
+    stale_socket(rundir / "other-app")  # not an sqm name: someone else's business
     os.symlink(rundir / "stale2.sock", rundir / "link.sock")
     assert not ipc_listener_alive(f"ipc://{rundir}/stale.sock")  # the probe sees them dead
 
@@ -141,7 +142,7 @@ def test_sweep_removes_only_our_dead_sockets(ctx: zmq.Context, tmp_path: Path) -
 
     assert sorted(removed) == [str(rundir / "stale.sock"), str(rundir / "stale2.sock")]
     left = sorted(p.name for p in rundir.iterdir())
-    assert left == ["file.sock", "link.sock", "live.sock", "theirs.sock"]
+    assert left == ["file.sock", "link.sock", "live.sock", "other-app", "theirs.sock"]
     assert ipc_listener_alive(f"ipc://{rundir}/live.sock")
     assert sweep_stale_sockets(str(rundir)) == []
     live.close(0)
