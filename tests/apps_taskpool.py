@@ -9,6 +9,10 @@ daemon) or blocks reading stdin (foreground, so the test can kill it).
 
 ``python -m tests.apps_taskpool lines N`` prints N numbered lines, flushing
 each, then "done", then sleeps unless ``--exit``.
+
+``python -m tests.apps_taskpool fleet POOL QUEUE N`` runs a WorkerFleet of N
+``tests.apps:callbacks`` workers until SIGTERM; ``autostart QUEUE`` calls
+``autostart_broker`` and prints the broker task's pid (or "none").
 """
 
 from __future__ import annotations
@@ -47,6 +51,21 @@ def main(argv: list[str]) -> int:
         print("done", flush=True)
         if "--exit" not in argv:
             threading.Event().wait(60)
+        return 0
+    if what == "fleet":
+        from sqm.taskpool import TaskPool
+        from sqm.taskpool.fleet import WorkerFleet
+
+        pool, queue, n = argv[1], argv[2], int(argv[3])
+        fleet = WorkerFleet(TaskPool(pool), queue, "tests.apps:callbacks", n, interval=0.1,
+                            worker_args=["--heartbeat", "0.2"])
+        print(os.getpid(), flush=True)
+        return fleet.run()
+    if what == "autostart":
+        from sqm.taskpool.autostart import autostart_broker
+
+        task = autostart_broker(argv[1], timeout=30)
+        print("none" if task is None else task.pid, flush=True)
         return 0
     raise SystemExit(f"unknown helper {what}")
 

@@ -123,13 +123,14 @@ class Task:
         answer = self._ask({"op": "kill", "signal": signal_number(sig)})
         return bool(answer and answer.get("ok"))
 
-    def terminate_supervisor(self, timeout: float = 10.0) -> int | None:
+    def terminate_supervisor(self, timeout: float = 10.0, wait: bool = True) -> int | None:
         """End the child (TERM, then KILL after the stop timeout) and the supervisor; no restart.
 
-        Returns the child's last exit code once the supervisor is gone.
+        Returns the child's last exit code once the supervisor is gone (None
+        at once with ``wait=False``, to stop many tasks in parallel).
         """
         self._ask({"op": "stop"})
-        return self.wait(timeout)
+        return self.wait(timeout) if wait else None
 
     stop = terminate_supervisor
 

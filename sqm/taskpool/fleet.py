@@ -1,0 +1,234 @@
+"""WorkerFleet: N ``sqm worker`` processes kept alive as tasks of a pool.
+
+The pool-side half of ``sqm worker --processes N``: each worker is a task
+with meta ``{"queue": Q, "target": "MODULE:ATTR", "fleet": <fleet pid>}``, so
+``sqm pool list --meta queue=Q`` shows them and their output is kept. Its
+supervisor restarts a crashed worker (``on-failure``, with backoff); the
+fleet replaces workers that leave on purpose, retires workers past
+``max_tasks``/``max_memory_mb`` (SIGTERM: the worker finishes the message in
+hand, tells sqm it is gone and exits 0, so nothing is lost), and follows
+the :class:`Autoscaler`. Supervisors are ``foreground`` tasks: if the fleet
+process dies, even by SIGKILL, the kernel ends them and their workers.
+
+The decisions are the pure :func:`plan_fleet`; :class:`WorkerFleet` only
+reads the pool and the queue's status and carries the plan out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import SQMError
+from .autoscale import Autoscaler
+from .pool import LIVE_STATES, Task, TaskPool
+
+log = logging.getLogger("sqm.taskpool.fleet")
+
+StatusSource = Callable[[], dict[str, Any]]
+MAX_GIVE_UPS = 3
+
+
+@dataclass(frozen=True)
+class Member:
+    """What the fleet knows of one of its workers."""
+
+    pid: int                       # the task (supervisor) pid
+    child_pid: int | None
+    rss_bytes: int | None = None
+    tasks_done: int | None = None  # from the queue's status, None when unknown
+    busy: bool = False
+    retiring: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_tasks: int | None = None      # per child, then it is replaced
+    max_memory_mb: float | None = None
+
+
+@dataclass
+class Plan:
+    spawn: int = 0
+    retire: list[int] = field(default_factory=list)
+
+
+def recycle_due(tasks_done: int, rss_bytes: int | None, limits: Limits) -> bool:
+    """A worker that has finished ``max_tasks`` messages, or is past ``max_memory_mb`` after one.
+
+    The same rule serves a Worker checking itself after each message.
+    """
+    if limits.max_tasks and tasks_done >= limits.max_tasks:
+        return True
+    return bool(limits.max_memory_mb and tasks_done >= 1 and rss_bytes is not None
+                and rss_bytes > limits.max_memory_mb * 1024 * 1024)
+
+
+def plan_fleet(desired: int, members: Sequence[Member], limits: Limits) -> Plan:
+    """Retire what must go, start what is missing: capacity stays at ``desired``."""
+    plan = Plan()
+    active = [m for m in members if not m.retiring]
+    for m in active:
+        if m.tasks_done is not None and recycle_due(m.tasks_done, m.rss_bytes, limits):
+            plan.retire.append(m.pid)
+    active = [m for m in active if m.pid not in plan.retire]
+    if len(active) < desired:
+        plan.spawn = desired - len(active)
+    elif len(active) > desired:
+        # shrink: idle before busy, newest (highest pid is a poor clock, so by order given) first
+        extra = sorted(active, key=lambda m: m.busy)[: len(active) - desired]
+        plan.retire += [m.pid for m in extra]
+    return plan
+
+
+def worker_argv(target: str, queue: str, worker_args: Sequence[str] = ()) -> list[str]:
+    """The command of one fleet worker: a single-process ``sqm worker``."""
+    return [sys.executable, "-m", "sqm", "worker", target, "--queue", queue,
+            "--processes", "1", *worker_args]
+
+
+class WorkerFleet:
+    """Keeps ``processes`` workers of ``target`` on ``queue`` running as pool tasks."""
+
+    def __init__(self, pool: TaskPool, queue: str, target: str, processes: int = 1, *,
+                 worker_args: Sequence[str] = (), limits: Limits | None = None,
+                 autoscaler: Autoscaler | None = None, status: StatusSource | None = None,
+                 interval: float = 0.5, env: dict[str, str] | None = None,
+                 backoff: float = 1.0, stop_timeout: float = 30.0) -> None:
+        self.pool = pool
+        self.queue = queue
+        self.target = target
+        self.desired = autoscaler.minimum if autoscaler else processes
+        if autoscaler:
+            self.desired = max(autoscaler.minimum, min(processes, autoscaler.maximum))
+        self.argv = worker_argv(target, queue, worker_args)
+        self.limits = limits or Limits()
+        self.autoscaler = autoscaler
+        self.status = status
+        self.interval = interval
+        self.env = env
+        self.backoff = backoff
+        self.stop_timeout = stop_timeout
+        self.meta = {"queue": queue, "target": target, "fleet": str(os.getpid())}
+        self.retiring: set[int] = set()
+        self.give_ups = 0
+        self.failed = False
+        self.stopping = threading.Event()
+        self.seen_exits: set[int] = set()
+
+    def tasks(self) -> list[tuple[Task, dict[str, Any]]]:
+        """This fleet's live tasks with their info."""
+        found = []
+        for pid, info in self.pool.infos():
+            if info.get("state") in LIVE_STATES and _is_sub(self.meta, info.get("meta")):
+                found.append((Task(self.pool, pid), info))
+        return found
+
+    def members(self, tasks: list[tuple[Task, dict[str, Any]]],
+                status: dict[str, Any] | None) -> list[Member]:
+        by_pid = {w.get("pid"): w for w in (status or {}).get("workers", [])}
+        result = []
+        for task, info in tasks:
+            row = by_pid.get(info.get("child_pid"))
+            result.append(Member(
+                pid=task.pid, child_pid=info.get("child_pid"), rss_bytes=info.get("rss_bytes"),
+                tasks_done=row.get("tasks_done") if row else None,
+                busy=bool(row and row.get("state") == "busy"),
+                retiring=task.pid in self.retiring))
+        return result
+
+    def step(self, now: float | None = None) -> Plan:
+        """One look at the pool and the queue, and the plan carried out."""
+        now = time.monotonic() if now is None else now
+        self._note_exits()
+        tasks = self.tasks()
+        live = {t.pid for t, _ in tasks}
+        self.retiring &= live
+        status = self._status()
+        members = self.members(tasks, status)
+        if self.autoscaler is not None and status is not None:
+            ours = {m.child_pid for m in members if not m.retiring}
+            idle = sum(1 for w in status.get("workers", [])
+                       if w.get("pid") in ours and w.get("state") == "idle")
+            self.desired = self.autoscaler.decide(
+                now, len(ours), int(status.get("pending", 0)), idle)
+        plan = plan_fleet(self.desired, members, self.limits)
+        for pid in plan.retire:
+            self.retiring.add(pid)
+            Task(self.pool, pid).kill("TERM")
+        for _ in range(plan.spawn):
+            self.spawn()
+        return plan
+
+    def spawn(self) -> Task:
+        return self.pool.spawn(exec=self.argv, meta=self.meta, behavior="foreground",
+                               restart="on-failure", env=self.env, backoff=self.backoff,
+                               stop_timeout=self.stop_timeout)
+
+    def _status(self) -> dict[str, Any] | None:
+        if self.status is None:
+            return None
+        try:
+            return self.status()
+        except SQMError:
+            return None
+
+    def _note_exits(self) -> None:
+        """Count give-ups (a worker that cannot start); forget workers that left cleanly."""
+        for pid, info in self.pool.infos():
+            if pid in self.seen_exits or info.get("state") in LIVE_STATES:
+                continue
+            if not _is_sub(self.meta, info.get("meta")):
+                continue
+            self.seen_exits.add(pid)
+            if info.get("gave_up"):
+                self.give_ups += 1
+                log.error("worker task %s keeps crashing at start-up (exit code %s); see %s",
+                          pid, info.get("exit_code"), info.get("output_path"))
+                if self.give_ups >= MAX_GIVE_UPS:
+                    self.failed = True
+                    self.stopping.set()
+            elif info.get("exit_code") == 0:
+                self.give_ups = 0
+                self.pool.store.remove(pid)  # a clean exit leaves nothing worth reading
+
+    def run(self) -> int:
+        """Until SIGTERM/SIGINT (forwarded to every worker, which finishes its message)."""
+        def on_signal(_signum: int, _frame: object) -> None:
+            self.stopping.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while not self.stopping.is_set():
+                self.step()
+                self.stopping.wait(self.interval)
+            return self.stop()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def stop(self, timeout: float | None = None) -> int:
+        """SIGTERM every worker, wait for all of them; 0 when all exited 0 and none gave up."""
+        timeout = self.stop_timeout + 5 if timeout is None else timeout
+        tasks = [t for t, _ in self.tasks()]
+        for task in tasks:
+            task.terminate_supervisor(wait=False)  # SIGTERM once: the worker finishes its message
+        codes = []
+        for task in tasks:
+            try:
+                codes.append(task.terminate_supervisor(timeout))
+            except SQMError:
+                codes.append(None)
+        self._note_exits()
+        return 1 if self.failed or any(c not in (0, None) for c in codes) else 0
+
+
+def _is_sub(pattern: dict[str, Any], meta: Any) -> bool:
+    return isinstance(meta, dict) and all(meta.get(k) == v for k, v in pattern.items())
