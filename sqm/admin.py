@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -18,6 +18,9 @@ from . import protocol
 from .config import QueueSettings
 from .errors import SQMError
 from .sockets import ipc_listener_alive, make_socket
+
+if TYPE_CHECKING:
+    from .security.keys import KeyPair
 
 DEFAULT_TIMEOUT = 3.0
 
@@ -39,13 +42,17 @@ class AdminClient:
 
     Every method waits at most ``timeout`` seconds and raises :class:`SQMError`
     when nothing answers or sqm refuses the command (with sqm's own reason).
+    ``curve`` is a CURVE client's (own key pair, server public key), as
+    :func:`sqm.security.keys.client_keys` returns it; None: a plain socket.
     """
 
     def __init__(self, settings: QueueSettings, timeout: float = DEFAULT_TIMEOUT,
-                 ctx: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
+                 ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
+                 curve: tuple[KeyPair, bytes] | None = None) -> None:
         self.settings = settings
         self.timeout = timeout
         self.ctx = ctx
+        self.curve = curve
 
     # -------------------------------------------------------------- commands
 
@@ -109,8 +116,12 @@ class AdminClient:
             sock.close(0)
 
     def _socket(self) -> zmq.Socket[bytes]:
-        """The DEALER for one request (where transport keys will be applied)."""
-        return make_socket(self.ctx or zmq.Context.instance(), zmq.DEALER, linger_ms=0)
+        """The DEALER for one request, with this client's transport keys if any."""
+        ctx = self.ctx or zmq.Context.instance()
+        if self.curve is None:
+            return make_socket(ctx, zmq.DEALER, linger_ms=0)
+        pair, server_key = self.curve
+        return make_socket(ctx, zmq.DEALER, linger_ms=0, curve_client=pair, server_key=server_key)
 
 
 def fetch_status(settings: QueueSettings, timeout: float = DEFAULT_TIMEOUT) -> Answer:

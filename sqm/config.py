@@ -194,6 +194,15 @@ def mailbox_dir_fits(directory: str) -> bool:
     return ipc_path_fits(os.path.join(directory, "m" * MAILBOX_NAME_LEN))
 
 
+def mailbox_dir(settings: QueueSettings) -> str | None:
+    """Where a Sender's ipc mailbox goes for this queue: beside the queue's socket,
+    else in the run directory when that path would be too long; None if neither fits."""
+    for directory in (settings.ipc_dir, settings.rundir):
+        if directory and mailbox_dir_fits(directory):
+            return directory
+    return None
+
+
 def prepare_ipc(settings: QueueSettings) -> None:
     """Check, before sqm binds, that its ipc socket and its senders' mailboxes can exist.
 
@@ -206,19 +215,18 @@ def prepare_ipc(settings: QueueSettings) -> None:
         return
     path = os.path.abspath(settings.bind[len("ipc://"):])
     directory = os.path.dirname(path)
-    where = f"(from {settings.origin})"
+    origin = settings.origin if settings.bind == settings.endpoint else "the config's bind"
+    where = f"(from {origin})"
     if not ipc_path_fits(path):
         raise ConfigError(
             f"ipc path {path} {where} is {len(os.fsencode(path))} bytes, over the kernel's "
             f"limit of {IPC_PATH_MAX}: choose a shorter directory or queue name"
         )
-    if settings.endpoint == settings.bind and not (
-        mailbox_dir_fits(directory) or mailbox_dir_fits(settings.rundir)
-    ):
+    if settings.ipc_dir and not settings.get("mailbox_bind") and mailbox_dir(settings) is None:
         room = IPC_PATH_MAX - MAILBOX_NAME_LEN - 1
         raise ConfigError(
-            f"directory {directory} {where} is too long for sender mailboxes "
-            f"(mbox-<id>.sock must fit in {IPC_PATH_MAX} bytes): "
+            f"directory {settings.ipc_dir} (from {settings.origin}) is too long for sender "
+            f"mailboxes (mbox-<id>.sock must fit in {IPC_PATH_MAX} bytes): "
             f"use a directory of at most {room} bytes"
         )
     try:

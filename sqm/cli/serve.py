@@ -87,9 +87,6 @@ def serve(
     workers are told to wait for a new broker. Limits may also be set per
     queue in the config file (queues.<name>.max_pending, ...); options win.
     """
-    from ..broker import Broker, BrokerOptions
-    from ..journal import Journal
-
     logs.setup(log_level, log_format)
     names: list[str | None] = list(queues) or [None]
     if endpoints and len(endpoints) != len(names):
@@ -105,6 +102,9 @@ def serve(
                 "one sqm serves one of them: choose it with --endpoint"
             )
         prepare_ipc(st)
+    from ..broker import Broker, BrokerOptions  # after the checks: they fail fast
+    from ..journal import Journal
+
     opts = [
         BrokerOptions(**queue_limits(
             st, heartbeat=heartbeat, max_pending=max_pending, max_message_size=max_message_size,

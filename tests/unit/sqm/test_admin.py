@@ -89,3 +89,31 @@ def test_no_answer_is_an_error_within_the_timeout():
 def test_missing_ipc_broker_is_named_at_once(tmp_path):
     with pytest.raises(SQMError, match="no sqm is serving queue 'q'"):
         AdminClient(resolve("q", endpoint=f"ipc://{tmp_path}/q.sock")).status()
+
+
+def test_curve_keys_reach_a_curve_server_and_plain_does_not():
+    from sqm.security.keys import KeyPair
+    from sqm.sockets import make_socket
+
+    server = KeyPair(*zmq.curve_keypair())
+    client = KeyPair(*zmq.curve_keypair())
+    ctx = zmq.Context.instance()
+    router = make_socket(ctx, zmq.ROUTER, linger_ms=0, curve_server=server)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    settings = resolve("q", endpoint=f"tcp://127.0.0.1:{port}")
+
+    def answer_one() -> None:
+        if router.poll(10_000):
+            peer, *frames = router.recv_multipart()
+            router.send_multipart([peer, protocol.SIGNATURE, frames[1], b'{"queue": "q"}'])
+
+    try:
+        with pytest.raises(SQMError, match="no answer"):  # a plain client is never heard
+            AdminClient(settings, timeout=0.3).status()
+        thread = threading.Thread(target=answer_one, daemon=True)
+        thread.start()
+        assert AdminClient(settings, timeout=10, curve=(client, server.public)).status() == {
+            "queue": "q"}
+        thread.join(10)
+    finally:
+        router.close(0)

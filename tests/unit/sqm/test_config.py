@@ -77,3 +77,15 @@ def test_queue_limits_refuse_bad_numbers(value):
     st = resolve("q", endpoint="tcp://h:1", config={"max_pending": value})
     with pytest.raises(SQMError, match="max_pending must be"):
         queue_limits(st, default_max_message_size=100)
+
+
+def test_mailbox_dir_falls_back_to_the_run_directory(monkeypatch, tmp_path):
+    from sqm.config import mailbox_dir
+
+    monkeypatch.setenv("SQM_RUNDIR", str(tmp_path))
+    assert mailbox_dir(resolve("q")) == str(tmp_path)
+    long_dir = "/" + "d" * 90
+    assert mailbox_dir(resolve("q", endpoint=f"ipc://{long_dir}/q.sock")) == str(tmp_path)
+    monkeypatch.setenv("SQM_RUNDIR", long_dir)
+    assert mailbox_dir(resolve("q")) is None
+    assert mailbox_dir(resolve("q", endpoint="tcp://h:1")) is None  # no ipc dir, rundir too long
