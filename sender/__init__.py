@@ -7,6 +7,7 @@
 
 from sqm.errors import (
     BrokerShutdown,
+    BrokerUnreachable,
     Expired,
     MessageTooLarge,
     ProtocolError,
@@ -25,6 +26,7 @@ from .sync import Sender
 __all__ = [
     "AsyncSender",
     "BrokerShutdown",
+    "BrokerUnreachable",
     "Expired",
     "MessageTooLarge",
     "ProtocolError",
