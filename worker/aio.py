@@ -40,7 +40,7 @@ from sqm.protocol import (
 )
 from sqm.zmqfast import recv_frames
 
-from .execute import Call, Originator, is_async_callback
+from .execute import Originator, is_async_callback
 from .links import BrokerLink
 from .session import Session
 
@@ -264,15 +264,15 @@ class AsyncRunner:
         """Run one dispatch's callback (awaited, or in a thread). Returns (id, succeeded)."""
         ex = self.execution
         call = ex.prepare(frames)
-        if not isinstance(call, Call):
+        if len(call) == 2:
             return call
-        orig, fn = call.orig, call.fn
+        orig, fn, payload = call
         try:
             if self._is_async(fn):
-                value = await fn(ex.worker, orig, call.payload)
+                value = await fn(ex.worker, orig, payload)
             else:
                 value = await asyncio.get_running_loop().run_in_executor(
-                    self._pool(), fn, ex.worker, orig, call.payload)
+                    self._pool(), fn, ex.worker, orig, payload)
                 if inspect.isawaitable(value):  # a plain wrapper around a coroutine
                     value = await value
         except Exception as exc:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
+from time import monotonic
 
 import zmq
 
 from sqm import protocol
 from sqm.protocol import DISPATCH, DONE, DONE_FAILED, SIGNATURE
-from sqm.zmqfast import RCVTIMEO, recv_frames
+from sqm.zmqfast import RCVTIMEO, recv_frames, send_frames
 from sqm.zmqfast import set_option as _set_option
 
 from .execute import Workload
@@ -60,7 +60,7 @@ class PlainRunner:
                     frames = recv_frames(sock, 0)
                 except zmq.Again:  # receive timeout: time to look around
                     frames = None
-                now = time.monotonic()
+                now = monotonic()
                 if frames is not None:
                     link.last_heard = now
                     if (len(frames) == protocol.SUBMIT_FRAMES and frames[1] == DISPATCH
@@ -92,7 +92,7 @@ class PlainRunner:
     def _handle(self, link: BrokerLink, frames: list[bytes]) -> None:
         """Run one dispatch, then tell the broker it is done."""
         work = self._work
-        started = time.monotonic()
+        started = monotonic()
         before = work.busy[0]
         work.busy = (before, started)
         msg_id = b""
@@ -100,13 +100,18 @@ class PlainRunner:
         try:
             msg_id, ok = self._execute(frames)
         finally:
-            work.busy = (before + time.monotonic() - started, 0.0)
+            work.busy = (before + monotonic() - started, 0.0)
             if msg_id:
                 work.tasks_done += 1
                 if self._stop.is_set():
                     # Say BYE before DONE, or sqm would refill the slot DONE frees.
                     link.send_bye()
-                link.send([SIGNATURE, DONE if ok else DONE_FAILED, msg_id])
+                sock = link.sock
+                if sock is not None:
+                    try:
+                        send_frames(sock, [SIGNATURE, DONE if ok else DONE_FAILED, msg_id])
+                    except zmq.ZMQError:
+                        pass
 
     def _leave(self, link: BrokerLink) -> None:
         """Tell sqm we go; finish whatever it dispatched before it acknowledged."""
@@ -116,9 +121,9 @@ class PlainRunner:
             return  # nobody to wait for: no broker connected
         sock = link.sock
         assert sock is not None
-        deadline = time.monotonic() + s.heartbeat * s.liveness
+        deadline = monotonic() + s.heartbeat * s.liveness
         while not link.bye_acked:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - monotonic()
             if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
                 return  # sqm is gone: nothing more can arrive
             frames = recv_frames(sock, 0)
