@@ -1,0 +1,387 @@
+"""One queue's I/O: its ROUTER socket, the input handlers table and the outbox sender.
+
+Everything that decides lives in :mod:`sqm.core`; frames are read by
+:mod:`sqm.wire`. This module only maps each command to a core call, turns
+the core's outbox into frames and runs the plugins' hooks (:mod:`sqm.plugins`)
+where they belong. It never decodes a payload. Per message it does no
+logging and, with no plugin registered, no work beyond reading the envelope.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from .. import __version__, procinfo, protocol
+from ..config import QueueSettings
+from ..core import Bye, Dispatch, Ended, Fail, Heartbeat, OutboxEntry, QueueCore, Stop
+from ..errors import ConfigError
+from ..plugins import ControlHandler, Hooks
+from ..protocol import (
+    ACCEPTED,
+    BYE,
+    CONTROL,
+    CREDIT,
+    DONE,
+    DONE_FAILED,
+    ERROR,
+    HEARTBEAT,
+    HELLO,
+    NACK,
+    SIGNATURE,
+    STATUS,
+    STOP,
+    SUBMIT,
+    MailboxPolicy,
+    envelope_id,
+)
+from ..sockets import ensure_ipc_dir, ipc_listener_alive, make_socket
+from ..wire import (
+    Malformed,
+    SubmitReader,
+    read_control,
+    read_credit,
+    read_heartbeat,
+    read_hello,
+    read_message_id,
+)
+from ..zmqfast import recv_frame, recv_rest, send_frames, send_more
+from .control import CONTROL as BUILTIN_CONTROL
+from .control import READ_ONLY
+
+log = logging.getLogger("sqm.broker")
+
+BATCH = 256  # messages read from one socket per poll wake-up
+# ACCEPTED notices are batched per sender: one [SIG, K, packed ids] message
+# per ACK_BATCH accepted messages, or as soon as sqm has nothing to read for
+# ACK_IDLE_MS (and after every journal commit). One send per message would
+# cost ~10 µs of broker CPU per message, a twentieth of W2's throughput.
+ACK_BATCH = 32
+ACK_IDLE_MS = 2
+
+#: An input handler: ``(routing-id frame, frames after it, now)``; raises Malformed.
+Handler = Callable[[zmq.Frame, list[bytes], float], None]
+
+
+@dataclass
+class BrokerOptions:
+    heartbeat: float = 1.0
+    liveness: int = 3
+    max_pending: int = 100_000
+    max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE
+    max_deliveries: int | None = None
+
+
+class QueueServer:
+    """One queue: its settings, its core, its bound ROUTER socket and the plugins' hooks."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        settings: QueueSettings,
+        opts: BrokerOptions,
+        now: float,
+        *,
+        hooks: Hooks | None = None,
+        on_shutdown: Callable[[], None] | None = None,
+    ):
+        self.settings = settings
+        self.name = settings.queue
+        self.core = QueueCore(
+            settings.queue,
+            now,
+            heartbeat=opts.heartbeat,
+            liveness=opts.liveness,
+            max_pending=opts.max_pending,
+            max_message_size=opts.max_message_size,
+            max_deliveries=opts.max_deliveries,
+        )
+        self.policy = MailboxPolicy.for_settings(settings)
+        self.read_submit = SubmitReader(self.policy)
+        self.max_frame = opts.max_message_size + 64 * 1024
+        self.bind = settings.bind
+        if ipc_listener_alive(self.bind):
+            raise ConfigError(f"queue {self.name!r} is already served at {self.bind}")
+        ensure_ipc_dir(self.bind)
+        self.sock = make_socket(ctx, zmq.ROUTER, linger_ms=1000)
+        try:
+            self.sock.bind(self.bind)
+        except zmq.ZMQError as exc:
+            self.sock.close(0)
+            raise ConfigError(f"cannot bind {self.bind} for queue {self.name!r}: {exc}") from None
+        self.sent_dropped = 0
+        # Heartbeats carry our interval (ms) so workers judge our silence by it.
+        self._heartbeat_frames = [SIGNATURE, HEARTBEAT, b"%d" % int(opts.heartbeat * 1000)]
+        self._acks: dict[bytes, list[bytes]] = {}  # origin -> ids accepted, not yet told
+        self.acks_pending = 0
+        self._on_shutdown = on_shutdown
+
+        self.hooks = hooks = hooks or Hooks()
+        # ACCEPTED goes out only after the before_acks hooks (e.g. a journal
+        # commit): at the end of each batch, never from the idle/tick paths.
+        self.acks_after_hooks = bool(hooks.before_acks)
+        self.core.track_ends = bool(hooks.ended)
+        self.control_table: dict[str, ControlHandler] = {**BUILTIN_CONTROL, **hooks.control}
+        self.handlers: dict[bytes, Handler] = {
+            SUBMIT: self._on_submit,
+            DONE: self._on_done,
+            DONE_FAILED: self._on_done_failed,
+            HEARTBEAT: self._on_heartbeat,
+            HELLO: self._on_hello,
+            BYE: self._on_bye,
+            NACK: self._on_nack,
+            CREDIT: self._on_credit,
+            STATUS: self._on_status,
+            CONTROL: self._on_control,
+        }
+        # The admit checks cost nothing unless a plugin (security) asks for them.
+        self._route: Handler = self._handle_admitted if hooks.admit else self.handle
+        for recover in hooks.recover:
+            recover(self, now)
+
+    # -------------------------------------------------------------- input
+
+    def read_batch(self, now: float) -> None:
+        """Handle up to BATCH waiting messages, then send the core's outbox."""
+        sock = self.sock
+        for _ in range(BATCH):
+            try:
+                rid_frame = recv_frame(sock)
+            except zmq.Again:
+                break
+            self.handle_one(rid_frame, now)
+        self.flush(now)
+
+    def handle_one(self, rid_frame: zmq.Frame, now: float) -> None:
+        """Read the rest of the message that starts with ``rid_frame`` and handle it."""
+        frames = recv_rest(self.sock, rid_frame)
+        try:
+            self._route(rid_frame, frames, now)
+        except Exception:  # a bug must not stop sqm: count, log, carry on
+            self.core.malformed_total += 1
+            log.exception("queue %s: failed to handle a message", self.name)
+
+    def handle(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
+        """Dispatch one input to its command's handler (see :attr:`handlers`)."""
+        if len(frames) < 2 or frames[0] != SIGNATURE:
+            self._malformed(rid_frame.bytes, frames, "missing sqm signature frame")
+            return
+        handler = self.handlers.get(frames[1])
+        if handler is None:
+            self._malformed(rid_frame.bytes, frames, f"unknown command {frames[1][:8]!r}")
+            return
+        try:
+            handler(rid_frame, frames, now)
+        except Malformed as exc:
+            self._malformed(rid_frame.bytes, frames, exc.reason)
+
+    def _handle_admitted(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
+        """:meth:`handle` behind the plugins' ``admit`` checks (installed only with such a plugin)."""
+        if len(frames) >= 2:
+            for admit in self.hooks.admit:
+                if not admit(self, rid_frame, frames[1]):
+                    return
+        self.handle(rid_frame, frames, now)
+
+    def _on_submit(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
+        msg = self.read_submit(rid_frame, rid_frame.bytes, frames)
+        if self.core.submit(now, msg):
+            for accepted in self.hooks.accepted:
+                accepted(self, msg)
+            if not msg.oneway:
+                rid = msg.origin
+                ids = self._acks.get(rid)
+                if ids is None:
+                    self._acks[rid] = [msg.id]
+                else:
+                    ids.append(msg.id)
+                self.acks_pending += 1
+                if self.acks_pending >= ACK_BATCH and not self.acks_after_hooks:
+                    self.send_acks()
+
+    def _on_done(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
+        if not self.core.done(now, rid_frame.bytes, read_message_id(frames, "done"), True):
+            self._reregister(rid_frame.bytes)
+
+    def _on_done_failed(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
+        if not self.core.done(now, rid_frame.bytes, read_message_id(frames, "done"), False):
+            self._reregister(rid_frame.bytes)
+
+    def _on_heartbeat(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
+        beat = read_heartbeat(frames)
+        if beat.wid is None:
+            if not self.core.seen(now, rid_frame.bytes):
+                self._reregister(rid_frame.bytes)
+        elif beat.report is not None:
+            beat.report["at"] = now
+            self.core.report(now, beat.wid, beat.report)
+        else:
+            self.core.seen_id(now, beat.wid)
+            if beat.bad_report:
+                raise Malformed("heartbeat report is not a JSON object")
+
+    def _on_hello(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
+        info = read_hello(frames)
+        w = self.core.hello(now, rid_frame.bytes, info)
+        log.info(
+            "queue %s: worker %s registered (host %s pid %s, %d slot(s))",
+            self.name, w.id, info.get("host"), info.get("pid"), w.slots,
+        )
+
+    def _on_bye(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
+        rid = rid_frame.bytes
+        if rid in self.core.workers:
+            log.info("queue %s: worker %s left", self.name, self.core.workers[rid].id)
+        self.core.bye(now, rid)
+
+    def _on_nack(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
+        if not self.core.nack(now, rid_frame.bytes, read_message_id(frames, "nack")):
+            self._reregister(rid_frame.bytes)
+
+    def _on_credit(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
+        if not self.core.credit(now, rid_frame.bytes, read_credit(frames)):
+            self._reregister(rid_frame.bytes)
+
+    def _on_status(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
+        self._send(rid_frame.bytes, [SIGNATURE, STATUS, json.dumps(self.status(now)).encode()])
+
+    def _on_control(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
+        request = read_control(frames)
+        reply = self.control(now, request, rid_frame)
+        self._send(rid_frame.bytes, [SIGNATURE, CONTROL, json.dumps(reply).encode()])
+        if reply.get("shutdown") and self._on_shutdown is not None:
+            self._on_shutdown()
+
+    def control(
+        self, now: float, request: dict[str, Any], peer: zmq.Frame | None = None
+    ) -> dict[str, Any]:
+        """An operator's command, run from :attr:`control_table`.
+
+        Answered at once, whatever is pending: admin traffic never waits
+        behind the queue. Every command that changes something is logged at
+        info: operators want a trail.
+        """
+        cmd = request.get("cmd")
+        handler = self.control_table.get(cmd) if isinstance(cmd, str) else None
+        if handler is None or not isinstance(cmd, str):
+            return {"ok": False, "error": f"unknown control command {cmd!r}; "
+                    f"expected one of {', '.join(self.control_table)}"}
+        if peer is not None:
+            for admit in self.hooks.admit_control:
+                if not admit(self, peer, cmd):
+                    return {"ok": False, "error": f"control command {cmd!r} not allowed"}
+        if cmd not in READ_ONLY:
+            log.info("queue %s: operator asked to %s %s", self.name, cmd, request.get("id") or "")
+        return handler(self, now, request)
+
+    def _malformed(self, rid: bytes, frames: list[bytes], why: str) -> None:
+        """Count and drop; tell the originator when it can be identified."""
+        self.core.malformed_total += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("queue %s: malformed input from %s: %s", self.name, rid.hex(), why)
+        elif self.core.malformed_total in (1, 10, 100) or self.core.malformed_total % 1000 == 0:
+            log.warning(
+                "queue %s: dropped malformed input (%d so far): %s",
+                self.name, self.core.malformed_total, why,
+            )
+        if len(frames) >= 3 and frames[0] == SIGNATURE and frames[1] == SUBMIT:
+            msg_id = envelope_id(frames[2])
+            if msg_id:
+                self._send(rid, [SIGNATURE, ERROR, msg_id, b"Malformed", why.encode(), b"{}"])
+
+    def _reregister(self, rid: bytes) -> None:
+        """An unknown worker talks to us (we restarted): ask it to say hello."""
+        self._send(rid, [SIGNATURE, BYE])
+
+    # -------------------------------------------------------------- output
+
+    def flush(self, now: float) -> None:
+        """Send the core's outbox; with before_acks hooks, run them, then the acks."""
+        out = self.core.outbox
+        if out:
+            self._send_outbox(now, out)
+        before = self.hooks.before_acks
+        if before:
+            for hook in before:
+                hook(self)  # e.g. the journal commits: accepted means journaled
+            if self.acks_pending:
+                self.send_acks()
+
+    def send_acks(self) -> None:
+        """Tell each sender which of its messages sqm has accepted (one message each)."""
+        for rid, ids in self._acks.items():
+            self._send(rid, [SIGNATURE, ACCEPTED, protocol.pack_ids(ids)])
+        self._acks.clear()
+        self.acks_pending = 0
+
+    def _send_outbox(self, now: float, out: list[OutboxEntry]) -> None:
+        core = self.core
+        sock = self.sock
+        i = 0
+        while i < len(out):  # the core may append while we send (unreachable workers)
+            entry = out[i]
+            i += 1
+            if type(entry) is Dispatch:
+                rid, msg = entry
+                try:
+                    send_more(sock, rid)
+                except zmq.ZMQError:  # EHOSTUNREACH (gone) or EAGAIN (not keeping up)
+                    core.unreachable(now, rid, msg)
+                    continue
+                send_frames(sock, msg.frames)
+            elif type(entry) is Fail:
+                msg, error, text = entry
+                detail = b'{"deliveries":%d}' % msg.deliveries
+                self._send(
+                    msg.origin, [SIGNATURE, ERROR, msg.id, error.encode(), text.encode(), detail]
+                )
+            elif type(entry) is Ended:
+                for ended in self.hooks.ended:
+                    ended(self, entry.msg, entry.outcome)
+            elif type(entry) is Heartbeat:
+                self._send(entry.rid, self._heartbeat_frames)
+            elif type(entry) is Bye:
+                self._send(entry.rid, [SIGNATURE, BYE])
+            elif type(entry) is Stop:
+                self._send(entry.rid, [SIGNATURE, STOP])
+        out.clear()
+
+    def _send(self, rid: bytes, frames: list[bytes]) -> None:
+        try:
+            send_more(self.sock, rid)
+        except zmq.ZMQError:
+            self.sent_dropped += 1  # peer gone or not keeping up: nothing to wait for
+            return
+        send_frames(self.sock, frames)
+
+    def status(self, now: float) -> dict[str, Any]:
+        """The core's figures plus the server's (endpoint, broker process) and the plugins'."""
+        data = self.core.status(now)
+        data.update(
+            send_dropped_total=self.sent_dropped,
+            endpoint=self.settings.endpoint,
+            broker={
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "version": __version__,
+                "rss_bytes": procinfo.rss_bytes(),
+                "nice": procinfo.nice(),
+            },
+            journal=None,  # part of the status contract; the JournalPlugin fills it in
+        )
+        for hook in self.hooks.status:
+            hook(self, data)
+        return data
+
+    def close(self) -> None:
+        """Close the socket, then let the plugins release what they hold for this queue."""
+        self.sock.close(linger=1000)
+        for closing in self.hooks.closing:
+            closing(self)

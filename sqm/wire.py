@@ -1,0 +1,192 @@
+"""Broker input: frames in, typed commands out (the readers table of h11, for sqm).
+
+Each reader takes the frames of one message (after the routing id) and
+returns what the command says, or raises :class:`Malformed` with the reason
+the broker logs and tells the sender. Frame shapes, envelopes, JSON bodies
+and mailbox addresses are checked here and nowhere else; the server
+(:mod:`sqm.broker.server`) only acts on what a reader returns.
+
+SUBMIT keeps its fast path: :class:`SubmitReader` returns the core's
+:class:`~sqm.core.Message` itself, built from the frames as received (the
+command frame becomes DISPATCH so a dispatch forwards the list untouched),
+with no intermediate object.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, NamedTuple
+
+import zmq
+
+from .core import Message
+from .protocol import (
+    BYE,
+    CONTROL,
+    CREDIT,
+    DISPATCH,
+    DONE,
+    DONE_FAILED,
+    FLAG_ONEWAY,
+    HEAD,
+    HEARTBEAT,
+    HELLO,
+    NACK,
+    SIGNATURE,
+    STATUS,
+    SUBMIT,
+    SUBMIT_FRAMES,
+    MailboxPolicy,
+    read_head,
+)
+
+MAX_JSON = 64 * 1024  # the largest JSON body (hello, report, control) sqm decodes
+MAX_MAILBOX_CACHE = 100_000  # senders whose last mailbox is remembered as allowed
+
+#: Every command a peer may send sqm, by its wire byte (for plugins and tests).
+COMMANDS: dict[bytes, str] = {
+    SUBMIT: "submit",
+    STATUS: "status",
+    CONTROL: "control",
+    HELLO: "hello",
+    DONE: "done",
+    DONE_FAILED: "done-failed",
+    HEARTBEAT: "heartbeat",
+    BYE: "bye",
+    NACK: "nack",
+    CREDIT: "credit",
+}
+
+
+class Malformed(Exception):
+    """The input cannot be acted on; ``reason`` says why (logged, counted, told)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Beat(NamedTuple):
+    """A heartbeat: from a worker's socket, or naming the worker (its heartbeat thread)."""
+
+    wid: str | None  # None: [SIG, H] on the worker's own connection
+    report: dict[str, Any] | None  # its self-report (rss, nice, busy_s...), if any
+    bad_report: bool  # a report frame came but was not a JSON object
+
+
+def check_signature(frames: list[bytes]) -> bytes:
+    """The command byte of an sqm message; Malformed without the signature frame."""
+    if len(frames) < 2 or frames[0] != SIGNATURE:
+        raise Malformed("missing sqm signature frame")
+    return frames[1]
+
+
+def decode_json(raw: bytes) -> dict[str, Any] | None:
+    """A JSON object of at most :data:`MAX_JSON` bytes, or None."""
+    if len(raw) > MAX_JSON:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class SubmitReader:
+    """Reads SUBMIT into a :class:`Message`, checking its envelope and mailbox.
+
+    It remembers each sender's last allowed mailbox, so the policy check
+    (an address parse) runs once per sender rather than once per message.
+    """
+
+    def __init__(self, policy: MailboxPolicy) -> None:
+        self.policy = policy
+        self._mailbox_ok: dict[bytes, bytes] = {}  # sender rid -> last allowed mailbox
+
+    def __call__(self, rid_frame: zmq.Frame, rid: bytes, frames: list[bytes]) -> Message:
+        n = len(frames)
+        if n != SUBMIT_FRAMES:
+            raise Malformed(f"submit needs {SUBMIT_FRAMES} frames, got {n}")
+        env = frames[2]
+        try:
+            flags, retries, priority, deadline, id_end, mailbox_end, method_end = read_head(env)
+        except ValueError:
+            raise Malformed("invalid submit envelope") from None
+        mailbox = env[id_end:mailbox_end]
+        if self._mailbox_ok.get(rid) != mailbox:
+            reason = self._check_mailbox(rid_frame, rid, mailbox)
+            if reason:
+                raise Malformed(f"mailbox refused: {reason}")
+        frames[1] = DISPATCH  # forwarded as is: only the command changes
+        return Message(
+            env[HEAD:id_end],
+            rid,
+            frames,
+            size=len(frames[3]),
+            oneway=bool(flags & FLAG_ONEWAY),
+            retries=retries,
+            priority=priority,
+            deadline=deadline,
+            method=env[mailbox_end:method_end],
+        )
+
+    def _check_mailbox(self, rid_frame: zmq.Frame, rid: bytes, mailbox: bytes) -> str | None:
+        try:
+            addr = mailbox.decode("ascii")
+        except UnicodeDecodeError:
+            return "mailbox is not ASCII"
+        try:
+            peer = rid_frame.get("Peer-Address")
+        except zmq.ZMQError:
+            peer = None
+        reason = self.policy.check(addr, peer if isinstance(peer, str) else None)
+        if reason is None:
+            if len(self._mailbox_ok) > MAX_MAILBOX_CACHE:
+                self._mailbox_ok.clear()
+            self._mailbox_ok[rid] = mailbox
+        return reason
+
+
+def read_message_id(frames: list[bytes], what: str) -> bytes:
+    """DONE, DONE_FAILED and NACK: ``[SIG, cmd, id]``."""
+    if len(frames) != 3:
+        raise Malformed(f"{what} needs 3 frames")
+    return frames[2]
+
+
+def read_credit(frames: list[bytes]) -> int:
+    """CREDIT: ``[SIG, C, n]``, n parked slots free again."""
+    try:
+        slots = int(frames[2]) if len(frames) == 3 else -1
+    except ValueError:
+        slots = -1
+    if slots < 0:
+        raise Malformed("credit needs 3 frames, the last a count")
+    return slots
+
+
+def read_heartbeat(frames: list[bytes]) -> Beat:
+    """HEARTBEAT: ``[SIG, H]``, ``[SIG, H, wid]`` or ``[SIG, H, wid, json report]``."""
+    n = len(frames)
+    if n == 3:
+        return Beat(frames[2].decode("utf-8", "replace"), None, False)
+    if n == 4:
+        report = decode_json(frames[3])
+        return Beat(frames[2].decode("utf-8", "replace"), report, report is None)
+    return Beat(None, None, False)
+
+
+def read_hello(frames: list[bytes]) -> dict[str, Any]:
+    """HELLO: ``[SIG, W, json info]``."""
+    info = decode_json(frames[2]) if len(frames) == 3 else None
+    if info is None:
+        raise Malformed("hello needs a JSON object")
+    return info
+
+
+def read_control(frames: list[bytes]) -> dict[str, Any]:
+    """CONTROL: ``[SIG, !, json request]``."""
+    request = decode_json(frames[2]) if len(frames) == 3 else None
+    if request is None:
+        raise Malformed("control needs 3 frames, the last a JSON object")
+    return request
