@@ -19,9 +19,10 @@ from typing import Any
 import zmq
 
 from sqm import protocol, serializers
-from sqm.config import QueueSettings
+from sqm.config import QueueSettings, mailbox_dir
 from sqm.errors import (
     BROKER_ERRORS,
+    ConfigError,
     MessageTooLarge,
     RemoteError,
     SerializerError,
@@ -110,12 +111,16 @@ class Correlator:
         if s.endpoint.startswith("inproc://"):  # an in-process broker on a shared context
             return f"inproc://sqm-mbox-{self.prefix}"
         if s.endpoint.startswith("ipc://"):
-            directory = s.ipc_dir or s.rundir
-            path = os.path.join(directory, f"mbox-{self.prefix}.sock")
-            if len(path) > 100:
-                path = os.path.join(s.rundir, f"mbox-{self.prefix}.sock")
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            return "ipc://" + path
+            directory = mailbox_dir(s)
+            if directory is None:
+                where = " and ".join(dict.fromkeys(d for d in (s.ipc_dir, s.rundir) if d))
+                raise ConfigError(
+                    f"no room for this sender's ipc mailbox: a socket file in {where} "
+                    "would pass the kernel's 107-byte path limit; "
+                    "set SQM_RUNDIR to a shorter directory"
+                )
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            return "ipc://" + os.path.join(directory, f"mbox-{self.prefix}.sock")
         host = s.endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
         local = local_address_towards(host)
         return f"tcp://[{local}]:*" if ":" in local else f"tcp://{local}:*"

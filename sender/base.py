@@ -79,13 +79,14 @@ class SenderBase:
             allow_pickle=allow_pickle,
             max_message_size=max_message_size,
         )
+        address = self._core.mailbox_bind_address()
         self._ctx = self._context(context)
         self._mailbox = make_socket(self._ctx, zmq.PULL, linger_ms=0)
         #: Removes the mailbox's socket file at close, garbage collection or
         #: interpreter exit, whichever comes first (ipc mailboxes only).
         self._mailbox_cleanup: weakref.finalize | None = None
         try:
-            self._mailbox.bind(self._core.mailbox_bind_address())
+            self._mailbox.bind(address)
             last = self._mailbox.last_endpoint
             bound = last.decode() if isinstance(last, bytes) else str(last)
             if bound.startswith("ipc://"):
