@@ -118,6 +118,9 @@ def worker(target: str, queue: str | None, processes: int, endpoint: str | None,
         raise SQMError(f"{target} is neither a dict of callbacks nor a Worker")
     if not callbacks:
         raise SQMError(f"{target} defines no callbacks")
+    not_callable = sorted(str(name) for name, fn in callbacks.items() if not callable(fn))
+    if not_callable:
+        raise SQMError(f"{target}: not callable: {', '.join(not_callable)}")
     resolve(queue, endpoint=endpoint, config=config)  # fail here, not in N children
     if processes > 1:
         argv = pool.sqm_command("worker", target, "--processes", "1",

@@ -56,6 +56,15 @@ def test_worker_on_a_broken_module_is_one_line_naming_the_users_file(cluster, ru
     assert debug.stderr.strip().splitlines()[-1] == line
 
 
+def test_worker_with_a_callback_that_is_not_callable_is_one_line(cluster, rundir):
+    app = rundir / "app"
+    app.mkdir()
+    (app / "notcallable.py").write_text("callbacks = {'add': 1, 'echo': print}\n")
+    line = _one_line_error(sqm(cluster.env, "worker", "notcallable:callbacks", "--queue", "q",
+                               cwd=app))
+    assert "not callable: add" in line, line
+
+
 def test_serve_names_sqm_rundir_when_it_cannot_create_it(cluster):
     env = dict(cluster.env, SQM_RUNDIR="/proc/x")
     line = _one_line_error(sqm(env, "serve", "q"))
