@@ -14,6 +14,7 @@ run left behind (``sweep_stale``) without touching a live run's namespaces.
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import random
@@ -255,6 +256,25 @@ class Host:
             capture_output=True, text=True, timeout=timeout, check=False,
         )
 
+    def serve(self, queue: str, endpoint: str, *extra: str, name: str | None = None) -> HostProc:
+        """Start ``sqm serve QUEUE --endpoint ENDPOINT EXTRA...`` on this host (see
+        :func:`serve_args`: the one place that says how a broker across hosts starts)."""
+        return self.sqm(*serve_args(queue, endpoint, *extra), name=name or "sqm-serve")
+
+    def worker(self, endpoints: Sequence[str], *extra: str, queue: str = "q",
+               name: str | None = None) -> HostProc:
+        """Start ``sqm worker`` with :data:`callbacks` (below) registered with every broker
+        in ``endpoints`` (one comma-separated ``--endpoint``)."""
+        return self.sqm("worker", f"{__name__}:callbacks", "--queue", queue,
+                        "--endpoint", ",".join(endpoints), *extra, name=name or "sqm-worker")
+
+    def sender(self, endpoints: Sequence[str], name: str = "sender", **options: Any) -> HostProc:
+        """Start :func:`sender_main` on this host: a Sender that reports on stdout
+        (one JSON object a line) and takes orders on stdin; ``options`` as there."""
+        options["endpoints"] = list(endpoints)
+        return self.python("-c", f"from {__name__} import sender_main; sender_main()",
+                           json.dumps(options), name=name, stdin=True)
+
     def status(self, queue: str, endpoint: str, timeout: float = 2.0) -> dict[str, Any] | None:
         """``sqm status QUEUE --json`` asked from this host; None while sqm does not answer."""
         done = self.call([sys.executable, "-m", "sqm", "status", queue, "--endpoint", endpoint,
@@ -299,6 +319,135 @@ class Host:
 
     def __repr__(self) -> str:
         return f"<Host {self.label} {self.addr} netns={self.name}>"
+
+
+# ---------------------------------------------------------------- brokers, workers, senders
+
+
+@functools.cache
+def serve_knows_insecure() -> bool:
+    """True when ``sqm serve --help`` lists ``--insecure`` (asked once per session).
+
+    Once the secure default exists, a broker bound on a host's non-loopback
+    address needs ``--insecure`` (or CURVE keys); before, the flag is unknown.
+    """
+    done = subprocess.run([sys.executable, "-m", "sqm", "serve", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:
+        raise HarnessError(f"sqm serve --help failed ({done.returncode}): {done.stderr}")
+    return "--insecure" in done.stdout
+
+
+def serve_args(queue: str, endpoint: str, *extra: str) -> list[str]:
+    """The arguments of ``sqm serve`` for a broker other hosts reach over plain tcp."""
+    args = ["serve", queue, "--endpoint", endpoint, *extra]
+    if serve_knows_insecure():
+        args.append("--insecure")
+    return args
+
+
+def work(worker: Any, originator: Any, payload: dict[str, Any]) -> dict[str, Any]:
+    """The multi-host tests' callback: log the start (``$SQM_TEST_LOG``), take
+    ``payload["s"]`` seconds, answer with the payload's index and this pid."""
+    path = os.environ.get("SQM_TEST_LOG")
+    if path:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"pid": os.getpid(), "i": payload.get("i"),
+                                 "t": time.time()}) + "\n")
+    seconds = float(payload.get("s", 0))
+    if seconds:
+        _pause(seconds)
+    return {"i": payload.get("i"), "pid": os.getpid()}
+
+
+callbacks = {"work": work}
+
+
+def _stdin_has(word: str) -> bool:
+    """True once ``word`` has arrived as a line on stdin (never blocks)."""
+    import select
+
+    while select.select([sys.stdin], [], [], 0)[0]:
+        line = sys.stdin.readline()
+        if not line or line.strip() == word:
+            return True
+    return False
+
+
+def _say(**fields: Any) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def sender_main() -> None:
+    """A Sender on a host, driven by the JSON options in ``argv[1]``.
+
+    It prints its mailbox (``{"mailbox": ...}``), then, by ``mode``:
+
+    - ``"batch"``: ``Sender.map("work", ...)`` over ``count`` payloads (or,
+      without ``count``, until a line ``stop`` arrives on stdin) with
+      ``window`` outstanding, ``retries`` and a per-item ``timeout``; one line
+      per item, ``{"i": ..., "ok": true, "pid": ...}`` or ``{"i": ...,
+      "error": TYPE, "msg": ...}``, then ``{"summary": {...}}``;
+    - ``"one"``: one message, ``{"started": T}`` when a worker has it, then
+      the outcome with ``"t"`` (unix times);
+    - ``"idle"``: nothing (only the mailbox).
+
+    Then it waits for a line on stdin (or its end) before closing the Sender.
+    """
+    from sender import Sender, SQMError
+
+    opts = json.loads(sys.argv[1])
+    mode = opts.get("mode", "batch")
+    seconds = float(opts.get("s", 0.0))
+    with Sender("q", endpoint=opts["endpoints"], timeout=opts.get("timeout", 15.0),
+                heartbeat=opts.get("heartbeat", 1.0)) as s:
+        _say(mailbox=s.mailbox)
+        if mode == "batch":
+            count = opts.get("count")
+
+            def payloads() -> Any:
+                i = 0
+                while (i < count) if count is not None else not _stdin_has("stop"):
+                    yield {"i": i, "s": seconds}
+                    i += 1
+
+            seen: dict[int, int] = {}
+            errors: dict[str, int] = {}
+            for i, item in s.map("work", payloads(), max_concurrent=opts.get("window", 50),
+                                 retries=opts.get("retries", 0), timeout=opts.get("timeout"),
+                                 ordered=False):
+                seen[i] = seen.get(i, 0) + 1
+                if isinstance(item, SQMError):
+                    errors[type(item).__name__] = errors.get(type(item).__name__, 0) + 1
+                    _say(i=i, error=type(item).__name__, msg=str(item))
+                else:
+                    _say(i=i, ok=item["i"] == i, pid=item["pid"])
+            _say(summary={
+                "items": len(seen),
+                "replies": sum(seen.values()) - sum(errors.values()),
+                "errors": errors,
+                "duplicates": sum(n - 1 for n in seen.values()),
+                "dropped": s._core.dropped,  # late or duplicate replies the Sender dropped
+                "resent": s._links.resent,  # copies re-sent through another broker
+            })
+        elif mode == "one":
+            mid = s.submit("work", {"i": 0, "s": seconds}, retries=opts.get("retries", 0),
+                           timeout=opts.get("timeout"))
+            while not s.started(mid) and mid not in s._core.ready:
+                s.poll(0.02)
+            _say(started=time.time())
+            try:
+                item = s.receive(id=mid)
+            except SQMError as exc:
+                _say(error=type(exc).__name__, msg=str(exc), t=time.time())
+            else:
+                _say(ok=True, pid=item["pid"], t=time.time())
+        sys.stdin.readline()
+
+
+def said(proc: HostProc) -> list[dict[str, Any]]:
+    """The JSON lines a :func:`sender_main` process has printed so far."""
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 class Network:

@@ -6,7 +6,7 @@ import json
 import re
 
 from tests.conftest import read_log, wait_for
-from tests.system.hosts import Host, HostProc, Network
+from tests.system.hosts import Host, HostProc, Network, said
 
 PORT = 5555
 
@@ -41,9 +41,7 @@ def test_rpc_across_three_hosts(net: Network) -> None:
     """Broker on A, worker on B, Sender on C: the reply needs C's mailbox reachable from B."""
     a, b, c = net(3)
     endpoint = f"tcp://{a.addr}:{PORT}"
-    # TODO(security): add --insecure here once `sqm serve` refuses non-loopback
-    # tcp binds without --secret-key.
-    broker = a.sqm("serve", "q", "--endpoint", endpoint, "--heartbeat", "0.2")
+    broker = a.serve("q", endpoint, "--heartbeat", "0.2")
 
     def answering() -> bool:
         alive_or_fail(broker)
@@ -82,5 +80,63 @@ def test_rpc_across_three_hosts(net: Network) -> None:
     assert mailbox_peers, f"B has no connection to C's mailbox; B's peers: {b_peers}"
     assert (a.addr, PORT) in tcp_peers(c)
 
+    sender.write("done\n")
+    assert sender.wait(15) == 0, sender.stderr
+
+
+def serving(broker: HostProc, asker: Host, endpoint: str, workers: int = 0) -> None:
+    """Wait until the broker answers ``asker`` with at least ``workers`` registered."""
+
+    def ready() -> bool:
+        alive_or_fail(broker)
+        st = asker.status("q", endpoint, timeout=1.0)
+        return st is not None and st["workers_current"] >= workers
+
+    wait_for(ready, 30, f"sqm at {endpoint} answering {asker.label} with {workers} worker(s)")
+
+
+def test_the_mailbox_binds_on_the_address_that_reaches_the_broker(net: Network) -> None:
+    """A Sender on C talking to a broker on A: its mailbox is C's address on the
+    switch (what A's workers can reach), never loopback or a wildcard."""
+    a, c = net(2)
+    endpoint = f"tcp://{a.addr}:{PORT}"
+    broker = a.serve("q", endpoint)
+    serving(broker, c, endpoint)
+    sender = c.sender([endpoint], mode="idle")
+    mailbox = wait_for(lambda: said(sender), 20, f"the mailbox line; {sender.stderr}")[0]["mailbox"]
+    assert re.fullmatch(rf"tcp://{re.escape(c.addr)}:\d+", mailbox), mailbox
+    sender.write("done\n")
+    assert sender.wait(15) == 0, sender.stderr
+
+
+def test_the_mailbox_across_two_brokers_on_two_hosts(net: Network) -> None:
+    """Brokers on A and B, a worker on D registered with both, a Sender on C
+    spreading over both: one mailbox on C's address, and every reply reaches it
+    whichever broker dispatched the message."""
+    a, b, c, d = net(4)
+    endpoints = [f"tcp://{a.addr}:{PORT}", f"tcp://{b.addr}:{PORT}"]
+    brokers = [a.serve("q", endpoints[0]), b.serve("q", endpoints[1])]
+    worker = d.worker(endpoints)
+    for broker, endpoint in zip(brokers, endpoints, strict=True):
+        serving(broker, c, endpoint, workers=1)
+    alive_or_fail(worker)
+    sender = c.sender(endpoints, count=20, window=10, timeout=15)
+
+    def summary() -> dict | None:
+        alive_or_fail(sender)
+        return next((line["summary"] for line in said(sender) if "summary" in line), None)
+
+    result = wait_for(summary, 30, f"the batch's end; sender stderr:\n{sender.stderr}")
+    mailbox = said(sender)[0]["mailbox"]
+    assert re.fullmatch(rf"tcp://{re.escape(c.addr)}:\d+", mailbox), mailbox
+    assert result["items"] == result["replies"] == 20 and result["errors"] == {}, result
+    assert all(line["ok"] for line in said(sender) if "i" in line)
+    # Both brokers dispatched some of them (the Sender spreads round-robin).
+    for endpoint in endpoints:
+        st = c.status("q", endpoint)
+        assert st is not None and st["assigned_total"] > 0, (endpoint, st)
+    # The worker on D answered straight to C's mailbox port.
+    mailbox_port = int(mailbox.rpartition(":")[2])
+    assert (c.addr, mailbox_port) in tcp_peers(d)
     sender.write("done\n")
     assert sender.wait(15) == 0, sender.stderr
