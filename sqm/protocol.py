@@ -238,6 +238,9 @@ class MailboxPolicy:
       broker additionally requires it to equal the sender's own address as
       seen on its connection (see :meth:`check` ``peer``), so a sender can
       only make workers connect back to itself.
+    - ``inproc``: allowed only when the queue itself is served ``inproc://``
+      (``allow_inproc``: an in-process broker, :mod:`sqm.testing`), where
+      sender, broker and workers share one process and one ZeroMQ context.
     """
 
     def __init__(
@@ -245,7 +248,10 @@ class MailboxPolicy:
         ipc_dirs: list[str] | tuple[str, ...] = (),
         networks: Any = None,
         allow_loopback: bool = True,
+        *,
+        allow_inproc: bool = False,
     ) -> None:
+        self.allow_inproc = allow_inproc
         self.ipc_dirs = tuple(sorted({os.path.abspath(d) for d in ipc_dirs if d}))
         self.allow_loopback = allow_loopback
         self.networks = (
@@ -257,7 +263,12 @@ class MailboxPolicy:
     @classmethod
     def for_settings(cls, settings: Any) -> MailboxPolicy:
         dirs = [settings.rundir, settings.ipc_dir, *(settings.get("mailbox_dirs") or [])]
-        return cls(dirs, settings.get("mailbox_networks"), endpoint_is_local(settings.endpoint))
+        return cls(
+            dirs,
+            settings.get("mailbox_networks"),
+            endpoint_is_local(settings.endpoint),
+            allow_inproc=settings.endpoint.startswith("inproc://"),
+        )
 
     def check(self, addr: str, peer: str | None = None) -> str | None:
         """Return why ``addr`` is refused, or None when it is allowed.
@@ -267,6 +278,10 @@ class MailboxPolicy:
         """
         if len(addr) > MAX_MAILBOX:
             return "mailbox address too long"
+        if addr.startswith("inproc://"):
+            if not self.allow_inproc:
+                return "inproc mailbox on a queue not served in process"
+            return None if len(addr) > len("inproc://") else "inproc mailbox needs a name"
         try:
             scheme, where, _port = parse_mailbox(addr)
         except ValueError as exc:

@@ -344,3 +344,20 @@ def test_packed_ids_round_trip():
     ids = [b"a", b"0123456789abcdef:42", b"x" * 128, b""]
     assert unpack_ids(pack_ids(ids)) == ids
     assert unpack_ids(b"") == []
+
+
+def test_inproc_mailbox_only_on_an_in_process_queue():
+    inproc = protocol.MailboxPolicy(allow_inproc=True)
+    assert inproc.check("inproc://sqm-mbox-0123") is None
+    assert inproc.check("inproc://") is not None
+    for policy in (protocol.MailboxPolicy(), protocol.MailboxPolicy(["/tmp"])):
+        assert "in process" in policy.check("inproc://sqm-mbox-0123")
+
+
+def test_for_settings_allows_inproc_mailboxes_for_an_inproc_endpoint(tmp_path):
+    from sqm.config import QueueSettings
+
+    served = protocol.MailboxPolicy.for_settings(QueueSettings("q", "inproc://q", str(tmp_path)))
+    assert served.check("inproc://sqm-mbox-1") is None
+    over_ipc = QueueSettings("q", f"ipc://{tmp_path}/q.sock", str(tmp_path))
+    assert protocol.MailboxPolicy.for_settings(over_ipc).check("inproc://sqm-mbox-1") is not None
