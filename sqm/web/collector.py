@@ -65,11 +65,12 @@ class SqmCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         snap = self.snapshot()
         for name, key, doc in GAUGES:
-            fam = GaugeMetricFamily(name, doc, labels=["queue"])
+            gauge = GaugeMetricFamily(name, doc, labels=["queue"])
             for queue, st in snap.items():
-                if _num(st.get(key)) is not None:
-                    fam.add_metric([queue], _num(st[key]))
-            yield fam
+                value = _num(st.get(key))
+                if value is not None:
+                    gauge.add_metric([queue], value)
+            yield gauge
         busy = GaugeMetricFamily("sqm_workers_busy", "Workers holding at least one message.",
                                  labels=["queue"])
         for queue, st in snap.items():
@@ -78,38 +79,43 @@ class SqmCollector(Collector):
                 busy.add_metric([queue], sum(1 for w in workers if w.get("state") == "busy"))
         yield busy
         for name, key, doc in COUNTERS:
-            fam = CounterMetricFamily(name, doc, labels=["queue"])
+            counter = CounterMetricFamily(name, doc, labels=["queue"])
             for queue, st in snap.items():
-                if _num(st.get(key)) is not None:
-                    fam.add_metric([queue], _num(st[key]))
-            yield fam
+                value = _num(st.get(key))
+                if value is not None:
+                    counter.add_metric([queue], value)
+            yield counter
         for suffix, key, doc in HISTOGRAMS:
-            fam = HistogramMetricFamily(f"sqm_{suffix}", doc, labels=["queue"])
+            hist = HistogramMetricFamily(f"sqm_{suffix}", doc, labels=["queue"])
             for queue, st in snap.items():
-                _add_histogram(fam, [queue], _get(st, "latency", key))
-            yield fam
+                _add_histogram(hist, [queue], _get(st, "latency", key))
+            yield hist
         yield from self._methods(snap)
 
     def _methods(self, snap: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
         """The same figures per method, as separate families (so sums never double-count)."""
-        per_queue = [(q, st.get("methods")) for q, st in snap.items()]
-        per_queue = [(q, m) for q, m in per_queue if isinstance(m, Mapping) and m]
+        per_queue: list[tuple[str, Mapping[str, Any]]] = []
+        for q, st in snap.items():
+            m = st.get("methods")
+            if isinstance(m, Mapping) and m:
+                per_queue.append((q, m))
         if not per_queue:
             return
         for name, key, doc in METHOD_COUNTERS:
-            fam = CounterMetricFamily(name, doc, labels=["queue", "method"])
+            counter = CounterMetricFamily(name, doc, labels=["queue", "method"])
             for queue, methods in per_queue:
                 for method, st in methods.items():
-                    if isinstance(st, Mapping) and _num(st.get(key)) is not None:
-                        fam.add_metric([queue, str(method)], _num(st[key]))
-            yield fam
+                    value = _num(st.get(key)) if isinstance(st, Mapping) else None
+                    if value is not None:
+                        counter.add_metric([queue, str(method)], value)
+            yield counter
         for suffix, key, doc in HISTOGRAMS:
-            fam = HistogramMetricFamily(f"sqm_method_{suffix}", doc, labels=["queue", "method"])
+            hist = HistogramMetricFamily(f"sqm_method_{suffix}", doc, labels=["queue", "method"])
             for queue, methods in per_queue:
                 for method, st in methods.items():
                     if isinstance(st, Mapping):
-                        _add_histogram(fam, [queue, str(method)], _get(st, "latency", key))
-            yield fam
+                        _add_histogram(hist, [queue, str(method)], _get(st, "latency", key))
+            yield hist
 
 
 def _get(d: Any, *keys: str) -> Any:
