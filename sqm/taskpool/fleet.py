@@ -215,7 +215,7 @@ class WorkerFleet:
                 signal.signal(s, handler)
 
     def stop(self, timeout: float | None = None) -> int:
-        """SIGTERM every worker, wait for all of them; 0 when all exited 0 and none gave up."""
+        """SIGTERM every worker, wait for all of them; 0 when all stopped cleanly and none gave up."""
         timeout = self.stop_timeout + 5 if timeout is None else timeout
         tasks = [t for t, _ in self.tasks()]
         for task in tasks:
@@ -227,7 +227,9 @@ class WorkerFleet:
             except SQMError:
                 codes.append(None)
         self._note_exits()
-        return 1 if self.failed or any(c not in (0, None) for c in codes) else 0
+        # -SIGTERM: a worker still starting up, before its handler, so with no message in hand
+        clean = (0, None, -signal.SIGTERM)
+        return 1 if self.failed or any(c not in clean for c in codes) else 0
 
 
 def _is_sub(pattern: dict[str, Any], meta: Any) -> bool:
