@@ -27,7 +27,7 @@ def cycle_cost(n: int, workers: int, backlog: bool) -> float:
     out = core.outbox
     t0 = time.perf_counter()
     now = 1.0
-    if backlog:  # everything queued first, then drained by done() calls
+    if backlog:  # everything queued first, then worked off by done() calls
         for m in msgs:
             core.submit(now, m)
         while core.in_flight:
@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=7)
     a = p.parse_args()
     for label, workers, backlog in (("idle worker (W1-like)", 1, False),
-                                    ("backlog drained by 4 workers (W5-like)", 4, True)):
+                                    ("backlog worked off by 4 workers (W5-like)", 4, True)):
         best = min(cycle_cost(a.n, workers, backlog) for _ in range(a.repeat))
         print(f"{label:<40} {best:6.2f} µs/message (best of {a.repeat})")
 

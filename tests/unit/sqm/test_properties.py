@@ -11,7 +11,7 @@ follow the shutdown.
 
 Alongside the core runs a small, deliberately naive reference model (lists
 and dicts, no cleverness) of what SPEC's delivery semantics require. After
-every step the core's outbox is drained and checked entry by entry against
+every step the core's outbox is taken and checked entry by entry against
 the model, and the core's state and counters are compared with it:
 
 - a message is in flight on at most one live worker, and is never dispatched

@@ -45,7 +45,7 @@ def msg(mid: str, **kw) -> Message:
     return Message(mid.encode(), b"origin-" + mid.encode(), [mid.encode()], **kw)
 
 
-def drain(core: QueueCore) -> list[tuple]:
+def take(core: QueueCore) -> list[tuple]:
     """The outbox in the ``(OUT_*, fields...)`` shape, emptied."""
     out = [as_tuple(e) for e in core.outbox]
     core.outbox.clear()
@@ -98,7 +98,7 @@ def test_status_after_100_messages_to_3_workers():
         core.submit(T0, msg(f"m{i}"))
     # Workers finish in the order messages were handed out; each freed slot
     # immediately gets the next pending message.
-    queue = dispatches(drain(core))
+    queue = dispatches(take(core))
     assert len(queue) == 3
     handled = []
     now = T0
@@ -107,7 +107,7 @@ def test_status_after_100_messages_to_3_workers():
         now += 0.01
         handled.append((rid, mid))
         assert core.done(now, rid, mid, True) is True
-        queue.extend(dispatches(drain(core)))
+        queue.extend(dispatches(take(core)))
     assert [m for _, m in handled] == [f"m{i}".encode() for i in range(100)]  # FIFO
 
     st = core.status(now + 5)
@@ -142,7 +142,7 @@ def test_status_busy_worker_and_utilization():
     core = make_core()
     hello(core, b"w1", now=T0)
     core.submit(T0, msg("a"))
-    drain(core)
+    take(core)
     st = core.status(T0 + 4)
     (w,) = st["workers"]
     assert w["state"] == "busy"
@@ -162,7 +162,7 @@ def test_status_counts_failed_and_dead_workers():
     hello(core, b"w2")
     core.submit(T0, msg("ok"))
     core.submit(T0, msg("bad"))
-    drain(core)
+    take(core)
     core.done(T0 + 1, b"w1", b"ok", True)
     core.done(T0 + 1, b"w2", b"bad", False)
     core.bye(T0 + 2, b"w2")
@@ -181,14 +181,14 @@ def test_queue_full_at_max_pending():
     core = make_core(max_pending=2)
     for m in ("a", "b", "c"):
         core.submit(T0, msg(m))
-    out = drain(core)
+    out = take(core)
     assert fails(out) == [(b"c", "QueueFull")]
     assert core.pending == 2
     assert core.rejected_total == 1
     # room again once a worker takes one
     hello(core, b"w1")
     core.submit(T0, msg("d"))
-    out = drain(core)
+    out = take(core)
     assert dispatches(out) == [(b"w1", b"a")]
     assert fails(out) == []
     assert core.pending == 2
@@ -199,7 +199,7 @@ def test_message_too_large():
     hello(core, b"w1")
     core.submit(T0, msg("big", size=11))
     core.submit(T0, msg("fits", size=10))
-    out = drain(core)
+    out = take(core)
     assert fails(out) == [(b"big", "MessageTooLarge")]
     assert dispatches(out) == [(b"w1", b"fits")]
     assert core.status(T0)["assigned_total"] == 1
@@ -210,37 +210,37 @@ def test_duplicate_id_from_another_origin_is_malformed_and_original_survives():
     core.submit(T0, msg("x"))
     dup = Message(b"x", b"someone-else", [b"x"])
     assert core.submit(T0, dup) is False
-    out = drain(core)
+    out = take(core)
     assert len(out) == 1
     assert out[0][0] == OUT_FAIL and out[0][1] is dup and out[0][2] == "Malformed"
     assert core.pending == 1
     hello(core, b"w1")
-    assert dispatches(drain(core)) == [(b"w1", b"x")]
+    assert dispatches(take(core)) == [(b"w1", b"x")]
     # still in flight: still a duplicate
     core.submit(T0, Message(b"x", b"someone-else", [b"x"]))
-    assert fails(drain(core)) == [(b"x", "Malformed")]
+    assert fails(take(core)) == [(b"x", "Malformed")]
     # once it has ended, the id may be used again
     core.done(T0, b"w1", b"x")
     core.submit(T0, msg("x"))
-    assert dispatches(drain(core)) == [(b"w1", b"x")]
+    assert dispatches(take(core)) == [(b"w1", b"x")]
 
 
 def test_resend_from_same_origin_is_acknowledged_and_kept_once():
     core = make_core()
     assert core.submit(T0, msg("x")) is True
     assert core.submit(T0, msg("x")) is True  # the sender re-sent after a reconnect
-    assert drain(core) == [] and core.pending == 1
+    assert take(core) == [] and core.pending == 1
     hello(core, b"w1", slots=2)
-    assert dispatches(drain(core)) == [(b"w1", b"x")]
+    assert dispatches(take(core)) == [(b"w1", b"x")]
     assert core.submit(T0, msg("x")) is True  # still in flight: not dispatched twice
-    assert drain(core) == [] and core.in_flight == 1
+    assert take(core) == [] and core.in_flight == 1
 
 
 def test_deadline_already_passed_is_expired_on_submit():
     core = make_core()
     hello(core, b"w1")
     core.submit(T0, msg("late", deadline=T0))
-    out = drain(core)
+    out = take(core)
     assert fails(out) == [(b"late", "Expired")]
     assert dispatches(out) == []
     assert core.expired_total == 1
@@ -252,9 +252,9 @@ def test_pending_message_never_dispatched_after_its_deadline():
     core.submit(T0, msg("first"))
     core.submit(T0, msg("soon", deadline=T0 + 1))
     core.submit(T0, msg("later"))
-    drain(core)
+    take(core)
     core.done(T0 + 1, b"w1", b"first")  # deadline reached exactly now
-    out = drain(core)
+    out = take(core)
     assert fails(out) == [(b"soon", "Expired")]
     assert dispatches(out) == [(b"w1", b"later")]
 
@@ -264,7 +264,7 @@ def test_tick_sweeps_expired_pending_messages():
     core.submit(T0, msg("a", deadline=T0 + 2))
     core.submit(T0, msg("b", deadline=T0 + 10))
     core.tick(T0 + 2.5)
-    assert fails(drain(core)) == [(b"a", "Expired")]
+    assert fails(take(core)) == [(b"a", "Expired")]
     assert core.pending == 1
 
 
@@ -277,7 +277,7 @@ def test_priorities_then_fifo():
     core.submit(T0, msg("high2", priority=0))
     core.submit(T0, msg("odd", priority=7))  # out of range: normal
     hello(core, b"w1", slots=6)
-    got = [m for _, m in dispatches(drain(core))]
+    got = [m for _, m in dispatches(take(core))]
     assert got == [b"high1", b"high2", b"norm1", b"norm2", b"odd", b"low1"]
 
 
@@ -291,14 +291,14 @@ def test_longest_idle_worker_gets_the_message():
     hello(core, b"w3", now=T0 + 2)
     core.submit(T0 + 3, msg("a"))
     core.submit(T0 + 3, msg("b"))
-    assert dispatches(drain(core)) == [(b"w1", b"a"), (b"w2", b"b")]
+    assert dispatches(take(core)) == [(b"w1", b"a"), (b"w2", b"b")]
     core.done(T0 + 4, b"w2", b"b")
     core.done(T0 + 5, b"w1", b"a")
-    drain(core)
+    take(core)
     # free since: w3 at +2, w2 at +4, w1 at +5
     for m in ("c", "d", "e"):
         core.submit(T0 + 6, msg(m))
-    assert dispatches(drain(core)) == [(b"w3", b"c"), (b"w2", b"d"), (b"w1", b"e")]
+    assert dispatches(take(core)) == [(b"w3", b"c"), (b"w2", b"d"), (b"w1", b"e")]
 
 
 def test_no_free_slot_while_pending():
@@ -306,11 +306,11 @@ def test_no_free_slot_while_pending():
     for m in "abcde":
         core.submit(T0, msg(m))
     hello(core, b"w1", slots=3)
-    assert dispatches(drain(core)) == [(b"w1", b"a"), (b"w1", b"b"), (b"w1", b"c")]
+    assert dispatches(take(core)) == [(b"w1", b"a"), (b"w1", b"b"), (b"w1", b"c")]
     assert core.workers[b"w1"].free == 0
     assert core.pending == 2
     core.done(T0, b"w1", b"b")
-    assert dispatches(drain(core)) == [(b"w1", b"d")]
+    assert dispatches(take(core)) == [(b"w1", b"d")]
     assert core.workers[b"w1"].free == 0
 
 
@@ -319,17 +319,17 @@ def test_worker_death_redelivers_with_retries_then_worker_lost():
     hello(core, b"w1", now=T0)
     m = msg("m", retries=1)
     core.submit(T0, m)
-    assert dispatches(drain(core)) == [(b"w1", b"m")]
+    assert dispatches(take(core)) == [(b"w1", b"m")]
     hello(core, b"w2", now=T0 + 2)
     core.tick(T0 + 3.5)  # w1 silent for 3.5 s > 3 intervals; w2 heard 1.5 s ago
-    out = drain(core)
+    out = take(core)
     assert dispatches(out) == [(b"w2", b"m")]
     assert fails(out) == []
     assert m.retries == 0
     assert core.redelivered_total == 1
     assert list(core.workers) == [b"w2"]
     core.tick(T0 + 6)  # w2 dies too: no retry left
-    out = drain(core)
+    out = take(core)
     assert fails(out) == [(b"m", "WorkerLost")]
     assert core.failed_total == 1
     assert core.in_flight == 0
@@ -341,10 +341,10 @@ def test_no_retries_means_worker_lost_at_once():
     hello(core, b"w1")
     hello(core, b"w2")
     core.submit(T0, msg("m"))
-    drain(core)
+    take(core)
     core.seen(T0 + 3, b"w2")
     core.tick(T0 + 3.5)
-    out = drain(core)
+    out = take(core)
     assert fails(out) == [(b"m", "WorkerLost")]
     assert dispatches(out) == []
 
@@ -377,10 +377,10 @@ def test_redelivered_message_keeps_its_place():
     core.submit(T0, msg("old", retries=1))
     core.submit(T0, msg("new1"))
     core.submit(T0, msg("new2"))
-    assert dispatches(drain(core)) == [(b"w1", b"old")]
+    assert dispatches(take(core)) == [(b"w1", b"old")]
     core.unreachable(T0, b"w1", core.workers[b"w1"].in_flight[b"old"])
     hello(core, b"w2", slots=3)
-    assert dispatches(drain(core)) == [(b"w2", b"old"), (b"w2", b"new1"), (b"w2", b"new2")]
+    assert dispatches(take(core)) == [(b"w2", b"old"), (b"w2", b"new1"), (b"w2", b"new2")]
 
 
 def test_reregistration_treats_held_messages_as_lost():
@@ -389,12 +389,12 @@ def test_reregistration_treats_held_messages_as_lost():
     hello(core, b"w2")
     core.submit(T0, msg("keep", retries=2))
     core.submit(T0, msg("lose"))
-    assert dispatches(drain(core)) == [(b"w1", b"keep"), (b"w2", b"lose")]
+    assert dispatches(take(core)) == [(b"w1", b"keep"), (b"w2", b"lose")]
     hello(core, b"w2", now=T0 + 1)
-    out = drain(core)
+    out = take(core)
     assert fails(out) == [(b"lose", "WorkerLost")]
     hello(core, b"w1", now=T0 + 1)
-    out = drain(core)
+    out = take(core)
     assert dispatches(out) == [(b"w2", b"keep")]
     assert core.workers[b"w2"].in_flight.keys() == {b"keep"}
     assert core.status(T0 + 1)["workers_ever"] == 2
@@ -405,15 +405,15 @@ def test_unreachable_requeues_without_using_a_retry():
     hello(core, b"w1")
     m = msg("m", retries=1)
     core.submit(T0, m)
-    drain(core)
+    take(core)
     core.unreachable(T0, b"w1", m)
-    out = drain(core)
+    out = take(core)
     assert fails(out) == []
     assert core.pending == 1
     assert core.assigned_total == 0
     assert core.workers == {}
     hello(core, b"w2")
-    assert dispatches(drain(core)) == [(b"w2", b"m")]
+    assert dispatches(take(core)) == [(b"w2", b"m")]
     assert m.retries == 1  # the retry is still there for a real death
     assert m.deliveries == 1
     assert core.redelivered_total == 0
@@ -425,11 +425,11 @@ def test_done_bookkeeping_and_bogus_dones():
     hello(core, b"w2")
     core.submit(T0, msg("a"))
     core.submit(T0, msg("b"))
-    drain(core)
+    take(core)
     assert core.done(T0, b"ghost", b"a") is False  # unknown worker
     assert core.done(T0, b"w1", b"zzz") is True  # known worker, unknown message
     assert core.done(T0, b"w1", b"b") is True  # b is on w2, not w1
-    assert drain(core) == []
+    assert take(core) == []
     assert core.in_flight == 2
     assert core.completed_total == 0
     assert core.done(T0, b"w2", b"b", False) is True
@@ -444,28 +444,28 @@ def test_bye_idle_worker_leaves_at_once():
     core = make_core()
     hello(core, b"w1")
     core.bye(T0, b"w1")
-    assert drain(core) == [(OUT_BYE, b"w1")]
+    assert take(core) == [(OUT_BYE, b"w1")]
     assert core.workers == {}
     core.submit(T0, msg("a"))
-    assert dispatches(drain(core)) == []
+    assert dispatches(take(core)) == []
     assert core.pending == 1
     core.bye(T0, b"nobody")  # unknown: just acknowledged
-    assert drain(core) == [(OUT_BYE, b"nobody")]
+    assert take(core) == [(OUT_BYE, b"nobody")]
 
 
 def test_bye_busy_worker_finishes_first_and_gets_nothing_new():
     core = make_core()
     hello(core, b"w1", slots=2)
     core.submit(T0, msg("a"))
-    drain(core)
+    take(core)
     core.bye(T0, b"w1")
-    assert drain(core) == [(OUT_BYE, b"w1")]
+    assert take(core) == [(OUT_BYE, b"w1")]
     assert core.status(T0)["workers"][0]["state"] == "leaving"
     core.submit(T0, msg("b"))
-    assert dispatches(drain(core)) == []
+    assert dispatches(take(core)) == []
     assert core.pending == 1
     assert core.done(T0 + 1, b"w1", b"a") is True
-    assert drain(core) == []
+    assert take(core) == []
     assert core.completed_total == 1
     assert core.workers == {}
     assert core.pending == 1
@@ -476,13 +476,13 @@ def test_heartbeats_to_quiet_workers():
     hello(core, b"w1")
     hello(core, b"w2")
     core.tick(T0 + 0.5)
-    assert drain(core) == []
+    assert take(core) == []
     core.submit(T0 + 0.8, msg("a"))  # a dispatch counts as traffic to w1
-    drain(core)
+    take(core)
     core.tick(T0 + 1.2)
-    assert drain(core) == [(OUT_HEARTBEAT, b"w2")]
+    assert take(core) == [(OUT_HEARTBEAT, b"w2")]
     core.tick(T0 + 1.9)
-    assert drain(core) == [(OUT_HEARTBEAT, b"w1")]
+    assert take(core) == [(OUT_HEARTBEAT, b"w1")]
 
 
 def test_purge_fails_pending_only():
@@ -490,9 +490,9 @@ def test_purge_fails_pending_only():
     hello(core, b"w1")
     for m in "abc":
         core.submit(T0, msg(m))
-    drain(core)
+    take(core)
     assert core.purge(T0) == 2
-    out = drain(core)
+    out = take(core)
     assert fails(out) == [(b"b", "Purged"), (b"c", "Purged")]
     assert core.pending == 0
     assert core.in_flight == 1
@@ -505,9 +505,9 @@ def test_shutdown_fails_pending_says_bye_and_leaves_in_flight_alone():
     hello(core, b"w2")
     for m in "abcd":
         core.submit(T0, msg(m))
-    assert dispatches(drain(core)) == [(b"w1", b"a"), (b"w2", b"b")]
+    assert dispatches(take(core)) == [(b"w1", b"a"), (b"w2", b"b")]
     core.shutdown(T0 + 1)
-    out = drain(core)
+    out = take(core)
     assert fails(out) == [(b"c", "BrokerShutdown"), (b"d", "BrokerShutdown")]
     assert sorted(e[1] for e in out if e[0] == OUT_BYE) == [b"w1", b"w2"]
     assert len(out) == 4
@@ -516,7 +516,7 @@ def test_shutdown_fails_pending_says_bye_and_leaves_in_flight_alone():
     assert core.failed_total == 2
     # in-flight messages still complete normally
     assert core.done(T0 + 2, b"w1", b"a") is True
-    assert drain(core) == []
+    assert take(core) == []
     assert core.completed_total == 1
 
 
@@ -538,10 +538,10 @@ def test_simultaneous_deaths_do_not_hand_a_retry_to_a_dead_worker():
     hello(core, b"w3", now=T0)
     m = msg("m", retries=1)
     core.submit(T0, m)
-    assert dispatches(drain(core)) == [(b"w1", b"m")]
+    assert dispatches(take(core)) == [(b"w1", b"m")]
     core.seen(T0 + 2.5, b"w3")
     core.tick(T0 + 3.5)  # w1 and w2 silent > 3 s; w3 heard 1 s ago
-    out = drain(core)
+    out = take(core)
     assert list(core.workers) == [b"w3"]
     assert fails(out) == []
     assert dispatches(out) == [(b"w3", b"m")]
