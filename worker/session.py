@@ -96,7 +96,10 @@ class Session:
                          self.worker_id, link.endpoint, *back)
             return False
         report = link.outage.attempt(now)
-        if report is not None:
+        if report is None:
+            log.debug("worker %s: no answer from sqm at %s, reconnect attempt %d",
+                      self.worker_id, link.endpoint, link.outage.attempts)
+        else:
             if report == 0:
                 log.warning("worker %s: sqm at %s silent for %.0f s, reconnecting (said again at"
                             " most once a minute)", self.worker_id, link.endpoint,
