@@ -35,8 +35,14 @@ from ._links import DOWN, Link, Links, open_dealer
 MAX_VERDICT_WAIT_S = 1.5
 
 
-def remove_file(path: str) -> None:
-    """Remove a mailbox's socket file (it may be gone already)."""
+def remove_file(path: str, owner_pid: int) -> None:
+    """Remove a mailbox's socket file (it may be gone already).
+
+    Only in the process that bound it: a forked child exiting must not
+    take its parent's mailbox away.
+    """
+    if os.getpid() != owner_pid:
+        return
     try:
         os.unlink(path)
     except OSError:
@@ -90,7 +96,8 @@ class SenderBase:
             last = self._mailbox.last_endpoint
             bound = last.decode() if isinstance(last, bytes) else str(last)
             if bound.startswith("ipc://"):
-                self._mailbox_cleanup = weakref.finalize(self, remove_file, bound[len("ipc://"):])
+                self._mailbox_cleanup = weakref.finalize(
+                    self, remove_file, bound[len("ipc://"):], os.getpid())
             self._core.set_mailbox(bound)
             self._links = Links(self._core, self.settings.endpoints, self._open_link,
                                 self._close_link, self.heartbeat, self._link_wake)

@@ -74,3 +74,24 @@ def test_one_shot_sender_processes_leave_no_files(cluster: Cluster) -> None:
     out = run_child(cluster, left_open).split()
     assert out[0] == "3" and out[1].startswith(f"ipc://{cluster.rundir}/mbox-")
     assert mailboxes(cluster.rundir) == []
+
+
+def test_a_forked_child_leaves_its_parents_mailbox_alone(cluster: Cluster) -> None:
+    cluster.serve("q")
+    cluster.worker("q")
+    code = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from sender import Sender\n"
+        "s = Sender('q')\n"
+        "path = Path(s.mailbox[len('ipc://'):])\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    sys.exit(0)  # a normal exit: atexit handlers run in the child\n"
+        "os.waitpid(pid, 0)\n"
+        "print(path.exists(), s.rpc('add', {'a': 5, 'b': 5}))\n"
+        "s.close()\n"
+        "print(path.exists())\n"
+    )
+    assert run_child(cluster, code).split() == ["True", "10", "False"]
+    assert mailboxes(cluster.rundir) == []
