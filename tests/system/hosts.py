@@ -175,6 +175,22 @@ class HostProc:
         self.popen.stdin.write(text.encode())
         self.popen.stdin.flush()
 
+    def check_alive(self) -> None:
+        """Raise AssertionError, with its stderr, if the process has exited."""
+        if self.popen.poll() is not None:
+            raise AssertionError(f"{self.name} exited ({self.popen.returncode}):\n{self.stderr}")
+
+    def said(self) -> list[dict[str, Any]]:
+        """The JSON lines it has printed so far (what :func:`sender_main` reports)."""
+        return [json.loads(line) for line in self.stdout.splitlines() if line.startswith("{")]
+
+    def summary(self) -> dict[str, Any] | None:
+        """A :func:`sender_main` batch's summary, once printed; raises if it died first."""
+        found = next((line["summary"] for line in self.said() if "summary" in line), None)
+        if found is None:
+            self.check_alive()
+        return found
+
     def signal(self, sig: int) -> None:
         if self.popen.poll() is None:
             self.popen.send_signal(sig)
@@ -283,6 +299,21 @@ class Host:
             return None
         found: dict[str, Any] = json.loads(done.stdout)
         return found
+
+    def wait_serving(self, broker: HostProc, endpoint: str, workers: int = 0,
+                     timeout: float = 30.0, queue: str = "q") -> dict[str, Any]:
+        """Wait until ``broker`` answers ``sqm status`` from this host with at least
+        ``workers`` registered; return that status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            broker.check_alive()
+            st = self.status(queue, endpoint, timeout=1.0)
+            if st is not None and st["workers_current"] >= workers:
+                return st
+            if time.monotonic() > deadline:
+                raise AssertionError(f"sqm at {endpoint} did not answer {self.label} with "
+                                     f"{workers} worker(s) in {timeout} s; last status {st}")
+            _pause(0.05)
 
     def probe_tcp(self, addr: str, port: int, timeout: float = 1.0) -> str:
         """Try a TCP connection from this host: "ok", "refused", "timeout" or the error."""
@@ -443,11 +474,6 @@ def sender_main() -> None:
             else:
                 _say(ok=True, pid=item["pid"], t=time.time())
         sys.stdin.readline()
-
-
-def said(proc: HostProc) -> list[dict[str, Any]]:
-    """The JSON lines a :func:`sender_main` process has printed so far."""
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 class Network:

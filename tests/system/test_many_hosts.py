@@ -6,7 +6,7 @@ import json
 import re
 
 from tests.conftest import read_log, wait_for
-from tests.system.hosts import Host, HostProc, Network, said
+from tests.system.hosts import Host, HostProc, Network
 
 PORT = 5555
 
@@ -84,26 +84,15 @@ def test_rpc_across_three_hosts(net: Network) -> None:
     assert sender.wait(15) == 0, sender.stderr
 
 
-def serving(broker: HostProc, asker: Host, endpoint: str, workers: int = 0) -> None:
-    """Wait until the broker answers ``asker`` with at least ``workers`` registered."""
-
-    def ready() -> bool:
-        alive_or_fail(broker)
-        st = asker.status("q", endpoint, timeout=1.0)
-        return st is not None and st["workers_current"] >= workers
-
-    wait_for(ready, 30, f"sqm at {endpoint} answering {asker.label} with {workers} worker(s)")
-
-
 def test_the_mailbox_binds_on_the_address_that_reaches_the_broker(net: Network) -> None:
     """A Sender on C talking to a broker on A: its mailbox is C's address on the
     switch (what A's workers can reach), never loopback or a wildcard."""
     a, c = net(2)
     endpoint = f"tcp://{a.addr}:{PORT}"
     broker = a.serve("q", endpoint)
-    serving(broker, c, endpoint)
+    c.wait_serving(broker, endpoint)
     sender = c.sender([endpoint], mode="idle")
-    mailbox = wait_for(lambda: said(sender), 20, f"the mailbox line; {sender.stderr}")[0]["mailbox"]
+    mailbox = wait_for(sender.said, 20, f"the mailbox line; {sender.stderr}")[0]["mailbox"]
     assert re.fullmatch(rf"tcp://{re.escape(c.addr)}:\d+", mailbox), mailbox
     sender.write("done\n")
     assert sender.wait(15) == 0, sender.stderr
@@ -118,19 +107,14 @@ def test_the_mailbox_across_two_brokers_on_two_hosts(net: Network) -> None:
     brokers = [a.serve("q", endpoints[0]), b.serve("q", endpoints[1])]
     worker = d.worker(endpoints)
     for broker, endpoint in zip(brokers, endpoints, strict=True):
-        serving(broker, c, endpoint, workers=1)
-    alive_or_fail(worker)
+        c.wait_serving(broker, endpoint, workers=1)
+    worker.check_alive()
     sender = c.sender(endpoints, count=20, window=10, timeout=15)
-
-    def summary() -> dict | None:
-        alive_or_fail(sender)
-        return next((line["summary"] for line in said(sender) if "summary" in line), None)
-
-    result = wait_for(summary, 30, f"the batch's end; sender stderr:\n{sender.stderr}")
-    mailbox = said(sender)[0]["mailbox"]
+    result = wait_for(sender.summary, 30, "the batch's end")
+    mailbox = sender.said()[0]["mailbox"]
     assert re.fullmatch(rf"tcp://{re.escape(c.addr)}:\d+", mailbox), mailbox
     assert result["items"] == result["replies"] == 20 and result["errors"] == {}, result
-    assert all(line["ok"] for line in said(sender) if "i" in line)
+    assert all(line["ok"] for line in sender.said() if "i" in line)
     # Both brokers dispatched some of them (the Sender spreads round-robin).
     for endpoint in endpoints:
         st = c.status("q", endpoint)
