@@ -344,7 +344,11 @@ class QueueServer:
                 )
             elif type(entry) is Ended:
                 for ended in self.hooks.ended:
-                    ended(self, entry.msg, entry.outcome)
+                    try:
+                        ended(self, entry.msg, entry.outcome)
+                    except Exception:  # a plugin's bug must not stop sqm: count, log, carry on
+                        core.malformed_total += 1
+                        log.exception("queue %s: plugin hook ended() failed", self.name)
             elif type(entry) is Heartbeat:
                 self._send(entry.rid, self._heartbeat_frames)
             elif type(entry) is Bye:
