@@ -85,6 +85,8 @@ class WorkerState:
         if to >= LEAVING:
             self.free = 0  # its entries in the idle deque become stale
 
+    # Read-only views of the state, for checks and tests (the hot path reads ``free``).
+
     @property
     def alive(self) -> bool:
         return self.state != GONE
