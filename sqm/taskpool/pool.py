@@ -211,16 +211,35 @@ class Task:
             except subprocess.TimeoutExpired:
                 raise Timeout(f"task {self.pid} did not exit in time") from None
             return
-        while pid_alive(self.pid):
-            if deadline is not None and time.monotonic() >= deadline + 1.0:
-                raise Timeout(f"task {self.pid} did not exit in time")
-            time.sleep(0.005)
+        if not wait_exit(self.pid, None if deadline is None else deadline + 1.0):
+            raise Timeout(f"task {self.pid} did not exit in time")
 
     def remove(self) -> None:
         """Delete a finished task's files (state, output); refused while it runs."""
         if self.running:
             raise SQMError(f"task {self.pid} is running; stop it first")
         self.pool.store.remove(self.pid)
+
+
+def wait_exit(pid: int, deadline: float | None) -> bool:
+    """Wait for a process that is not our child to end (a pidfd where Linux has one)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        fd = -1
+    try:
+        while pid_alive(pid):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            if fd >= 0:
+                select.select([fd], [], [], left)  # readable once it has exited
+            else:
+                time.sleep(0.005 if left is None else min(0.005, left))
+        return True
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def tail_file(path: str, limit: int) -> bytes:
