@@ -448,6 +448,8 @@ def launch(config: dict[str, Any]) -> None:
             os.setsid()
         if os.fork():
             os._exit(0)  # the launcher ends; the spawner reaps it, init adopts us
+        if behavior == "background":
+            os.setpgid(0, 0)  # out of the caller's job: a Ctrl-C meant for it misses us
     else:
         die_with_parent(signal.SIGTERM)
         if os.getppid() != config["parent"]:

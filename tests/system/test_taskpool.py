@@ -237,6 +237,7 @@ def test_background_and_daemon_outlive_spawner(pool: TaskPool, behavior: str) ->
     assert task is not None and task.running  # ... the task is not
     assert pid_alive(task.info["child_pid"])
     assert os.getsid(pid) != os.getsid(0)
+    assert os.getpgid(pid) != spawner_sid  # not in the spawner's job: its Ctrl-C misses it
     if behavior == "background":
         assert os.getsid(pid) == spawner_sid  # detached, but in its spawner's session
     else:
