@@ -118,7 +118,7 @@ class AsyncSender(SenderBase):
         asyncio.gather(*pending, return_exceptions=True).add_done_callback(shut)
 
     def _start(self) -> None:
-        self._check_open()
+        self._check()
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             self._readers = [self._loop.create_task(
@@ -228,20 +228,29 @@ class AsyncSender(SenderBase):
         Callbacks run on the event loop as the worker's messages arrive;
         an ``async def`` callback is run as a task.
         """
-        hooks = self._hooks(oneway, on_start, on_status, on_complete, on_fail)
+        hooks = None
+        if on_start is not None or on_status is not None or on_complete is not None \
+                or on_fail is not None:  # checked here first: no call on the hot path
+            hooks = self._hooks(oneway, on_start, on_status, on_complete, on_fail)
         return await self._submit(method, payload, oneway, timeout, retries, priority, ttl, hooks)
 
     async def _submit(self, method: str, payload: Any, oneway: bool, timeout: float | None,
                       retries: int, priority: str, ttl: float | None, hooks: Any) -> str:
         self._start()
-        mid, frames, link = self._prepare(method, payload, oneway, timeout, retries, priority,
-                                          ttl, hooks)
+        core = self._core
+        mid, frames = core.encode_submit(
+            method, payload, oneway=oneway, timeout=timeout, retries=retries,
+            priority=priority, ttl=ttl,
+        )
+        if hooks is not None:
+            core.watch(mid, hooks)
+        link = self._one or self._links.pick()  # inline, not a base method: the hot path
         try:
             send_frames(link.raw, frames)
         except zmq.Again:  # the queue towards sqm is full (sqm down or slow)
             link = await self._send_slow(mid, frames, timeout, link)
         if not oneway:
-            self._core.sent[mid] = (frames, link, link.epoch)
+            core.sent[mid] = (frames, link, link.epoch)
         return mid
 
     async def _send_slow(self, mid: str, frames: list[bytes], timeout: float | None,
@@ -259,10 +268,11 @@ class AsyncSender(SenderBase):
     async def receive(self, timeout: float | None = None, id: str | None = None) -> Any:  # noqa: A002
         """The next reply's result, or that of message ``id`` (see Sender.receive)."""
         self._start()
-        outcome, deadline = self._receive_now(id, timeout)
+        core = self._core
+        outcome = core.take(id)
         if outcome is None:
-            outcome = await self._wait(id, deadline)
-        return self._core.result(outcome)
+            outcome = await self._wait(id, self._receive_deadline(id, timeout))
+        return core.result(outcome)
 
     async def rpc(
         self,
@@ -274,7 +284,7 @@ class AsyncSender(SenderBase):
         priority: str = "normal",
     ) -> Any:
         """Submit and await that message's result. Cancelling it forgets the message."""
-        limit = self._limit(timeout)
+        limit = timeout if timeout is not None else self.timeout
         mid = await self._submit(method, payload, False, limit, retries, priority, None, None)
         try:
             outcome = await self._wait(mid, self._core.deadline_for(mid, limit, None))

@@ -24,7 +24,7 @@ from sqm.sockets import ipc_listener_alive, make_socket
 from sqm.zmqfast import send_frames
 
 from ._batch import Batch, check_map_args
-from ._correlator import Correlator, Outcome
+from ._correlator import Correlator
 from ._hooks import Hooks, OnComplete, OnFail, OnStart, OnStatus
 from ._links import DOWN, Link, Links, open_dealer
 
@@ -150,7 +150,8 @@ class SenderBase:
         """How many messages still await a reply."""
         return len(self._core.outstanding) + len(self._core.ready)
 
-    def _check_open(self) -> None:
+    def _check(self) -> None:
+        """Refuse calls on a closed sender (Sender also refuses other threads)."""
         if self._closed:
             raise SQMError(f"this {self._kind()} is closed")
 
@@ -169,19 +170,6 @@ class SenderBase:
             raise ValueError("a oneway message is never acknowledged or answered: "
                              "it takes no callbacks")
         return Hooks.make(on_start, on_status, on_complete, on_fail)
-
-    def _prepare(self, method: str, payload: Any, oneway: bool, timeout: float | None,
-                 retries: int, priority: str, ttl: float | None,
-                 hooks: Any) -> tuple[str, list[bytes], Link]:
-        """Check and encode one message, track it, and choose its broker."""
-        core = self._core
-        mid, frames = core.encode_submit(
-            method, payload, oneway=oneway, timeout=timeout, retries=retries,
-            priority=priority, ttl=ttl,
-        )
-        if hooks is not None:
-            core.watch(mid, hooks)
-        return mid, frames, self._one or self._links.pick()
 
     def _send_elsewhere(self, frames: list[bytes], link: Link) -> Link | None:
         """``link``'s send queue is full: the first other live broker that takes it."""
@@ -206,14 +194,11 @@ class SenderBase:
 
     # ------------------------------------------------------------ waiting
 
-    def _receive_now(self, mid: str | None, timeout: float | None) -> tuple[Outcome | None, float]:
-        """receive()'s outcome if it is in, else its wait's deadline (monotonic)."""
+    def _receive_deadline(self, mid: str | None, timeout: float | None) -> float:
+        """receive() found nothing yet: check it may wait, and until when (monotonic)."""
         core = self._core
-        outcome = core.take(mid)
-        if outcome is not None:
-            return outcome, 0.0
         core.check_waitable(mid)
-        return None, core.deadline_for(mid, timeout, self.timeout)
+        return core.deadline_for(mid, timeout, self.timeout)
 
     def _verdict_grace(self, mid: str | None, now: float) -> float:
         """How long to wait past ``mid``'s deadline for sqm's verdict (0: none).
@@ -279,7 +264,7 @@ class SenderBase:
     def _batch(self, method: str, max_concurrent: int, retries: int, timeout: float | None,
                ordered: bool) -> tuple[Batch, float | None]:
         """Check map()'s arguments at the call; its batch and per-item limit."""
-        self._check_open()
+        self._check()
         check_map_args(max_concurrent, retries, timeout)
         if not isinstance(method, str) or not method:
             raise ValueError("method must be a non-empty string")
@@ -294,7 +279,7 @@ class SenderBase:
         Messages a removed broker had not accepted, or that sat on a dead
         one, are re-sent through the others. The mailbox stays where it is.
         """
-        self._check_usable()
+        self._check()
         eps = split_endpoints(endpoints if isinstance(endpoints, str) else list(endpoints))
         try:
             self._links.replace(eps)
@@ -302,9 +287,6 @@ class SenderBase:
             raise SQMError(f"cannot connect to {eps}: {exc}") from None
         self.settings = replace(self.settings, endpoint=eps[0], endpoints=eps)
         self._one = self._links.single
-
-    def _check_usable(self) -> None:
-        self._check_open()
 
     def _close_sockets(self) -> None:
         """Close every socket and remove the mailbox's file."""

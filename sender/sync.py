@@ -96,8 +96,6 @@ class Sender(SenderBase):
                 "create one Sender per thread"
             )
 
-    _check_usable = _check
-
     # ------------------------------------------------------------ sending
 
     def submit(
@@ -131,20 +129,29 @@ class Sender(SenderBase):
         given on_complete or on_fail is consumed by them: receive() never
         returns it.
         """
-        hooks = self._hooks(oneway, on_start, on_status, on_complete, on_fail)
+        hooks = None
+        if on_start is not None or on_status is not None or on_complete is not None \
+                or on_fail is not None:  # checked here first: no call on the hot path
+            hooks = self._hooks(oneway, on_start, on_status, on_complete, on_fail)
         return self._submit(method, payload, oneway, timeout, retries, priority, ttl, hooks)
 
     def _submit(self, method: str, payload: Any, oneway: bool, timeout: float | None,
                 retries: int, priority: str, ttl: float | None, hooks: Any) -> str:
         self._check()
-        mid, frames, link = self._prepare(method, payload, oneway, timeout, retries, priority,
-                                          ttl, hooks)
+        core = self._core
+        mid, frames = core.encode_submit(
+            method, payload, oneway=oneway, timeout=timeout, retries=retries,
+            priority=priority, ttl=ttl,
+        )
+        if hooks is not None:
+            core.watch(mid, hooks)
+        link = self._one or self._links.pick()  # inline, not a base method: the hot path
         try:
             send_frames(link.raw, frames)
         except zmq.Again:
             link = self._send_slow(mid, frames, timeout, link)
         if not oneway:
-            self._core.sent[mid] = (frames, link, link.epoch)
+            core.sent[mid] = (frames, link, link.epoch)
         self._unchecked += 1
         if self._unchecked >= CHECK_EVERY:
             self._check_brokers(time.monotonic())
@@ -169,14 +176,16 @@ class Sender(SenderBase):
         """Return the next reply's result (or that of message ``id``).
 
         Raises :class:`Timeout` when nothing came in time (the message stays
-        outstanding), or the error the reply carries (RemoteError, WorkerLost,
-        QueueFull...).
+        outstanding), :class:`BrokerUnreachable` when no broker listens at
+        the queue's ipc endpoint, or the error the reply carries
+        (RemoteError, WorkerLost, QueueFull, Expired...).
         """
         self._check()
-        outcome, deadline = self._receive_now(id, timeout)
+        core = self._core
+        outcome = core.take(id)
         if outcome is None:
-            outcome = self._wait(id, deadline)
-        return self._core.result(outcome)
+            outcome = self._wait(id, self._receive_deadline(id, timeout))
+        return core.result(outcome)
 
     def rpc(
         self,
@@ -188,7 +197,7 @@ class Sender(SenderBase):
         priority: str = "normal",
     ) -> Any:
         """Submit and wait for that message's result (timeout: explicit, else the Sender's)."""
-        limit = self._limit(timeout)
+        limit = timeout if timeout is not None else self.timeout
         mid = self._submit(method, payload, False, limit, retries, priority, None, None)
         try:
             outcome = self._wait(mid, self._core.deadline_for(mid, limit, None))
@@ -333,13 +342,12 @@ class Sender(SenderBase):
         """Run ``method`` on every payload, at most ``max_concurrent`` at a time.
 
         Yields one item per payload: its result, or in its place the
-        :class:`SQMError` it ended with (RemoteError, Timeout, ...); a failed
+        :class:`SQMError` it ended with (RemoteError, Timeout, Expired...); a failed
         item never stops the batch. In input order, or with
         ``ordered=False`` as ``(index, item)`` pairs as they complete.
         ``timeout`` is per item (default: the Sender's). The batch advances
         as you iterate; stopping early forgets what is still outstanding.
         """
-        self._check()
         batch, limit = self._batch(method, max_concurrent, retries, timeout, ordered)
         return self._map(method, iter(payloads), batch, retries, limit)
 
