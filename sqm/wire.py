@@ -103,7 +103,8 @@ class SubmitReader:
         self.policy = policy
         self._mailbox_ok: dict[bytes, bytes] = {}  # sender rid -> last allowed mailbox
 
-    def __call__(self, rid_frame: zmq.Frame, rid: bytes, frames: list[bytes]) -> Message:
+    def read(self, rid_frame: zmq.Frame, rid: bytes, frames: list[bytes]) -> Message:
+        """The message ``frames`` submit; Malformed if the frames, envelope or mailbox are not right."""
         n = len(frames)
         if n != SUBMIT_FRAMES:
             raise Malformed(f"submit needs {SUBMIT_FRAMES} frames, got {n}")
@@ -165,6 +166,9 @@ def read_credit(frames: list[bytes]) -> int:
     return slots
 
 
+BARE_BEAT = Beat(None, None, False)
+
+
 def read_heartbeat(frames: list[bytes]) -> Beat:
     """HEARTBEAT: ``[SIG, H]``, ``[SIG, H, wid]`` or ``[SIG, H, wid, json report]``."""
     n = len(frames)
@@ -173,7 +177,7 @@ def read_heartbeat(frames: list[bytes]) -> Beat:
     if n == 4:
         report = decode_json(frames[3])
         return Beat(frames[2].decode("utf-8", "replace"), report, report is None)
-    return Beat(None, None, False)
+    return BARE_BEAT
 
 
 def read_hello(frames: list[bytes]) -> dict[str, Any]:

@@ -104,7 +104,7 @@ class QueueServer:
             max_deliveries=opts.max_deliveries,
         )
         self.policy = MailboxPolicy.for_settings(settings)
-        self.read_submit = SubmitReader(self.policy)
+        self.read_submit = SubmitReader(self.policy).read
         self.max_frame = opts.max_message_size + 64 * 1024
         self.bind = settings.bind
         if ipc_listener_alive(self.bind):
@@ -128,6 +128,9 @@ class QueueServer:
         # commit): at the end of each batch, never from the idle/tick paths.
         self.acks_after_hooks = bool(hooks.before_acks)
         self.core.track_ends = bool(hooks.ended)
+        # read once per SUBMIT / per flush: one attribute lookup each
+        self._accepted_hooks = hooks.accepted
+        self._before_acks = hooks.before_acks
         self.control_table: dict[str, ControlHandler] = {**BUILTIN_CONTROL, **hooks.control}
         self.handlers: dict[bytes, Handler] = {
             SUBMIT: self._on_submit,
@@ -193,8 +196,9 @@ class QueueServer:
     def _on_submit(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
         msg = self.read_submit(rid_frame, rid_frame.bytes, frames)
         if self.core.submit(now, msg):
-            for accepted in self.hooks.accepted:
-                accepted(self, msg)
+            if self._accepted_hooks:
+                for accepted in self._accepted_hooks:
+                    accepted(self, msg)
             if not msg.oneway:
                 rid = msg.origin
                 ids = self._acks.get(rid)
@@ -307,7 +311,7 @@ class QueueServer:
         out = self.core.outbox
         if out:
             self._send_outbox(now, out)
-        before = self.hooks.before_acks
+        before = self._before_acks
         if before:
             for hook in before:
                 hook(self)  # e.g. the journal commits: accepted means journaled
@@ -324,10 +328,7 @@ class QueueServer:
     def _send_outbox(self, now: float, out: list[OutboxEntry]) -> None:
         core = self.core
         sock = self.sock
-        i = 0
-        while i < len(out):  # the core may append while we send (unreachable workers)
-            entry = out[i]
-            i += 1
+        for entry in out:  # also sees what the core appends meanwhile (unreachable workers)
             if type(entry) is Dispatch:
                 rid, msg = entry
                 try:

@@ -40,7 +40,7 @@ def test_check_signature():
 
 
 def test_submit_reads_a_message_and_forwards_the_frames_as_dispatch(tmp_path):
-    read = wire.SubmitReader(MailboxPolicy([str(tmp_path)]))
+    read = wire.SubmitReader(MailboxPolicy([str(tmp_path)])).read
     env = envelope(f"ipc://{tmp_path}/mbox-a.sock", retries=2, priority=protocol.PRIORITY_HIGH)
     frames = [SIGNATURE, SUBMIT, env, b"payload"]
     msg = read(FakeFrame(b"rid", peer=None), b"rid", frames)
@@ -56,7 +56,7 @@ def test_submit_reads_a_message_and_forwards_the_frames_as_dispatch(tmp_path):
     ],
 )
 def test_submit_malformed_shapes(frames, reason):
-    read = wire.SubmitReader(MailboxPolicy())
+    read = wire.SubmitReader(MailboxPolicy()).read
     with pytest.raises(wire.Malformed) as exc:
         read(FakeFrame(b"r"), b"r", frames)
     assert exc.value.reason == reason
@@ -70,7 +70,7 @@ def test_submit_mailbox_checked_once_per_sender(tmp_path):
             CountingPolicy.checks += 1
             return super().check(addr, peer)
 
-    read = wire.SubmitReader(CountingPolicy([str(tmp_path)]))
+    read = wire.SubmitReader(CountingPolicy([str(tmp_path)])).read
     env = envelope(f"ipc://{tmp_path}/mbox-a.sock")
     for _ in range(3):
         read(FakeFrame(b"r", peer=None), b"r", [SIGNATURE, SUBMIT, env, b"p"])
