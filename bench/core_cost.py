@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=7)
     a = p.parse_args()
     for label, workers, backlog in (("idle worker (W1-like)", 1, False),
-                                    ("backlog worked off by 4 workers (W5-like)", 4, True)):
+                                    ("backlog, 4 workers (W5-like)", 4, True)):
         best = min(cycle_cost(a.n, workers, backlog) for _ in range(a.repeat))
         print(f"{label:<40} {best:6.2f} µs/message (best of {a.repeat})")
 
