@@ -61,13 +61,16 @@ class Batch:
     """The window, per-item deadlines and output order of one map().
 
     ``grace(mid, now)``: how much longer to wait for sqm's verdict on an item
-    whose deadline just passed (0: none; see SenderBase._verdict_grace).
+    whose deadline just passed (0: none; see SenderBase._verdict_grace);
+    ``timeout_error(mid)``: the Timeout an item that got no reply becomes.
     """
 
     def __init__(self, core: Any, max_concurrent: int, ordered: bool,
-                 grace: Callable[[str, float], float] | None = None) -> None:
+                 grace: Callable[[str, float], float] | None = None,
+                 timeout_error: Callable[[str], Timeout] | None = None) -> None:
         self.core = core
         self.grace = grace
+        self.timeout_error = timeout_error  # the sender's Timeout, naming unreached brokers
         self.exhausted = False  # the input has no more payloads
         self._extended: dict[str, float] = {}  # id -> end of its grace (monotonic)
         self.sink = BatchSink()
@@ -145,8 +148,9 @@ class Batch:
             for mid in expired:
                 extended.pop(mid, None)
                 core.forget(mid)
-                self._put(inflight.pop(mid),
-                          Timeout(f"no reply for message {mid} in time (map item)"))
+                error = (self.timeout_error(mid) if self.timeout_error is not None
+                         else Timeout(f"no reply for message {mid} in time (map item)"))
+                self._put(inflight.pop(mid), error)
 
     def next_deadline(self) -> float:
         """When the oldest outstanding item (or a grace) ends (monotonic), or inf."""

@@ -270,7 +270,7 @@ class SenderBase:
         check_map_args(max_concurrent, retries, timeout)
         if not isinstance(method, str) or not method:
             raise ValueError("method must be a non-empty string")
-        return (Batch(self._core, max_concurrent, ordered, self._verdict_grace),
+        return (Batch(self._core, max_concurrent, ordered, self._verdict_grace, self._timeout),
                 self._limit(timeout))
 
     # ------------------------------------------------------------ membership and state

@@ -80,3 +80,11 @@ def test_unreachable_message_is_not_run_by_a_broker_started_later(cluster: Clust
         cluster.worker("late")
         assert s.rpc("record", "after-start", timeout=10) is not None
     assert [e["payload"] for e in read_log(cluster.log)] == ["after-start"]
+
+
+def test_map_items_with_no_broker_say_so(rundir: Path) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with Sender("q", endpoint=endpoint) as s:
+        items = list(s.map("add", [{"a": 1, "b": 1}], timeout=0.3))
+    assert isinstance(items[0], Timeout)
+    assert f"no broker reached at {endpoint}" in str(items[0])
