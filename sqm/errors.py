@@ -35,8 +35,13 @@ class MessageTooLarge(SQMError):
     """The encoded payload is larger than the allowed maximum message size."""
 
 
-class Expired(SQMError):
-    """The message's deadline passed before any worker could take it."""
+class Expired(Timeout):
+    """The message's deadline passed before any worker could take it.
+
+    A kind of :class:`Timeout` (and so of ``TimeoutError``): code that
+    catches a timeout around an rpc keeps working; code that cares can tell
+    "sqm expired it unstarted" apart.
+    """
 
 
 class BrokerShutdown(SQMError):
@@ -93,6 +98,8 @@ class KeyFileError(SQMError):
 
     The message is one line naming the file and the problem.
     """
+
+
 # sqm answers a forbidden action with an ERROR of this type.
 BROKER_ERRORS["AuthError"] = AuthError
 
