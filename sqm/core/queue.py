@@ -6,7 +6,7 @@ worker liveness. Every method takes ``now`` (unix seconds) as an argument;
 what the broker must send is appended to :attr:`QueueCore.outbox` as typed
 entries (:mod:`sqm.core.events`), which the I/O loop (:mod:`sqm.broker`)
 sends after each batch of input. That split lets tests drive thousands of random event sequences in
-milliseconds (see tests/test_core_properties.py).
+milliseconds (see tests/unit/sqm/test_properties.py).
 
 Invariants kept after every public call:
 

@@ -36,7 +36,7 @@ fails what that worker held and then hands pending messages to free slots of
 workers that are *not* among the dead of this tick. ``CoreMachine`` explores
 that case; ``OneDeathPerTickMachine`` lets at most one worker die per tick,
 so all other checks keep running while the core mishandles simultaneous
-deaths (see test_core_unit.py::test_simultaneous_deaths_do_not_hand_a_retry_
+deaths (see test_queue.py::test_simultaneous_deaths_do_not_hand_a_retry_
 to_a_dead_worker).
 """
 
