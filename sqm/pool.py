@@ -1,27 +1,19 @@
-"""``sqm worker --processes N``: a parent that keeps N worker processes running.
+"""Child processes that run this very sqm: the worker fleet and its command line.
 
-The parent forwards SIGTERM/SIGINT to its children, restarts a child that
-dies unexpectedly (not one that exited 0 on request: ``sqm stop-worker``,
-i.e. sqm's STOP, or its own ``terminate()``), and waits for every child
-before it exits: with status 0 once all of them stopped that way. Children ask the kernel to SIGTERM them if the parent
-dies (PR_SET_PDEATHSIG), so even a SIGKILLed parent leaves nothing behind.
+``sqm worker --processes N`` runs its children as tasks of a pool
+(:class:`sqm.taskpool.fleet.WorkerFleet`, started by :func:`run_fleet`);
+:func:`sqm_command` says how to start an sqm child safely.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import signal
-import subprocess
 import sys
-import time
+from collections.abc import Sequence
+from typing import Any
 
 log = logging.getLogger("sqm.pool")
-
-PARENT_ENV = "SQM_POOL_PARENT"
-CRASH_WINDOW_S = 2.0
-MAX_QUICK_CRASHES = 5
 
 
 def sqm_command(*args: str) -> list[str]:
@@ -39,73 +31,31 @@ def sqm_command(*args: str) -> list[str]:
     return [sys.executable, "-c", boot, *args]
 
 
-def die_with_parent() -> None:
-    """In a child: get SIGTERM when the parent dies; exit now if it already did."""
-    parent = os.environ.get(PARENT_ENV)
-    if not parent:
-        return
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != int(parent):
-        sys.exit(0)
+def run_fleet(target: str, queue: str, processes: int, worker_args: Sequence[str], *,
+              pool_path: str | None = None, autoscale: tuple[int, int] | None = None,
+              endpoint: str | None = None, config: str | None = None) -> int:
+    """``sqm worker --processes N``: N workers as tasks of a pool, until SIGTERM/SIGINT.
 
+    The workers' output goes to their tasks' output files and to this
+    process's stderr. Returns the exit status: 0 once every worker stopped
+    cleanly (on SIGTERM/SIGINT, or each asked to stop by sqm).
+    """
+    from .admin import fetch_status
+    from .config import resolve
+    from .taskpool import TaskPool, default_pool_path
+    from .taskpool.autoscale import Autoscaler
+    from .taskpool.fleet import StatusSource, WorkerFleet
 
-class Pool:
-    def __init__(self, argv: list[str], processes: int) -> None:
-        self.argv = argv
-        self.processes = processes
-        self.children: dict[int, tuple[subprocess.Popen, float]] = {}
-        self.stopping = False
-        self.quick_crashes = 0
+    pool = TaskPool(pool_path or default_pool_path(), create=True)
+    scaler = Autoscaler(maximum=autoscale[0], minimum=autoscale[1]) if autoscale else None
+    status: StatusSource | None = None
+    if scaler is not None:
+        settings = resolve(queue, endpoint=endpoint, config=config)
 
-    def _spawn(self) -> None:
-        env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
-        proc = subprocess.Popen(self.argv, env=env)
-        self.children[proc.pid] = (proc, time.monotonic())
+        def status() -> dict[str, Any]:
+            return fetch_status(settings, timeout=1.0)
 
-    def _forward(self, signum: int, _frame: object) -> None:
-        self.stopping = True
-        for proc, _ in list(self.children.values()):
-            if proc.poll() is None:
-                try:
-                    proc.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-
-    def run(self) -> int:
-        """Run until signalled; return the exit code for the parent."""
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._forward)
-        for _ in range(self.processes):
-            self._spawn()
-        log.info("worker pool of %d process(es) started", self.processes)
-        code = 0
-        while self.children:
-            try:
-                pid, status = os.wait()
-            except ChildProcessError:
-                break
-            entry = self.children.pop(pid, None)
-            if entry is None:
-                continue
-            proc, started = entry
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            if self.stopping:
-                continue
-            if proc.returncode == 0:
-                log.info("worker process %d exited on request", pid)
-                continue
-            quick = time.monotonic() - started < CRASH_WINDOW_S
-            self.quick_crashes = self.quick_crashes + 1 if quick else 0
-            if self.quick_crashes >= MAX_QUICK_CRASHES:
-                log.error("worker processes keep dying at start-up; giving up")
-                code = 1
-                self._forward(signal.SIGTERM, None)
-                continue
-            log.warning("worker process %d died (exit %s); starting another", pid, proc.returncode)
-            self._spawn()
-        return code
+    fleet = WorkerFleet(pool, queue, target, processes, worker_args=worker_args,
+                        autoscaler=scaler, status=status, echo=True)
+    log.info("worker pool of %d process(es) started (tasks of %s)", fleet.desired, pool.path)
+    return fleet.run()

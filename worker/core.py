@@ -22,18 +22,19 @@ from typing import Any
 
 import zmq
 
-from sqm import protocol
+from sqm import procinfo, protocol
 from sqm.config import resolve
 from sqm.errors import SQMError
 from sqm.protocol import HEARTBEAT, SIGNATURE, MailboxPolicy
 from sqm.sockets import make_socket
+from sqm.taskpool.fleet import Limits, recycle_due
 
 from . import selfreport
 from .aio import AsyncRunner
 from .execute import Execution, Originator, Workload, is_async_callback
 from .mailboxes import MailboxPool
 from .plain import PlainRunner
-from .session import Runner, Session
+from .session import CountingWorkload, Runner, Session
 
 __all__ = ["Callback", "Originator", "Worker", "is_async_callback"]
 
@@ -73,6 +74,14 @@ class Worker:
     sqm restarts, the worker registers again by itself. When sqm sends STOP
     (``sqm stop-worker``) it leaves like :meth:`terminate` and sets
     ``stop_requested``.
+
+    ``max_tasks``/``max_memory_mb``: after a message that brings it to
+    ``max_tasks`` messages, or leaves it past ``max_memory_mb`` MB resident,
+    the worker leaves like :meth:`terminate` and sets ``recycled`` (its
+    fleet starts another: ``sqm worker --max-tasks-per-child``).
+    ``autostart``: before serving, start ``sqm serve QUEUE`` as a task of
+    ``<rundir>/pool`` if no broker answers on a local endpoint (see
+    :func:`sqm.taskpool.autostart.autostart_broker`).
     """
 
     def __init__(
@@ -89,8 +98,15 @@ class Worker:
         prefetch: int = 1,
         concurrency: int = 1,
         context: zmq.Context | None = None,
+        autostart: bool = False,
+        max_tasks: int | None = None,
+        max_memory_mb: float | None = None,
     ) -> None:
         self.settings = resolve(queue, endpoint=endpoint, config=config)
+        self.autostart = autostart
+        self._config_file = config if isinstance(config, str) else None
+        self.limits = Limits(max_tasks=max_tasks, max_memory_mb=max_memory_mb)
+        self.recycled = False  # it left because it reached max_tasks/max_memory_mb
         self.queue = self.settings.queue
         self.endpoints = self.settings.endpoints
         self.endpoint = self.settings.endpoint
@@ -114,7 +130,8 @@ class Worker:
         self.id = f"{self.host}:{self.pid}:{next(_counter)}:{secrets.token_hex(2)}"
         self._rid = b"W" + self.id.encode()
         self.started_at = time.time()
-        self._workload = Workload()
+        self._workload = (CountingWorkload(self._after_message)
+                          if max_tasks or max_memory_mb else Workload())
         self._execution = Execution(self, self.id, self._callbacks, allow_pickle=allow_pickle)
         self.stop_requested = False  # sqm asked this worker to stop (STOP)
         self._stop = threading.Event()
@@ -168,6 +185,8 @@ class Worker:
         """Serve until terminate(), SIGTERM, SIGINT or sqm's STOP."""
         if self._running:
             raise SQMError("this Worker is already running")
+        if self.autostart:
+            self._start_brokers()
         self._running = True
         self._stop.clear()
         self._hb_stop.clear()
@@ -234,6 +253,23 @@ class Worker:
             on_stop_request=self._stop_requested_by_sqm,
             stop=self._stop,
         )
+
+    def _start_brokers(self) -> None:
+        """autostart: an sqm for this queue on each local endpoint where none answers."""
+        from sqm.taskpool.autostart import autostart_broker, is_local
+
+        for endpoint in self.endpoints:
+            if is_local(endpoint):
+                autostart_broker(self.queue, endpoint, config=self._config_file)
+
+    def _after_message(self, tasks_done: int) -> None:
+        """With limits: leave (finishing nothing more) once they are reached."""
+        rss = procinfo.rss_bytes() if self.limits.max_memory_mb else None
+        if not self.recycled and recycle_due(tasks_done, rss, self.limits):
+            log.info("worker %s: recycled after %d task(s) (%.0f MB resident)", self.id,
+                     tasks_done, (rss or procinfo.rss_bytes()) / 1048576)
+            self.recycled = True
+            self.terminate()
 
     def _stop_requested_by_sqm(self) -> None:
         self.stop_requested = True

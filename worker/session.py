@@ -27,6 +27,32 @@ from .mailboxes import MailboxPool
 log = logging.getLogger("sqm.worker")
 
 
+class CountingWorkload(Workload):
+    """A Workload that calls ``after_message(tasks_done)`` as each message ends.
+
+    Runners count each finished message before they report it DONE, so a
+    worker that stops itself from here (recycling) says BYE first and is
+    handed nothing more. Only Workers with limits use it: no cost otherwise.
+    """
+
+    __slots__ = ("_done", "after_message")
+
+    def __init__(self, after_message: Callable[[int], None]) -> None:
+        self._done = 0
+        self.after_message = after_message
+        super().__init__()
+
+    @property
+    def tasks_done(self) -> int:
+        return self._done
+
+    @tasks_done.setter
+    def tasks_done(self, value: int) -> None:
+        self._done = value
+        if value:
+            self.after_message(value)
+
+
 class Runner(Protocol):
     """Serves one worker: :meth:`run` blocks until the worker leaves."""
 

@@ -1,4 +1,4 @@
-"""``sqm worker MODULE:ATTR``: run one worker, or a supervised pool of them."""
+"""``sqm worker MODULE:ATTR``: run one worker, or a fleet of them as tasks of a pool."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ import click
 from .. import logs, pool
 from ..config import resolve
 from ..errors import SQMError
+from ..taskpool.autoscale import parse_autoscale
+from ..taskpool.autostart import autostart_broker, is_local
+from ..taskpool.fleet import RECYCLED
 from .options import (
     config_option,
     endpoint_option,
@@ -70,11 +73,21 @@ def load_target(target: str) -> Any:
     return obj
 
 
+def parse_autoscale_option(_ctx: click.Context, _param: click.Parameter,
+                           value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        return parse_autoscale(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @click.command("worker")
 @click.argument("target", metavar="MODULE:ATTR")
 @click.option("--queue", "-q", help="Queue to serve (default: $SQM_QUEUE, or the Worker's own).")
 @click.option("--processes", "-n", type=click.IntRange(1, 1024), default=1, show_default=True,
-              help="Worker processes to run under one supervising parent.")
+              help="Worker processes to run as tasks of a pool (see `sqm pool`).")
 @endpoint_option
 @config_option
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle payloads (runs code!).")
@@ -85,28 +98,46 @@ def load_target(target: str) -> Any:
 @click.option("--concurrency", "-c", type=click.IntRange(1, 10_000), default=None,
               help="Callbacks each worker runs at once: async def ones as asyncio tasks, "
               "plain ones in threads [1, or the Worker's own].")
+@click.option("--max-tasks-per-child", type=click.IntRange(1), default=None, metavar="N",
+              help="Replace a worker process once it has finished N messages.")
+@click.option("--max-memory-per-child", type=click.FloatRange(min=1, min_open=False),
+              default=None, metavar="MB",
+              help="Replace a worker process whose memory is past MB after a message.")
+@click.option("--autoscale", metavar="MAX,MIN", callback=parse_autoscale_option,
+              help="Grow to MAX processes while messages wait, shrink to MIN when idle.")
+@click.option("--pool", "pool_path", type=click.Path(file_okay=False), default=None,
+              help="The task pool of the worker processes.  [default: <rundir>/pool]")
+@click.option("--autostart", is_flag=True,
+              help="Start `sqm serve QUEUE` (a pool task) if no broker answers locally.")
+@click.option("--pool-child", is_flag=True, hidden=True)  # a fleet's worker: serve, don't fork
 @log_level_option
 @log_format_option
 @one_line_errors
 def worker(target: str, queue: str | None, processes: int, endpoint: str | None,
            config: str | None, allow_pickle: bool, heartbeat: float | None,
-           prefetch: int, concurrency: int | None, log_level: str,
+           prefetch: int, concurrency: int | None, max_tasks_per_child: int | None,
+           max_memory_per_child: float | None, autoscale: tuple[int, int] | None,
+           pool_path: str | None, autostart: bool, pool_child: bool, log_level: str,
            log_format: str) -> None:
     """Run workers from a callbacks dict (or a Worker) found at MODULE:ATTR.
 
-    With --processes N, a parent starts N worker processes, restarts any that
-    die, forwards SIGTERM/SIGINT to them and exits when they all have.
+    With --processes N (or --autoscale, --max-*-per-child) the worker
+    processes are tasks of a pool (`sqm pool list --meta queue=Q`): a crashed
+    one is restarted, one past its limits replaced once it finished its
+    message; SIGTERM/SIGINT stop them all gracefully, and they end with this
+    process even if it is killed.
     """
     from worker import Worker
 
     logs.setup(log_level, log_format)
     obj = load_target(target)
+    limits = max_tasks_per_child is not None or max_memory_per_child is not None
+    fleet = not pool_child and (processes > 1 or autoscale is not None or limits)
     overrides = (queue or endpoint or config or heartbeat or allow_pickle or prefetch != 1
-                 or concurrency is not None)
+                 or concurrency is not None or limits or autostart or fleet)
     callbacks: dict[str, Callable[..., Any]]
     if isinstance(obj, Worker):
-        if processes == 1 and not overrides:
-            pool.die_with_parent()
+        if not overrides:
             obj.run()  # the Worker exactly as the module configured it
             return
         callbacks = dict(obj._callbacks)
@@ -121,19 +152,30 @@ def worker(target: str, queue: str | None, processes: int, endpoint: str | None,
     not_callable = sorted(str(name) for name, fn in callbacks.items() if not callable(fn))
     if not_callable:
         raise SQMError(f"{target}: not callable: {', '.join(not_callable)}")
-    resolve(queue, endpoint=endpoint, config=config)  # fail here, not in N children
-    if processes > 1:
-        argv = pool.sqm_command("worker", target, "--processes", "1",
-                                "--log-level", log_level, "--log-format", log_format)
-        for flag, value in (("--queue", queue), ("--endpoint", endpoint), ("--config", config),
-                            ("--heartbeat", heartbeat and str(heartbeat))):
+    settings = resolve(queue, endpoint=endpoint, config=config)  # fail here, not in N children
+    if fleet:
+        if autostart:
+            for where in settings.endpoints:
+                if is_local(where):
+                    autostart_broker(settings.queue, where, config=config)
+        child_args = ["--log-level", log_level, "--log-format", log_format,
+                      "--prefetch", str(prefetch), "--concurrency", str(concurrency or 1)]
+        for flag, value in (("--endpoint", endpoint), ("--config", config),
+                            ("--heartbeat", heartbeat and str(heartbeat)),
+                            ("--max-tasks-per-child", max_tasks_per_child and str(max_tasks_per_child)),
+                            ("--max-memory-per-child",
+                             max_memory_per_child and str(max_memory_per_child))):
             if value:
-                argv += [flag, value]
+                child_args += [flag, value]
         if allow_pickle:
-            argv.append("--allow-pickle")
-        argv += ["--prefetch", str(prefetch), "--concurrency", str(concurrency or 1)]
-        sys.exit(pool.Pool(argv, processes).run())
-    pool.die_with_parent()
-    Worker(queue, callbacks=callbacks, endpoint=endpoint, config=config,
-           allow_pickle=allow_pickle, heartbeat=heartbeat, prefetch=prefetch,
-           concurrency=concurrency or 1).run()
+            child_args.append("--allow-pickle")
+        sys.exit(pool.run_fleet(target, settings.queue, processes, child_args,
+                                pool_path=pool_path, autoscale=autoscale, endpoint=endpoint,
+                                config=config))
+    served = Worker(queue, callbacks=callbacks, endpoint=endpoint, config=config,
+                    allow_pickle=allow_pickle, heartbeat=heartbeat, prefetch=prefetch,
+                    concurrency=concurrency or 1, autostart=autostart,
+                    max_tasks=max_tasks_per_child, max_memory_mb=max_memory_per_child)
+    served.run()
+    if served.recycled and pool_child:
+        sys.exit(RECYCLED)  # the fleet starts another

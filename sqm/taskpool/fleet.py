@@ -4,10 +4,12 @@ The pool-side half of ``sqm worker --processes N``: each worker is a task
 with meta ``{"queue": Q, "target": "MODULE:ATTR", "fleet": <fleet pid>}``, so
 ``sqm pool list --meta queue=Q`` shows them and their output is kept. Its
 supervisor restarts a crashed worker (``on-failure``, with backoff); the
-fleet replaces workers that leave on purpose, retires workers past
-``max_tasks``/``max_memory_mb`` (SIGTERM: the worker finishes the message in
-hand, tells sqm it is gone and exits 0, so nothing is lost), and follows
-the :class:`Autoscaler`. Supervisors are ``foreground`` tasks: if the fleet
+fleet replaces a worker that left because it reached its limits (it checks
+them itself after each message, finishes it, tells sqm it is gone and
+exits :data:`RECYCLED`: nothing is lost), can retire workers past
+``max_tasks``/``max_memory_mb`` from the queue's status itself (SIGTERM: the
+same graceful exit), does not replace a worker asked to stop (exit 0:
+``sqm stop-worker``), and follows the :class:`Autoscaler`. Supervisors are ``foreground`` tasks: if the fleet
 process dies, even by SIGKILL, the kernel ends them and their workers.
 
 The decisions are the pure :func:`plan_fleet`; :class:`WorkerFleet` only
@@ -19,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import SQMError
+from ..pool import sqm_command
 from .autoscale import Autoscaler
 from .pool import LIVE_STATES, Task, TaskPool
 
@@ -34,6 +36,8 @@ log = logging.getLogger("sqm.taskpool.fleet")
 
 StatusSource = Callable[[], dict[str, Any]]
 MAX_GIVE_UPS = 3
+#: Exit status of a worker that left because it reached its limits (EX_TEMPFAIL): replace it.
+RECYCLED = 75
 
 
 @dataclass(frozen=True)
@@ -89,9 +93,9 @@ def plan_fleet(desired: int, members: Sequence[Member], limits: Limits) -> Plan:
 
 
 def worker_argv(target: str, queue: str, worker_args: Sequence[str] = ()) -> list[str]:
-    """The command of one fleet worker: a single-process ``sqm worker``."""
-    return [sys.executable, "-m", "sqm", "worker", target, "--queue", queue,
-            "--processes", "1", *worker_args]
+    """The command of one fleet worker: a single-process ``sqm worker`` (see sqm_command)."""
+    return sqm_command("worker", target, "--queue", queue, "--processes", "1", "--pool-child",
+                       *worker_args)
 
 
 class WorkerFleet:
@@ -101,7 +105,7 @@ class WorkerFleet:
                  worker_args: Sequence[str] = (), limits: Limits | None = None,
                  autoscaler: Autoscaler | None = None, status: StatusSource | None = None,
                  interval: float = 0.5, env: dict[str, str] | None = None,
-                 backoff: float = 1.0, stop_timeout: float = 30.0) -> None:
+                 backoff: float = 1.0, stop_timeout: float = 30.0, echo: bool = False) -> None:
         self.pool = pool
         self.queue = queue
         self.target = target
@@ -122,14 +126,19 @@ class WorkerFleet:
         self.failed = False
         self.stopping = threading.Event()
         self.seen_exits: set[int] = set()
+        self.live = 0
+        self.echo = echo
 
-    def tasks(self) -> list[tuple[Task, dict[str, Any]]]:
-        """This fleet's live tasks with their info."""
-        found = []
-        for pid, info in self.pool.infos():
-            if info.get("state") in LIVE_STATES and _is_sub(self.meta, info.get("meta")):
-                found.append((Task(self.pool, pid), info))
-        return found
+    def tasks(self, snapshot: list[tuple[int, dict[str, Any]]] | None = None,
+              ) -> list[tuple[Task, dict[str, Any]]]:
+        """This fleet's live tasks with their info (from ``snapshot`` when given)."""
+        ours = self._ours() if snapshot is None else snapshot
+        return [(Task(self.pool, pid), info) for pid, info in ours
+                if info.get("state") in LIVE_STATES]
+
+    def _ours(self) -> list[tuple[int, dict[str, Any]]]:
+        return [(pid, info) for pid, info in self.pool.infos()
+                if _is_sub(self.meta, info.get("meta"))]
 
     def members(self, tasks: list[tuple[Task, dict[str, Any]]],
                 status: dict[str, Any] | None) -> list[Member]:
@@ -147,30 +156,34 @@ class WorkerFleet:
     def step(self, now: float | None = None) -> Plan:
         """One look at the pool and the queue, and the plan carried out."""
         now = time.monotonic() if now is None else now
-        self._note_exits()
-        tasks = self.tasks()
+        ours = self._ours()  # one snapshot: an exit is noted before its slot is refilled
+        self._note_exits(ours)
+        tasks = self.tasks(ours)
+        self.live = len(tasks)
         live = {t.pid for t, _ in tasks}
         self.retiring &= live
         status = self._status()
         members = self.members(tasks, status)
         if self.autoscaler is not None and status is not None:
-            ours = {m.child_pid for m in members if not m.retiring}
+            serving = {m.child_pid for m in members if not m.retiring}
             idle = sum(1 for w in status.get("workers", [])
-                       if w.get("pid") in ours and w.get("state") == "idle")
+                       if w.get("pid") in serving and w.get("state") == "idle")
             self.desired = self.autoscaler.decide(
-                now, len(ours), int(status.get("pending", 0)), idle)
+                now, len(serving), int(status.get("pending", 0)), idle)
         plan = plan_fleet(self.desired, members, self.limits)
         for pid in plan.retire:
             self.retiring.add(pid)
             Task(self.pool, pid).kill("TERM")
         for _ in range(plan.spawn):
             self.spawn()
+        self.live += plan.spawn
         return plan
 
     def spawn(self) -> Task:
         return self.pool.spawn(exec=self.argv, meta=self.meta, behavior="foreground",
                                restart="on-failure", env=self.env, backoff=self.backoff,
-                               stop_timeout=self.stop_timeout)
+                               stop_timeout=self.stop_timeout, ok_codes=(0, RECYCLED),
+                               echo=self.echo)
 
     def _status(self) -> dict[str, Any] | None:
         if self.status is None:
@@ -180,24 +193,37 @@ class WorkerFleet:
         except SQMError:
             return None
 
-    def _note_exits(self) -> None:
-        """Count give-ups (a worker that cannot start); forget workers that left cleanly."""
-        for pid, info in self.pool.infos():
+    def _note_exits(self, ours: list[tuple[int, dict[str, Any]]]) -> None:
+        """Count give-ups; forget workers that left cleanly; don't replace those asked to stop.
+
+        A worker that exits 0 unasked by the fleet was stopped on purpose (sqm's
+        STOP, ``sqm stop-worker``, a SIGTERM of its own): the fleet shrinks by
+        one, as ``--processes`` always did. One that exits :data:`RECYCLED`
+        reached its limits and is replaced.
+        """
+        for pid, info in ours:
             if pid in self.seen_exits or info.get("state") in LIVE_STATES:
                 continue
-            if not _is_sub(self.meta, info.get("meta")):
-                continue
-            self.seen_exits.add(pid)
+            code = info.get("exit_code")
             if info.get("gave_up"):
+                self.seen_exits.add(pid)
                 self.give_ups += 1
                 log.error("worker task %s keeps crashing at start-up (exit code %s); see %s",
-                          pid, info.get("exit_code"), info.get("output_path"))
+                          pid, code, info.get("output_path"))
                 if self.give_ups >= MAX_GIVE_UPS:
                     self.failed = True
                     self.stopping.set()
-            elif info.get("exit_code") == 0:
+                continue
+            if code == 0 and pid not in self.retiring and not self.stopping.is_set():
+                self.desired = max(0, self.desired - 1)
+                log.info("worker task %s exited on request; %d left", pid, self.desired)
+            elif code == RECYCLED:
+                log.info("worker task %s reached its limits; starting another", pid)
+            if code in (0, RECYCLED):
                 self.give_ups = 0
                 self.pool.store.remove(pid)  # a clean exit leaves nothing worth reading
+            else:
+                self.seen_exits.add(pid)
 
     def run(self) -> int:
         """Until SIGTERM/SIGINT (forwarded to every worker, which finishes its message)."""
@@ -208,6 +234,8 @@ class WorkerFleet:
         try:
             while not self.stopping.is_set():
                 self.step()
+                if self.live == 0 and self.desired == 0 and self.autoscaler is None:
+                    break  # every worker was asked to stop: so is the fleet
                 self.stopping.wait(self.interval)
             return self.stop()
         finally:
@@ -226,7 +254,7 @@ class WorkerFleet:
                 codes.append(task.terminate_supervisor(timeout))
             except SQMError:
                 codes.append(None)
-        self._note_exits()
+        self._note_exits(self._ours())
         # -SIGTERM: a worker still starting up, before its handler, so with no message in hand
         clean = (0, None, -signal.SIGTERM)
         return 1 if self.failed or any(c not in clean for c in codes) else 0

@@ -283,14 +283,18 @@ class TaskPool:
               inherit_env: bool = True, backoff: float = 1.0, max_backoff: float = 60.0,
               start_secs: float = 1.0, start_retries: int = 3,
               output_file_bytes: int = 10 * 1024 * 1024, output_backups: int = 3,
-              stop_timeout: float = 10.0) -> Task:
+              stop_timeout: float = 10.0, ok_codes: Sequence[int] = (0,),
+              echo: bool = False) -> Task:
         """Start a supervised task; its child is ``cmd`` (through /bin/sh) or ``exec`` (argv).
 
         ``restart`` ``on-failure``/``always`` restarts the child after
         ``backoff * 2**(n-1)`` s (capped at ``max_backoff``) for the n-th
         consecutive start-up crash (an exit within ``start_secs``), and gives
         up after ``start_retries`` of them. Output beyond ``output_file_bytes``
-        rotates to ``output_backups`` numbered files. Raises :class:`LockHeld`
+        rotates to ``output_backups`` numbered files. Exit codes in ``ok_codes``
+        are not failures (supervisord's ``exitcodes``). ``echo`` also copies
+        the child's output to this process's stderr (``foreground`` tasks of
+        a parent that relays its children's logs). Raises :class:`LockHeld`
         (starting nothing) when ``lockfile`` is held by another task.
         """
         if (cmd is None) == (exec is None):
@@ -313,7 +317,7 @@ class TaskPool:
             "backoff": backoff, "max_backoff": max_backoff, "start_secs": start_secs,
             "start_retries": start_retries, "output_file_bytes": output_file_bytes,
             "output_backups": output_backups, "stop_timeout": stop_timeout,
-            "parent": os.getpid(),
+            "ok_codes": [int(c) for c in ok_codes], "echo": echo, "parent": os.getpid(),
         }
         json.dumps(config)  # meta must be JSON: fail here, not in the supervisor
         lock_fd = take_lock(config["lockfile"]) if config["lockfile"] else None
@@ -330,8 +334,9 @@ class TaskPool:
             p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
         proc = subprocess.Popen(
             [sys.executable, "-m", "sqm.taskpool.supervisor"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             env=sup_env, cwd=self.path, pass_fds=(lock_fd,) if lock_fd is not None else (),
+            stderr=None if config["echo"] else subprocess.DEVNULL,
         )
         assert proc.stdin is not None and proc.stdout is not None
         with contextlib.suppress(BrokenPipeError):

@@ -83,6 +83,7 @@ class Supervisor:
         self.output_path = self.store.output_path(self.pid)
         self.out_fd = os.open(self.output_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, self.mode)
         self.out_size = 0
+        self.echo_fd: int | None = None  # set by launch(): the spawner's stderr, when echo
         if self.lock_fd is not None:
             os.ftruncate(self.lock_fd, 0)
             os.pwrite(self.lock_fd, f"{self.pid}\n".encode(), 0)
@@ -174,7 +175,8 @@ class Supervisor:
             self.finish()
             return
         policy = self.restart_policy
-        due = policy == "always" or (policy == "on-failure" and code != 0)
+        failed = code not in self.config.get("ok_codes", (0,))
+        due = policy == "always" or (policy == "on-failure" and failed)
         if not due:
             self.finish()
             return
@@ -244,6 +246,11 @@ class Supervisor:
             if not chunk:
                 return
             self.keep(chunk)
+            if self.echo_fd is not None:
+                try:
+                    os.write(self.echo_fd, chunk)
+                except OSError:
+                    self.echo_fd = None  # nobody reads the spawner's stderr any more
             if not drain:
                 return
 
@@ -457,6 +464,8 @@ def launch(config: dict[str, Any]) -> None:
     ready = os.fdopen(os.dup(1), "w")
     try:
         supervisor = Supervisor(config)
+        if config.get("echo"):
+            supervisor.echo_fd = os.dup(2)
         supervisor.start_child()
     except Exception as exc:
         ready.write(json.dumps({"error": f"{type(exc).__name__}: {exc}"}) + "\n")
