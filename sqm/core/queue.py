@@ -1,8 +1,8 @@
 """The broker's decisions, with no sockets and no clock.
 
-:class:`QueueCore` holds one queue's pending messages (FIFO per priority),
-its workers' free slots (longest idle first), in-flight assignments and
-worker liveness. Every method takes ``now`` (unix seconds) as an argument;
+:class:`QueueCore` holds one queue's pending messages (FIFO per priority
+and method, :mod:`sqm.core.methods`), its workers' free slots (longest idle
+first, per method they serve), in-flight assignments and worker liveness. Every method takes ``now`` (unix seconds) as an argument;
 what the broker must send is appended to :attr:`QueueCore.outbox` as typed
 entries (:mod:`sqm.core.events`), which the I/O loop (:mod:`sqm.broker`)
 sends after each batch of input. That split lets tests drive thousands of random event sequences in
@@ -10,10 +10,12 @@ milliseconds (see tests/unit/sqm/test_properties.py).
 
 Invariants kept after every public call:
 
-- a message is in flight on at most one live worker;
-- no worker has a free slot while a message is pending;
-- within a priority level, the message dispatched is always the oldest one
-  pending (by submission order, redeliveries included);
+- a message is in flight on at most one live worker, one that serves its
+  method (or advertised none: it serves every method);
+- no worker has a free slot while a message it can serve is pending;
+- within a priority level, the message of a method dispatched is always the
+  oldest one of that method pending (by submission order, redeliveries
+  included); a worker takes the highest level first over its methods;
 - every accepted message ends exactly once: completed by a worker
   (:meth:`done`) or failed back to its originator (a :class:`Fail` entry);
   with :attr:`QueueCore.track_ends` set, each accepted message also gets
@@ -21,7 +23,7 @@ Invariants kept after every public call:
 
 Draining (an operator's "stop dispatching") is one state of the queue,
 checked in two places only: the admission fast path and
-:meth:`QueueCore._pop_pending`, through which every other dispatch passes.
+:meth:`QueueCore._take`, through which every other dispatch passes.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 
 from ..metrics import BOUNDS, MethodStats
 from .events import COMPLETED, FAILED, Bye, Dispatch, Ended, Fail, Heartbeat, OutboxEntry, Stop
+from .methods import LEVELS, PENDING, MethodQueue, read_methods
 from .stats import queue_status
 from .workers import GONE, LEAVING, READY, STOPPING, WorkerState
 
@@ -41,9 +44,12 @@ _new_tuple = tuple.__new__  # builds a Dispatch without NamedTuple.__new__'s Pyt
 MAX_METHODS = 1000  # distinct method names tracked; the rest count as OTHER_METHOD
 OTHER_METHOD = b"(other)"
 
-PENDING, INFLIGHT, FINISHED = 0, 1, 2
+INFLIGHT, FINISHED = 1, 2
 UNADMITTED = MethodStats()  # placeholder stats of a message not admitted; never reported
-LEVELS = 3  # high, normal, low
+UNKNOWN_METHOD = "UnknownMethod"
+# What a method nobody serves and nothing pends for looks like to submit's
+# fast path (read only): no dict entry is made for a message dispatched at once.
+NO_QUEUE = MethodQueue(b"")
 
 
 class Message:
@@ -107,7 +113,12 @@ class Message:
 
 
 class QueueCore:
-    """One queue's state machine. Not thread-safe; owned by one I/O loop."""
+    """One queue's state machine. Not thread-safe; owned by one I/O loop.
+
+    ``hold_unknown`` (``sqm serve --hold-unknown``): a message whose method
+    no registered worker serves waits for one (until its deadline) instead
+    of failing at once with ``UnknownMethod``.
+    """
 
     def __init__(
         self,
@@ -119,6 +130,7 @@ class QueueCore:
         max_pending: int = 100_000,
         max_message_size: int = 64 * 1024 * 1024,
         max_deliveries: int | None = None,
+        hold_unknown: bool = False,
     ) -> None:
         self.name = name
         self.started_at = now
@@ -127,16 +139,21 @@ class QueueCore:
         self.max_pending = max_pending
         self.max_message_size = max_message_size
         self.max_deliveries = max_deliveries
+        self.hold_unknown = hold_unknown
         self.outbox: list[OutboxEntry] = []
         # Set by the server when a plugin listens for ends (the journal):
         # each accepted message then gets one Ended entry when it ends.
         self.track_ends = False
-        self._levels: list[deque[Message]] = [deque() for _ in range(LEVELS)]
         self.pending = 0
         self.in_flight = 0
         self._live: dict[bytes, Message] = {}  # accepted, not ended
         self._seq = 0
-        self._idle: deque[WorkerState] = deque()  # one entry per free slot
+        # Per method: pending messages and free slots of the workers serving it.
+        self._mq: dict[bytes, MethodQueue] = {}
+        self._waiting: dict[MethodQueue, None] = {}  # the method queues with pending messages
+        # Free slots of workers that serve every method (advertised none).
+        self._idle: deque[WorkerState] = deque()
+        self._universal = 0  # registered workers that serve every method
         self.workers: dict[bytes, WorkerState] = {}
         self._by_id: dict[str, WorkerState] = {}
         self.ever: set[str] = set()  # ids of every worker seen since start
@@ -151,6 +168,8 @@ class QueueCore:
         self.redelivered_total = 0
         self.malformed_total = 0
         self.nacked_total = 0
+        self.unknown_total = 0  # refused as UnknownMethod (also in failed_total)
+        self.forwarded_total = 0  # chain steps handed on by a worker (worker.forward)
         self.dispatching = True  # False while drained by an operator
         self.methods: dict[bytes, MethodStats] = {}
 
@@ -186,17 +205,18 @@ class QueueCore:
             self.expired_total += 1
             self.outbox.append(Fail(msg, "Expired", "deadline passed before sqm got it"))
             return False
+        mq = self._mq.get(msg.method, NO_QUEUE)
+        if not mq.workers and not self._universal and self.workers and not self.hold_unknown:
+            self._refuse_unknown(msg)
+            return False
         stats = self.methods.get(msg.method)
         if stats is None:
             stats = self._method_stats(msg.method)
         msg.stats = stats
-        idle = self._idle
-        if idle and not self.pending and self.dispatching:
-            # Fast path: a free slot and nothing queued ahead of this message.
-            w = idle.popleft()
-            while w.free <= 0 and idle:  # stale entry: gone, leaving or full
-                w = idle.popleft()
-            if w.free > 0:
+        if not mq.pending and self.dispatching and (mq.idle or self._idle):
+            # Fast path: a free slot and nothing of this method queued ahead.
+            w = self._idle_worker(mq)
+            if w is not None:
                 # _dispatch, inlined and specialised for the hot path: the
                 # message waited 0 s (the first bucket of the wait histogram).
                 self._seq += 1
@@ -228,11 +248,28 @@ class QueueCore:
         msg.seq = self._seq
         msg.submitted_at = now
         self._live[msg.id] = msg
-        self._levels[msg.priority].append(msg)
+        if mq is NO_QUEUE:
+            mq = self._method_queue(msg.method)
+        mq.levels[msg.priority].append(msg)  # _enqueue, inlined
+        if not mq.pending:
+            self._waiting[mq] = None
+        mq.pending += 1
         self.pending += 1
-        if idle:
-            self._assign(now)
+        if mq.idle or self._idle:
+            self._place(now, mq)
         return True
+
+    def _refuse_unknown(self, msg: Message) -> None:
+        self.failed_total += 1
+        self.unknown_total += 1
+        self.outbox.append(
+            Fail(
+                msg,
+                UNKNOWN_METHOD,
+                f"no worker of queue {self.name!r} serves method "
+                f"{msg.method.decode('utf-8', 'replace')!r}",
+            )
+        )
 
     def _method_stats(self, method: bytes) -> MethodStats:
         if len(self.methods) >= MAX_METHODS:
@@ -255,15 +292,54 @@ class QueueCore:
         msg.seq = self._seq
         msg.submitted_at = now
         self._live[msg.id] = msg
-        self._levels[msg.priority].append(msg)
-        self.pending += 1
-        if self._idle:
-            self._assign(now)
+        mq = self._method_queue(msg.method)
+        self._enqueue(mq, msg)
+        if mq.idle or self._idle:
+            self._place(now, mq)
+
+    def forward(self, now: float, rid: bytes, msg_id: bytes, frames: Any, *, method: bytes,
+                size: int, priority: int) -> Message | None:
+        """Worker ``rid`` hands its message ``msg_id`` on to ``method`` (a chain step).
+
+        The step ends (its slot is freed) and the message is admitted again
+        with the same id, originator, deadline and remaining retries, as a
+        fresh message of ``method`` carrying ``frames``. Returns the new
+        message, or None when the worker does not hold ``msg_id`` (nothing
+        happens). Refusals (expired, unknown method, queue full) fail back to
+        the original caller like any message.
+        """
+        w = self.workers.get(rid)
+        if w is None:
+            return None
+        old = w.in_flight.get(msg_id)
+        if old is None:
+            return None
+        nxt = Message(
+            msg_id,
+            old.origin,
+            frames,
+            size=size,
+            oneway=old.oneway,
+            retries=old.retries,
+            priority=priority,
+            deadline=old.deadline,
+            method=method,
+        )
+        self.done(now, rid, msg_id, True, ended=False)
+        if not self.submit(now, nxt) and self.track_ends:
+            refusal = self.outbox[-1]
+            if type(refusal) is Fail:
+                self.outbox.append(Ended(nxt, refusal.error))
+        return nxt
 
     # ------------------------------------------------------------------ workers
 
     def hello(self, now: float, rid: bytes, info: dict[str, Any]) -> WorkerState:
-        """Register a worker connection (again) with ``info['slots']`` free slots."""
+        """Register a worker connection (again) with ``info['slots']`` free slots.
+
+        ``info['methods']`` lists the methods it serves; without it the
+        worker serves every method.
+        """
         old = self.workers.get(rid)
         if old is not None:
             # The worker reset itself (it thought we were gone): what it held
@@ -281,16 +357,47 @@ class QueueCore:
         self.workers[rid] = w
         self._by_id[wid] = w
         self.ever.add(wid)
-        self._idle.extend([w] * slots)
-        if self.pending:
-            self._assign(now)
+        self._serve(w, read_methods(info))
+        if w.methods is None:
+            self._idle.extend([w] * slots)
+            if self.pending:
+                self._assign(now)
+        else:
+            w.free = 0
+            for _ in range(slots):
+                self._freed(now, w)
         return w
 
-    def done(self, now: float, rid: bytes, msg_id: bytes, ok: bool = True) -> bool:
+    def abilities(self, now: float, rid: bytes, info: dict[str, Any]) -> bool:
+        """Worker ``rid`` now serves ``info['methods']`` (its callbacks changed).
+
+        What it holds it finishes; its free slots move to its new methods
+        and take what pends there. False if the worker is unknown.
+        """
+        w = self.workers.get(rid)
+        if w is None:
+            return False
+        w.expires_at = now + w.ttl
+        methods = read_methods(info)
+        if methods == w.methods:
+            return True
+        self._unserve(w)
+        self._serve(w, methods)
+        if w.state != READY and w.state != STOPPING:
+            return True
+        for _ in range(w.free):
+            w.free -= 1  # _freed gives each free slot back, to the new methods
+            self._freed(now, w)
+        return True
+
+    def done(self, now: float, rid: bytes, msg_id: bytes, ok: bool = True, *,
+             ended: bool = True) -> bool:
         """A worker finished ``msg_id`` (its reply went straight to the sender).
 
         Returns False when the worker or the assignment is unknown, e.g. after
         a broker restart; the I/O layer then asks the worker to re-register.
+        ``ended=False``: the message goes on (a forward): the step counts
+        in ``forwarded_total``, not as completed, and the message has not ended.
         """
         w = self.workers.get(rid)
         if w is None:
@@ -301,7 +408,7 @@ class QueueCore:
             return True
         msg.state = FINISHED
         del self._live[msg_id]
-        if self.track_ends:
+        if self.track_ends and ended:
             self.outbox.append(Ended(msg, COMPLETED if ok else FAILED))
         self.in_flight -= 1
         w.tasks_done += 1
@@ -310,7 +417,9 @@ class QueueCore:
         d = now - msg.dispatched_at
         h.counts[bisect_left(BOUNDS, d)] += 1
         h.sum += d
-        if ok:
+        if not ended:
+            self.forwarded_total += 1
+        elif ok:
             self.completed_total += 1
             stats.completed += 1
         else:
@@ -323,12 +432,22 @@ class QueueCore:
             if not w.in_flight:
                 self._remove_worker(now, w, "worker left")
             return True
-        w.free += 1
-        nxt = self._pop_pending(now) if self.pending else None
-        if nxt is None:
-            self._idle.append(w)
+        if w.methods is None:
+            w.free += 1
+            nxt = None
+            if self.pending:
+                waiting = self._waiting
+                if len(waiting) == 1 and self.dispatching:
+                    # one method pending: the common case
+                    nxt = self._pop(now, next(iter(waiting)))
+                else:
+                    nxt = self._take(now, w)
+            if nxt is None:
+                self._idle.append(w)
+            else:
+                self._dispatch(now, w, nxt)
         else:
-            self._dispatch(now, w, nxt)
+            self._freed(now, w)
         return True
 
     def nack(self, now: float, rid: bytes, msg_id: bytes) -> bool:
@@ -357,7 +476,7 @@ class QueueCore:
         self._requeue(msg)
         if w.state == LEAVING and not w.in_flight:
             self._remove_worker(now, w, "worker left")
-        elif self._idle:
+        else:
             self._assign(now)
         return True
 
@@ -371,10 +490,14 @@ class QueueCore:
         if not n or w.state == LEAVING:
             return True
         w.parked -= n
-        w.free += n
-        self._idle.extend([w] * n)
-        if self.pending:
-            self._assign(now)
+        if w.methods is None:
+            w.free += n
+            self._idle.extend([w] * n)
+            if self.pending:
+                self._assign(now)
+        else:
+            for _ in range(n):
+                self._freed(now, w)
         return True
 
     def report(self, now: float, wid: str, info: dict[str, Any]) -> bool:
@@ -461,26 +584,27 @@ class QueueCore:
         pending messages are kept for the next start instead.
         """
         if fail_pending:
-            for level in self._levels:
-                while level:
-                    msg = level.popleft()
-                    if msg.state == PENDING:
-                        self._finish_failed(
-                            msg, "BrokerShutdown", "sqm stopped before a worker took it"
-                        )
-            self.pending = 0
+            self._drop_pending("BrokerShutdown", "sqm stopped before a worker took it")
         for w in self.workers.values():
             self.outbox.append(Bye(w.rid))
 
     def purge(self, now: float) -> int:
         """Drop every pending message, failing each back to its originator."""
+        return self._drop_pending("Purged", "purged by an operator")
+
+    def _drop_pending(self, kind: str, text: str) -> int:
         n = 0
-        for level in self._levels:
-            while level:
-                msg = level.popleft()
-                if msg.state == PENDING:
-                    n += 1
-                    self._finish_failed(msg, "Purged", "purged by an operator")
+        for mq in sorted(self._waiting, key=_oldest_first):
+            for level in mq.levels:
+                while level:
+                    msg = level.popleft()
+                    if msg.state == PENDING:
+                        n += 1
+                        self._finish_failed(msg, kind, text)
+            mq.pending = 0
+            if not mq.workers:
+                self._mq.pop(mq.name, None)
+        self._waiting.clear()
         self.pending = 0
         return n
 
@@ -491,7 +615,7 @@ class QueueCore:
     def resume(self, now: float) -> None:
         """Dispatch again after :meth:`drain`."""
         self.dispatching = True
-        if self.pending and self._idle:
+        if self.pending:
             self._assign(now)
 
     def stop_worker(self, wid: str) -> bool:
@@ -509,6 +633,12 @@ class QueueCore:
     def status(self, now: float) -> dict[str, Any]:
         """The figures ``sqm status --json`` prints (built by :mod:`sqm.core.stats`)."""
         return queue_status(self, now)
+
+    def method_load(self) -> dict[bytes, tuple[int, int]]:
+        """``{method: (pending, workers)}`` for every method pending or served."""
+        universal = self._universal
+        return {name: (mq.pending, mq.workers + universal) for name, mq in self._mq.items()
+                if mq.pending or mq.workers}
 
     # ------------------------------------------------------------------ internals
 
@@ -532,41 +662,157 @@ class QueueCore:
         self.assigned_total += 1
         self.outbox.append(_new_tuple(Dispatch, (w.rid, msg)))
 
-    def _pop_pending(self, now: float) -> Message | None:
-        """The oldest live pending message of the highest priority, or None.
+    def _method_queue(self, method: bytes) -> MethodQueue:
+        mq = self._mq.get(method)
+        if mq is None:
+            mq = self._mq[method] = MethodQueue(method)
+        return mq
+
+    def _enqueue(self, mq: MethodQueue, msg: Message) -> None:
+        mq.levels[msg.priority].append(msg)
+        if not mq.pending:
+            self._waiting[mq] = None
+        mq.pending += 1
+        self.pending += 1
+
+    def _serve(self, w: WorkerState, methods: tuple[bytes, ...] | None) -> None:
+        """Record what ``w`` serves (no free slot is handed out here)."""
+        w.methods = methods
+        if methods is None:
+            w.queues = []
+            self._universal += 1
+            return
+        w.queues = queues = [self._method_queue(m) for m in methods]
+        for mq in queues:
+            mq.workers += 1
+            mq.slots += w.slots
+
+    def _unserve(self, w: WorkerState) -> None:
+        """Forget what ``w`` serves: its idle entries and its counts."""
+        if w.methods is None:
+            self._universal -= 1
+            if w in self._idle:
+                self._idle = deque(x for x in self._idle if x is not w)
+            return
+        for mq in w.queues:
+            mq.workers -= 1
+            mq.slots -= w.slots
+            mq.forget(w)
+            if not mq.workers and not mq.pending:
+                self._mq.pop(mq.name, None)
+        w.queues = []
+
+    def _freed(self, now: float, w: WorkerState) -> None:
+        """One more slot of (specialised) worker ``w`` is free: fill it or park it."""
+        w.free += 1
+        nxt = self._take(now, w) if self.pending else None
+        if nxt is not None:
+            self._dispatch(now, w, nxt)
+            return
+        for mq in w.queues:
+            mq.park(w)
+
+    def _idle_worker(self, mq: MethodQueue) -> WorkerState | None:
+        """Take the longest idle free slot able to serve ``mq`` (None if there is none)."""
+        own = mq.idle
+        while own and own[0].free <= 0:
+            own.popleft()  # stale: the worker took work through another method, or left
+        anyone = self._idle
+        while anyone and anyone[0].free <= 0:
+            anyone.popleft()
+        if own:
+            if anyone and anyone[0].idle_since < own[0].idle_since:
+                return anyone.popleft()
+            return own.popleft()
+        if anyone:
+            return anyone.popleft()
+        return None
+
+    def _take(self, now: float, w: WorkerState) -> Message | None:
+        """The oldest live pending message ``w`` can serve, of the highest level; or None.
 
         None as well while drained: every dispatch but the admission fast
         path takes its message from here, so this is where draining holds.
         """
         if not self.dispatching:
             return None
-        for level in self._levels:
+        queues: Any = self._waiting if w.methods is None else w.queues
+        if len(queues) == 1:
+            return self._pop(now, next(iter(queues)))
+        while self.pending:
+            best: MethodQueue | None = None
+            best_key: tuple[int, int] | None = None
+            for mq in queues:
+                if mq.pending:
+                    key = mq.head()
+                    if key is not None and (best_key is None or key < best_key):
+                        best, best_key = mq, key
+            if best is None or best_key is None:
+                return None
+            msg = best.levels[best_key[0]].popleft()
+            best.pending -= 1
+            if not best.pending:
+                self._waiting.pop(best, None)
+                if not best.workers:
+                    self._mq.pop(best.name, None)
+            self.pending -= 1
+            if msg.deadline and msg.deadline <= now:
+                self._finish_failed(msg, "Expired", "deadline passed before a worker was free")
+                continue
+            return msg
+        return None
+
+    def _pop(self, now: float, mq: MethodQueue) -> Message | None:
+        """The oldest live pending message of ``mq``'s highest level, or None (one method)."""
+        for level in mq.levels:
             while level:
                 msg = level.popleft()
                 if msg.state != PENDING:
                     continue
                 self.pending -= 1
+                mq.pending -= 1
+                if not mq.pending:
+                    self._waiting.pop(mq, None)
+                    if not mq.workers:
+                        self._mq.pop(mq.name, None)
                 if msg.deadline and msg.deadline <= now:
                     self._finish_failed(msg, "Expired", "deadline passed before a worker was free")
                     continue
                 return msg
         return None
 
+    def _place(self, now: float, mq: MethodQueue) -> None:
+        """Hand ``mq``'s pending messages to idle workers able to serve them."""
+        while mq.pending and (mq.idle or self._idle):
+            w = self._idle_worker(mq)
+            if w is None:
+                return
+            msg = self._take(now, w)
+            if msg is None:
+                (self._idle if w.methods is None else mq.idle).appendleft(w)
+                return
+            self._dispatch(now, w, msg)
+
     def _assign(self, now: float) -> None:
+        """Hand pending messages to every idle worker that can take one (rare paths)."""
         idle = self._idle
         while self.pending and idle:
             w = idle.popleft()
             if w.free <= 0:
                 continue  # stale slot of a gone or leaving worker
-            msg = self._pop_pending(now)
+            msg = self._take(now, w)
             if msg is None:
                 idle.appendleft(w)
-                return
+                break
             self._dispatch(now, w, msg)
+        if self.pending and len(self.workers) > self._universal:
+            for mq in sorted(self._waiting, key=_oldest_first):
+                self._place(now, mq)
 
     def _requeue(self, msg: Message) -> None:
         """Put a redelivered message back in submission order within its level."""
-        level = self._levels[msg.priority]
+        mq = self._method_queue(msg.method)
+        level = mq.levels[msg.priority]
         msg.state = PENDING
         msg.worker = None
         if not level or level[-1].seq < msg.seq:
@@ -575,6 +821,9 @@ class QueueCore:
             # Older than something queued: insert by seq (rare; short scan).
             seqs = [m.seq for m in level]
             level.insert(bisect.bisect_left(seqs, msg.seq), msg)
+        if not mq.pending:
+            self._waiting[mq] = None
+        mq.pending += 1
         self.pending += 1
 
     def _remove_worker(self, now: float, w: WorkerState, why: str) -> None:
@@ -583,6 +832,7 @@ class QueueCore:
         del self.workers[w.rid]
         if self._by_id.get(w.id) is w:
             del self._by_id[w.id]
+        self._unserve_gone(w)
         if w.in_flight:
             w.busy_s += now - w.busy_since
         self.dead_busy_s += w.busy_s
@@ -600,8 +850,20 @@ class QueueCore:
                 self._requeue(msg)
             else:
                 self._finish_failed(msg, "WorkerLost", why)
-        if self.pending and self._idle:
+        if self.pending:
             self._assign(now)
+
+    def _unserve_gone(self, w: WorkerState) -> None:
+        """A removed worker no longer counts; its idle entries are stale (free == 0)."""
+        if w.methods is None:
+            self._universal -= 1
+            return
+        for mq in w.queues:
+            mq.workers -= 1
+            mq.slots -= w.slots
+            if not mq.workers and not mq.pending:
+                self._mq.pop(mq.name, None)
+        w.queues = []
 
     def _finish_failed(self, msg: Message, kind: str, text: str) -> None:
         """End an accepted message by failing it back to its originator."""
@@ -618,16 +880,27 @@ class QueueCore:
             self.outbox.append(Ended(msg, kind))
 
     def _sweep_expired(self, now: float) -> None:
-        for i, level in enumerate(self._levels):
-            if not level:
-                continue
-            keep: deque[Message] = deque()
-            for msg in level:
-                if msg.state != PENDING:
+        for mq in sorted(self._waiting, key=_oldest_first):
+            for i, level in enumerate(mq.levels):
+                if not level:
                     continue
-                if msg.deadline and msg.deadline <= now:
-                    self.pending -= 1
-                    self._finish_failed(msg, "Expired", "deadline passed while pending")
-                else:
-                    keep.append(msg)
-            self._levels[i] = keep
+                keep: deque[Message] = deque()
+                for msg in level:
+                    if msg.state != PENDING:
+                        continue
+                    if msg.deadline and msg.deadline <= now:
+                        self.pending -= 1
+                        mq.pending -= 1
+                        self._finish_failed(msg, "Expired", "deadline passed while pending")
+                    else:
+                        keep.append(msg)
+                mq.levels[i] = keep
+            if not mq.pending:
+                self._waiting.pop(mq, None)
+                if not mq.workers:
+                    self._mq.pop(mq.name, None)
+
+
+def _oldest_first(mq: MethodQueue) -> tuple[int, int]:
+    """Sort key: a method queue's oldest pending message (level, seq); empty ones last."""
+    return mq.head() or (LEVELS, 0)

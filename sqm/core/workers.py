@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .methods import MethodQueue
     from .queue import Message
 
 READY = 0  # takes work while it has free slots
@@ -54,6 +55,8 @@ class WorkerState:
         "ttl",
         "parked",
         "report",
+        "methods",
+        "queues",
     )
 
     def __init__(self, rid: bytes, wid: str, info: dict[str, Any], slots: int, now: float) -> None:
@@ -74,6 +77,10 @@ class WorkerState:
         self.ttl = 3.0  # seconds of silence after which the worker is dead
         self.parked = 0  # slots the worker handed back with NACK (it was full)
         self.report: dict[str, Any] = {}  # its latest self-report (heartbeat)
+        # What it advertised (None: it named none, so it serves every method)
+        # and the method queues it takes work from (empty when it serves all).
+        self.methods: tuple[bytes, ...] | None = None
+        self.queues: list[MethodQueue] = []
 
     def move(self, to: int) -> None:
         """Change state along :data:`MOVES`; a worker that cannot take work gets no free slot."""
