@@ -32,7 +32,10 @@ from typing import Any
 
 import zmq
 
+from sqm.errors import AuthError
 from sqm.protocol import ACCEPTED
+from sqm.security.handshake import classify
+from sqm.security.keys import KeyPair
 from sqm.sockets import make_socket
 from sqm.zmqfast import recv_frames, send_frames
 
@@ -42,7 +45,10 @@ NEW, UP, DOWN, GONE = 0, 1, 2, 3  # GONE: removed by set_endpoints, closed
 
 UP_EVENTS = int(zmq.EVENT_HANDSHAKE_SUCCEEDED)
 DOWN_EVENTS = int(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
-MONITOR_EVENTS = UP_EVENTS | DOWN_EVENTS
+#: A refused CURVE handshake: the caller gets AuthError, not a Timeout.
+AUTH_EVENTS = int(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                  | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+MONITOR_EVENTS = UP_EVENTS | DOWN_EVENTS | AUTH_EVENTS
 
 
 def tune(sock: zmq.Socket, heartbeat: float) -> None:
@@ -57,13 +63,19 @@ _monitor_ids = itertools.count(1)
 
 
 def open_dealer(ctx: zmq.Context, endpoint: str, routing_id: bytes, heartbeat: float,
-                prefix: str) -> tuple[zmq.Socket, zmq.Socket]:
+                prefix: str, curve: tuple[KeyPair, bytes] | None = None,
+                ) -> tuple[zmq.Socket, zmq.Socket]:
     """A tuned DEALER connected to ``endpoint`` and its monitor socket.
 
     ``ctx`` decides the flavour (a zmq.asyncio context gives asyncio
-    sockets). Nothing is left open on failure.
+    sockets); ``curve`` (own pair, server key) makes it a CURVE client.
+    Nothing is left open on failure.
     """
-    sock = make_socket(ctx, zmq.DEALER, routing_id=routing_id)
+    if curve is None:
+        sock = make_socket(ctx, zmq.DEALER, routing_id=routing_id)
+    else:
+        sock = make_socket(ctx, zmq.DEALER, routing_id=routing_id, curve_client=curve[0],
+                           server_key=curve[1])
     try:
         tune(sock, heartbeat)
         monitor = sock.get_monitor_socket(
@@ -134,6 +146,8 @@ class Links:
         #: A link that never reached a broker was refused (no socket file, no
         #: listener): the façade may then check whether any broker exists.
         self.refused = False
+        #: A broker refused our CURVE handshake (set with ``refused``).
+        self.auth_error: AuthError | None = None
         try:
             for ep in endpoints:
                 self.links.append(self._new(ep))
@@ -163,6 +177,11 @@ class Links:
 
     def event(self, link: Link, event: int, now: float) -> None:
         """Apply one monitor event of ``link``."""
+        if event & AUTH_EVENTS:
+            if not link.reached:
+                self.auth_error = classify(event, 0, link.endpoint)
+                self.refused = True
+            return
         if event & UP_EVENTS:
             if link.state == UP:
                 return

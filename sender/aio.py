@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, cast
@@ -54,6 +55,8 @@ class AsyncSender(SenderBase):
         max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE,
         heartbeat: float | None = None,
         context: zmq.Context | None = None,
+        secret_key: str | os.PathLike[str] | None = None,
+        server_key: str | os.PathLike[str] | None = None,
     ) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._readers: list[asyncio.Task[None]] = []
@@ -64,7 +67,7 @@ class AsyncSender(SenderBase):
         super().__init__(queue, endpoint=endpoint, config=config, serializer=serializer,
                          timeout=timeout, allow_pickle=allow_pickle,
                          max_message_size=max_message_size, heartbeat=heartbeat,
-                         context=context)
+                         context=context, secret_key=secret_key, server_key=server_key)
 
     def _kind(self) -> str:
         return "AsyncSender"

@@ -20,8 +20,9 @@ from typing import Any
 import zmq
 
 from sqm import protocol
-from sqm.config import resolve, split_endpoints
-from sqm.errors import BrokerUnreachable, SQMError, Timeout
+from sqm.config import client_key_paths, resolve, split_endpoints
+from sqm.errors import AuthError, BrokerUnreachable, SQMError, Timeout
+from sqm.security.keys import KeyPair, client_keys
 from sqm.sockets import ipc_listener_alive, make_socket
 from sqm.zmqfast import send_frames
 
@@ -73,9 +74,13 @@ class SenderBase:
         max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE,
         heartbeat: float | None = None,
         context: zmq.Context | None = None,
+        secret_key: str | os.PathLike[str] | None = None,
+        server_key: str | os.PathLike[str] | None = None,
     ) -> None:
         self._closed = True  # until the sockets are there
         self.settings = resolve(queue, endpoint=endpoint, config=config)
+        #: (own pair, server key) for a secured sqm, else None (plain sockets).
+        self._curve = client_keys(*client_key_paths(self.settings, secret_key, server_key))
         self.queue = self.settings.queue
         self.timeout = timeout
         #: ZMTP heartbeat towards each broker (s): a silent one is dropped after 3.
@@ -89,7 +94,10 @@ class SenderBase:
         )
         address = self._core.mailbox_bind_address()
         self._ctx = self._context(context)
-        self._mailbox = make_socket(self._ctx, zmq.PULL, linger_ms=0)
+        # Secured: the mailbox is a CURVE server with a key pair of its own,
+        # made here and never stored; its public key travels in the envelope.
+        mailbox_pair = None if self._curve is None else KeyPair(*zmq.curve_keypair())
+        self._mailbox = make_socket(self._ctx, zmq.PULL, linger_ms=0, curve_server=mailbox_pair)
         #: Removes the mailbox's socket file at close, garbage collection or
         #: interpreter exit, whichever comes first (ipc mailboxes only).
         self._mailbox_cleanup: weakref.finalize | None = None
@@ -100,7 +108,11 @@ class SenderBase:
             if bound.startswith("ipc://"):
                 self._mailbox_cleanup = weakref.finalize(
                     self, remove_file, bound[len("ipc://"):], os.getpid())
-            self._core.set_mailbox(bound)
+            if mailbox_pair is None:
+                self._core.set_mailbox(bound)
+            else:
+                self._core.set_mailbox(
+                    f"{bound}{protocol.MAILBOX_KEY_SEP}{mailbox_pair.public.decode('ascii')}")
             self._links = Links(self._core, self.settings.endpoints, self._open_link,
                                 self._close_link, self.heartbeat, self._link_wake)
         except zmq.ZMQError as exc:
@@ -125,7 +137,8 @@ class SenderBase:
     def _dealer(self, link: Link) -> zmq.Socket:
         """Open ``link``'s DEALER and monitor on this sender's context."""
         sock, monitor = open_dealer(
-            self._ctx, link.endpoint, self._core.routing_id, self.heartbeat, self._core.prefix
+            self._ctx, link.endpoint, self._core.routing_id, self.heartbeat, self._core.prefix,
+            self._curve,
         )
         link.monitor = monitor
         return sock
@@ -145,7 +158,7 @@ class SenderBase:
     @property
     def mailbox(self) -> str:
         """The address workers send this sender's replies to."""
-        return self._core.mailbox.decode()
+        return self._core.mailbox.decode().partition(protocol.MAILBOX_KEY_SEP)[0]
 
     @property
     def outstanding(self) -> int:
@@ -238,7 +251,7 @@ class SenderBase:
             text += f": no broker reached at {', '.join(unreached)} (is sqm running?)"
         return Timeout(text)
 
-    def _unreachable(self) -> BrokerUnreachable | None:
+    def _unreachable(self) -> BrokerUnreachable | AuthError | None:
         """BrokerUnreachable when no link ever reached a broker and no ipc
         endpoint has a listener; called only after a refused connect.
 
@@ -248,6 +261,8 @@ class SenderBase:
         """
         links = self._links
         links.refused = False
+        if links.auth_error is not None:
+            return links.auth_error  # a broker refused our key: no point waiting
         eps = [link.endpoint for link in links.links]
         if any(link.reached for link in links.links) \
                 or not all(ep.startswith("ipc://") for ep in eps) \

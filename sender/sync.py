@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -56,6 +57,8 @@ class Sender(SenderBase):
         max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE,
         heartbeat: float | None = None,
         context: zmq.Context | None = None,
+        secret_key: str | os.PathLike[str] | None = None,
+        server_key: str | os.PathLike[str] | None = None,
     ) -> None:
         self._owner = threading.get_ident()
         self._next_broker_check = 0.0
@@ -63,7 +66,7 @@ class Sender(SenderBase):
         super().__init__(queue, endpoint=endpoint, config=config, serializer=serializer,
                          timeout=timeout, allow_pickle=allow_pickle,
                          max_message_size=max_message_size, heartbeat=heartbeat,
-                         context=context)
+                         context=context, secret_key=secret_key, server_key=server_key)
 
     # ------------------------------------------------------------ sockets
 

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import protocol
-from .config import QueueSettings
-from .errors import SQMError
+from .config import QueueSettings, client_key_paths
+from .errors import AuthError, SQMError
+from .security.handshake import HandshakeWatch
+from .security.keys import client_keys
 from .sockets import ipc_listener_alive, make_socket
 
 if TYPE_CHECKING:
@@ -43,7 +45,8 @@ class AdminClient:
     Every method waits at most ``timeout`` seconds and raises :class:`SQMError`
     when nothing answers or sqm refuses the command (with sqm's own reason).
     ``curve`` is a CURVE client's (own key pair, server public key), as
-    :func:`sqm.security.keys.client_keys` returns it; None: a plain socket.
+    :func:`sqm.security.keys.client_keys` returns it; None: the keys named by
+    ``$SQM_SECRET_KEY``/``$SQM_SERVER_KEY`` or the config, else a plain socket.
     """
 
     def __init__(self, settings: QueueSettings, timeout: float = DEFAULT_TIMEOUT,
@@ -52,6 +55,8 @@ class AdminClient:
         self.settings = settings
         self.timeout = timeout
         self.ctx = ctx
+        if curve is None:  # $SQM_SECRET_KEY / $SQM_SERVER_KEY, else the config's keys
+            curve = client_keys(*client_key_paths(settings))
         self.curve = curve
 
     # -------------------------------------------------------------- commands
@@ -92,27 +97,44 @@ class AdminClient:
         body = json.dumps({"cmd": cmd, **args}).encode()
         reply = self.request(protocol.CONTROL, body)
         if not reply.get("ok"):
-            raise SQMError(reply.get("error", "sqm refused the command"))
+            error = AuthError if reply.get("error_type") == "AuthError" else SQMError
+            raise error(reply.get("error", "sqm refused the command"))
         return reply
 
     def request(self, command: bytes, body: bytes | None) -> Answer:
         """One request/answer over a short-lived DEALER: the decoded JSON answer."""
         require_broker(self.settings)
         sock = self._socket()
+        # Secured: a refused handshake is AuthError at once, not a wait for nothing.
+        watch = HandshakeWatch(sock) if self.curve is not None else None
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if watch is not None:
+            poller.register(watch.monitor, zmq.POLLIN)
         try:
             sock.connect(self.settings.endpoint)
             sock.send_multipart([protocol.SIGNATURE, command] + ([body] if body is not None else []))
             deadline = time.monotonic() + self.timeout
             while True:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
+                ready = dict(poller.poll(int(remaining * 1000) + 1)) if remaining > 0 else {}
+                if watch is not None:
+                    watch.check()  # raises AuthError on a refused handshake
+                if not ready:
                     raise SQMError(f"no answer from sqm at {self.settings.endpoint} "
                                    f"within {self.timeout} s")
+                if sock not in ready:
+                    continue
                 frames = sock.recv_multipart()
                 if len(frames) == 3 and frames[:2] == [protocol.SIGNATURE, command]:
                     answer: Answer = json.loads(frames[2])
                     return answer
+                if len(frames) >= 5 and frames[:2] == [protocol.SIGNATURE, protocol.ERROR] \
+                        and frames[3] == b"AuthError":
+                    raise AuthError(frames[4].decode("utf-8", "replace"))
         finally:
+            if watch is not None:
+                watch.close()
             sock.close(0)
 
     def _socket(self) -> zmq.Socket[bytes]:
@@ -124,16 +146,19 @@ class AdminClient:
         return make_socket(ctx, zmq.DEALER, linger_ms=0, curve_client=pair, server_key=server_key)
 
 
-def fetch_status(settings: QueueSettings, timeout: float = DEFAULT_TIMEOUT) -> Answer:
+def fetch_status(settings: QueueSettings, timeout: float = DEFAULT_TIMEOUT,
+                 curve: tuple[KeyPair, bytes] | None = None) -> Answer:
     """Ask the broker for its status (STATUS)."""
-    return AdminClient(settings, timeout).status()
+    return AdminClient(settings, timeout, curve=curve).status()
 
 
 def control_request(settings: QueueSettings, request: dict[str, Any],
-                    timeout: float = DEFAULT_TIMEOUT) -> Answer:
+                    timeout: float = DEFAULT_TIMEOUT,
+                    curve: tuple[KeyPair, bytes] | None = None) -> Answer:
     """Send one control command given as a dict (``{"cmd": ..., ...}``) and return sqm's answer.
 
-    Raises SQMError with sqm's own explanation when it refuses the command.
+    Raises SQMError with sqm's own explanation when it refuses the command
+    (AuthError when this client's key may not run it).
     """
     args = dict(request)
-    return AdminClient(settings, timeout).control(str(args.pop("cmd")), **args)
+    return AdminClient(settings, timeout, curve=curve).control(str(args.pop("cmd")), **args)

@@ -281,3 +281,38 @@ def queue_limits(
     assert hb is not None and pending is not None and size is not None  # defaults are set
     return QueueLimits(heartbeat=hb, max_pending=pending, max_message_size=size,
                        max_deliveries=pick(max_deliveries, "max_deliveries", None, int))
+
+
+# -------------------------------------------------------------- security
+
+
+def client_key_paths(
+    settings: QueueSettings,
+    secret_key: str | os.PathLike[str] | None = None,
+    server_key: str | os.PathLike[str] | None = None,
+) -> tuple[str | None, str | None]:
+    """A client's two key files: the argument, else ``$SQM_SECRET_KEY`` /
+    ``$SQM_SERVER_KEY``, else the config (``secret_key`` / ``server_key``,
+    per queue or top level). Each is resolved on its own."""
+
+    def pick(given: str | os.PathLike[str] | None, env: str, key: str) -> str | None:
+        if given is not None:
+            return os.fspath(given)
+        value = os.environ.get(env) or settings.get(key)
+        return str(value) if value else None
+
+    return (pick(secret_key, "SQM_SECRET_KEY", "secret_key"),
+            pick(server_key, "SQM_SERVER_KEY", "server_key"))
+
+
+def broker_security(
+    settings: QueueSettings, secret_key: str | None, clients: str | None
+) -> tuple[str | None, str | None]:
+    """``sqm serve``'s key file and clients directory: options, else the
+    config's ``security.secret_key`` / ``security.clients``."""
+    section = settings.get("security") or {}
+    if not isinstance(section, dict):
+        raise ConfigError("config 'security' must be a mapping (secret_key, clients)")
+    sk = secret_key or section.get("secret_key")
+    cd = clients or section.get("clients")
+    return (str(sk) if sk else None, str(cd) if cd else None)

@@ -188,6 +188,12 @@ def decode_json(data: bytes) -> Any:
 # --------------------------------------------------------------------------
 
 
+#: A secured sender's mailbox field is ``ADDRESS KEY``: its address, one space
+#: and the mailbox's z85 CURVE public key (docs/PROTOCOL.md, envelope).
+MAILBOX_KEY_SEP = " "
+MAILBOX_KEY_LEN = 40
+
+
 def endpoint_is_local(endpoint: str) -> bool:
     """True for ipc endpoints and tcp endpoints on a loopback address or localhost."""
     if endpoint.startswith("ipc://"):
@@ -278,6 +284,9 @@ class MailboxPolicy:
         """
         if len(addr) > MAX_MAILBOX:
             return "mailbox address too long"
+        addr, _, key = addr.partition(MAILBOX_KEY_SEP)
+        if key and len(key) != MAILBOX_KEY_LEN:
+            return "mailbox key is not a 40-character z85 CURVE key"
         if addr.startswith("inproc://"):
             if not self.allow_inproc:
                 return "inproc mailbox on a queue not served in process"

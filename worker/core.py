@@ -23,15 +23,16 @@ from typing import Any
 import zmq
 
 from sqm import procinfo, protocol
-from sqm.config import resolve
+from sqm.config import client_key_paths, resolve
 from sqm.errors import SQMError
 from sqm.protocol import HEARTBEAT, SIGNATURE, MailboxPolicy
-from sqm.sockets import make_socket
+from sqm.security.keys import client_keys
 from sqm.taskpool.fleet import Limits, recycle_due
 
 from . import selfreport
 from .aio import AsyncRunner
 from .execute import Execution, Originator, Workload, is_async_callback
+from .links import broker_socket, check_rights
 from .mailboxes import MailboxPool
 from .plain import PlainRunner
 from .session import CountingWorkload, Runner, Session
@@ -101,8 +102,12 @@ class Worker:
         autostart: bool = False,
         max_tasks: int | None = None,
         max_memory_mb: float | None = None,
+        secret_key: str | os.PathLike[str] | None = None,
+        server_key: str | os.PathLike[str] | None = None,
     ) -> None:
         self.settings = resolve(queue, endpoint=endpoint, config=config)
+        #: (own pair, server key) for a secured sqm (kwargs, env, config); None: plain.
+        self._curve = client_keys(*client_key_paths(self.settings, secret_key, server_key))
         self.autostart = autostart
         self._config_file = config if isinstance(config, str) else None
         self.limits = Limits(max_tasks=max_tasks, max_memory_mb=max_memory_mb)
@@ -129,6 +134,8 @@ class Worker:
         self.pid = os.getpid()
         self.id = f"{self.host}:{self.pid}:{next(_counter)}:{secrets.token_hex(2)}"
         self._rid = b"W" + self.id.encode()
+        if self._curve is not None:  # secured: a routing id nobody can guess or read in status
+            self._rid = b"W" + secrets.token_bytes(16)
         self.started_at = time.time()
         self._workload = (CountingWorkload(self._after_message)
                           if max_tasks or max_memory_mb else Workload())
@@ -201,16 +208,21 @@ class Worker:
             MailboxPolicy.for_settings(self.settings),
             max_open=self.max_mailboxes,
             idle_s=self.mailbox_idle_s,
+            keys=None if self._curve is None else self._curve[0],
         )
         hb = threading.Thread(target=self._heartbeat_loop, args=(ctx,), daemon=True,
                               name=f"sqm-heartbeat-{self.id}")
         try:
+            if self._curve is not None:  # AuthError now, not silence later
+                for endpoint in self.endpoints:
+                    check_rights(ctx, endpoint, self._curve, timeout=max(2.0, self.heartbeat))
             hb.start()
             runner.run(self._session(ctx, pool))
         finally:
             self._stop.set()
             self._hb_stop.set()
-            hb.join(timeout=self.heartbeat * 2)
+            if hb.ident is not None:  # started (a refused key stops run() before)
+                hb.join(timeout=self.heartbeat * 2)
             pool.close()
             self._pool = None
             if self._shared_ctx is None:
@@ -252,6 +264,7 @@ class Worker:
             },
             on_stop_request=self._stop_requested_by_sqm,
             stop=self._stop,
+            curve=self._curve,
         )
 
     def _start_brokers(self) -> None:
@@ -309,7 +322,7 @@ class Worker:
         wid = self.id.encode()
         try:
             for endpoint in self.endpoints:
-                sock = make_socket(ctx, zmq.DEALER, linger_ms=0)
+                sock = broker_socket(ctx, self._curve, linger_ms=0)
                 socks.append(sock)
                 sock.connect(endpoint)
             while not self._hb_stop.wait(self.heartbeat):

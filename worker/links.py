@@ -7,14 +7,57 @@ its own idea of when that broker was last heard from.
 
 from __future__ import annotations
 
+import secrets
 import time
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from sqm.protocol import BYE, SIGNATURE
+from sqm.errors import AuthError
+from sqm.protocol import BYE, ERROR, HEARTBEAT, SIGNATURE
+from sqm.security.handshake import HandshakeWatch
+from sqm.security.keys import KeyPair
 from sqm.sockets import make_socket
 from sqm.zmqfast import send_frames
+
+
+def broker_socket(ctx: zmq.Context, curve: tuple[KeyPair, bytes] | None, *,
+                  routing_id: bytes | None = None, linger_ms: int = 1000) -> zmq.Socket:
+    """A DEALER towards sqm: a CURVE client when ``curve`` is (own pair, server key)."""
+    if curve is None:
+        return make_socket(ctx, zmq.DEALER, routing_id=routing_id, linger_ms=linger_ms)
+    return make_socket(ctx, zmq.DEALER, routing_id=routing_id, linger_ms=linger_ms,
+                       curve_client=curve[0], server_key=curve[1])
+
+
+def check_rights(ctx: zmq.Context, endpoint: str, curve: tuple[KeyPair, bytes],
+                 timeout: float) -> None:
+    """Before serving a secured sqm: raise AuthError if it refuses our key or our role.
+
+    One short-lived connection: the handshake must succeed, then a bare
+    HEARTBEAT (a worker's command) must not be answered ERROR AuthError (a
+    sender's key). sqm answers an unknown worker's heartbeat with BYE. A
+    broker not up yet (no answer within ``timeout``) is not an error: the
+    worker waits for it as always.
+    """
+    sock = broker_socket(ctx, curve, routing_id=b"P" + secrets.token_bytes(12), linger_ms=0)
+    watch = HandshakeWatch(sock)
+    try:
+        sock.connect(endpoint)
+        deadline = time.monotonic() + timeout
+        if not watch.wait(timeout):
+            return
+        sock.send_multipart([SIGNATURE, HEARTBEAT])
+        while (left := deadline - time.monotonic()) > 0 and sock.poll(int(left * 1000) + 1):
+            frames = sock.recv_multipart()
+            if len(frames) >= 5 and frames[:2] == [SIGNATURE, ERROR] and frames[3] == b"AuthError":
+                raise AuthError(f"sqm at {endpoint} refused this worker: "
+                                f"{frames[4].decode('utf-8', 'replace')}")
+            if len(frames) >= 2 and frames[0] == SIGNATURE:
+                return
+    finally:
+        watch.close()
+        sock.close(0)
 
 
 class BrokerLink:
@@ -22,11 +65,13 @@ class BrokerLink:
 
     __slots__ = ("endpoint", "routing_id", "sock", "monitor", "last_heard", "opened_at",
                  "broker_heartbeat", "connected", "was_disconnected", "parked", "bye_sent",
-                 "bye_acked", "outage")
+                 "bye_acked", "outage", "curve")
 
-    def __init__(self, endpoint: str, routing_id: bytes) -> None:
+    def __init__(self, endpoint: str, routing_id: bytes,
+                 curve: tuple[KeyPair, bytes] | None = None) -> None:
         self.endpoint = endpoint
         self.routing_id = routing_id
+        self.curve = curve  # (own pair, server key) towards a secured sqm
         self.sock: zmq.Socket | None = None
         self.monitor: zmq.Socket | None = None
         self.last_heard = self.opened_at = time.monotonic()
@@ -40,7 +85,7 @@ class BrokerLink:
 
     def open(self, ctx: zmq.Context) -> zmq.Socket:
         """Connect a fresh socket (a new registration: nothing is parked any more)."""
-        sock = make_socket(ctx, zmq.DEALER, routing_id=self.routing_id)
+        sock = broker_socket(ctx, self.curve, routing_id=self.routing_id)
         self.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sock.connect(self.endpoint)
         self.sock = sock

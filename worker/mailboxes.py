@@ -3,7 +3,9 @@
 A worker serving many senders must not keep a socket per sender forever:
 sockets live in an LRU of at most ``max_open`` entries and are closed after
 ``idle_s`` without use. Only addresses the deployment's
-:class:`~sqm.protocol.MailboxPolicy` allows are ever connected to.
+:class:`~sqm.protocol.MailboxPolicy` allows are ever connected to. A
+mailbox that names a CURVE key (``ADDRESS KEY``, a secured sender's) is
+reached as a CURVE client of that key, so replies travel encrypted.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from collections import OrderedDict
 
 import zmq
 
-from sqm.protocol import MailboxPolicy
+from sqm.protocol import MAILBOX_KEY_SEP, MailboxPolicy
+from sqm.security.keys import KeyPair
 from sqm.sockets import make_socket
 
 
@@ -26,8 +29,12 @@ class MailboxPool:
         max_open: int = 64,
         idle_s: float = 60.0,
         linger_ms: int = 2000,
+        keys: KeyPair | None = None,
     ) -> None:
         self.ctx = ctx
+        #: Our CURVE pair towards secured mailboxes (the worker's own key; an
+        #: ephemeral one when it has none: the mailbox admits any key it gave out).
+        self.keys = keys
         self.policy = policy
         self.max_open = max(1, max_open)
         self.idle_s = idle_s
@@ -57,8 +64,20 @@ class MailboxPool:
                 self._refused[addr] = reason
         if reason:
             raise ValueError(reason)
-        sock = make_socket(self.ctx, zmq.PUSH, linger_ms=self.linger_ms, hwm=10_000)
-        sock.connect(addr.decode("ascii"))
+        where, _, key = addr.decode("ascii").partition(MAILBOX_KEY_SEP)
+        if key:
+            # A secured sender's mailbox: a CURVE server whose key came in the envelope.
+            if self.keys is None:
+                self.keys = KeyPair(*zmq.curve_keypair())
+            try:
+                sock = make_socket(self.ctx, zmq.PUSH, linger_ms=self.linger_ms, hwm=10_000,
+                                   curve_client=self.keys, server_key=key.encode("ascii"))
+            except zmq.ZMQError as exc:
+                self._refused[addr] = reason = f"mailbox key refused: {exc}"
+                raise ValueError(reason) from None
+        else:
+            sock = make_socket(self.ctx, zmq.PUSH, linger_ms=self.linger_ms, hwm=10_000)
+        sock.connect(where)
         self._open[addr] = [sock, time.monotonic()]
         self.opened_total += 1
         while len(self._open) > self.max_open:

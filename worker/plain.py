@@ -47,7 +47,7 @@ class PlainRunner:
         self._stop = stop = s.stop
         self._work = s.workload
         self._execute = s.execution.run  # looked up once, not per message
-        link = BrokerLink(s.endpoints[0], s.routing_id)
+        link = BrokerLink(s.endpoints[0], s.routing_id, s.curve)
         sock = self._open(link)
         log.info("worker %s serving queue %s at %s", s.worker_id, s.queue, link.endpoint)
         # Chores (liveness, reconnects, idle mailboxes) run at most every

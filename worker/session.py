@@ -19,6 +19,7 @@ import zmq
 
 from sqm import protocol
 from sqm.protocol import BYE, HEARTBEAT, HELLO, SIGNATURE, STOP
+from sqm.security.keys import KeyPair
 
 from .execute import Execution, Workload
 from .links import BrokerLink
@@ -82,6 +83,8 @@ class Session:
     info: dict[str, Any]  # what HELLO tells a broker about this worker
     on_stop_request: Callable[[], None]  # a broker sent STOP
     stop: threading.Event = field(default_factory=threading.Event)
+    #: (own CURVE pair, server key) towards a secured sqm; None: plain sockets.
+    curve: tuple[KeyPair, bytes] | None = None
 
     def hello(self, link: BrokerLink) -> None:
         """Register with one broker (again): it forgets what it had parked."""

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .server import QueueServer
 
 #: Commands that only read: not logged (monitoring polls them).
-READ_ONLY = frozenset({"status", "workers"})
+READ_ONLY = frozenset({"status", "workers", "dead-list"})
 
 
 def _status(server: QueueServer, now: float, request: dict[str, Any]) -> dict[str, Any]:

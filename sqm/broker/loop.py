@@ -58,8 +58,13 @@ class Broker:
         self._own_ctx = context is None
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context() if context is None else context
         self.queues: list[QueueServer] = []
+        # Plugins that own context-wide machinery (security's ZAP handler) start
+        # it before any socket binds, and stop it before the context ends.
+        self._context_plugins: list[Any] = [p for p in all_plugins if hasattr(p, "start_context")]
         now = time.time()
         try:
+            for p in self._context_plugins:
+                p.start_context(self.ctx)
             for s, o in zip(settings, per_queue, strict=True):
                 self.queues.append(
                     QueueServer(self.ctx, s, o, now, hooks=self.hooks, on_shutdown=self.stop)
@@ -86,6 +91,10 @@ class Broker:
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.stop)
+        reloads = [p.reload for p in self.hooks.plugins if hasattr(p, "reload")]
+        if reloads:
+            # SIGHUP: plugins re-read what they read at start (security: the key folders)
+            signal.signal(signal.SIGHUP, lambda *_: [r() for r in reloads])
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """The latest status of every queue, safe to read from another thread.
@@ -193,6 +202,9 @@ class Broker:
         for q in self.queues:
             q.close()
         self.queues = []
+        for p in self._context_plugins:
+            p.stop_context()
+        self._context_plugins = []
         if self._own_ctx:
             self.ctx.term()
         if self.journal is not None:

@@ -21,10 +21,21 @@ import zmq
 
 from .. import __version__, procinfo, protocol
 from ..config import QueueSettings
-from ..core import Bye, Dispatch, Ended, Fail, Heartbeat, OutboxEntry, QueueCore, Stop
+from ..core import (
+    Bye,
+    Dispatch,
+    Ended,
+    Fail,
+    Heartbeat,
+    Message,
+    OutboxEntry,
+    QueueCore,
+    Stop,
+)
 from ..errors import ConfigError
 from ..plugins import ControlHandler, Hooks
 from ..protocol import (
+    ABILITIES,
     ACCEPTED,
     BYE,
     CONTROL,
@@ -32,6 +43,7 @@ from ..protocol import (
     DONE,
     DONE_FAILED,
     ERROR,
+    FORWARD,
     HEARTBEAT,
     HELLO,
     NACK,
@@ -42,12 +54,15 @@ from ..protocol import (
     MailboxPolicy,
     envelope_id,
 )
-from ..sockets import ensure_ipc_dir, ipc_listener_alive, make_socket
+from ..security.keys import KeyPair
+from ..sockets import DEFAULT_IPC_MODE, ensure_ipc_dir, ipc_listener_alive, make_socket
 from ..wire import (
     Malformed,
     SubmitReader,
+    read_abilities,
     read_control,
     read_credit,
+    read_forward,
     read_heartbeat,
     read_hello,
     read_message_id,
@@ -77,6 +92,14 @@ class BrokerOptions:
     max_pending: int = 100_000
     max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE
     max_deliveries: int | None = None
+    #: The broker's CURVE key pair: every endpoint is then a CURVE server
+    #: (vetted by the ZAP handler a SecurityPlugin starts). None: plain.
+    curve_server: KeyPair | None = None
+    #: Mode of an ipc socket file (owner-only unless ``--ipc-mode`` widens it).
+    ipc_mode: int = DEFAULT_IPC_MODE
+    #: ``sqm serve --hold-unknown``: a message whose method no worker serves
+    #: waits for one (until its deadline) instead of failing as UnknownMethod.
+    hold_unknown: bool = False
 
 
 class QueueServer:
@@ -102,6 +125,7 @@ class QueueServer:
             max_pending=opts.max_pending,
             max_message_size=opts.max_message_size,
             max_deliveries=opts.max_deliveries,
+            hold_unknown=opts.hold_unknown,
         )
         self.policy = MailboxPolicy.for_settings(settings)
         self.read_submit = SubmitReader(self.policy).read
@@ -110,10 +134,15 @@ class QueueServer:
         if ipc_listener_alive(self.bind):
             raise ConfigError(f"queue {self.name!r} is already served at {self.bind}")
         ensure_ipc_dir(self.bind)
-        self.sock = make_socket(ctx, zmq.ROUTER, linger_ms=1000)
+        # Secured: no routing-id handover, or an admitted peer could present
+        # a worker's routing id and take its DISPATCHes.
+        self.sock = make_socket(ctx, zmq.ROUTER, linger_ms=1000, curve_server=opts.curve_server,
+                                router_handover=opts.curve_server is None)
         try:
             self.sock.bind(self.bind)
-        except zmq.ZMQError as exc:
+            if self.bind.startswith("ipc://"):
+                os.chmod(self.bind[len("ipc://"):], opts.ipc_mode)
+        except (zmq.ZMQError, OSError) as exc:
             self.sock.close(0)
             raise ConfigError(f"cannot bind {self.bind} for queue {self.name!r}: {exc}") from None
         self.sent_dropped = 0
@@ -141,6 +170,8 @@ class QueueServer:
             BYE: self._on_bye,
             NACK: self._on_nack,
             CREDIT: self._on_credit,
+            ABILITIES: self._on_abilities,
+            FORWARD: self._on_forward,
             STATUS: self._on_status,
             CONTROL: self._on_control,
         }
@@ -253,6 +284,29 @@ class QueueServer:
         if not self.core.credit(now, rid_frame.bytes, read_credit(frames)):
             self._reregister(rid_frame.bytes)
 
+    def _on_abilities(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
+        if not self.core.abilities(now, rid_frame.bytes, read_abilities(frames)):
+            self._reregister(rid_frame.bytes)
+
+    def _on_forward(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
+        """A worker hands the message it holds on: same id, originator, mailbox and deadline."""
+        fwd = read_forward(frames)
+        rid = rid_frame.bytes
+        w = self.core.workers.get(rid)
+        held = w.in_flight.get(fwd.id) if w is not None else None
+        if held is None:
+            raise Malformed("forward of a message this worker does not hold")
+        if held.frames is not None and len(held.frames) > 2:
+            _f, _r, _p, deadline, id_end, mailbox_end, _m = protocol.read_head(held.frames[2])
+            if (held.frames[2][id_end:mailbox_end] != fwd.mailbox or deadline != fwd.deadline
+                    or held.oneway != bool(fwd.flags & protocol.FLAG_ONEWAY)):
+                raise Malformed("forward changes the mailbox, deadline or oneway flag")
+        msg = self.core.forward(now, rid, fwd.id, frames, method=fwd.method,
+                                size=len(frames[3]), priority=held.priority)
+        if msg is not None and msg.state != FINISHED and self._accepted_hooks:
+            for accepted in self._accepted_hooks:
+                accepted(self, msg)
+
     def _on_status(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
         self._send(rid_frame.bytes, [SIGNATURE, STATUS, json.dumps(self.status(now)).encode()])
 
@@ -280,7 +334,8 @@ class QueueServer:
         if peer is not None:
             for admit in self.hooks.admit_control:
                 if not admit(self, peer, cmd):
-                    return {"ok": False, "error": f"control command {cmd!r} not allowed"}
+                    return {"ok": False, "error_type": "AuthError",
+                            "error": f"control command {cmd!r} not allowed: it needs an admin key"}
         if cmd not in READ_ONLY:
             log.info("queue %s: operator asked to %s %s", self.name, cmd, request.get("id") or "")
         return handler(self, now, request)
@@ -299,6 +354,10 @@ class QueueServer:
             msg_id = envelope_id(frames[2])
             if msg_id:
                 self._send(rid, [SIGNATURE, ERROR, msg_id, b"Malformed", why.encode(), b"{}"])
+
+    def send_error(self, rid: bytes, msg_id: bytes, error: bytes, text: str) -> None:
+        """``ERROR`` to one peer (e.g. AuthError for a refused command)."""
+        self._send(rid, [SIGNATURE, ERROR, msg_id, error, text.encode(), b"{}"])
 
     def _reregister(self, rid: bytes) -> None:
         """An unknown worker talks to us (we restarted): ask it to say hello."""
@@ -343,6 +402,8 @@ class QueueServer:
                 self._send(
                     msg.origin, [SIGNATURE, ERROR, msg.id, error.encode(), text.encode(), detail]
                 )
+                if msg.seq and self.hooks.failed_back:  # seq: admitted (refusals have none)
+                    self._failed_back(msg, error)
             elif type(entry) is Ended:
                 for ended in self.hooks.ended:
                     try:
@@ -357,6 +418,39 @@ class QueueServer:
             elif type(entry) is Stop:
                 self._send(entry.rid, [SIGNATURE, STOP])
         out.clear()
+
+    def _failed_back(self, msg: Message, error: str) -> None:
+        for hook in self.hooks.failed_back:
+            try:
+                hook(self, msg, error)
+            except Exception:  # a plugin's bug must not stop sqm: count, log, carry on
+                self.core.malformed_total += 1
+                log.exception("queue %s: plugin hook failed_back() failed", self.name)
+
+    def reachable(self, rid: bytes, ids: list[bytes]) -> bool:
+        """Tell peer ``rid`` that sqm holds ``ids`` (ACCEPTED); False when it is not connected.
+
+        The one way to learn whether a caller is still connected: a ROUTER
+        refuses to send to a routing id it no longer has.
+        """
+        try:
+            send_more(self.sock, rid)
+        except zmq.ZMQError:
+            return False
+        send_frames(self.sock, [SIGNATURE, ACCEPTED, protocol.pack_ids(ids)])
+        return True
+
+    def resubmit(self, now: float, msg: Message) -> bool:
+        """Admit ``msg`` as if it had just been received (a replayed dead letter).
+
+        The accepted hooks run as for a SUBMIT (the journal records it);
+        True when the core accepted it, else its refusal is in the outbox.
+        """
+        if not self.core.submit(now, msg):
+            return False
+        for accepted in self._accepted_hooks:
+            accepted(self, msg)
+        return True
 
     def _send(self, rid: bytes, frames: list[bytes]) -> None:
         try:
@@ -380,6 +474,9 @@ class QueueServer:
                 "nice": procinfo.nice(),
             },
             journal=None,  # part of the status contract; the JournalPlugin fills it in
+            denied_total=0,  # the SecurityPlugin counts refused inputs
+            dead_letters=0,  # the DeadLetterPlugin fills these two in
+            dead_total=0,
         )
         for hook in self.hooks.status:
             hook(self, data)

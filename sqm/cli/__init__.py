@@ -17,6 +17,7 @@ import click
 
 from .. import __version__
 from ..admin import control_request, fetch_status, require_broker
+from ..security.cli import keygen
 from ..taskpool.cli import pool
 from . import admin, serve, submit, worker
 from .submit import batch_summary
@@ -65,5 +66,6 @@ main.add_command(serve.serve)
 main.add_command(worker.worker)
 main.add_command(submit.submit)
 main.add_command(pool)
+main.add_command(keygen)
 for _command in admin.COMMANDS:
     main.add_command(_command)

@@ -13,7 +13,7 @@ import click
 
 from ..admin import AdminClient, Answer
 from ..config import resolve
-from .options import config_option, endpoint_option, one_line_errors, timeout_option
+from .options import config_option, endpoint_option, key_options, one_line_errors, timeout_option
 
 
 def _client(queue: str | None, endpoint: str | None, config: str | None,
@@ -90,6 +90,7 @@ def threading_wait(seconds: float) -> None:
 @click.argument("queue", required=False)
 @endpoint_option
 @config_option
+@key_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @timeout_option(3.0)
 @click.option("--watch", is_flag=True, help="Refresh in place until Ctrl-C.")
@@ -133,6 +134,7 @@ def status(queue: str | None, endpoint: str | None, config: str | None, as_json:
 @click.argument("queue", required=False)
 @endpoint_option
 @config_option
+@key_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 @timeout_option(3.0)
 @one_line_errors
@@ -157,6 +159,7 @@ def queue_command(name: str, summary: str, call: Callable[[AdminClient], Answer]
     @click.argument("queue", required=False)
     @endpoint_option
     @config_option
+    @key_options
     @timeout_option(3.0)
     @one_line_errors
     def command(queue: str | None, endpoint: str | None, config: str | None,
@@ -198,6 +201,7 @@ shutdown = queue_command(
 @click.argument("args", nargs=-1, metavar="[QUEUE] ID")
 @endpoint_option
 @config_option
+@key_options
 @timeout_option(3.0)
 @one_line_errors
 def stop_worker(args: tuple[str, ...], endpoint: str | None, config: str | None,

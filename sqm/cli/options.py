@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
@@ -42,6 +43,34 @@ log_format_option = click.option(
     show_default=True,
     help="Log lines on stderr as text, or one JSON object per line.",
 )
+
+
+def _to_env(name: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
+    def store(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+        if value:
+            os.environ[name] = value  # Sender, Worker, AdminClient (and child processes) read it
+        return value
+
+    return store
+
+
+def key_options(fn: F) -> F:
+    """``--secret-key FILE`` and ``--server-key FILE``: this client's CURVE keys.
+
+    They set ``$SQM_SECRET_KEY`` / ``$SQM_SERVER_KEY`` for the command, so
+    every Sender, Worker and admin request it makes (worker processes
+    included) uses them; the command functions take no new parameter.
+    """
+    fn = click.option(
+        "--server-key", metavar="FILE", expose_value=False, callback=_to_env("SQM_SERVER_KEY"),
+        help="The secured sqm's public key (its .key) [$SQM_SERVER_KEY, config server_key].",
+    )(fn)
+    fn = click.option(
+        "--secret-key", metavar="FILE", expose_value=False, callback=_to_env("SQM_SECRET_KEY"),
+        help="This client's CURVE key pair (.key_secret) for a secured sqm "
+        "[$SQM_SECRET_KEY, config secret_key].",
+    )(fn)
+    return fn
 
 
 def timeout_option(default: float, help: str = "Seconds to wait for sqm.") -> Callable[[F], F]:  # noqa: A002

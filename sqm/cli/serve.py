@@ -8,8 +8,9 @@ import os
 import click
 
 from .. import __version__, logs, protocol
-from ..config import prepare_ipc, queue_limits, resolve
+from ..config import QueueSettings, broker_security, prepare_ipc, queue_limits, resolve
 from ..errors import SQMError
+from ..security.keys import KeyPair, load_keypair
 from .options import config_option, log_format_option, log_level_option, one_line_errors
 
 log = logging.getLogger("sqm.cli")
@@ -60,7 +61,31 @@ log = logging.getLogger("sqm.cli")
     help="Serve Prometheus /metrics and the live dashboard / on this HTTP port [off].",
 )
 @click.option(
-    "--metrics-bind", default="127.0.0.1", show_default=True, help="Address for --metrics-port."
+    "--metrics-bind", default="127.0.0.1", show_default=True,
+    help="Address for --metrics-port (keep it local; see docs/SECURITY.md to expose it).",
+)
+@click.option(
+    "--secret-key", metavar="FILE", default=None,
+    help="This sqm's CURVE key pair (a .key_secret from 'sqm keygen'): CURVE on every "
+    "endpoint [config security.secret_key; off].",
+)
+@click.option(
+    "--clients", metavar="DIR", default=None,
+    help="Public keys allowed in: DIR/senders, DIR/workers, DIR/admins (*.key); re-read on "
+    "SIGHUP [config security.clients].",
+)
+@click.option(
+    "--insecure", is_flag=True,
+    help="Allow a plain (unencrypted, unauthenticated) tcp endpoint on a non-loopback address.",
+)
+@click.option(
+    "--hold-unknown", is_flag=True,
+    help="A message whose method no registered worker serves waits for one (until its "
+    "deadline) instead of failing at once with UnknownMethod.",
+)
+@click.option(
+    "--ipc-mode", metavar="MODE", default="0600", show_default=True,
+    help="Permissions (octal) of ipc socket files, e.g. 0660 to let the group in.",
 )
 @log_level_option
 @log_format_option
@@ -77,6 +102,11 @@ def serve(
     journal_fsync: bool,
     metrics_port: int | None,
     metrics_bind: str,
+    secret_key: str | None,
+    clients: str | None,
+    insecure: bool,
+    hold_unknown: bool,
+    ipc_mode: str,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -102,6 +132,9 @@ def serve(
                 "one sqm serves one of them: choose it with --endpoint"
             )
         prepare_ipc(st)
+    mode = parse_ipc_mode(ipc_mode)
+    key_file, clients_dir = broker_security(settings[0], secret_key, clients)
+    keys = security_settings(settings, key_file, clients_dir, insecure)
     from ..broker import Broker, BrokerOptions  # after the checks: they fail fast
     from ..journal import Journal
 
@@ -110,12 +143,17 @@ def serve(
             st, heartbeat=heartbeat, max_pending=max_pending, max_message_size=max_message_size,
             max_deliveries=max_deliveries,
             default_max_message_size=protocol.DEFAULT_MAX_MESSAGE_SIZE,
-        ))
+        ), curve_server=keys, ipc_mode=mode, hold_unknown=hold_unknown)
         for st in settings
     ]
+    plugins = []
+    if keys is not None and clients_dir is not None:
+        from ..security.plugin import SecurityPlugin
+
+        plugins.append(SecurityPlugin(clients_dir))
     jnl = Journal(journal, fsync=journal_fsync) if journal else None
     try:
-        broker = Broker(settings, opts, journal=jnl)
+        broker = Broker(settings, opts, journal=jnl, plugins=plugins)
     except Exception:
         if jnl is not None:
             jnl.close()
@@ -132,9 +170,46 @@ def serve(
             broker.close()
             raise SQMError(f"cannot serve metrics on {metrics_bind}:{metrics_port}: {exc}") from None
         log.info("metrics and dashboard at http://%s:%d/", metrics_bind, web.port)
-    log.info("sqm %s starting (pid %d)", __version__, os.getpid())
+    log.info("sqm %s starting (pid %d)%s", __version__, os.getpid(),
+             f", CURVE on, clients from {clients_dir}" if keys is not None else "")
     try:
         broker.run()
     finally:
         if web is not None:
             web.close()
+
+
+def parse_ipc_mode(text: str) -> int:
+    """``--ipc-mode``: an octal permission mode such as 0600 or 660."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise SQMError(f"--ipc-mode {text!r}: give an octal mode such as 0600 or 0660")
+    return mode
+
+
+def security_settings(settings: list[QueueSettings], key_file: str | None,
+                      clients_dir: str | None, insecure: bool) -> KeyPair | None:
+    """The broker's key pair (None: plain), after the secure-default check.
+
+    A plain tcp endpoint on a non-loopback address is refused unless
+    ``--insecure`` says so: anyone who reaches it could submit, serve
+    (and read every payload) or shut the queue down.
+    """
+    if key_file is None:
+        if clients_dir is not None:
+            raise SQMError("--clients given without --secret-key: a secured sqm needs both")
+        exposed = [st.endpoint for st in settings
+                   if st.endpoint.startswith("tcp://") and not protocol.endpoint_is_local(st.endpoint)]
+        if exposed and not insecure:
+            raise SQMError(
+                f"refusing to serve {', '.join(exposed)} in clear text to the network: give "
+                "--secret-key FILE --clients DIR (see 'sqm keygen'), or --insecure to allow it"
+            )
+        return None
+    if clients_dir is None:
+        raise SQMError("--secret-key given without --clients DIR: a secured sqm needs the "
+                       "public keys it admits")
+    return load_keypair(key_file)

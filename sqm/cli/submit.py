@@ -16,7 +16,7 @@ from .. import serializers
 from ..admin import require_broker
 from ..config import resolve
 from ..errors import SQMError
-from .options import config_option, endpoint_option, one_line_errors
+from .options import config_option, endpoint_option, key_options, one_line_errors
 
 if TYPE_CHECKING:
     from click._termui_impl import ProgressBar
@@ -61,6 +61,7 @@ def _error_json(exc: Exception) -> dict[str, Any]:
 @click.argument("args", nargs=-1, metavar="[QUEUE] METHOD [JSON]")
 @endpoint_option
 @config_option
+@key_options
 @click.option(
     "--input",
     "input_file",

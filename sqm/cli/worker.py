@@ -21,6 +21,7 @@ from ..taskpool.fleet import RECYCLED
 from .options import (
     config_option,
     endpoint_option,
+    key_options,
     log_format_option,
     log_level_option,
     one_line_errors,
@@ -90,6 +91,7 @@ def parse_autoscale_option(_ctx: click.Context, _param: click.Parameter,
               help="Worker processes to run as tasks of a pool (see `sqm pool`).")
 @endpoint_option
 @config_option
+@key_options
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle payloads (runs code!).")
 @click.option("--heartbeat", type=float, default=None, help="Seconds between heartbeats [1.0].")
 @click.option("--prefetch", type=click.IntRange(1, 10_000), default=1, show_default=True,
@@ -121,7 +123,7 @@ def worker(target: str, queue: str | None, processes: int, endpoint: str | None,
            log_format: str) -> None:
     """Run workers from a callbacks dict (or a Worker) found at MODULE:ATTR.
 
-    With --processes N (or --autoscale, --max-*-per-child) the worker
+    With --processes N (or --autoscale, --max-*-per-child, --pool) the worker
     processes are tasks of a pool (`sqm pool list --meta queue=Q`): a crashed
     one is restarted, one past its limits replaced once it finished its
     message; SIGTERM/SIGINT stop them all gracefully, and they end with this
@@ -132,7 +134,8 @@ def worker(target: str, queue: str | None, processes: int, endpoint: str | None,
     logs.setup(log_level, log_format)
     obj = load_target(target)
     limits = max_tasks_per_child is not None or max_memory_per_child is not None
-    fleet = not pool_child and (processes > 1 or autoscale is not None or limits)
+    fleet = not pool_child and (processes > 1 or autoscale is not None or limits
+                                or pool_path is not None)
     overrides = (queue or endpoint or config or heartbeat or allow_pickle or prefetch != 1
                  or concurrency is not None or limits or autostart or fleet)
     callbacks: dict[str, Callable[..., Any]]
