@@ -39,7 +39,10 @@ ROLES = (SENDER, WORKER, ADMIN)
 ROLE_DIRS = {SENDER: "senders", WORKER: "workers", ADMIN: "admins"}
 
 _SUBMITTING = frozenset({SUBMIT, STATUS})
-_SERVING = frozenset({HELLO, DONE, DONE_FAILED, HEARTBEAT, NACK, CREDIT, BYE})
+#: b"M" (ABILITIES: the methods a worker serves) and b"V" (FORWARD: hand the
+#: message held on) are worker commands too; spelled here so this table does
+#: not depend on when they join sqm.protocol.
+_SERVING = frozenset({HELLO, DONE, DONE_FAILED, HEARTBEAT, NACK, CREDIT, BYE, b"M", b"V"})
 
 #: Commands a peer may send to sqm, by role. Anything not listed (including a
 #: command added to the protocol later) is refused: fail closed.

@@ -23,7 +23,8 @@ from sqm.security.roles import (
 
 SUBMITTER = {protocol.SUBMIT, protocol.STATUS}
 SERVER = {protocol.HELLO, protocol.DONE, protocol.DONE_FAILED, protocol.HEARTBEAT,
-          protocol.NACK, protocol.CREDIT, protocol.BYE}
+          protocol.NACK, protocol.CREDIT, protocol.BYE,
+          b"M", b"V"}  # ABILITIES, FORWARD (worker commands; spelled in roles.py)
 EXPECTED = {
     SENDER: SUBMITTER,
     WORKER: SUBMITTER | SERVER,
