@@ -228,6 +228,51 @@ def real_broker(n: int, measure_s: float) -> dict[str, Any]:
         subprocess.run(["rm", "-rf", tmp], check=False)
 
 
+def wire_traffic(workers: int, measure_s: float) -> dict[str, Any]:
+    """Bytes and packets on the wire per idle worker-second, across two hosts.
+
+    A broker on one network namespace and ``sqm worker --processes N`` (real
+    workers, heartbeat thread and self-report included) on another, using the
+    multi-host test harness (tests/system/hosts.py: needs root and ``ip``);
+    the broker host's interface counters are read over ``measure_s`` seconds
+    once every worker has registered.
+    """
+    from tests.system.hosts import Network
+
+    def counters(host: Any) -> tuple[int, int]:
+        out = host.call(["cat", "/sys/class/net/eth0/statistics/rx_bytes",
+                         "/sys/class/net/eth0/statistics/tx_bytes",
+                         "/sys/class/net/eth0/statistics/rx_packets",
+                         "/sys/class/net/eth0/statistics/tx_packets"]).stdout.split()
+        rx, tx, rxp, txp = (int(x) for x in out)
+        return rx + tx, rxp + txp
+
+    with Network() as net:
+        broker_host, worker_host = net(2)
+        endpoint = f"tcp://{broker_host.addr}:5555"
+        from tests.system.hosts import serve_args
+
+        broker = broker_host.sqm(*serve_args("q", endpoint, "--log-level", "warning"))
+        worker_host.sqm("worker", "tests.apps:callbacks", "--queue", "q", "--endpoint", endpoint,
+                        "--processes", str(workers), "--log-level", "warning")
+        deadline = time.monotonic() + 60
+        while True:
+            st = broker_host.status("q", endpoint)
+            if st is not None and st["workers_current"] >= workers:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"workers did not register: {st}; {broker.stderr}")
+            _pause(0.2)
+        _pause(2.0)  # registration traffic settles
+        (b0, p0), t0 = counters(broker_host), time.monotonic()
+        _pause(measure_s)
+        (b1, p1), t1 = counters(broker_host), time.monotonic()
+    per = workers * (t1 - t0)
+    return {"workers": workers, "seconds": round(t1 - t0, 2),
+            "bytes_per_worker_second": round((b1 - b0) / per),
+            "packets_per_worker_second": round((p1 - p0) / per, 2)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=10_000, help="deployment size [10000]")
@@ -237,6 +282,9 @@ def main() -> None:
     p.add_argument("--real", type=int, default=1000,
                    help="idle worker connections to a real broker (0: skip) [1000]")
     p.add_argument("--real-seconds", type=float, default=8.0, help="[8]")
+    p.add_argument("--wire", type=int, default=0, metavar="N",
+                   help="also count heartbeat bytes and packets on the wire with N real "
+                        "workers on another network namespace (root, `ip`) [0: skip]")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     a = p.parse_args()
 
@@ -252,6 +300,8 @@ def main() -> None:
     results["deployment"] = deployment
     if a.real:
         results["real_broker"] = real_broker(a.real, a.real_seconds)
+    if a.wire:
+        results["wire"] = wire_traffic(a.wire, a.real_seconds)
     if a.json:
         print(json.dumps(results, indent=1))
         return
@@ -274,6 +324,11 @@ def main() -> None:
               f" {r['us_per_worker_second']} µs per worker-second;"
               f" heartbeat message {r['heartbeat_bytes']} bytes of frames;"
               f" broker memory {r['rss_bytes_per_worker']} bytes per worker")
+    if a.wire:
+        w = results["wire"]
+        print(f"on the wire, {w['workers']} real idle workers over {w['seconds']} s:"
+              f" {w['bytes_per_worker_second']} bytes and {w['packets_per_worker_second']}"
+              " packets per worker-second (both directions, broker host's interface)")
 
 
 if __name__ == "__main__":
