@@ -90,6 +90,23 @@ class AdminClient:
         """Stop the broker as SIGTERM would."""
         return self.control("shutdown")
 
+    def dead_list(self, payloads: bool = True) -> list[dict[str, Any]]:
+        """The dead letters, oldest first (id, method, reason, attempts, failed_at,
+        serializer, size, payload base64 unless ``payloads`` is False...)."""
+        dead: list[dict[str, Any]] = self.control("dead-list", payloads=payloads)["dead"]
+        return dead
+
+    def dead_replay(self, ids: list[str] | None = None) -> Answer:
+        """Submit dead letters again (every one when ``ids`` is None): the answer has
+        ``replayed`` ([{id, to: caller|oneway}]), ``refused`` and ``missing``."""
+        if ids is None:
+            return self.control("dead-replay", all=True)
+        return self.control("dead-replay", ids=list(ids))
+
+    def dead_purge(self) -> Answer:
+        """Forget every dead letter of the queue. The answer has ``purged``."""
+        return self.control("dead-purge")
+
     # -------------------------------------------------------------- plumbing
 
     def control(self, cmd: str, **args: Any) -> Answer:

@@ -45,7 +45,22 @@ CREATE TABLE IF NOT EXISTS messages (
     payload  BLOB NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS messages_by_id ON messages (queue, id);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq       INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue     TEXT NOT NULL,
+    id        BLOB NOT NULL,
+    origin    BLOB NOT NULL,
+    envelope  BLOB NOT NULL,
+    payload   BLOB NOT NULL,
+    reason    TEXT NOT NULL,
+    attempts  INTEGER NOT NULL,
+    failed_at REAL NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS dead_letters_by_id ON dead_letters (queue, id);
 """
+
+#: A dead letter's row: queue, id, origin, envelope, payload, reason, attempts, failed_at.
+DeadRow = tuple[str, bytes, bytes, bytes, bytes, str, int, float]
 
 
 class Recovered(NamedTuple):
@@ -81,6 +96,8 @@ class Journal:
             raise ConfigError(f"cannot use journal {self.path}: {exc}") from None
         self._adds: list[tuple[str, bytes, bytes, bytes, bytes]] = []
         self._removes: list[tuple[str, bytes]] = []
+        # Dead-letter changes (failures only, never the hot path), in order.
+        self._dead: list[tuple[str, tuple[object, ...]]] = []
         self.written_total = 0
         self.commits_total = 0
         self.closed = False
@@ -93,16 +110,41 @@ class Journal:
         """Forget an ended message at the next :meth:`commit`."""
         self._removes.append((queue, mid))
 
+    def add_dead(self, row: DeadRow) -> None:
+        """Keep a dead letter at the next :meth:`commit` (replacing one of the same id)."""
+        self._dead.append((
+            "INSERT OR REPLACE INTO dead_letters (queue, id, origin, envelope, payload, reason, "
+            "attempts, failed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row))
+
+    def remove_dead(self, queue: str, mid: bytes) -> None:
+        """Forget a dead letter (replayed, or dropped by the bound) at the next :meth:`commit`."""
+        self._dead.append(("DELETE FROM dead_letters WHERE queue = ? AND id = ?", (queue, mid)))
+
+    def purge_dead(self, queue: str) -> None:
+        """Forget every dead letter of ``queue`` at the next :meth:`commit`."""
+        self._dead.append(("DELETE FROM dead_letters WHERE queue = ?", (queue,)))
+
+    def load_dead(self, queue: str) -> list[DeadRow]:
+        """The queue's dead letters, oldest first."""
+        rows = self.db.execute(
+            "SELECT queue, id, origin, envelope, payload, reason, attempts, failed_at "
+            "FROM dead_letters WHERE queue = ? ORDER BY seq", (queue,)
+        ).fetchall()
+        return [(str(q), bytes(i), bytes(o), bytes(e), bytes(p), str(r), int(a), float(f))
+                for q, i, o, e, p, r, a, f in rows]
+
     @property
     def dirty(self) -> bool:
-        return bool(self._adds or self._removes)
+        return bool(self._adds or self._removes or self._dead)
 
     def commit(self) -> None:
         """Write what was added and removed since the last commit, in one transaction."""
         adds, removes = self._adds, self._removes
         if not adds and not removes:
-            return
+            if not self._dead:
+                return
         self._adds, self._removes = [], []
+        dead, self._dead = self._dead, []
         db = self.db
         db.execute("BEGIN")
         try:
@@ -114,6 +156,8 @@ class Journal:
                 )
             if removes:
                 db.executemany("DELETE FROM messages WHERE queue = ? AND id = ?", removes)
+            for statement, params in dead:
+                db.execute(statement, params)
         except BaseException:
             db.execute("ROLLBACK")
             raise

@@ -59,6 +59,14 @@ class Plugin:
     def ended(self, server: QueueServer, msg: Message, outcome: str) -> None:
         """An accepted message ended (completed, failed, expired, purged...): per message."""
 
+    def failed_back(self, server: QueueServer, msg: Message, error: str) -> None:
+        """sqm failed an accepted message back to its caller (``error``: WorkerLost, Expired...).
+
+        Only on failure: it costs the hot path nothing (unlike :meth:`ended`,
+        which needs an ``Ended`` entry per message). Refusals at submit are
+        not accepted and never come here.
+        """
+
     def before_acks(self, server: QueueServer) -> None:
         """End of a batch of input, before its ACCEPTED notices go out (e.g. commit)."""
 
@@ -96,6 +104,9 @@ class Hooks:
         )
         self.ended: tuple[Callable[[QueueServer, Message, str], None], ...] = _overridden(
             ps, "ended"
+        )
+        self.failed_back: tuple[Callable[[QueueServer, Message, str], None], ...] = (
+            _overridden(ps, "failed_back")
         )
         self.before_acks: tuple[Callable[[QueueServer], None], ...] = _overridden(
             ps, "before_acks"

@@ -19,7 +19,7 @@ from .. import __version__
 from ..admin import control_request, fetch_status, require_broker
 from ..security.cli import keygen
 from ..taskpool.cli import pool
-from . import admin, serve, submit, worker
+from . import admin, dead, serve, submit, worker
 from .submit import batch_summary
 
 __all__ = ["main", "fetch_status", "control_request", "require_broker", "batch_summary"]
@@ -69,3 +69,4 @@ main.add_command(pool)
 main.add_command(keygen)
 for _command in admin.COMMANDS:
     main.add_command(_command)
+main.add_command(dead.dead)

@@ -55,6 +55,11 @@ log = logging.getLogger("sqm.cli")
     "--journal-fsync", is_flag=True, help="fsync every journal commit (survives power loss; slower)."
 )
 @click.option(
+    "--dead-letters", metavar="N", type=click.IntRange(0), default=None,
+    help="Keep the last N messages per queue that failed without a worker's answer "
+    "(WorkerLost, Expired...) for 'sqm dead' (journaled with --journal; 0: keep none) [10000].",
+)
+@click.option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
     default=None,
@@ -100,6 +105,7 @@ def serve(
     max_deliveries: int | None,
     journal: str | None,
     journal_fsync: bool,
+    dead_letters: int | None,
     metrics_port: int | None,
     metrics_bind: str,
     secret_key: str | None,
@@ -136,7 +142,10 @@ def serve(
     key_file, clients_dir = broker_security(settings[0], secret_key, clients)
     keys = security_settings(settings, key_file, clients_dir, insecure)
     from ..broker import Broker, BrokerOptions  # after the checks: they fail fast
+    from ..deadletters import DEFAULT_LIMIT as DEFAULT_DEAD_LETTERS
+    from ..deadletters import DeadLetterPlugin
     from ..journal import Journal
+    from ..plugins import Plugin
 
     opts = [
         BrokerOptions(**queue_limits(
@@ -146,12 +155,14 @@ def serve(
         ), curve_server=keys, ipc_mode=mode, hold_unknown=hold_unknown)
         for st in settings
     ]
-    plugins = []
+    plugins: list[Plugin] = []
     if keys is not None and clients_dir is not None:
         from ..security.plugin import SecurityPlugin
 
         plugins.append(SecurityPlugin(clients_dir))
     jnl = Journal(journal, fsync=journal_fsync) if journal else None
+    plugins.append(DeadLetterPlugin(DEFAULT_DEAD_LETTERS if dead_letters is None else dead_letters,
+                                    journal=jnl))
     try:
         broker = Broker(settings, opts, journal=jnl, plugins=plugins)
     except Exception:
@@ -201,8 +212,8 @@ def security_settings(settings: list[QueueSettings], key_file: str | None,
     if key_file is None:
         if clients_dir is not None:
             raise SQMError("--clients given without --secret-key: a secured sqm needs both")
-        exposed = [st.endpoint for st in settings
-                   if st.endpoint.startswith("tcp://") and not protocol.endpoint_is_local(st.endpoint)]
+        exposed = [st.bind for st in settings
+                   if st.bind.startswith("tcp://") and not protocol.endpoint_is_local(st.bind)]
         if exposed and not insecure:
             raise SQMError(
                 f"refusing to serve {', '.join(exposed)} in clear text to the network: give "
