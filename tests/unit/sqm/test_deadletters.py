@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import base64
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 from sqm.core import Fail, Message, QueueCore
 from sqm.deadletters import NOT_DEAD, DeadLetterPlugin, replay_message
 from sqm.journal import Journal
-from sqm.protocol import DISPATCH, FLAG_ONEWAY, SIGNATURE, decode_envelope, encode_envelope
+from sqm.protocol import (
+    DISPATCH,
+    FLAG_ONEWAY,
+    SIGNATURE,
+    SUBMIT,
+    decode_envelope,
+    encode_envelope,
+)
+from sqm.testing import InProcessBroker
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -198,3 +209,30 @@ def test_journaled_dead_letters_survive_a_restart_within_the_bound(tmp_path: Pat
     journal.commit()
     assert journal.load_dead("q") == []
     journal.close()
+
+
+def test_in_the_broker_only_accepted_failures_count_and_ends_stay_untracked():
+    """The real server: refusals at submit and operator purges are not dead letters, and
+    the plugin does not switch the per-message Ended tracking on (the hot path)."""
+    with InProcessBroker("q", plugins=[DeadLetterPlugin()]) as b:
+        assert b.broker.queues[0].core.track_ends is False
+        sock = b.context.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(b.endpoint)
+
+        def submit(mid: str, deadline: float) -> None:
+            env = encode_envelope(mid.encode(), b"inproc://mbox-unit", b"work", b"json",
+                                  deadline=deadline)
+            sock.send_multipart([SIGNATURE, SUBMIT, env, b"{}"])
+
+        submit("refused", time.time() - 10)  # expired on arrival: refused, never accepted
+        submit("purged", 0.0)
+        wait_for(lambda: b.status()["pending"] == 1, 10, "one pending")
+        assert b.control("purge")["purged"] == 1
+        submit("expired", time.time() + 0.2)
+        wait_for(lambda: b.status()["expired_total"] == 2, 10, "two expired")
+        st = b.status()
+        assert (st["dead_letters"], st["dead_total"]) == (1, 1)
+        [d] = b.control("dead-list")["dead"]
+        assert (d["id"], d["reason"]) == ("expired", "Expired")
+        sock.close(0)
