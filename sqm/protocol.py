@@ -29,6 +29,8 @@ HEARTBEAT = b"H"  # [SIG, H] | [SIG, H, wid] | [SIG, H, wid, json self-report]
 BYE = b"X"
 NACK = b"N"  # [SIG, N, id]: "I am full, give it to someone else"; parks one slot
 CREDIT = b"C"  # [SIG, C, n]: n parked slots are free again
+ABILITIES = b"M"  # [SIG, M, json {"methods": [...]}]: the methods it serves from now on
+FORWARD = b"V"  # [SIG, V, envelope, payload]: hand the message it holds on (worker.forward)
 # broker -> worker
 DISPATCH = b"D"
 STOP = b"Q"  # [SIG, Q]: finish the message in hand and exit (sqm stop-worker)
@@ -45,10 +47,14 @@ RESULT = b"Y"
 SUBMIT_FRAMES = 4
 
 # Envelope: a fixed head, then message id, mailbox, method and serializer tag.
-#   flags u8, retries u8, priority u8, pad u8, deadline f64 (unix s, 0 = none),
+#   flags u8, retries u8, priority u8, hops u8, deadline f64 (unix s, 0 = none),
 #   id_len u8, mailbox_len u16, method_len u16, serializer_len u8
+# ``hops`` (once a pad byte, always 0 from senders): how many times workers
+# handed the message on (FORWARD); sqm never reads it.
 ENVELOPE_HEAD = struct.Struct("!BBBxdBHHB")
+_HEAD_WITH_HOPS = struct.Struct("!BBBBdBHHB")
 HEAD = ENVELOPE_HEAD.size  # 18
+HOPS_OFFSET = 3  # where the hop count sits in the head
 ID_LEN_OFFSET = 12  # where the id length byte sits in the head
 FLAG_ONEWAY = 0x01
 PRIORITY_HIGH, PRIORITY_NORMAL, PRIORITY_LOW = 0, 1, 2
@@ -83,10 +89,11 @@ def unpack_ids(frame: bytes) -> list[bytes]:
 class Envelope:
     """A decoded envelope (what workers and tests need; sqm reads only the head)."""
 
-    __slots__ = ("flags", "retries", "priority", "deadline", "id", "mailbox", "method", "serializer")
+    __slots__ = ("flags", "retries", "priority", "deadline", "id", "mailbox", "method",
+                 "serializer", "hops")
 
     def __init__(self, flags: int, retries: int, priority: int, deadline: float, id: bytes,  # noqa: A002
-                 mailbox: bytes, method: bytes, serializer: bytes) -> None:
+                 mailbox: bytes, method: bytes, serializer: bytes, hops: int = 0) -> None:
         self.flags = flags
         self.retries = retries
         self.priority = priority
@@ -95,6 +102,7 @@ class Envelope:
         self.mailbox = mailbox
         self.method = method
         self.serializer = serializer
+        self.hops = hops
 
     @property
     def oneway(self) -> bool:
@@ -110,13 +118,16 @@ def pack_envelope(
     mailbox: bytes,
     method: bytes,
     serializer: bytes,
+    hops: int = 0,
 ) -> bytes:
     """Pack an envelope without checks (callers have validated the fields)."""
-    return (
-        ENVELOPE_HEAD.pack(flags, retries, priority, deadline,
-                           len(msg_id), len(mailbox), len(method), len(serializer))
-        + msg_id + mailbox + method + serializer
-    )
+    if hops:
+        head = _HEAD_WITH_HOPS.pack(flags, retries, priority, hops, deadline,
+                                    len(msg_id), len(mailbox), len(method), len(serializer))
+    else:
+        head = ENVELOPE_HEAD.pack(flags, retries, priority, deadline,
+                                  len(msg_id), len(mailbox), len(method), len(serializer))
+    return head + msg_id + mailbox + method + serializer
 
 
 def encode_envelope(
@@ -171,7 +182,8 @@ def envelope_id(env: bytes) -> bytes:
 def decode_envelope(env: bytes) -> Envelope:
     """Unpack and validate an envelope; raises ValueError when malformed."""
     flags, retries, priority, deadline, a, b, c = read_head(env)
-    return Envelope(flags, retries, priority, deadline, env[HEAD:a], env[a:b], env[b:c], env[c:])
+    return Envelope(flags, retries, priority, deadline, env[HEAD:a], env[a:b], env[b:c], env[c:],
+                    env[HOPS_OFFSET])
 
 
 def encode_json(obj: Any) -> bytes:

@@ -21,6 +21,7 @@ import zmq
 
 from .core import Message
 from .protocol import (
+    ABILITIES,
     BYE,
     CONTROL,
     CREDIT,
@@ -28,6 +29,7 @@ from .protocol import (
     DONE,
     DONE_FAILED,
     FLAG_ONEWAY,
+    FORWARD,
     HEAD,
     HEARTBEAT,
     HELLO,
@@ -55,6 +57,8 @@ COMMANDS: dict[bytes, str] = {
     BYE: "bye",
     NACK: "nack",
     CREDIT: "credit",
+    ABILITIES: "abilities",
+    FORWARD: "forward",
 }
 
 
@@ -186,6 +190,38 @@ def read_hello(frames: list[bytes]) -> dict[str, Any]:
     if info is None:
         raise Malformed("hello needs a JSON object")
     return info
+
+
+def read_abilities(frames: list[bytes]) -> dict[str, Any]:
+    """ABILITIES: ``[SIG, M, json {"methods": [...]}]``."""
+    info = decode_json(frames[2]) if len(frames) == 3 else None
+    if info is None or not isinstance(info.get("methods"), list):
+        raise Malformed("abilities needs a JSON object with a methods list")
+    return info
+
+
+class Forward(NamedTuple):
+    """FORWARD: a worker hands the message it holds on to another method."""
+
+    id: bytes
+    mailbox: bytes
+    method: bytes
+    flags: int
+    deadline: float
+
+
+def read_forward(frames: list[bytes]) -> Forward:
+    """FORWARD: ``[SIG, V, envelope, payload]``; the command frame becomes DISPATCH."""
+    if len(frames) != SUBMIT_FRAMES:
+        raise Malformed(f"forward needs {SUBMIT_FRAMES} frames, got {len(frames)}")
+    env = frames[2]
+    try:
+        flags, _retries, _priority, deadline, id_end, mailbox_end, method_end = read_head(env)
+    except ValueError:
+        raise Malformed("invalid forward envelope") from None
+    frames[1] = DISPATCH
+    return Forward(env[HEAD:id_end], env[id_end:mailbox_end], env[mailbox_end:method_end],
+                   flags, deadline)
 
 
 def read_control(frames: list[bytes]) -> dict[str, Any]:

@@ -88,6 +88,8 @@ class AsyncRunner:
         self._loop_thread = threading.get_ident()
         self.execution.route(self._send_any_thread)  # callback threads may reply
         loop = self._loop = asyncio.get_running_loop()
+        if s.followups is not None:
+            s.followups.attach(s.ctx, self._send_link_any_thread, s.curve)
         chores = None
         try:
             for link in self.links:
@@ -111,6 +113,8 @@ class AsyncRunner:
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
             self.execution.route(None)  # back to sending straight to the socket
+            if s.followups is not None:
+                s.followups.detach()
             self._loop_thread = None
 
     def _begin_stop(self) -> None:
@@ -194,6 +198,7 @@ class AsyncRunner:
                     self._drain(link)  # a safety net; normally a no-op
             if stopping:
                 self._check_acked()  # a broker that went away will not answer BYE
+            s.announce(self.links)  # callbacks() changed: tell every broker
             s.mailboxes.expire(now)
 
     def _send_any_thread(self, orig: Originator, frames: list[bytes]) -> None:
@@ -213,6 +218,31 @@ class AsyncRunner:
         except RuntimeError:
             log.warning("worker %s: reply for %s after the worker stopped",
                         self.session.worker_id, orig)
+
+    def _send_link_any_thread(self, frames: list[bytes], via: Any) -> bool:
+        """Follow-up SUBMIT or FORWARD onto a broker link, from any thread (the loop sends)."""
+        link = via if isinstance(via, BrokerLink) else next(
+            (lk for lk in self.links if lk.sock is not None), None)
+        if link is None:
+            return False
+        if threading.get_ident() == self._loop_thread:
+            sent = link.send(frames)
+            self._kick(link)
+            return sent
+        loop = self._loop
+        if loop is None:
+            return False
+        try:
+            loop.call_soon_threadsafe(self._send_on, link, frames)
+        except RuntimeError:  # the loop has just closed
+            return False
+        return True
+
+    def _send_on(self, link: BrokerLink, frames: list[bytes]) -> None:
+        if not link.send(frames):
+            log.warning("worker %s: follow-up message to %s dropped (connection not ready)",
+                        self.session.worker_id, link.endpoint)
+        self._kick(link)
 
     # ------------------------------------------------------------ messages
 
@@ -244,29 +274,31 @@ class AsyncRunner:
     async def _serve(self, link: BrokerLink, frames: list[bytes]) -> None:
         """Run one message; report DONE to the broker it came from."""
         msg_id = b""
-        ok = False
+        ok: bool | None = False
         try:
-            msg_id, ok = await self._call(frames)
+            msg_id, ok = await self._call(link, frames)
         finally:
             self._finished()
             self.held -= 1
             self._credit()
             if msg_id:
                 self.session.workload.tasks_done += 1
-                if link.sock is not None:
+                if link.sock is not None and ok is not None:  # None: forwarded, sqm knows
                     link.send([SIGNATURE, DONE if ok else DONE_FAILED, msg_id])
                     self._kick(link)
             if not self.held:
                 self._idle.set()
             self._start_next()
 
-    async def _call(self, frames: list[bytes]) -> tuple[bytes, bool]:
-        """Run one dispatch's callback (awaited, or in a thread). Returns (id, succeeded)."""
+    async def _call(self, link: BrokerLink, frames: list[bytes]) -> tuple[bytes, bool | None]:
+        """Run one dispatch's callback (awaited, or in a thread). Returns (id, succeeded);
+        succeeded is None when the callback handed the message on (forward)."""
         ex = self.execution
         call = ex.prepare(frames)
         if len(call) == 2:
             return call
         orig, fn, payload = call
+        orig.via = link
         try:
             if self._is_async(fn):
                 value = await fn(ex.worker, orig, payload)
@@ -276,6 +308,9 @@ class AsyncRunner:
                 if inspect.isawaitable(value):  # a plain wrapper around a coroutine
                     value = await value
         except Exception as exc:
+            if orig.forwarded:
+                ex.raised_after_forward(orig, exc)
+                return orig.id, None
             ex.raised(orig, exc)
             return orig.id, False
         return orig.id, ex.settle(orig, value)

@@ -9,6 +9,7 @@ means is :mod:`worker.execute`'s. The Worker picks a runner and hands it a
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -32,12 +33,13 @@ from sqm.taskpool.fleet import Limits, recycle_due
 from . import selfreport
 from .aio import AsyncRunner
 from .execute import Execution, Originator, Workload, is_async_callback
+from .followup import DEFAULT_MAX_HOPS, FollowUps, HopLimitExceeded
 from .links import broker_socket, check_rights
 from .mailboxes import MailboxPool
 from .plain import PlainRunner
 from .session import CountingWorkload, Runner, Session
 
-__all__ = ["Callback", "Originator", "Worker", "is_async_callback"]
+__all__ = ["Callback", "HopLimitExceeded", "Originator", "Worker", "is_async_callback"]
 
 log = logging.getLogger("sqm.worker")
 
@@ -104,6 +106,8 @@ class Worker:
         max_memory_mb: float | None = None,
         secret_key: str | os.PathLike[str] | None = None,
         server_key: str | os.PathLike[str] | None = None,
+        max_hops: int = DEFAULT_MAX_HOPS,
+        followup_timeout: float | None = 30.0,
     ) -> None:
         self.settings = resolve(queue, endpoint=endpoint, config=config)
         #: (own pair, server key) for a secured sqm (kwargs, env, config); None: plain.
@@ -140,6 +144,9 @@ class Worker:
         self._workload = (CountingWorkload(self._after_message)
                           if max_tasks or max_memory_mb else Workload())
         self._execution = Execution(self, self.id, self._callbacks, allow_pickle=allow_pickle)
+        self._followups = self._execution.followups = FollowUps(
+            self.settings, config=config, allow_pickle=allow_pickle,
+            timeout=followup_timeout, max_hops=max_hops)
         self.stop_requested = False  # sqm asked this worker to stop (STOP)
         self._stop = threading.Event()
         self._hb_stop = threading.Event()
@@ -148,13 +155,70 @@ class Worker:
 
     # ------------------------------------------------------------ public API
 
-    def callbacks(self, **fns: Callback) -> Worker:
-        """Add or replace callbacks by method name."""
+    def callbacks(self, **fns: Callback | None) -> Worker:
+        """Add or replace callbacks by method name (``name=None`` removes one).
+
+        The methods served are advertised to sqm, which dispatches only
+        those to this worker; a change while running is told at once
+        (within half a heartbeat).
+        """
         for name, fn in fns.items():
-            if not callable(fn):
+            if fn is not None and not callable(fn):
                 raise TypeError(f"callback for {name!r} is not callable")
-            self._callbacks[name] = fn
+        for name, fn in fns.items():
+            if fn is None:
+                self._callbacks.pop(name, None)
+            else:
+                self._callbacks[name] = fn
+        execution = getattr(self, "_execution", None)
+        if execution is not None:
+            execution.abilities += 1
         return self
+
+    # ------------------------------------------------------------ follow-up work
+
+    def submit(self, method: str, payload: Any = None, **kw: Any) -> Any:
+        """From a callback: submit a message as a Sender would; returns its id.
+
+        Goes over this worker's own broker connection; ``queue=`` names
+        another queue of the same sqm. Takes Sender.submit's keywords
+        (``oneway``, ``timeout``, ``retries``, ``priority``, ``ttl``). In an
+        ``async def`` callback, await it.
+        """
+        if _on_event_loop():
+            return _now(self._followups.submit(method, payload, **kw))
+        return self._followups.submit(method, payload, **kw)
+
+    def receive(self, timeout: float | None = None, id: str | None = None) -> Any:  # noqa: A002
+        """From a callback: the reply to follow-up message ``id``, or to any of them.
+
+        Raises the error it carries (``RemoteError``, ``Timeout``...). The
+        worker keeps heartbeating meanwhile. In an ``async def`` callback, await it.
+        """
+        if _on_event_loop():
+            return self._followups.in_thread(self._followups.receive, timeout, id)
+        return self._followups.receive(timeout, id)
+
+    def rpc(self, method: str, payload: Any = None, **kw: Any) -> Any:
+        """From a callback: submit and wait for the reply (``submit`` + ``receive``).
+
+        The wait is bounded (``timeout=``, else the worker's
+        ``followup_timeout``): see docs/GUARANTEES.md on a queue whose every
+        worker waits on itself. In an ``async def`` callback, await it.
+        """
+        if _on_event_loop():
+            return self._followups.in_thread(self._followups.rpc, method, payload, **kw)
+        return self._followups.rpc(method, payload, **kw)
+
+    def forward(self, originator: Originator, method: str, payload: Any = None) -> None:
+        """Hand the message on to ``method``: whoever ends the chain replies to the caller.
+
+        The message keeps its id, caller, deadline and retries; ``started``
+        and progress keep reaching the caller. This callback must not
+        answer it any more. Raises HopLimitExceeded past ``max_hops``
+        forwards (a loop): the caller then gets that error.
+        """
+        self._execution.forward(originator, method, payload)
 
     def respond(self, originator: Originator, value: Any) -> None:
         """Send ``value`` as the reply to ``originator`` (at most once per message)."""
@@ -265,6 +329,7 @@ class Worker:
             on_stop_request=self._stop_requested_by_sqm,
             stop=self._stop,
             curve=self._curve,
+            followups=self._followups,
         )
 
     def _start_brokers(self) -> None:
@@ -339,3 +404,17 @@ class Worker:
         finally:
             for sock in socks:
                 sock.close(0)
+
+
+def _on_event_loop() -> bool:
+    """True in the thread running an event loop (an ``async def`` callback's)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+async def _now(value: Any) -> Any:
+    """An awaitable of a value already computed (``await worker.submit(...)``)."""
+    return value

@@ -19,16 +19,19 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from types import CoroutineType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from sqm import serializers
 from sqm.errors import SQMError
-from sqm.protocol import ACK, ERROR, PROGRESS, RESULT, SIGNATURE, decode_envelope
+from sqm.protocol import ACK, ERROR, PROGRESS, RESULT, SIGNATURE, Envelope, decode_envelope
 from sqm.zmqfast import send_frames
 
 from .mailboxes import MailboxPool
+
+if TYPE_CHECKING:
+    from .followup import FollowUps
 
 log = logging.getLogger("sqm.worker")
 
@@ -46,21 +49,47 @@ def is_async_callback(fn: Callable[..., Any]) -> bool:
 
 
 class Originator:
-    """Opaque handle for where a reply goes. Pass it back to :meth:`Worker.respond`."""
+    """Opaque handle for where a reply goes. Pass it back to :meth:`Worker.respond`.
 
-    __slots__ = ("id", "mailbox", "sertag", "oneway", "responded", "method")
+    ``hops``: how many times workers handed this message on
+    (:meth:`Worker.forward`) before it reached this callback.
+    """
 
-    def __init__(self, msg_id: bytes, mailbox: bytes, sertag: bytes, oneway: bool, method: str):
+    __slots__ = ("id", "mailbox", "sertag", "oneway", "responded", "method", "env", "via",
+                 "forwarded")
+
+    def __init__(self, msg_id: bytes, mailbox: bytes, sertag: bytes, oneway: bool, method: str,
+                 env: Envelope | None = None):
         self.id = msg_id
         self.mailbox = mailbox
         self.sertag = sertag
         self.oneway = oneway
         self.method = method
         self.responded = False
+        self.env = env  # the envelope it came in (what a forward keeps)
+        self.via: Any = None  # the broker link it came from (None: the only one)
+        self.forwarded = False  # handed on with Worker.forward: no reply, no DONE here
 
     @property
     def message_id(self) -> str:
         return self.id.decode("ascii", "replace")
+
+    @property
+    def hops(self) -> int:
+        return self.env.hops if self.env is not None else 0
+
+    @property
+    def deadline(self) -> float:
+        """The caller's deadline (unix seconds, 0: none): a forward keeps it."""
+        return self.env.deadline if self.env is not None else 0.0
+
+    @property
+    def retries(self) -> int:
+        return self.env.retries if self.env is not None else 0
+
+    @property
+    def priority(self) -> int:
+        return self.env.priority if self.env is not None else 1
 
     def __repr__(self) -> str:
         return f"<Originator {self.message_id} {self.method}>"
@@ -123,6 +152,8 @@ class Execution:
         self.callbacks = callbacks
         self.allow_pickle = allow_pickle
         self.mailboxes: MailboxPool | None = None  # set while the worker runs
+        self.followups: FollowUps | None = None  # the worker's follow-up messages
+        self.abilities = 0  # bumped when the callbacks change: brokers are told (ABILITIES)
         self.send: Send = self.deliver
         self._codecs: dict[bytes, serializers.Serializer] = {}
 
@@ -132,8 +163,12 @@ class Execution:
 
     # ------------------------------------------------------------ a dispatch
 
-    def run(self, frames: list[bytes]) -> tuple[bytes, bool]:
-        """Run one dispatch in this thread. Returns (message id or b"", succeeded)."""
+    def run(self, frames: list[bytes]) -> tuple[bytes, bool | None]:
+        """Run one dispatch in this thread. Returns (message id or b"", succeeded).
+
+        Succeeded is None when the callback handed the message on
+        (:meth:`forward`): the FORWARD told sqm, no DONE is due.
+        """
         # prepare() and settle(), inlined: the plain runner's hot path, where
         # two calls and a tuple cost 4 % (tests/unit/worker/test_execute.py
         # checks that both ways answer alike).
@@ -143,7 +178,7 @@ class Execution:
             return self._undecodable(exc)
         msg_id = env.id
         method = env.method.decode("utf-8", "replace")
-        orig = Originator(msg_id, env.mailbox, env.serializer, env.oneway, method)
+        orig = Originator(msg_id, env.mailbox, env.serializer, env.oneway, method, env)
         if not orig.oneway:
             self.send(orig, [SIGNATURE, ACK, msg_id])
         fn = self.callbacks.get(method)
@@ -160,8 +195,13 @@ class Execution:
             if type(value) is CoroutineType:  # async, but not declared so
                 value = asyncio.run(value)
         except Exception as exc:
+            if orig.forwarded:
+                self.raised_after_forward(orig, exc)
+                return orig.id, None
             self.raised(orig, exc)
             return orig.id, False
+        if orig.forwarded:
+            return orig.id, None
         if orig.responded or orig.oneway:
             return orig.id, True
         try:
@@ -184,7 +224,7 @@ class Execution:
             return self._undecodable(exc)
         msg_id = env.id
         method = env.method.decode("utf-8", "replace")
-        orig = Originator(msg_id, env.mailbox, env.serializer, env.oneway, method)
+        orig = Originator(msg_id, env.mailbox, env.serializer, env.oneway, method, env)
         if not orig.oneway:
             self.send(orig, [SIGNATURE, ACK, msg_id])
         fn = self.callbacks.get(method)
@@ -203,8 +243,13 @@ class Execution:
         log.error("worker %s: undecodable dispatch envelope: %s", self.worker_id, exc)
         return b"", False
 
-    def settle(self, orig: Originator, value: Any) -> bool:
-        """Send a callback's return value unless it answered itself; True if all went well."""
+    def settle(self, orig: Originator, value: Any) -> bool | None:
+        """Send a callback's return value unless it answered itself; True if all went well.
+
+        None when the callback handed the message on (no DONE is due).
+        """
+        if orig.forwarded:
+            return None
         if orig.responded or orig.oneway:
             return True
         try:
@@ -213,6 +258,27 @@ class Execution:
             self.fail(orig, type(exc).__name__, str(exc))
             return False
         return True
+
+    def raised_after_forward(self, orig: Originator, exc: BaseException) -> None:
+        """A callback raised after handing its message on: the next step answers; log it."""
+        log.warning("worker %s: callback for %s raised after forwarding it: %s: %s",
+                    self.worker_id, orig, type(exc).__name__, exc)
+
+    def forward(self, orig: Originator, method: str, payload: Any) -> None:
+        """Hand ``orig``'s message on to ``method`` (see :meth:`Worker.forward`)."""
+        if self.followups is None:
+            raise SQMError("worker.forward() is only valid while the worker runs")
+        if orig.forwarded or orig.responded:
+            raise SQMError(f"message {orig.message_id} was already answered or handed on")
+        codec = self.codec(orig.sertag)
+        try:
+            body = codec.dumps(payload)
+        except Exception as exc:
+            raise serializers.SerializerError(
+                f"cannot encode the forwarded payload with {codec.name}: {exc}") from exc
+        frames = self.followups.forward_frames(orig, method, body)
+        self.followups.send_forward(frames, orig.via)
+        orig.forwarded = orig.responded = True
 
     def raised(self, orig: Originator, exc: BaseException) -> None:
         """A callback raised: log it (debug, with the traceback) and tell the sender."""

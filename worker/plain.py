@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from time import monotonic
 
@@ -37,7 +38,12 @@ class PlainRunner:
         self._session: Session | None = None
         self._stop = threading.Event()
         self._work = Workload()
-        self._execute: Callable[[list[bytes]], tuple[bytes, bool]] = lambda frames: (b"", False)
+        self._execute: Callable[[list[bytes]], tuple[bytes, bool | None]] = (
+            lambda frames: (b"", False))
+        self._link: BrokerLink | None = None
+        # Dispatches read while a callback waited for a follow-up reply (the
+        # pump reads the link then): run after it, in order.
+        self._stash: deque[list[bytes]] = deque()
 
     def stop(self) -> None:
         """Nothing to wake: :meth:`run` looks at the stop flag at least every ``WAKE_S``."""
@@ -47,8 +53,10 @@ class PlainRunner:
         self._stop = stop = s.stop
         self._work = s.workload
         self._execute = s.execution.run  # looked up once, not per message
-        link = BrokerLink(s.endpoints[0], s.routing_id, s.curve)
+        link = self._link = BrokerLink(s.endpoints[0], s.routing_id, s.curve)
         sock = self._open(link)
+        if s.followups is not None:
+            s.followups.attach(s.ctx, self._send_link, s.curve, self._pump)
         log.info("worker %s serving queue %s at %s", s.worker_id, s.queue, link.endpoint)
         # Chores (liveness, reconnects, idle mailboxes) run at most every
         # `chore_s`, also while messages stream in.
@@ -66,11 +74,14 @@ class PlainRunner:
                     if (len(frames) == protocol.SUBMIT_FRAMES and frames[1] == DISPATCH
                             and frames[0] == SIGNATURE):
                         self._handle(link, frames)
+                        while self._stash:  # read while a callback waited on a follow-up
+                            self._handle(link, self._stash.popleft())
                     else:
                         s.on_control(link, frames)
                 if now < next_chores:
                     continue
                 next_chores = now + chore_s
+                s.announce([link])  # callbacks() changed: tell sqm (CAN_DO/CANT_DO)
                 if link.reconnected():
                     s.hello(link)  # sqm came back (restart): register again now
                 if s.reconnect_due(link, now):
@@ -79,7 +90,36 @@ class PlainRunner:
                 s.mailboxes.expire(now)
             self._leave(link)
         finally:
+            if s.followups is not None:
+                s.followups.detach()
             link.close(linger_ms=1000 if link.reachable() else 0)
+            self._link = None
+
+    def _send_link(self, frames: list[bytes], via: object) -> bool:
+        """Follow-up SUBMIT or FORWARD on the broker link (callbacks run in this thread)."""
+        link = self._link
+        return link is not None and link.send(frames)
+
+    def _pump(self) -> None:
+        """While a callback waits on a follow-up: read the link without blocking.
+
+        sqm's answers about follow-ups go to them; a dispatch waits in the
+        stash for the callback to return; anything else is handled as usual.
+        """
+        link = self._link
+        s = self._session
+        if link is None or link.sock is None or s is None:
+            return
+        while True:
+            try:
+                frames = recv_frames(link.sock, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            link.last_heard = monotonic()
+            if len(frames) == protocol.SUBMIT_FRAMES and frames[1] == DISPATCH:
+                self._stash.append(frames)
+            else:
+                s.on_control(link, frames)
 
     def _open(self, link: BrokerLink) -> zmq.Socket:
         s = self._session
@@ -96,7 +136,7 @@ class PlainRunner:
         before = work.busy[0]
         work.busy = (before, started)
         msg_id = b""
-        ok = False
+        ok: bool | None = False
         try:
             msg_id, ok = self._execute(frames)
         finally:
@@ -107,7 +147,7 @@ class PlainRunner:
                     # Say BYE before DONE, or sqm would refill the slot DONE frees.
                     link.send_bye()
                 sock = link.sock
-                if sock is not None:
+                if sock is not None and ok is not None:  # None: forwarded, sqm knows
                     try:
                         send_frames(sock, [SIGNATURE, DONE if ok else DONE_FAILED, msg_id])
                     except zmq.ZMQError:

@@ -18,10 +18,11 @@ from typing import Any, Protocol
 import zmq
 
 from sqm import protocol
-from sqm.protocol import BYE, HEARTBEAT, HELLO, SIGNATURE, STOP
+from sqm.protocol import ABILITIES, ACCEPTED, BYE, ERROR, HEARTBEAT, HELLO, SIGNATURE, STOP
 from sqm.security.keys import KeyPair
 
 from .execute import Execution, Workload
+from .followup import FollowUps
 from .links import BrokerLink
 from .mailboxes import MailboxPool
 
@@ -85,12 +86,28 @@ class Session:
     stop: threading.Event = field(default_factory=threading.Event)
     #: (own CURVE pair, server key) towards a secured sqm; None: plain sockets.
     curve: tuple[KeyPair, bytes] | None = None
+    #: The worker's follow-up messages (submit/rpc/forward from callbacks).
+    followups: FollowUps | None = None
+    #: The callbacks version last told to the brokers (HELLO or ABILITIES).
+    told: int = -1
 
     def hello(self, link: BrokerLink) -> None:
         """Register with one broker (again): it forgets what it had parked."""
+        self.told = self.execution.abilities
         info = dict(self.info, methods=sorted(self.execution.callbacks))
         link.parked = 0
         link.send([SIGNATURE, HELLO, protocol.encode_json(info)])
+
+    def announce(self, links: list[BrokerLink]) -> None:
+        """Tell every broker the methods served now, if callbacks() changed them (CAN_DO)."""
+        version = self.execution.abilities
+        if version == self.told:
+            return
+        self.told = version
+        body = protocol.encode_json({"methods": sorted(self.execution.callbacks)})
+        for link in links:
+            if link.sock is not None and not link.bye_sent:
+                link.send([SIGNATURE, ABILITIES, body])
 
     def on_control(self, link: BrokerLink, frames: list[bytes]) -> None:
         """Anything from a broker but a dispatch (both runners)."""
@@ -105,6 +122,9 @@ class Session:
                 link.bye_acked = True  # our leave is acknowledged: nothing more will come
             else:
                 self.hello(link)  # sqm restarted or is stopping: say hello again
+        elif cmd == ACCEPTED or cmd == ERROR:  # sqm about a follow-up message of ours
+            if self.followups is not None:
+                self.followups.feed_broker(frames)
         elif cmd == STOP:
             if not self.stop.is_set():
                 log.info("worker %s: sqm at %s asked it to stop", self.worker_id, link.endpoint)

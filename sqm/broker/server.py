@@ -22,6 +22,7 @@ import zmq
 from .. import __version__, procinfo, protocol
 from ..config import QueueSettings
 from ..core import (
+    FINISHED,
     Bye,
     Dispatch,
     Ended,

@@ -634,6 +634,11 @@ class QueueCore:
         """The figures ``sqm status --json`` prints (built by :mod:`sqm.core.stats`)."""
         return queue_status(self, now)
 
+    @property
+    def universal_workers(self) -> int:
+        """Registered workers that advertised no methods (they serve every method)."""
+        return self._universal
+
     def method_load(self) -> dict[bytes, tuple[int, int]]:
         """``{method: (pending, workers)}`` for every method pending or served."""
         universal = self._universal

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..metrics import Histogram
+from ..metrics import Histogram, MethodStats
 from .workers import READY
 
 if TYPE_CHECKING:
@@ -49,6 +49,9 @@ def worker_status(w: WorkerState, now: float) -> dict[str, Any]:
         "nice": rep.get("nice"),
         "worker_tasks_done": rep.get("tasks_done"),
         "last_report_at": rep.get("at"),
+        # What it serves; [] means nothing, and a worker that advertised
+        # nothing (an older client) serves every method: null.
+        "methods": None if w.methods is None else [m.decode("utf-8", "replace") for m in w.methods],
     }
 
 
@@ -85,8 +88,29 @@ def queue_status(core: QueueCore, now: float) -> dict[str, Any]:
         "draining": not core.dispatching,
         "max_pending": core.max_pending,
         "latency": latency_total(core),
-        "methods": {m.decode("utf-8", "replace"): st.snapshot() for m, st in core.methods.items()},
+        "methods": methods_status(core),
+        "unknown_method_total": core.unknown_total,
+        "forwarded_total": core.forwarded_total,
     }
+
+
+def methods_status(core: QueueCore) -> dict[str, dict[str, Any]]:
+    """Per method: its figures, with ``pending`` and ``workers`` (those that serve it).
+
+    Every method pending or served is there, and every method seen before.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for m, st in core.methods.items():
+        out[m.decode("utf-8", "replace")] = dict(st.snapshot(), pending=0,
+                                                 workers=core.universal_workers)
+    for m, (pending, workers) in core.method_load().items():
+        name = m.decode("utf-8", "replace")
+        entry = out.get(name)
+        if entry is None:
+            entry = out[name] = MethodStats().snapshot()
+        entry["pending"] = pending
+        entry["workers"] = workers
+    return out
 
 
 def latency_total(core: QueueCore) -> dict[str, Any]:
