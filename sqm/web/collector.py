@@ -30,6 +30,7 @@ GAUGES = [
     ("sqm_workers_ever", "workers_ever", "Distinct workers seen since sqm started."),
     ("sqm_uptime_seconds", "uptime_s", "Seconds since sqm started serving the queue."),
     ("sqm_utilization_ratio", "utilization", "Share of worker time spent busy (0..1)."),
+    ("sqm_dead_letters", "dead_letters", "Dead letters kept now (see sqm dead list)."),
 ]
 COUNTERS = [
     ("sqm_messages_assigned", "assigned_total", "Messages handed to a worker (redeliveries too)."),
@@ -40,6 +41,9 @@ COUNTERS = [
     ("sqm_messages_redelivered", "redelivered_total", "Messages given to another worker after one died."),
     ("sqm_messages_malformed", "malformed_total", "Malformed inputs dropped."),
     ("sqm_sends_dropped", "send_dropped_total", "Frames sqm could not send (peer gone or slow)."),
+    ("sqm_messages_dead", "dead_total",
+     "Messages dead-lettered since start (later dropped or purged ones included)."),
+    ("sqm_denied", "denied_total", "Inputs refused because the peer's role forbids them."),
 ]
 METHOD_COUNTERS = [
     ("sqm_method_messages_assigned", "assigned_total", "Messages of this method handed to a worker."),

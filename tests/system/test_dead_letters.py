@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import zmq
 
 from sqm.config import resolve
 from sqm.protocol import ERROR, RESULT, SIGNATURE, SUBMIT, encode_envelope
-from tests.conftest import Cluster, read_log, wait_for
+from tests.conftest import Cluster, free_port, read_log, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -214,3 +215,23 @@ def test_dead_letters_survive_a_restart_with_the_journal(cluster, clients, rundi
     assert base64.b64decode(after[1]["payload"]) == b"\x00\x01 not json at all"
     st = cluster.status()
     assert (st["dead_letters"], st["dead_total"]) == (2, 0)  # the total counts since start
+
+
+def test_metrics_count_dead_letters(cluster, clients):
+    port = free_port()
+    cluster.serve("q", "--dead-letters", "1", "--metrics-port", str(port))
+    caller = clients("caller")
+    expire(cluster, caller, "m-1", b"1")
+    expire(cluster, caller, "m-2", b"2")
+
+    def figures() -> dict[str, float]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                body = r.read().decode()
+        except OSError:
+            return {}
+        return {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+                if line.startswith(("sqm_dead_letters{", "sqm_messages_dead_total{"))}
+
+    wait_for(lambda: figures() == {"sqm_dead_letters": 1.0, "sqm_messages_dead_total": 2.0}, 10,
+             "dead-letter figures in /metrics (the snapshot refreshes every second)")
