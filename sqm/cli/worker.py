@@ -17,7 +17,7 @@ from ..config import resolve
 from ..errors import SQMError
 from ..taskpool.autoscale import parse_autoscale
 from ..taskpool.autostart import autostart_broker, is_local
-from ..taskpool.fleet import RECYCLED
+from ..taskpool.fleet import FLEET_ENV, RECYCLED
 from .options import (
     config_option,
     endpoint_option,
@@ -111,7 +111,6 @@ def parse_autoscale_option(_ctx: click.Context, _param: click.Parameter,
               help="The task pool of the worker processes.  [default: <rundir>/pool]")
 @click.option("--autostart", is_flag=True,
               help="Start `sqm serve QUEUE` (a pool task) if no broker answers locally.")
-@click.option("--pool-child", is_flag=True, hidden=True)  # a fleet's worker: serve, don't fork
 @log_level_option
 @log_format_option
 @one_line_errors
@@ -119,7 +118,7 @@ def worker(target: str, queue: str | None, processes: int, endpoint: str | None,
            config: str | None, allow_pickle: bool, heartbeat: float | None,
            prefetch: int, concurrency: int | None, max_tasks_per_child: int | None,
            max_memory_per_child: float | None, autoscale: tuple[int, int] | None,
-           pool_path: str | None, autostart: bool, pool_child: bool, log_level: str,
+           pool_path: str | None, autostart: bool, log_level: str,
            log_format: str) -> None:
     """Run workers from a callbacks dict (or a Worker) found at MODULE:ATTR.
 
@@ -133,6 +132,7 @@ def worker(target: str, queue: str | None, processes: int, endpoint: str | None,
 
     logs.setup(log_level, log_format)
     obj = load_target(target)
+    pool_child = os.environ.pop(FLEET_ENV, None) is not None  # a fleet's worker: just serve
     limits = max_tasks_per_child is not None or max_memory_per_child is not None
     fleet = not pool_child and (processes > 1 or autoscale is not None or limits
                                 or pool_path is not None)

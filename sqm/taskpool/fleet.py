@@ -38,6 +38,8 @@ StatusSource = Callable[[], dict[str, Any]]
 MAX_GIVE_UPS = 3
 #: Exit status of a worker that left because it reached its limits (EX_TEMPFAIL): replace it.
 RECYCLED = 75
+#: Set (to the fleet's pid) in its workers' environment: serve, don't start a fleet of your own.
+FLEET_ENV = "SQM_WORKER_FLEET"
 
 
 @dataclass(frozen=True)
@@ -94,8 +96,7 @@ def plan_fleet(desired: int, members: Sequence[Member], limits: Limits) -> Plan:
 
 def worker_argv(target: str, queue: str, worker_args: Sequence[str] = ()) -> list[str]:
     """The command of one fleet worker: a single-process ``sqm worker`` (see sqm_command)."""
-    return sqm_command("worker", target, "--queue", queue, "--processes", "1", "--pool-child",
-                       *worker_args)
+    return sqm_command("worker", target, "--queue", queue, "--processes", "1", *worker_args)
 
 
 class WorkerFleet:
@@ -180,8 +181,9 @@ class WorkerFleet:
         return plan
 
     def spawn(self) -> Task:
+        env = dict(self.env or {}, **{FLEET_ENV: self.meta["fleet"]})
         return self.pool.spawn(exec=self.argv, meta=self.meta, behavior="foreground",
-                               restart="on-failure", env=self.env, backoff=self.backoff,
+                               restart="on-failure", env=env, backoff=self.backoff,
                                stop_timeout=self.stop_timeout, ok_codes=(0, RECYCLED),
                                echo=self.echo)
 
@@ -255,8 +257,9 @@ class WorkerFleet:
             except SQMError:
                 codes.append(None)
         self._note_exits(self._ours())
-        # -SIGTERM: a worker still starting up, before its handler, so with no message in hand
-        clean = (0, None, -signal.SIGTERM)
+        # -SIGTERM: a worker still starting up, before its handler, so with no message in hand;
+        # RECYCLED: one that was leaving by itself as the fleet stopped
+        clean = (0, None, -signal.SIGTERM, RECYCLED)
         return 1 if self.failed or any(c not in clean for c in codes) else 0
 
 
