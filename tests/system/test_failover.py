@@ -70,6 +70,13 @@ def outcomes(sender: HostProc) -> int:
     return sum(1 for line in sender.said() if "i" in line)
 
 
+def failures(sender: HostProc, *others: HostProc) -> str:
+    """The failed items and the other processes' logs, for an assertion's message."""
+    failed = [line for line in sender.said() if "error" in line]
+    logs = "\n".join(f"--- {p.name}:\n{p.stderr[-3000:]}" for p in others)
+    return f"failed items: {failed}\n{logs}"
+
+
 def check_batch(result: dict[str, Any], sender: HostProc) -> None:
     items = [line for line in sender.said() if "i" in line]
     assert result["duplicates"] == 0, result
@@ -96,8 +103,9 @@ def test_a_broker_killed_mid_load_in_memory_mode_loses_nothing(net: Network) -> 
     check_batch(result, sender)
     errors = result["errors"]
     report("memory", killed_after=killed_at, **result, executions=len(handled(a, b)))
-    assert "Timeout" not in errors, result  # nothing lost silently
-    assert set(errors) <= {"WorkerLost", "BrokerShutdown"}, result  # only precise errors
+    why = f"{result}\n{failures(sender, *pair.brokers, *pair.workers)}"
+    assert "Timeout" not in errors, why  # nothing lost silently
+    assert set(errors) <= {"WorkerLost", "BrokerShutdown"}, why  # only precise errors
     # The kill caught messages that A held: they were re-sent through B.
     assert result["resent"] > 0, result
     assert killed_at < MESSAGES  # ...mid-load, not after it
@@ -125,7 +133,7 @@ def test_a_broker_killed_mid_load_and_restarted_on_its_journal_answers_everythin
     check_batch(result, sender)
     executions = handled(a, b)
     report("journal", killed_after=killed_at, **result, executions=len(executions))
-    assert result["errors"] == {}, result
+    assert result["errors"] == {}, f"{result}\n{failures(sender, *pair.brokers, *pair.workers)}"
     assert result["replies"] == MESSAGES
     assert result["resent"] > 0, result
     assert {entry["i"] for entry in executions} == set(range(MESSAGES))
@@ -188,10 +196,11 @@ def test_a_link_pulled_under_a_busy_worker_without_retries_is_worker_lost(net: N
     """The same with no retry left: the caller gets WorkerLost within the
     heartbeat window, not Timeout at its deadline."""
     a, b, c = net(3)
-    sender, _ = one_message_on(b, a, c, retries=0, seconds=20.0)
+    sender, (_, first) = one_message_on(b, a, c, retries=0, seconds=20.0)
     b.link_down()
     pulled = time.time()
     outcome = ended(sender)
+    first.signal(signal.SIGKILL)  # it would finish its 20 s message before leaving
     report("link down, retries=0", error=outcome.get("error"),
            detect_s=round(outcome["t"] - pulled, 2))
     assert outcome.get("error") == "WorkerLost", outcome
