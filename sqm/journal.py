@@ -13,6 +13,9 @@ commit durable against a crash of sqm (SIGKILL, OOM), which is what the
 journal promises; ``fsync=True`` (``--journal-fsync``) also survives a
 power cut at the cost of one fsync per batch.
 
+The same file keeps the dead letters (:mod:`sqm.deadletters`) in a table
+of their own, written in the same commits (on failures only).
+
 One sqm at a time may use a journal file: an exclusive ``flock`` on
 ``FILE.lock`` says so, and a second sqm gets a clear error.
 """
