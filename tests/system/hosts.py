@@ -235,6 +235,9 @@ class Host:
         self.rundir = network.workdir / label
         self.rundir.mkdir(mode=0o700)
         self.procs: list[HostProc] = []
+        #: Added to the environment of every process started here from now on
+        #: (e.g. ``SQM_SECRET_KEY`` / ``SQM_SERVER_KEY``: this host's CURVE keys).
+        self.extra_env: dict[str, str] = {}
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment of this host's processes: the repo importable, a private rundir."""
@@ -243,6 +246,7 @@ class Host:
         env["SQM_RUNDIR"] = str(self.rundir)
         env["SQM_TEST_LOG"] = str(self.rundir / "handled.jsonl")
         env["PYTHONUNBUFFERED"] = "1"  # output reaches the files as it is printed
+        env.update(self.extra_env)
         env.update(extra or {})
         return env
 
@@ -353,6 +357,26 @@ class Host:
 
 
 # ---------------------------------------------------------------- brokers, workers, senders
+
+
+def keygen(directory: Path, *names: str) -> dict[str, Path]:
+    """``sqm keygen NAME --dir DIRECTORY`` for each name; return each secret key file
+    (the public one is beside it, ``NAME.key``)."""
+    for name in names:
+        done = subprocess.run([sys.executable, "-m", "sqm", "keygen", name, "--dir",
+                               str(directory)], cwd=REPO, capture_output=True, text=True,
+                              timeout=60, check=False)
+        if done.returncode != 0:
+            raise HarnessError(f"sqm keygen {name} failed: {done.stderr}")
+    return {name: directory / f"{name}.key_secret" for name in names}
+
+
+def admit(clients: Path, role: str, public_key: Path) -> None:
+    """Put ``public_key`` in a broker's ``--clients`` folder for ``role``
+    (``senders``, ``workers`` or ``admins``)."""
+    folder = clients / role
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(public_key, folder / public_key.name)
 
 
 @functools.cache

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import read_log, wait_for
-from tests.system.hosts import Host, HostProc, Network
+from tests.system.hosts import Host, HostProc, Network, admit, keygen
 
 PORT = 5555
 MESSAGES = 100
@@ -140,6 +140,38 @@ def test_a_broker_killed_mid_load_and_restarted_on_its_journal_answers_everythin
     # The restarted broker ran what its journal held to the end: nothing is left.
     wait_for(lambda: (st := c.status("q", pair.endpoints[0])) is not None
              and st["pending"] == 0 and st["in_flight"] == 0, 20, "A's journal drained")
+
+
+@pytest.mark.timeout(60)
+def test_secured_brokers_killed_mid_load_lose_nothing(net: Network) -> None:
+    """The memory-mode failover with CURVE on every connection: brokers share
+    one server key pair, workers and the Sender have their own keys (the
+    Sender's is also an admin, for status), replies travel encrypted."""
+    a, b, c = net(3)
+    keys = keygen(net.workdir / "keys", "broker", "worker-a", "worker-b", "sender-c")
+    clients = net.workdir / "clients"
+    for name, role in (("worker-a", "workers"), ("worker-b", "workers"),
+                       ("sender-c", "senders"), ("sender-c", "admins")):
+        admit(clients, role, keys[name].with_suffix(".key"))
+    server_key = str(keys["broker"].with_suffix(".key"))
+    for host, name in ((a, "worker-a"), (b, "worker-b"), (c, "sender-c")):
+        host.extra_env.update(SQM_SECRET_KEY=str(keys[name]), SQM_SERVER_KEY=server_key)
+    pair = Pair(a, b, c, "--secret-key", str(keys["broker"]), "--clients", str(clients))
+    sender = c.sender(pair.endpoints, count=MESSAGES, window=MESSAGES, s=0.2, retries=1,
+                      timeout=15)
+    wait_for(lambda: outcomes(sender) >= 15 or sender.check_alive(), 20, "15 replies")
+    pair.brokers[0].signal(signal.SIGKILL)
+    killed_at = outcomes(sender)
+    result = wait_for(sender.summary, 40, "the batch's end")
+
+    check_batch(result, sender)
+    report("memory, CURVE", killed_after=killed_at, **result)
+    why = f"{result}\n{failures(sender, *pair.brokers, *pair.workers)}"
+    assert result["errors"] == {}, why
+    assert result["resent"] > 0, result
+    # The broker really is secured: the same status query without a key is refused.
+    c.extra_env.clear()
+    assert c.status("q", pair.endpoints[1], timeout=1.0) is None
 
 
 def one_message_on(worker_host: Host, broker_host: Host, c: Host, *, retries: int,
