@@ -67,6 +67,8 @@ class Pair:
 
 
 def outcomes(sender: HostProc) -> int:
+    """How many items the sender has reported so far (it must still run)."""
+    sender.check_alive()
     return sum(1 for line in sender.said() if "i" in line)
 
 
@@ -95,7 +97,7 @@ def test_a_broker_killed_mid_load_in_memory_mode_loses_nothing(net: Network) -> 
     pair = Pair(a, b, c)
     sender = c.sender(pair.endpoints, count=MESSAGES, window=MESSAGES, s=0.2, retries=1,
                       timeout=15)
-    wait_for(lambda: outcomes(sender) >= 15 or sender.check_alive(), 20, "15 replies")
+    wait_for(lambda: outcomes(sender) >= 15, 20, "15 replies")
     pair.brokers[0].signal(signal.SIGKILL)
     killed_at = outcomes(sender)
     result = wait_for(sender.summary, 40, "the batch's end")
@@ -123,7 +125,7 @@ def test_a_broker_killed_mid_load_and_restarted_on_its_journal_answers_everythin
     pair = Pair(a, b, c, journal=True)
     sender = c.sender(pair.endpoints, count=MESSAGES, window=MESSAGES, s=0.2, retries=1,
                       timeout=25)
-    wait_for(lambda: outcomes(sender) >= 15 or sender.check_alive(), 20, "15 replies")
+    wait_for(lambda: outcomes(sender) >= 15, 20, "15 replies")
     pair.brokers[0].signal(signal.SIGKILL)
     pair.brokers[0].wait(10)
     killed_at = outcomes(sender)
@@ -159,7 +161,7 @@ def test_secured_brokers_killed_mid_load_lose_nothing(net: Network) -> None:
     pair = Pair(a, b, c, "--secret-key", str(keys["broker"]), "--clients", str(clients))
     sender = c.sender(pair.endpoints, count=MESSAGES, window=MESSAGES, s=0.2, retries=1,
                       timeout=15)
-    wait_for(lambda: outcomes(sender) >= 15 or sender.check_alive(), 20, "15 replies")
+    wait_for(lambda: outcomes(sender) >= 15, 20, "15 replies")
     pair.brokers[0].signal(signal.SIGKILL)
     killed_at = outcomes(sender)
     result = wait_for(sender.summary, 40, "the batch's end")
@@ -183,8 +185,11 @@ def one_message_on(worker_host: Host, broker_host: Host, c: Host, *, retries: in
     first = worker_host.worker([endpoint])
     c.wait_serving(broker, endpoint, workers=1)
     sender = c.sender([endpoint], mode="one", s=seconds, retries=retries, timeout=timeout)
-    wait_for(lambda: any("started" in line for line in sender.said()) or sender.check_alive(),
-             20, "the message started on the first worker")
+    def started() -> bool:
+        sender.check_alive()
+        return any("started" in line for line in sender.said())
+
+    wait_for(started, 20, "the message started on the first worker")
     assert [entry["pid"] for entry in handled(worker_host)] == [first.pid]
     procs = [broker, first]
     if spare is not None:
