@@ -224,7 +224,7 @@ def test_a_link_pulled_under_a_busy_worker_retries_it_elsewhere(net: Network) ->
     assert outcome.get("ok"), outcome
     assert outcome["pid"] == restarted["pid"]
     assert restarted["t"] - pulled <= DETECT_S
-    assert restarted["t"] - pulled >= 2 * HEARTBEAT  # dropped for silence, not at once
+    assert restarted["t"] - pulled >= 1.5 * HEARTBEAT  # dropped for silence, not at once
     assert outcome["t"] - pulled <= DETECT_S + 3.0 + 1.0
 
 
@@ -241,7 +241,7 @@ def test_a_link_pulled_under_a_busy_worker_without_retries_is_worker_lost(net: N
     report("link down, retries=0", error=outcome.get("error"),
            detect_s=round(outcome["t"] - pulled, 2))
     assert outcome.get("error") == "WorkerLost", outcome
-    assert 2 * HEARTBEAT <= outcome["t"] - pulled <= DETECT_S
+    assert 1.5 * HEARTBEAT <= outcome["t"] - pulled <= DETECT_S  # silence, not at once
 
 
 @pytest.mark.timeout(60)
