@@ -325,11 +325,37 @@ class QueueCore:
             deadline=old.deadline,
             method=method,
         )
-        self.done(now, rid, msg_id, True, ended=False)
+        # The step ends (not the message: no Ended, not completed)...
+        del w.in_flight[msg_id]
+        old.state = FINISHED
+        del self._live[msg_id]
+        self.in_flight -= 1
+        self.forwarded_total += 1
+        w.tasks_done += 1
+        h = old.stats.service
+        d = now - old.dispatched_at
+        h.counts[bisect_left(BOUNDS, d)] += 1
+        h.sum += d
+        if not w.in_flight:
+            w.busy_s += now - w.busy_since
+            w.idle_since = now
+        # ...the next one queues before the slot is freed, so that slot may take it.
         if not self.submit(now, nxt) and self.track_ends:
             refusal = self.outbox[-1]
             if type(refusal) is Fail:
                 self.outbox.append(Ended(nxt, refusal.error))
+        if w.state == LEAVING:
+            if not w.in_flight:
+                self._remove_worker(now, w, "worker left")
+        elif w.methods is None:
+            w.free += 1
+            taken = self._take(now, w) if self.pending else None
+            if taken is None:
+                self._idle.append(w)
+            else:
+                self._dispatch(now, w, taken)
+        else:
+            self._freed(now, w)
         return nxt
 
     # ------------------------------------------------------------------ workers
@@ -390,14 +416,11 @@ class QueueCore:
             self._freed(now, w)
         return True
 
-    def done(self, now: float, rid: bytes, msg_id: bytes, ok: bool = True, *,
-             ended: bool = True) -> bool:
+    def done(self, now: float, rid: bytes, msg_id: bytes, ok: bool = True) -> bool:
         """A worker finished ``msg_id`` (its reply went straight to the sender).
 
         Returns False when the worker or the assignment is unknown, e.g. after
         a broker restart; the I/O layer then asks the worker to re-register.
-        ``ended=False``: the message goes on (a forward): the step counts
-        in ``forwarded_total``, not as completed, and the message has not ended.
         """
         w = self.workers.get(rid)
         if w is None:
@@ -408,7 +431,7 @@ class QueueCore:
             return True
         msg.state = FINISHED
         del self._live[msg_id]
-        if self.track_ends and ended:
+        if self.track_ends:
             self.outbox.append(Ended(msg, COMPLETED if ok else FAILED))
         self.in_flight -= 1
         w.tasks_done += 1
@@ -417,9 +440,7 @@ class QueueCore:
         d = now - msg.dispatched_at
         h.counts[bisect_left(BOUNDS, d)] += 1
         h.sum += d
-        if not ended:
-            self.forwarded_total += 1
-        elif ok:
+        if ok:
             self.completed_total += 1
             stats.completed += 1
         else:
@@ -708,14 +729,16 @@ class QueueCore:
         w.queues = []
 
     def _freed(self, now: float, w: WorkerState) -> None:
-        """One more slot of (specialised) worker ``w`` is free: fill it or park it."""
+        """One more slot of worker ``w`` is free: fill it or park it."""
         w.free += 1
         nxt = self._take(now, w) if self.pending else None
         if nxt is not None:
             self._dispatch(now, w, nxt)
-            return
-        for mq in w.queues:
-            mq.park(w)
+        elif w.methods is None:
+            self._idle.append(w)
+        else:
+            for mq in w.queues:
+                mq.park(w)
 
     def _idle_worker(self, mq: MethodQueue) -> WorkerState | None:
         """Take the longest idle free slot able to serve ``mq`` (None if there is none)."""

@@ -97,8 +97,12 @@ def queue_status(core: QueueCore, now: float) -> dict[str, Any]:
 def methods_status(core: QueueCore) -> dict[str, dict[str, Any]]:
     """Per method: its figures, with ``pending`` and ``workers`` (those that serve it).
 
-    Every method pending or served is there, and every method seen before.
+    Every method pending or served is there, and every method seen before,
+    up to the core's bound on names (MAX_METHODS): past it, the rest add up
+    under ``(other)``.
     """
+    from .queue import MAX_METHODS, OTHER_METHOD
+
     out: dict[str, dict[str, Any]] = {}
     for m, st in core.methods.items():
         out[m.decode("utf-8", "replace")] = dict(st.snapshot(), pending=0,
@@ -107,6 +111,14 @@ def methods_status(core: QueueCore) -> dict[str, dict[str, Any]]:
         name = m.decode("utf-8", "replace")
         entry = out.get(name)
         if entry is None:
+            if len(out) >= MAX_METHODS:
+                name = OTHER_METHOD.decode()
+                entry = out.get(name)
+                if entry is None:
+                    entry = out[name] = dict(MethodStats().snapshot(), pending=0, workers=0)
+                entry["pending"] += pending
+                entry["workers"] = max(entry["workers"], workers)
+                continue
             entry = out[name] = MethodStats().snapshot()
         entry["pending"] = pending
         entry["workers"] = workers

@@ -73,7 +73,8 @@ def test_async_callbacks_respond_fail_and_mix_with_plain_ones(cluster):
         assert s.rpc("nap", {"s": 0.01}) == {"pid": w.pid, "slept": 0.01}  # still serving
     st = wait_for(lambda: (x := cluster.status("q"))["completed_total"] == 4 and x, 5,
                   "4 completed")
-    assert st["failed_total"] == 2 and st["workers"][0]["tasks_done"] == 6
+    # "nope" fails at sqm (UnknownMethod, counted in failed_total): it never reaches the worker
+    assert st["failed_total"] == 2 and st["workers"][0]["tasks_done"] == 5
 
 
 def test_plain_callbacks_run_concurrently_in_threads(cluster):

@@ -879,3 +879,139 @@ CoreMachine.TestCase.settings = settings(SETTINGS, max_examples=500)
 OneDeathPerTickMachine.TestCase.settings = SETTINGS
 TestQueueCoreStateMachine = CoreMachine.TestCase
 TestQueueCoreOneDeathPerTick = OneDeathPerTickMachine.TestCase
+
+
+# --------------------------------------------------------------------------- abilities
+
+METHODS = ["a", "b", "c"]
+
+
+class AbilitiesMachine(RuleBasedStateMachine):
+    """Heterogeneous workers (each serves a subset of the methods, some all of them).
+
+    Checked after every step, on the core's own state and outbox:
+
+    - a message is never dispatched to a worker that does not serve its method;
+    - no worker able to take work has a free slot while a message it can serve
+      pends (dispatching on);
+    - FIFO per method: a message dispatched in a step is older (priority,
+      then submission order) than every message of its method still pending;
+    - every accepted message ends exactly once (one Ended entry), forwarded
+      steps included, and none is both ended and live.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = T0
+        self.core = QueueCore("q", T0, heartbeat=HEARTBEAT, liveness=LIVENESS, max_pending=20)
+        self.core.track_ends = True
+        self.rids = itertools.count()
+        self.mids = itertools.count()
+        self.ended: dict[bytes, int] = {}
+        self.accepted: set[bytes] = set()
+
+    def _step(self, call) -> None:
+        call()
+        out = list(self.core.outbox)
+        self.core.outbox.clear()
+        sent = []
+        for entry in out:
+            kind = as_tuple(entry)[0]
+            if kind == OUT_DISPATCH:
+                sent.append(entry.msg)
+                w = self.core.workers.get(entry.rid)
+                assert w is not None, "dispatch to an unknown worker"
+                assert w.methods is None or entry.msg.method in w.methods, (
+                    f"{entry.msg.method!r} dispatched to a worker serving {w.methods}")
+            elif kind == OUT_ENDED:
+                self.ended[entry.msg.id] = self.ended.get(entry.msg.id, 0) + 1
+                assert self.ended[entry.msg.id] == 1, f"{entry.msg.id!r} ended twice"
+        pending = [m for m in self.core._live.values() if m.state == 0]
+        for m in sent:
+            for p in pending:
+                if p.method == m.method:
+                    assert (p.priority, p.seq) > (m.priority, m.seq), (
+                        f"FIFO per method: {m.id!r} dispatched before older {p.id!r}")
+
+    def _free_workers(self):
+        return [w for w in self.core.workers.values() if w.free > 0]
+
+    @invariant()
+    def no_capable_worker_idle_while_work_pends(self) -> None:
+        if not self.core.dispatching:
+            return
+        pending = {m.method for m in self.core._live.values() if m.state == 0}
+        for w in self._free_workers():
+            serves = pending if w.methods is None else pending & set(w.methods)
+            assert not serves, f"worker {w.id} idle while {serves} pend"
+
+    @invariant()
+    def ends_exactly_once(self) -> None:
+        live = set(self.core._live)
+        assert not live & {mid for mid, n in self.ended.items() if n}
+        assert self.accepted <= live | set(self.ended)
+
+    @rule(methods=st.one_of(st.none(), st.sets(st.sampled_from(METHODS))),
+          slots=st.integers(1, 2))
+    def hello(self, methods, slots: int) -> None:
+        rid = b"w%d" % next(self.rids)
+        info = {"slots": slots, "id": rid.decode()}
+        if methods is not None:
+            info["methods"] = sorted(methods)
+        self._step(lambda: self.core.hello(self.now, rid, info))
+
+    @rule(method=st.sampled_from(METHODS), priority=st.integers(0, 2),
+          deadline=st.one_of(st.none(), st.floats(0.5, 6.0)))
+    def submit(self, method: str, priority: int, deadline) -> None:
+        mid = b"m%d" % next(self.mids)
+        m = Message(mid, b"origin", None, method=method.encode(), priority=priority,
+                    deadline=self.now + deadline if deadline else 0.0)
+        result: list[bool] = []
+        self._step(lambda: result.append(self.core.submit(self.now, m)))
+        if result[0]:
+            self.accepted.add(mid)
+
+    @rule(data=st.data(), ok=st.booleans())
+    def done(self, data, ok: bool) -> None:
+        held = [(w.rid, mid) for w in self.core.workers.values() for mid in w.in_flight]
+        if held:
+            rid, mid = data.draw(st.sampled_from(held))
+            self._step(lambda: self.core.done(self.now, rid, mid, ok))
+
+    @rule(data=st.data(), method=st.sampled_from(METHODS))
+    def forward(self, data, method: str) -> None:
+        held = [(w.rid, m) for w in self.core.workers.values() for m in w.in_flight.values()]
+        if held:
+            rid, m = data.draw(st.sampled_from(held))
+            self._step(lambda: self.core.forward(self.now, rid, m.id, None,
+                                                 method=method.encode(), size=0,
+                                                 priority=m.priority))
+
+    @rule(data=st.data(), methods=st.one_of(st.none(), st.sets(st.sampled_from(METHODS))))
+    def abilities(self, data, methods) -> None:
+        if self.core.workers:
+            rid = data.draw(st.sampled_from(sorted(self.core.workers)))
+            info = {} if methods is None else {"methods": sorted(methods)}
+            self._step(lambda: self.core.abilities(self.now, rid, info))
+
+    @rule(data=st.data())
+    def bye(self, data) -> None:
+        if self.core.workers:
+            rid = data.draw(st.sampled_from(sorted(self.core.workers)))
+            self._step(lambda: self.core.bye(self.now, rid))
+
+    @rule(resume=st.booleans())
+    def drain_or_resume(self, resume: bool) -> None:
+        self._step(lambda: self.core.resume(self.now) if resume else self.core.drain())
+
+    @rule(dt=st.sampled_from([0.1, 1.0, 2.0, 3.5]), beat=st.booleans())
+    def tick(self, dt: float, beat: bool) -> None:
+        self.now += dt
+        if beat:
+            for rid in list(self.core.workers):
+                self.core.seen(self.now, rid)
+        self._step(lambda: self.core.tick(self.now))
+
+
+AbilitiesMachine.TestCase.settings = settings(SETTINGS, max_examples=400)
+TestAbilitiesStateMachine = AbilitiesMachine.TestCase
