@@ -124,3 +124,25 @@ def test_the_mailbox_across_two_brokers_on_two_hosts(net: Network) -> None:
     assert (c.addr, mailbox_port) in tcp_peers(d)
     sender.write("done\n")
     assert sender.wait(15) == 0, sender.stderr
+
+
+def test_a_sender_beside_a_broker_gets_replies_through_the_other_broker_too(
+        net: Network) -> None:
+    """A Sender on broker host A lists its local broker by loopback first and
+    broker B second; the worker on C serves both. The mailbox must be where
+    C can reach it (A's address), not A's loopback (what the first endpoint
+    alone would give): every reply, through either broker, reaches it."""
+    a, b, c = net(3)
+    on_a = f"tcp://{a.addr}:{PORT}"
+    on_b = f"tcp://{b.addr}:{PORT}"
+    brokers = [a.serve("q", f"tcp://0.0.0.0:{PORT}"), b.serve("q", on_b)]
+    worker = c.worker([on_a, on_b])
+    for broker, endpoint in zip(brokers, (on_a, on_b), strict=True):
+        c.wait_serving(broker, endpoint, workers=1)
+    worker.check_alive()
+    sender = a.sender([f"tcp://127.0.0.1:{PORT}", on_b], count=20, window=10, timeout=10)
+    result = wait_for(sender.summary, 40, "the batch's end")
+    mailbox = sender.said()[0]["mailbox"]
+    errors = {line["msg"] for line in sender.said() if "error" in line}
+    assert re.fullmatch(rf"tcp://{re.escape(a.addr)}:\d+", mailbox), (mailbox, result, errors)
+    assert result["items"] == result["replies"] == 20, (result, errors)
