@@ -72,14 +72,16 @@ def test_processes_are_pool_tasks_in_the_default_or_given_pool(cluster: Cluster,
         cluster, path=elsewhere), 20, "no worker task left")
 
 
-def test_sigterm_lets_every_child_finish_its_message_then_exits_0(cluster: Cluster) -> None:
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_sigterm_lets_every_child_finish_its_message_then_exits_0(cluster: Cluster,
+                                                                   how: int) -> None:
     cluster.serve("q")
     parent = cluster.worker("q", processes=2)
     children = running_children(cluster)
     with Sender("q", timeout=30) as sender:
         ids = [sender.submit("sleep", {"s": 1.0}) for _ in range(2)]
         wait_for(lambda: cluster.status("q")["in_flight"] == 2, 10, "both children busy")
-        parent.signal(signal.SIGTERM)
+        parent.signal(how)
         replies = [sender.receive(id=mid, timeout=30) for mid in ids]
     assert {r["pid"] for r in replies} == children  # each finished the message in hand
     assert parent.wait(20) == 0, parent.stderr
