@@ -1,6 +1,6 @@
 """``sqm pool``: spawn, list, inspect, signal, read and stop the tasks of a pool.
 
-A group of its own (the lead adds it to ``sqm`` with ``main.add_command(pool)``);
+Registered in ``sqm`` as ``sqm pool`` (sqm/cli/__init__.py);
 ``python -m sqm.taskpool`` runs it directly.
 """
 
