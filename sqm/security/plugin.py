@@ -63,6 +63,9 @@ class SecurityPlugin(Plugin):
         self.denied: dict[str, int] = {}  # queue name -> refused inputs
         self._rights: dict[bytes, frozenset[bytes]] = {}
         self._logged: set[bytes] = set()
+        #: Reads a peer's ZAP User-Id (replaceable in tests and the fuzzer,
+        #: whose hand-made frames carry no metadata).
+        self.user_id_of = peer_user_id
 
     # ------------------------------------------------------------ life cycle
 
@@ -94,14 +97,14 @@ class SecurityPlugin(Plugin):
             return True  # CONTROL: admit_control decides by the command's name
         rid = peer.bytes
         if command == HELLO:
-            rights = RIGHTS_BY_USER_ID.get(peer_user_id(peer), _NONE)
+            rights = RIGHTS_BY_USER_ID.get(self.user_id_of(peer), _NONE)
             if len(self._rights) >= MAX_CACHED_PEERS:
                 self._rights.clear()
             self._rights[rid] = rights
         else:
             found = self._rights.get(rid)
             if found is None:
-                found = RIGHTS_BY_USER_ID.get(peer_user_id(peer), _NONE)
+                found = RIGHTS_BY_USER_ID.get(self.user_id_of(peer), _NONE)
                 if len(self._rights) >= MAX_CACHED_PEERS:
                     self._rights.clear()
                 self._rights[rid] = found
@@ -116,15 +119,14 @@ class SecurityPlugin(Plugin):
         return False
 
     def admit_control(self, server: QueueServer, peer: zmq.Frame, name: str) -> bool:
-        if control_allowed(roles_of(peer_user_id(peer)), name):
+        if control_allowed(roles_of(self.user_id_of(peer)), name):
             return True
         self._count(server, peer, f"control command {name!r} needs an admin key; "
                     f"this is a {self._role_text(peer)} key")
         return False
 
-    @staticmethod
-    def _role_text(peer: zmq.Frame) -> str:
-        return peer_user_id(peer).replace(",", "+") or "no-role"
+    def _role_text(self, peer: zmq.Frame) -> str:
+        return self.user_id_of(peer).replace(",", "+") or "no-role"
 
     def _count(self, server: QueueServer, peer: zmq.Frame, why: str) -> None:
         self.denied[server.name] = self.denied.get(server.name, 0) + 1
