@@ -190,3 +190,24 @@ def test_worker_api_autostart(cluster: Cluster, rundir: Path, brokers_stopped: N
         w.terminate()
         thread.join(15)
     assert not thread.is_alive()
+
+
+def test_children_that_keep_crashing_at_start_up_make_the_parent_give_up(
+        cluster: Cluster, rundir: Path) -> None:
+    app = rundir / "app"
+    app.mkdir()
+    (app / "crashy.py").write_text(  # the parent imports it first; every child then crashes
+        "import os, pathlib\n"
+        "mark = pathlib.Path(__file__).with_suffix('.imported')\n"
+        "if mark.exists():\n"
+        "    os._exit(3)\n"
+        "mark.touch()\n"
+        "callbacks = {'pid': lambda w, o, p: os.getpid()}\n")
+    cluster.serve("q")
+    env = dict(cluster.env, PYTHONPATH=f"{app}:{cluster.env['PYTHONPATH']}")
+    proc = subprocess.run([sys.executable, "-m", "sqm", "worker", "crashy:callbacks", "--queue",
+                           "q", "--processes", "2"], cwd=app, env=env, capture_output=True,
+                          text=True, timeout=90)
+    assert proc.returncode == 1, proc.stderr
+    assert "keeps crashing at start-up" in proc.stderr
+    assert not [t for t in pool_json(cluster, "--meta", "queue=q") if t["state"] != "exited"]
