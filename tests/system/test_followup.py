@@ -1,0 +1,131 @@
+"""Follow-up work from callbacks (submit/receive/rpc) and forward chains, end to end.
+
+Real ``sqm serve`` and ``sqm worker`` processes running
+tests/system/abilities_apps.py; the workers log each step they ran.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sender import Sender
+from sqm.errors import Expired, RemoteError
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.timeout(90)
+
+APPS = "tests.system.abilities_apps"
+
+
+def ran(cluster, method: str | None = None) -> list[dict]:
+    path = Path(cluster.log)
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if method is None or r["method"] == method]
+
+
+# ----------------------------------------------------------------- submit / receive / rpc
+
+
+def test_sub_rpc_and_submit_receive_from_a_sync_callback(cluster):
+    cluster.serve("q")
+    outer = cluster.worker("q", target=f"{APPS}:followers")  # plain runner, one slot
+    cluster.worker("q", target=f"{APPS}:inner_only")
+    with Sender("q", timeout=20) as s:
+        # outer is busy waiting: its "inner" must run on the other worker
+        assert s.rpc("outer", 3) == {"inner": 6, "pid": outer.pid}
+        assert s.rpc("fan_out", [1, 2, 3]) == [2, 4, 6]
+        assert s.rpc("unknown_inner", 1) == "UnknownMethod"  # sqm's answer reaches the callback
+    inner_pids = {r["pid"] for r in ran(cluster, "inner")}
+    assert len(ran(cluster, "inner")) == 4 and outer.pid not in inner_pids
+
+
+def test_sub_rpc_and_submit_receive_from_async_and_threaded_callbacks(cluster):
+    cluster.serve("q")
+    w = cluster.worker("q", "--concurrency", "3", target=f"{APPS}:async_followers")
+    with Sender("q", timeout=20) as s:
+        assert s.rpc("a_outer", 1) == [2, 4]  # await worker.rpc / submit / receive
+        assert s.rpc("outer", 5)["inner"] == 10  # a plain callback in the thread pool
+        # two callbacks wait at once; the third slot runs their inner messages
+        ids = [s.submit("fan_out", [n, n + 1]) for n in range(2)]
+        assert sorted(tuple(s.receive(id=i)) for i in ids) == [(0, 2), (2, 4)]
+    assert {r["pid"] for r in ran(cluster, "inner")} == {w.pid}  # it served itself
+
+
+def test_rpc_to_another_queue_of_the_same_sqm(cluster):
+    cluster.serve("q")
+    cluster.serve("q2")
+    cluster.env["SQM_OTHER_QUEUE"] = "q2"
+    cluster.worker("q", target=f"{APPS}:followers")
+    other = cluster.worker("q2", target=f"{APPS}:inner_only")
+    with Sender("q", timeout=20) as s:
+        assert s.rpc("other_queue", 21) == 42
+    assert [r["pid"] for r in ran(cluster, "inner")] == [other.pid]
+    assert cluster.status("q2")["completed_total"] == 1
+
+
+def test_every_worker_waiting_on_its_own_queue_times_out_and_keeps_heartbeating(cluster):
+    cluster.serve("q")  # heartbeat 0.2 s: silent for 0.6 s means dead
+    cluster.worker("q", target=f"{APPS}:followers")  # one slot: nobody left for "inner"
+    with Sender("q", timeout=20) as s:
+        assert s.rpc("self_wait", 1) == "Timeout"  # the documented deadlock, bounded
+    st = cluster.status("q")
+    assert st["workers_current"] == 1 and st["completed_total"] == 1
+    assert st["redelivered_total"] == 0 and st["failed_total"] == 0  # never taken for dead
+
+
+def test_concurrency_lets_a_worker_serve_its_own_sub_rpc(cluster):
+    cluster.serve("q")
+    cluster.worker("q", "--concurrency", "2", target=f"{APPS}:followers")
+    with Sender("q", timeout=20) as s:
+        assert s.rpc("self_wait", 4) == 8
+
+
+# ----------------------------------------------------------------- forward
+
+
+def test_three_step_chain_replies_to_the_caller_exactly_once(cluster):
+    cluster.serve("q")
+    front = cluster.worker("q", target=f"{APPS}:chain_front")
+    middle = cluster.worker("q", target=f"{APPS}:chain_middle")
+    statuses: list[tuple[int, int]] = []
+    started: list[str] = []
+    with Sender("q", timeout=20) as s:
+        mid = s.submit("step1", {"x": 1}, on_start=lambda: started.append(mid),
+                       on_status=lambda d, t: statuses.append((d, t)))
+        reply = s.receive(id=mid)
+        assert reply == {"trail": ["step1", "step2", "step3"], "hops": 2, "pid": front.pid}
+        st = wait_for(lambda: (x := cluster.status("q"))["completed_total"] == 1 and x, 10,
+                      "the chain's last DONE")
+        assert s._core.dropped == 0  # no second reply, no stray frame for the message
+    assert len(started) == 1 and statuses == [(1, 3), (2, 3)]
+    assert st["forwarded_total"] == 2 and st["failed_total"] == 0 and st["pending"] == 0
+    steps = [(r["method"], r["pid"], r["hops"]) for r in ran(cluster)]
+    assert steps == [("step1", front.pid, 0), ("step2", middle.pid, 1), ("step3", front.pid, 2)]
+
+
+def test_chain_past_the_callers_deadline_fails_back_expired(cluster):
+    cluster.serve("q")
+    cluster.worker("q", target=f"{APPS}:chain_front")
+    cluster.worker("q", target=f"{APPS}:chain_middle")
+    with Sender("q", timeout=20) as s:
+        mid = s.submit("step1", {"sleep": 1.5}, ttl=1.0)  # step1 forwards after the deadline
+        with pytest.raises(Expired):
+            s.receive(id=mid, timeout=10)
+    assert len(ran(cluster, "step1")) == 1
+    assert ran(cluster, "step2") == []  # never dispatched after its deadline
+
+
+def test_forwarding_loop_is_refused_at_the_hop_limit(cluster):
+    cluster.serve("q")
+    cluster.worker("q", target=f"{APPS}:chain_front")
+    with Sender("q", timeout=20) as s:
+        with pytest.raises(RemoteError) as info:
+            s.rpc("spin", 0)
+    assert info.value.type == "HopLimitExceeded"
+    hops = [r["hops"] for r in ran(cluster, "spin")]
+    assert hops == list(range(33))  # max_hops=32 forwards, then refused
