@@ -9,6 +9,7 @@ façade runs them (see ``_hooks.run_calls``) where the caller expects them.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
@@ -121,9 +122,41 @@ class Correlator:
                 )
             os.makedirs(directory, mode=0o700, exist_ok=True)
             return "ipc://" + os.path.join(directory, f"mbox-{self.prefix}.sock")
-        host = s.endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
-        local = local_address_towards(host)
+        local = self._mailbox_ip()
         return f"tcp://[{local}]:*" if ":" in local else f"tcp://{local}:*"
+
+    def _mailbox_ip(self) -> str:
+        """The local IP every broker's workers can reach: the one routed
+        towards each tcp endpoint, non-loopback first (a broker listed by
+        loopback is on this host and its workers reach that address too).
+
+        Raises SQMError at once, not a Timeout later, when brokers need
+        different addresses or none falls inside ``mailbox_networks``.
+        """
+        s = self.settings
+        hosts = [ep[len("tcp://"):].rpartition(":")[0].strip("[]")
+                 for ep in s.endpoints if ep.startswith("tcp://")]
+        found = list(dict.fromkeys(local_address_towards(h) for h in hosts))
+        networks = s.get("mailbox_networks")
+        if networks:
+            try:
+                allowed = [ipaddress.ip_network(str(n), strict=False) for n in networks]
+            except ValueError as exc:
+                raise ConfigError(f"mailbox_networks: {exc}") from None
+            inside = [a for a in found if any(ipaddress.ip_address(a) in n for n in allowed)]
+            if not inside:
+                raise SQMError(
+                    f"this sender's mailbox would be on {' or '.join(found)}, outside "
+                    f"mailbox_networks {[str(n) for n in allowed]}: workers would refuse it; "
+                    "set mailbox_bind to an address inside them")
+            found = inside
+        outside = [a for a in found if not ipaddress.ip_address(a).is_loopback]
+        if len(outside) > 1:
+            raise SQMError(
+                f"the brokers of queue {s.queue!r} are reached from different local "
+                f"addresses ({', '.join(outside)}): one mailbox cannot serve them all; "
+                "set mailbox_bind to an address every broker's workers reach")
+        return (outside or found)[0]
 
     def set_mailbox(self, bound: str) -> None:
         self.mailbox = bound.encode("ascii")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import socket
 import struct
 from typing import Any
 
@@ -219,6 +220,19 @@ def endpoint_is_local(endpoint: str) -> bool:
         return False
 
 
+def is_own_address(ip: str) -> bool:
+    """True when ``ip`` is an address of this host (the kernel lets us bind it)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        probe.bind((ip, 0))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 def parse_mailbox(addr: str) -> tuple[str, str, int]:
     """Split ``tcp://IP:PORT`` or ``ipc:///abs/path`` into (scheme, host-or-path, port).
 
@@ -284,7 +298,10 @@ class MailboxPolicy:
         return cls(
             dirs,
             settings.get("mailbox_networks"),
-            endpoint_is_local(settings.endpoint),
+            # Any broker on this host may be handed a loopback mailbox by a
+            # sender beside it (every broker counts, not only the first).
+            any(endpoint_is_local(ep)
+                for ep in getattr(settings, "endpoints", None) or (settings.endpoint,)),
             allow_inproc=settings.endpoint.startswith("inproc://"),
         )
 
@@ -325,6 +342,9 @@ class MailboxPolicy:
                 # Connected over ipc: only an ipc mailbox (checked above) is
                 # allowed, or a local sender could aim workers at any local port.
                 return "a sender connected over ipc must use an ipc mailbox"
-            if peer_ip != ip:
+            if peer_ip != ip and not (peer_ip.is_loopback and not ip.is_loopback
+                                      and is_own_address(where)):
+                # A sender beside the broker (loopback peer) may name this host's
+                # network address, the one other brokers' workers reach.
                 return "tcp mailbox host differs from the sender's own address"
         return None

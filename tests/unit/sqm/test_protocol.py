@@ -361,3 +361,37 @@ def test_for_settings_allows_inproc_mailboxes_for_an_inproc_endpoint(tmp_path):
     assert served.check("inproc://sqm-mbox-1") is None
     over_ipc = QueueSettings("q", f"ipc://{tmp_path}/q.sock", str(tmp_path))
     assert protocol.MailboxPolicy.for_settings(over_ipc).check("inproc://sqm-mbox-1") is not None
+
+
+def test_loopback_peer_may_name_an_address_of_this_host_but_no_other():
+    """A sender beside the broker (loopback peer) whose mailbox is on this
+    host's network address, so other brokers' workers reach it too."""
+    import socket as _socket
+
+    from sqm.protocol import is_own_address
+
+    probe = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))  # TEST-NET-1: no packet is sent
+        own = probe.getsockname()[0]
+    except OSError:
+        own = "127.0.0.1"
+    finally:
+        probe.close()
+    policy = MailboxPolicy([RUN])
+    if own != "127.0.0.1":
+        assert is_own_address(own)
+        assert allowed(policy, f"tcp://{own}:5000", peer="127.0.0.1")
+    assert not is_own_address("192.0.2.77")
+    assert not allowed(policy, "tcp://192.0.2.77:5000", peer="127.0.0.1")
+
+
+def test_a_loopback_broker_anywhere_in_the_list_allows_loopback_mailboxes(tmp_path):
+    from sqm.config import QueueSettings
+
+    both = QueueSettings("q", "tcp://10.0.0.2:5555", str(tmp_path), {},
+                         ("tcp://10.0.0.2:5555", "tcp://127.0.0.1:5555"))
+    remote = QueueSettings("q", "tcp://10.0.0.2:5555", str(tmp_path), {},
+                           ("tcp://10.0.0.2:5555",))
+    assert MailboxPolicy.for_settings(both).check("tcp://127.0.0.1:5000") is None
+    assert MailboxPolicy.for_settings(remote).check("tcp://127.0.0.1:5000") is not None
