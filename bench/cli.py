@@ -32,6 +32,7 @@ import zmq
 from bench import baseline, sqm_adapter
 from bench.common import (
     PREFETCH_VARIANTS,
+    W6_ENV,
     WORKLOAD_ORDER,
     BenchError,
     Workload,
@@ -116,6 +117,10 @@ METRICS: dict[str, list[Metric]] = {
     ],
     "W5": _BACKLOG,
     "W5-p16": _BACKLOG,
+    "W6": [
+        _TASKS,
+        Metric("starved_max_wait_ms", "rarest method max wait ms", False, ratio=False),
+    ],
 }
 
 
@@ -507,6 +512,8 @@ def run_one(system: System, wl: Workload, args: argparse.Namespace) -> dict[str,
         }
 
         def spawn_workers() -> list[_Proc]:
+            if wl.kind == "methods":  # W6: each worker serves 2 of the 8 methods
+                os.environ[W6_ENV] = "1"  # restored with the rest after the run
             return [
                 group.spawn(
                     f"{system.name} worker process {k}",
@@ -652,6 +659,8 @@ def _metrics_and_checks(
     if wl.kind == "backlog":
         return {"drain_per_s": res["drain_per_s"]}
     out = {"tasks_per_s": res["tasks_per_s"]}
+    if wl.kind == "methods":
+        out["starved_max_wait_ms"] = res["starved_max_wait_ms"]
     if wl.name == "W3":
         out["min_per_worker"] = min(measured.values())
         out["max_per_worker"] = max(measured.values())

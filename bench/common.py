@@ -83,7 +83,34 @@ WORKLOAD_ORDER = (
     "W4",
     "W5",
     "W5-p16",
+    "W6",
 )
+
+#: W6: 8 methods over 16 workers, each serving 2 of them (every method by 4
+#: workers); the sender's mix is skewed, so the rarest method's workers are
+#: mostly busy with the common ones: how long does a message of it wait?
+W6_METHODS = tuple(f"m{i}" for i in range(8))
+W6_WEIGHTS = (32, 16, 8, 8, 4, 4, 2, 1)  # the last method is the starved one
+#: Set (to "1") in the worker processes' environment for a W6 run.
+W6_ENV = "SQM_BENCH_W6"
+
+
+def w6_methods(g: int) -> tuple[str, str]:
+    """The two methods worker ``g`` (0..15) serves: each method gets 4 workers."""
+    first = g % 8
+    second = (g + 1) % 8 if g < 8 else (g + 3) % 8
+    return W6_METHODS[first], W6_METHODS[second]
+
+
+def w6_method(i: int) -> str:
+    """Method of measured message ``i``: the skewed mix, spread evenly over the run."""
+    total = sum(W6_WEIGHTS)
+    slot = (i * 37) % total  # a stride coprime with the total: an even interleaving
+    for name, weight in zip(W6_METHODS, W6_WEIGHTS, strict=True):
+        if slot < weight:
+            return name
+        slot -= weight
+    return W6_METHODS[-1]
 
 
 def make_workloads(
@@ -143,6 +170,18 @@ def make_workloads(
         idle_s=idle,
         systems=("baseline", "sqm"),
         base="W2",
+    )
+    out["W6"] = Workload(
+        "W6",
+        "methods",
+        n2,
+        200,
+        4,
+        4,
+        200,
+        "8 methods over 16 workers (4 procs x 4 threads) each serving 2, 200 outstanding, "
+        "skewed mix: tasks/s and the longest wait of the rarest method",
+        systems=("sqm",),
     )
     for name, p in (("W5", 1), ("W5-p16", 16)):
         out[name] = Workload(

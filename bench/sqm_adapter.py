@@ -27,6 +27,8 @@ from typing import Any
 
 from bench.common import (
     METHOD,
+    W6_ENV,
+    W6_METHODS,
     BenchError,
     CpuMeter,
     Tally,
@@ -35,6 +37,9 @@ from bench.common import (
     pipelined_result,
     rpc_result,
     run_sender_process,
+    w6_method,
+    w6_methods,
+    wait_until,
     warm_done,
     work,
     write_json_atomic,
@@ -76,9 +81,14 @@ def worker_host(
         ) -> dict[str, Any]:
             return work(body, _wid, _c)
 
+        methods: tuple[str, ...] = (METHOD,)
+        if os.environ.get(W6_ENV):  # W6: this worker serves 2 of the 8 methods
+            proc = int(os.path.basename(counts_path).split("-")[-1].split(".")[0])
+            methods = w6_methods(proc * nthreads + t)
         workers.append(
             Worker(
-                queue, endpoint=endpoint, callbacks={METHOD: cb}, prefetch=prefetch, context=ctx
+                queue, endpoint=endpoint, callbacks=dict.fromkeys(methods, cb),
+                prefetch=prefetch, context=ctx,
             )
         )
     try:
@@ -141,6 +151,9 @@ def _run_sync(job: dict[str, Any]) -> dict[str, Any]:
             last, cpu = time.monotonic(), meter.stop()
             return backlog_result(n, start, submit_s, first, last, tally, cpu)
 
+        if wl["kind"] == "methods":
+            return _run_methods(s, job, timeout, tally)
+
         if wl["kind"] == "rpc":
             for i in range(-wl["warmup"], 0):
                 tally.expect(i, s.rpc(METHOD, payload(i), timeout=timeout))
@@ -187,6 +200,64 @@ def _run_sync(job: dict[str, Any]) -> dict[str, Any]:
             done += 1
         elapsed, cpu = time.perf_counter() - t0, meter.stop()
         return pipelined_result(n, elapsed, tally, warm_count, cpu)
+
+
+def _run_methods(s: Any, job: dict[str, Any], timeout: float, tally: Tally) -> dict[str, Any]:
+    """W6: the skewed method mix, ``window`` outstanding; also the rarest method's
+    longest submit-to-reply time (its workers are busy with the common methods)."""
+    from sqm.admin import fetch_status
+    from sqm.config import resolve
+
+    wl = job["workload"]
+    window, expected = wl["window"], wl["procs"] * wl["threads"]
+    outstanding: set[int] = set()
+    deadline = time.monotonic() + job["warmup_timeout"]
+    # Every worker registered first: with some workers there, a method none
+    # of them serves yet would fail at once (UnknownMethod), as it should.
+    where = resolve(job["queue"], endpoint=job["endpoint"])
+    wait_until(lambda: fetch_status(where, 2.0)["workers_current"] >= expected,
+               job["warmup_timeout"], f"{expected} registered workers", interval=0.05)
+    nxt = -1
+    warm_count = 0
+    while not warm_done(tally, expected, warm_count, wl["warmup"]):
+        if time.monotonic() > deadline:
+            raise BenchError(f"warm-up: only {len(tally.warmup)}/{expected} workers answered")
+        while len(outstanding) < window:
+            s.submit(W6_METHODS[nxt % len(W6_METHODS)], payload(nxt))  # every method, evenly
+            outstanding.add(nxt)
+            nxt -= 1
+        tally.take(outstanding, s.receive(timeout=timeout))
+        warm_count += 1
+    while outstanding:
+        tally.take(outstanding, s.receive(timeout=timeout))
+        warm_count += 1
+
+    n = wl["n"]
+    starved = W6_METHODS[-1]
+    sent_at: dict[int, float] = {}
+    worst: dict[str, float] = dict.fromkeys(W6_METHODS, 0.0)
+    clock = time.perf_counter
+    nxt = done = 0
+    meter = CpuMeter(job)
+    t0 = clock()
+    while done < n:
+        while len(outstanding) < window and nxt < n:
+            s.submit(w6_method(nxt), payload(nxt))
+            sent_at[nxt] = clock()
+            outstanding.add(nxt)
+            nxt += 1
+        got = tally.take(outstanding, s.receive(timeout=timeout))
+        waited = clock() - sent_at.pop(got)
+        method = w6_method(got)
+        if waited > worst[method]:
+            worst[method] = waited
+        done += 1
+    elapsed, cpu = clock() - t0, meter.stop()
+    res = pipelined_result(n, elapsed, tally, warm_count, cpu)
+    res["starved_method"] = starved
+    res["starved_max_wait_ms"] = worst[starved] * 1000
+    res["max_wait_ms_by_method"] = {m: w * 1000 for m, w in worst.items()}
+    return res
 
 
 async def _maybe_await(x: Any) -> Any:

@@ -45,6 +45,10 @@ COUNTERS = [
      "Messages dead-lettered since start (later dropped or purged ones included)."),
     ("sqm_denied", "denied_total", "Inputs refused because the peer's role forbids them."),
 ]
+METHOD_GAUGES = [
+    ("sqm_method_pending", "pending", "Messages of this method waiting for a worker."),
+    ("sqm_method_workers", "workers", "Registered workers that serve this method."),
+]
 METHOD_COUNTERS = [
     ("sqm_method_messages_assigned", "assigned_total", "Messages of this method handed to a worker."),
     ("sqm_method_messages_completed", "completed_total", "Messages of this method finished."),
@@ -113,6 +117,14 @@ class SqmCollector(Collector):
                     if value is not None:
                         counter.add_metric([queue, str(method)], value)
             yield counter
+        for name, key, doc in METHOD_GAUGES:
+            gauge = GaugeMetricFamily(name, doc, labels=["queue", "method"])
+            for queue, methods in per_queue:
+                for method, st in methods.items():
+                    value = _num(st.get(key)) if isinstance(st, Mapping) else None
+                    if value is not None:
+                        gauge.add_metric([queue, str(method)], value)
+            yield gauge
         for suffix, key, doc in HISTOGRAMS:
             hist = HistogramMetricFamily(f"sqm_method_{suffix}", doc, labels=["queue", "method"])
             for queue, methods in per_queue:

@@ -128,6 +128,7 @@ def step2(worker, originator, payload):
 
 def step3(worker, originator, payload):
     _log("step3", payload, hops=originator.hops)
+    _busy_for(0.2)  # some work: the earlier steps' progress reaches the caller first
     return {"trail": [*payload["trail"], "step3"], "hops": originator.hops, "pid": os.getpid()}
 
 

@@ -233,3 +233,23 @@ def test_forward_of_a_message_not_held_does_nothing():
     assert core.forward(T0, b"w1", b"nope", [b""], method=b"a", size=0, priority=1) is None
     assert core.forward(T0, b"ghost", b"nope", [b""], method=b"a", size=0, priority=1) is None
     assert not take(core)
+
+
+def test_metrics_carry_per_method_pending_and_workers():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from sqm.web.collector import SqmCollector
+
+    core = make_core()
+    hello(core, "wa", ["a"])
+    hello(core, "wab", ["a", "b"])
+    for i in range(3):
+        core.submit(T0, msg(f"m{i}", "a"))
+    snapshot = {"jobs": core.status(T0)}
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(SqmCollector(lambda: snapshot))
+    text = generate_latest(reg).decode()
+    assert 'sqm_method_pending{method="a",queue="jobs"} 1.0' in text
+    assert 'sqm_method_workers{method="a",queue="jobs"} 2.0' in text
+    assert 'sqm_method_workers{method="b",queue="jobs"} 1.0' in text
+    assert 'sqm_method_pending{method="b",queue="jobs"} 0.0' in text
