@@ -269,6 +269,9 @@ class System:
     worker_target: Callable[[str, str, int, str, int], None]
     sender_target: Callable[[dict[str, Any]], None]
     uses_sqm_broker: bool
+    #: CURVE on every socket (``--curve``): keys made per run, clients read
+    #: them from $SQM_SECRET_KEY / $SQM_SERVER_KEY.
+    curve: bool = False
 
 
 def _systems() -> dict[str, System]:
@@ -278,7 +281,33 @@ def _systems() -> dict[str, System]:
         "sqm-async": System(
             "sqm-async", sqm_adapter.worker_host, sqm_adapter.async_sender_main, True
         ),
+        CURVE_SYSTEM: System(
+            CURVE_SYSTEM, sqm_adapter.worker_host, sqm_adapter.sender_main, True, curve=True
+        ),
     }
+
+
+#: The CURVE variant of the sqm system (``--curve``) and the workloads it runs.
+CURVE_SYSTEM = "sqm-curve"
+CURVE_WORKLOADS = ("W1", "W2")
+
+
+def _curve_keys(tmp: str) -> list[str]:
+    """Make this run's keys (one client key that may send and serve); point the
+    clients at them through the environment; return ``sqm serve``'s options."""
+    from sqm.security.keys import generate_keypair
+
+    keys = os.path.join(tmp, "keys")
+    generate_keypair("broker", keys)
+    public, secret = generate_keypair("client", keys)
+    for folder in ("senders", "workers"):
+        os.makedirs(os.path.join(keys, "clients", folder), exist_ok=True)
+        with open(os.path.join(keys, "clients", folder, "client.key"), "wb") as f:
+            f.write(public.read_bytes())
+    os.environ["SQM_SECRET_KEY"] = str(secret)
+    os.environ["SQM_SERVER_KEY"] = os.path.join(keys, "broker.key")
+    return ["--secret-key", os.path.join(keys, "broker.key_secret"),
+            "--clients", os.path.join(keys, "clients")]
 
 
 def sqm_unavailable() -> str | None:
@@ -308,7 +337,7 @@ def _child_env(tmp: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
     env["SQM_RUNDIR"] = tmp
-    for var in ("SQM_ENDPOINT", "SQM_CONFIG", "SQM_QUEUE"):
+    for var in ("SQM_ENDPOINT", "SQM_CONFIG", "SQM_QUEUE", "SQM_SECRET_KEY", "SQM_SERVER_KEY"):
         env.pop(var, None)
     return env
 
@@ -330,6 +359,7 @@ def _start_broker(system: System, tmp: str, group: ProcGroup, log_path: str) -> 
             "sqm serve",
             _sqm_serve_cmd()
             + ["serve", QUEUE, "--endpoint", endpoint, "--max-pending", str(SQM_MAX_PENDING)]
+            + (_curve_keys(tmp) if system.curve else [])
             + [arg.replace("{tmp}", tmp) for arg in SQM_SERVE_EXTRA],
             log_path,
             _child_env(tmp),
@@ -911,6 +941,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--quick", action="store_true", help="small counts: a smoke run (~60 s)")
     ap.add_argument(
+        "--curve",
+        action="store_true",
+        help=f"also run W1 and W2 on {CURVE_SYSTEM} (CURVE on every socket) and report "
+        "its figures as ratios to sqm's in the same run",
+    )
+    ap.add_argument(
         "--out", default="bench-results.json", help="JSON results file (default: %(default)s)"
     )
     ap.add_argument(
@@ -975,6 +1011,25 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _runs_on(wl: Workload, system: str) -> bool:
+    if system == CURVE_SYSTEM:
+        return wl.name in CURVE_WORKLOADS
+    return wl.runs_on(system)
+
+
+def curve_ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each CURVE workload's figures divided by the insecure sqm's of the same run."""
+    by = {(r["system"], r["workload"]): r for r in rows if r["status"] == "ok"}
+    out: dict[str, dict[str, float]] = {}
+    for w in CURVE_WORKLOADS:
+        sec, plain = by.get((CURVE_SYSTEM, w)), by.get(("sqm", w))
+        if sec is None or plain is None:
+            continue
+        out[w] = {k: v / plain["metrics"][k] for k, v in sec["metrics"].items()
+                  if isinstance(v, (int, float)) and plain["metrics"].get(k)}
+    return out
+
+
 def _placeholder_row(system: str, workload: str, status: str, why: str) -> dict[str, Any]:
     """A result row for a pair that did not run (``n/a`` or ``skipped``)."""
     return {
@@ -996,6 +1051,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     systems = _systems()
+    if args.curve:
+        if "sqm" not in args.systems:
+            args.systems.append("sqm")  # the insecure figures the ratios divide by
+        args.systems.append(CURVE_SYSTEM)
     workloads = make_workloads(args.quick, args.w3_layout, args.w4_layout, args.w4_idle)
     selected = [w for w in WORKLOAD_ORDER if w in args.only]
     machine = machine_info()
@@ -1022,7 +1081,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for w in selected:
                 wl = workloads[w]
                 for s in args.systems:
-                    if (systems[s].uses_sqm_broker and skip_reason) or not wl.runs_on(s):
+                    if (systems[s].uses_sqm_broker and skip_reason) or not _runs_on(wl, s):
                         continue
                     rep_note = f" [{rep + 1}/{args.repeat}]" if args.repeat > 1 else ""
                     print(
@@ -1042,7 +1101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     runs.setdefault((w, s), []).append(row)
         for w in selected:
             for s in args.systems:
-                if not workloads[w].runs_on(s):
+                if not _runs_on(workloads[w], s):
                     rows.append(_placeholder_row(s, w, "n/a", f"{w} is not defined for {s}"))
                 elif systems[s].uses_sqm_broker and skip_reason:
                     rows.append(_placeholder_row(s, w, "skipped", skip_reason))
@@ -1064,6 +1123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "W4 includes heartbeats):"
     )
     print(format_cpu_table(rows, args.systems, selected), flush=True)
+    curve = curve_ratios(rows) if args.curve else {}
+    if curve:
+        print("\nCURVE cost (sqm-curve / sqm, same run):")
+        for w, ratios in curve.items():
+            print(f"  {w}: " + "   ".join(f"{k} {v:.2f} x" for k, v in ratios.items()))
     failed = [r for r in rows if r["status"] == "failed"]
     report = {
         "machine": machine,
@@ -1080,6 +1144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "total_wall_s": time.monotonic() - t_start,
         "ok": not failed,
         "targets": targets,
+        "curve_ratios": curve,
         "results": rows,
     }
     with open(args.out, "w", encoding="utf-8") as f:

@@ -29,6 +29,7 @@ import logging
 import os
 import random
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -446,18 +447,42 @@ def run_random(target: Callable[[bytes], None], inputs: int, seed: int) -> int:
     return inputs
 
 
+def atheris_available() -> bool:
+    try:
+        import atheris  # type: ignore[import-not-found,import-untyped,unused-ignore]  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def run_core(inputs: int, seed: int, use_atheris: bool) -> tuple[int, str, dict[str, int]]:
-    """``inputs`` fuzz inputs against parser + core; (inputs tried, driver, what they reached)."""
-    if use_atheris:
-        try:
-            import atheris  # type: ignore[import-not-found,import-untyped,unused-ignore]
-        except ImportError:
-            use_atheris = False
-    if not use_atheris:
+    """``inputs`` fuzz inputs against parser + core; (inputs tried, driver, what they reached).
+
+    libFuzzer ends its process when the runs are done, so the atheris driver
+    runs in a child process (:func:`atheris_child`) that reports on stdout.
+    """
+    if not (use_atheris and atheris_available()):
         fuzz = CoreFuzz()
         run_random(fuzz, inputs, seed)
         fuzz.close()
         return inputs, "random+mutation", fuzz.reached
+    out = subprocess.run([sys.executable, "-m", "bench.fuzz", "--atheris-child",
+                          "--inputs", str(inputs), "--seed", str(seed)],
+                         stdout=subprocess.PIPE, text=True, check=False)
+    found = [line for line in out.stdout.splitlines() if line.startswith(CHILD_RESULT)]
+    if out.returncode != 0 or not found:
+        raise Crash(f"the atheris run failed (exit {out.returncode}): see its output above")
+    result = json.loads(found[-1][len(CHILD_RESULT):])
+    return int(result["inputs"]), "atheris (libFuzzer, coverage-guided)", result["reached"]
+
+
+CHILD_RESULT = "ATHERIS-RESULT "
+
+
+def atheris_child(inputs: int, seed: int) -> None:
+    """The atheris run: the last input closes the harness and prints the result."""
+    import atheris
+
     atheris.instrument_all()  # sqm is imported already: instrument what is loaded
     fuzz = CoreFuzz()
     done = [0]
@@ -465,18 +490,17 @@ def run_core(inputs: int, seed: int, use_atheris: bool) -> tuple[int, str, dict[
     def target(data: bytes) -> None:
         done[0] += 1
         fuzz(data)
+        if done[0] == inputs:
+            fuzz.close()
+            print(CHILD_RESULT + json.dumps({"inputs": done[0], "reached": fuzz.reached}),
+                  flush=True)
 
     corpus = tempfile.mkdtemp(prefix="sqm-fuzz-")
     for i, s in enumerate(SEEDS):
         Path(corpus, f"seed{i}").write_bytes(s)
     atheris.Setup([sys.argv[0], f"-runs={inputs}", f"-seed={seed or 1}", "-max_len=400",
                    "-print_final_stats=0", corpus], target)
-    try:
-        atheris.Fuzz()
-    except SystemExit:
-        pass
-    fuzz.close()
-    return done[0], "atheris (libFuzzer, coverage-guided)", fuzz.reached
+    atheris.Fuzz()
 
 
 # ---------------------------------------------------------------- live
@@ -497,8 +521,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="messages per live sqm (secured and insecure) [50000]; 0 = skip")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-atheris", action="store_true", help="use the random+mutation driver")
+    ap.add_argument("--atheris-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     logging.getLogger("sqm").setLevel(logging.CRITICAL)  # refusals are expected by the million
+    if args.atheris_child:
+        atheris_child(args.inputs, args.seed)
+        return 0
     report: dict[str, Any] = {}
     if args.inputs:
         t0 = time.monotonic()
