@@ -29,12 +29,24 @@ checked in two places only: the admission fast path and
 from __future__ import annotations
 
 import bisect
+import heapq
 from bisect import bisect_left
 from collections import deque
 from typing import Any
 
 from ..metrics import BOUNDS, MethodStats
-from .events import COMPLETED, FAILED, Bye, Dispatch, Ended, Fail, Heartbeat, OutboxEntry, Stop
+from .events import (
+    COMPLETED,
+    FAILED,
+    Bye,
+    Cancel,
+    Dispatch,
+    Ended,
+    Fail,
+    Heartbeat,
+    OutboxEntry,
+    Stop,
+)
 from .methods import LEVELS, PENDING, MethodQueue, read_methods
 from .stats import queue_status
 from .workers import GONE, LEAVING, READY, STOPPING, WorkerState
@@ -45,6 +57,11 @@ MAX_METHODS = 1000  # distinct method names tracked; the rest count as OTHER_MET
 OTHER_METHOD = b"(other)"
 
 INFLIGHT, FINISHED = 1, 2
+SCHEDULED = 3  # accepted, held until its due time (delay=, not_before=, a Retry)
+NEVER = float("inf")
+TIME_LIMIT = "TimeLimitExceeded"
+RETRIES_EXHAUSTED = "RetriesExhausted"
+CANCELLED = "Cancelled"
 UNADMITTED = MethodStats()  # placeholder stats of a message not admitted; never reported
 UNKNOWN_METHOD = "UnknownMethod"
 # What a method nobody serves and nothing pends for looks like to submit's
@@ -76,6 +93,9 @@ class Message:
         "method",
         "stats",
         "dispatched_at",
+        "not_before",
+        "time_limit",
+        "attempts",
     )
 
     def __init__(
@@ -90,6 +110,9 @@ class Message:
         priority: int = 1,
         deadline: float = 0.0,
         method: bytes = b"",
+        not_before: float = 0.0,
+        time_limit: float = 0.0,
+        attempts: int = 0,
     ) -> None:
         self.id = id
         self.origin = origin
@@ -107,6 +130,9 @@ class Message:
         self.method = method
         self.stats = UNADMITTED  # its method's stats once the core admits it
         self.dispatched_at = 0.0
+        self.not_before = not_before  # unix s; dispatched no earlier (0: at once)
+        self.time_limit = time_limit  # s a dispatch may run before sqm fails it (0: none)
+        self.attempts = attempts  # Retry rounds done so far (worker-requested re-runs)
 
     def __repr__(self) -> str:
         return f"<Message {self.id!r} seq={self.seq} state={self.state}>"
@@ -172,6 +198,16 @@ class QueueCore:
         self.forwarded_total = 0  # chain steps handed on by a worker (worker.forward)
         self.dispatching = True  # False while drained by an operator
         self.methods: dict[bytes, MethodStats] = {}
+        # Timers (heaps, never scanned): held messages by due time, running
+        # ones by time limit. Stale entries (cancelled, ended) are skipped
+        # when they come up. ``timer_at`` is the earliest entry (the loop's wake-up).
+        self.scheduled = 0
+        self._due: list[tuple[float, int, Message]] = []
+        self._limits: list[tuple[float, int, Message]] = []
+        self.timer_at = NEVER
+        self.retried_total = 0
+        self.cancelled_total = 0
+        self.time_limited_total = 0
 
     # ------------------------------------------------------------------ senders
 
@@ -213,9 +249,19 @@ class QueueCore:
         if stats is None:
             stats = self._method_stats(msg.method)
         msg.stats = stats
+        if msg.not_before and msg.not_before > now:
+            return self._hold(now, msg)
         if not mq.pending and self.dispatching and (mq.idle or self._idle):
             # Fast path: a free slot and nothing of this method queued ahead.
-            w = self._idle_worker(mq)
+            own = mq.idle
+            w: WorkerState | None
+            if own and not self._idle:  # only specialised workers: the usual case
+                head = own.popleft()
+                while head.free <= 0 and own:  # stale: took work elsewhere, or left
+                    head = own.popleft()
+                w = head if head.free > 0 else None
+            else:
+                w = self._idle_worker(mq)
             if w is not None:
                 # _dispatch, inlined and specialised for the hot path: the
                 # message waited 0 s (the first bucket of the wait histogram).
@@ -224,6 +270,8 @@ class QueueCore:
                 msg.seq = self._seq
                 msg.submitted_at = msg.dispatched_at = now
                 self._live[mid] = msg
+                if msg.time_limit:
+                    self._limit(msg)
                 msg.state = INFLIGHT
                 msg.worker = w
                 msg.deliveries += 1
@@ -292,6 +340,11 @@ class QueueCore:
         msg.seq = self._seq
         msg.submitted_at = now
         self._live[msg.id] = msg
+        if msg.not_before > now:
+            self._seq -= 1
+            del self._live[msg.id]
+            self._hold(now, msg, admitted=True)
+            return
         mq = self._method_queue(msg.method)
         self._enqueue(mq, msg)
         if mq.idle or self._idle:
@@ -368,8 +421,9 @@ class QueueCore:
         """
         old = self.workers.get(rid)
         if old is not None:
-            # The worker reset itself (it thought we were gone): what it held
-            # is treated like a death, then it starts afresh.
+            if old.state == READY:
+                return self._hello_again(now, old, info)
+            # A leaving or stopping worker starts afresh: what it held is lost.
             self._remove_worker(now, old, "worker re-registered while holding it")
         slots = info.get("slots", 1)
         if not isinstance(slots, int) or not 1 <= slots <= 10_000:
@@ -391,6 +445,44 @@ class QueueCore:
         else:
             w.free = 0
             for _ in range(slots):
+                self._freed(now, w)
+        return w
+
+    def _hello_again(self, now: float, w: WorkerState, info: dict[str, Any]) -> WorkerState:
+        """A registered worker said HELLO again: it reconnected, or answered a
+        BYE meant for traffic it queued while we were away (one per DONE or
+        beat). It still runs what it holds, so that stays in flight; its
+        slots, methods and liveness are refreshed and parked slots cleared.
+        Slots still busy with another broker's messages come back as NACK.
+        """
+        slots = info.get("slots", 1)
+        if not isinstance(slots, int) or not 1 <= slots <= 10_000:
+            slots = 1
+        self._unserve(w)
+        wid = str(info.get("id") or w.rid.hex())
+        if wid != w.id:
+            if self._by_id.get(w.id) is w:
+                del self._by_id[w.id]
+            w.id = wid
+            self.ever.add(wid)
+        self._by_id[wid] = w
+        w.info = info
+        w.slots = max(slots, len(w.in_flight))  # it holds more: its DONEs free none
+        w.parked = 0
+        own = info.get("heartbeat")
+        own = float(own) if isinstance(own, (int, float)) and 0 < own <= 3600 else 0.0
+        w.ttl = self.liveness * max(self.heartbeat, own)
+        w.expires_at = now + w.ttl
+        self._serve(w, read_methods(info))
+        free = w.slots - len(w.in_flight)
+        if w.methods is None:
+            w.free = free
+            self._idle.extend([w] * free)
+            if self.pending:
+                self._assign(now)
+        else:
+            w.free = 0
+            for _ in range(free):
                 self._freed(now, w)
         return w
 
@@ -428,6 +520,8 @@ class QueueCore:
         w.expires_at = now + w.ttl
         msg = w.in_flight.pop(msg_id, None)
         if msg is None:
+            if w.abandoned and w.abandoned.pop(msg_id, None) is not None:
+                self._slot_back(now, w)  # a late reply after a time limit or cancel
             return True
         msg.state = FINISHED
         del self._live[msg_id]
@@ -467,8 +561,18 @@ class QueueCore:
                 self._idle.append(w)
             else:
                 self._dispatch(now, w, nxt)
-        else:
-            self._freed(now, w)
+        else:  # _freed, inlined for a worker that serves one method
+            queues = w.queues
+            if len(queues) != 1:
+                self._freed(now, w)
+                return True
+            w.free += 1
+            mq = queues[0]
+            nxt = self._pop(now, mq) if mq.pending and self.dispatching else None
+            if nxt is None:
+                mq.park(w)
+            else:
+                self._dispatch(now, w, nxt)
         return True
 
     def nack(self, now: float, rid: bytes, msg_id: bytes) -> bool:
@@ -583,7 +687,9 @@ class QueueCore:
     # ------------------------------------------------------------------ time
 
     def tick(self, now: float) -> None:
-        """Expire silent workers, heartbeat quiet ones, sweep expired pending."""
+        """Expire silent workers, heartbeat quiet ones, sweep expired pending, run timers."""
+        if self.timer_at <= now:
+            self.timers(now)
         dead = [w for w in self.workers.values() if w.expires_at < now]
         for w in dead:
             w.move(GONE)  # all of them first: a retry must not go to another dead one
@@ -673,6 +779,8 @@ class QueueCore:
         msg.worker = w
         msg.deliveries += 1
         msg.dispatched_at = now
+        if msg.time_limit:
+            self._limit(msg)
         stats = msg.stats
         stats.assigned += 1
         h = stats.wait  # Histogram.record, inlined
@@ -900,7 +1008,9 @@ class QueueCore:
         self._live.pop(msg.id, None)
         if kind == "Expired":
             self.expired_total += 1
-        else:  # WorkerLost, BrokerShutdown, Purged
+        elif kind == CANCELLED:
+            self.cancelled_total += 1
+        else:  # WorkerLost, BrokerShutdown, Purged, TimeLimitExceeded, RetriesExhausted
             self.failed_total += 1
             msg.stats.failed += 1
         self.outbox.append(Fail(msg, kind, text))
