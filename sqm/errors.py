@@ -115,3 +115,23 @@ class BrokerUnreachable(SQMError, ConnectionError):
 
 class LockHeld(SQMError):
     """A task pool ``spawn`` found its lockfile held by another live task; nothing was started."""
+
+
+class TimeLimitExceeded(SQMError):
+    """The callback was still running when the message's time limit passed.
+
+    sqm ends the message at the limit (the caller hears promptly, whatever
+    the callback does); a late result from the worker is dropped.
+    """
+
+
+class Cancelled(SQMError):
+    """The message was cancelled (``Sender.cancel`` or ``sqm cancel``) before it ended."""
+
+
+#: The error type of the RemoteError a caller gets when a callback kept
+#: raising Retry: its message carries the last error's type and message.
+RETRIES_EXHAUSTED = "RetriesExhausted"
+
+BROKER_ERRORS["TimeLimitExceeded"] = TimeLimitExceeded
+BROKER_ERRORS["Cancelled"] = Cancelled

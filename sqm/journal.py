@@ -153,7 +153,7 @@ class Journal:
         try:
             if adds:
                 db.executemany(
-                    "INSERT OR IGNORE INTO messages (queue, id, origin, envelope, payload) "
+                    "INSERT OR REPLACE INTO messages (queue, id, origin, envelope, payload) "
                     "VALUES (?, ?, ?, ?, ?)",
                     adds,
                 )
@@ -222,6 +222,7 @@ class JournalPlugin(Plugin):
             except ValueError:
                 journal.remove(server.name, row.id)
                 continue
+            not_before, time_limit, attempts = protocol.read_extra(row.envelope)
             server.core.restore(
                 now,
                 Message(
@@ -234,6 +235,9 @@ class JournalPlugin(Plugin):
                     priority=priority,
                     deadline=deadline,
                     method=row.envelope[mailbox_end:method_end],
+                    not_before=not_before,
+                    time_limit=time_limit,
+                    attempts=attempts,
                 ),
             )
         journal.commit()

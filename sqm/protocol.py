@@ -32,6 +32,9 @@ NACK = b"N"  # [SIG, N, id]: "I am full, give it to someone else"; parks one slo
 CREDIT = b"C"  # [SIG, C, n]: n parked slots are free again
 ABILITIES = b"M"  # [SIG, M, json {"methods": [...]}]: the methods it serves from now on
 FORWARD = b"V"  # [SIG, V, envelope, payload]: hand the message it holds on (worker.forward)
+RETRY = b"T"  # [SIG, T, id, delay_ms, max_retries, json {"type","message"}]: run it again later
+# client (Sender) -> broker, and broker -> worker
+CANCEL = b"Z"  # [SIG, Z, id]: the sender cancels its message; sqm tells the worker running it
 # broker -> worker
 DISPATCH = b"D"
 STOP = b"Q"  # [SIG, Q]: finish the message in hand and exit (sqm stop-worker)
@@ -58,6 +61,11 @@ HEAD = ENVELOPE_HEAD.size  # 18
 HOPS_OFFSET = 3  # where the hop count sits in the head
 ID_LEN_OFFSET = 12  # where the id length byte sits in the head
 FLAG_ONEWAY = 0x01
+# The envelope ends with an EXTRA tail (after the serializer tag):
+#   not_before f64 (unix s, 0 = now), time_limit f32 (s, 0 = none),
+#   attempts u8 (Retry rounds done so far; sqm rewrites it on a retry)
+FLAG_EXTRA = 0x02
+EXTRA = struct.Struct("!dfB")
 PRIORITY_HIGH, PRIORITY_NORMAL, PRIORITY_LOW = 0, 1, 2
 PRIORITIES = {"high": PRIORITY_HIGH, "normal": PRIORITY_NORMAL, "low": PRIORITY_LOW}
 
@@ -91,7 +99,7 @@ class Envelope:
     """A decoded envelope (what workers and tests need; sqm reads only the head)."""
 
     __slots__ = ("flags", "retries", "priority", "deadline", "id", "mailbox", "method",
-                 "serializer", "hops")
+                 "serializer", "hops", "not_before", "time_limit", "attempts")
 
     def __init__(self, flags: int, retries: int, priority: int, deadline: float, id: bytes,  # noqa: A002
                  mailbox: bytes, method: bytes, serializer: bytes, hops: int = 0) -> None:
@@ -104,6 +112,9 @@ class Envelope:
         self.method = method
         self.serializer = serializer
         self.hops = hops
+        self.not_before = 0.0
+        self.time_limit = 0.0
+        self.attempts = 0
 
     @property
     def oneway(self) -> bool:
@@ -120,8 +131,20 @@ def pack_envelope(
     method: bytes,
     serializer: bytes,
     hops: int = 0,
+    *,
+    not_before: float = 0.0,
+    time_limit: float = 0.0,
+    attempts: int = 0,
 ) -> bytes:
-    """Pack an envelope without checks (callers have validated the fields)."""
+    """Pack an envelope without checks (callers have validated the fields).
+
+    The EXTRA tail is added only when one of its fields is set, so plain
+    messages keep the short envelope.
+    """
+    if not_before or time_limit or attempts:
+        return pack_envelope(flags | FLAG_EXTRA, retries, priority, deadline, msg_id, mailbox,
+                             method, serializer, hops) + EXTRA.pack(not_before, time_limit,
+                                                                     attempts)
     if hops:
         head = _HEAD_WITH_HOPS.pack(flags, retries, priority, hops, deadline,
                                     len(msg_id), len(mailbox), len(method), len(serializer))
@@ -163,7 +186,7 @@ def read_head(env: bytes) -> tuple[int, int, int, float, int, int, int]:
         flags, retries, priority, deadline, il, ml, mtl, sl = ENVELOPE_HEAD.unpack_from(env)
     except struct.error:
         raise ValueError("envelope too short") from None
-    if len(env) != HEAD + il + ml + mtl + sl:
+    if len(env) != HEAD + il + ml + mtl + sl + (EXTRA.size if flags & FLAG_EXTRA else 0):
         raise ValueError("envelope lengths do not add up")
     if not il or not mtl or not sl or ml > MAX_MAILBOX or mtl > MAX_METHOD or sl > MAX_SERIALIZER:
         raise ValueError("envelope field empty or too long")
@@ -183,8 +206,29 @@ def envelope_id(env: bytes) -> bytes:
 def decode_envelope(env: bytes) -> Envelope:
     """Unpack and validate an envelope; raises ValueError when malformed."""
     flags, retries, priority, deadline, a, b, c = read_head(env)
-    return Envelope(flags, retries, priority, deadline, env[HEAD:a], env[a:b], env[b:c], env[c:],
-                    env[HOPS_OFFSET])
+    if not flags & FLAG_EXTRA:
+        return Envelope(flags, retries, priority, deadline, env[HEAD:a], env[a:b], env[b:c],
+                        env[c:], env[HOPS_OFFSET])
+    e = Envelope(flags, retries, priority, deadline, env[HEAD:a], env[a:b], env[b:c],
+                 env[c:-EXTRA.size], env[HOPS_OFFSET])
+    e.not_before, e.time_limit, e.attempts = read_extra(env)
+    return e
+
+
+def read_extra(env: bytes) -> tuple[float, float, int]:
+    """``(not_before, time_limit, attempts)`` of a valid envelope; zeros without the tail."""
+    if not env[0] & FLAG_EXTRA:
+        return 0.0, 0.0, 0
+    not_before, time_limit, attempts = EXTRA.unpack_from(env, len(env) - EXTRA.size)
+    return not_before, time_limit, attempts
+
+
+def with_attempts(env: bytes, attempts: int) -> bytes:
+    """``env`` (valid) with its attempts count set, adding the EXTRA tail if it had none."""
+    attempts = min(attempts, 255)
+    if env[0] & FLAG_EXTRA:
+        return env[:-1] + bytes((attempts,))
+    return bytes((env[0] | FLAG_EXTRA,)) + env[1:] + EXTRA.pack(0.0, 0.0, attempts)
 
 
 def encode_json(obj: Any) -> bytes:

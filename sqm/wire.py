@@ -23,17 +23,21 @@ from .core import Message
 from .protocol import (
     ABILITIES,
     BYE,
+    CANCEL,
     CONTROL,
     CREDIT,
     DISPATCH,
     DONE,
     DONE_FAILED,
+    EXTRA,
+    FLAG_EXTRA,
     FLAG_ONEWAY,
     FORWARD,
     HEAD,
     HEARTBEAT,
     HELLO,
     NACK,
+    RETRY,
     SIGNATURE,
     STATUS,
     SUBMIT,
@@ -59,6 +63,8 @@ COMMANDS: dict[bytes, str] = {
     CREDIT: "credit",
     ABILITIES: "abilities",
     FORWARD: "forward",
+    RETRY: "retry",
+    CANCEL: "cancel",
 }
 
 
@@ -123,6 +129,9 @@ class SubmitReader:
             if reason:
                 raise Malformed(f"mailbox refused: {reason}")
         frames[1] = DISPATCH  # forwarded as is: only the command changes
+        if flags & FLAG_EXTRA:
+            return self._read_extra(rid, frames, env, flags, retries, priority, deadline,
+                                    id_end, mailbox_end, method_end)
         return Message(
             env[HEAD:id_end],
             rid,
@@ -133,6 +142,29 @@ class SubmitReader:
             priority=priority,
             deadline=deadline,
             method=env[mailbox_end:method_end],
+        )
+
+    @staticmethod
+    def _read_extra(rid: bytes, frames: list[bytes], env: bytes, flags: int, retries: int,
+                    priority: int, deadline: float, id_end: int, mailbox_end: int,
+                    method_end: int) -> Message:
+        """A message whose envelope has the EXTRA tail (scheduled, time-limited, retried)."""
+        not_before, time_limit, attempts = EXTRA.unpack_from(env, len(env) - EXTRA.size)
+        if not (0.0 <= not_before < 1e11 and 0.0 <= time_limit < 1e9):
+            raise Malformed("not_before or time_limit out of range")
+        return Message(
+            env[HEAD:id_end],
+            rid,
+            frames,
+            size=len(frames[3]),
+            oneway=bool(flags & FLAG_ONEWAY),
+            retries=retries,
+            priority=priority,
+            deadline=deadline,
+            method=env[mailbox_end:method_end],
+            not_before=not_before,
+            time_limit=time_limit,
+            attempts=attempts,
         )
 
     def _check_mailbox(self, rid_frame: zmq.Frame, rid: bytes, mailbox: bytes) -> str | None:
@@ -222,6 +254,30 @@ def read_forward(frames: list[bytes]) -> Forward:
     frames[1] = DISPATCH
     return Forward(env[HEAD:id_end], env[id_end:mailbox_end], env[mailbox_end:method_end],
                    flags, deadline)
+
+
+class RetryRequest(NamedTuple):
+    """RETRY: run the message again after ``delay`` s, unless ``max_retries`` are used up."""
+
+    id: bytes
+    delay: float
+    max_retries: int
+    error: str  # the last error, "Type: message"
+
+
+def read_retry(frames: list[bytes]) -> RetryRequest:
+    """RETRY: ``[SIG, T, id, delay_ms, max_retries, json {"type", "message"}]``."""
+    if len(frames) != 6:
+        raise Malformed("retry needs 6 frames")
+    try:
+        delay_ms, max_retries = int(frames[3]), int(frames[4])
+    except ValueError:
+        raise Malformed("retry delay and max_retries must be integers") from None
+    if not (0 <= delay_ms <= 10**10 and 0 <= max_retries <= 255):
+        raise Malformed("retry delay or max_retries out of range")
+    body = decode_json(frames[5]) or {}
+    error = f"{str(body.get('type', 'Error'))[:200]}: {str(body.get('message', ''))[:2000]}"
+    return RetryRequest(frames[2], delay_ms / 1000.0, max_retries, error)
 
 
 def read_control(frames: list[bytes]) -> dict[str, Any]:

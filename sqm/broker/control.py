@@ -1,4 +1,4 @@
-"""Operators' commands (``sqm drain|resume|purge|stop-worker|shutdown|workers|status``).
+"""Operators' commands (``sqm drain|resume|purge|stop-worker|cancel|shutdown|workers|status``).
 
 One handler per command in :data:`CONTROL`; plugins add theirs through
 :meth:`sqm.plugins.Plugin.control_commands`. A handler gets the server, the
@@ -54,6 +54,14 @@ def _stop_worker(server: QueueServer, now: float, request: dict[str, Any]) -> di
     return {"ok": True, "id": wid}
 
 
+def _cancel(server: QueueServer, now: float, request: dict[str, Any]) -> dict[str, Any]:
+    """End one message (scheduled, pending or running) with Cancelled (``sqm cancel``)."""
+    mid = str(request.get("id", ""))
+    found = server.core.cancel(now, mid.encode("utf-8", "replace"), None,
+                               "cancelled by an operator")
+    return {"ok": True, "id": mid, "cancelled": found}
+
+
 def _shutdown(server: QueueServer, now: float, request: dict[str, Any]) -> dict[str, Any]:
     return {"ok": True, "shutdown": True}  # the server stops the broker once it has replied
 
@@ -66,6 +74,7 @@ CONTROL: dict[str, ControlHandler] = {
     "resume": _resume,
     "purge": _purge,
     "stop-worker": _stop_worker,
+    "cancel": _cancel,
     "shutdown": _shutdown,
 }
 

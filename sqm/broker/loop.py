@@ -148,7 +148,10 @@ class Broker:
         sock = q.sock
         tick_every = max(0.01, self.opts.heartbeat / 4)
         next_tick = time.time() + tick_every
+        core = q.core
         while not self._stopping:
+            if core.timer_at < next_tick:  # a scheduled message or a time limit comes first
+                next_tick = core.timer_at
             now = time.time()
             if now < next_tick:
                 wait_ms = max(1, int((next_tick - now) * 1000))
@@ -184,7 +187,11 @@ class Broker:
         tick_every = max(0.01, self.opts.heartbeat / 4)
         next_tick = time.time() + tick_every
         poll = poller.poll
+        queues = self.queues
         while not self._stopping:
+            for q in queues:
+                if q.core.timer_at < next_tick:  # a scheduled message or a time limit
+                    next_tick = q.core.timer_at
             timeout = next_tick - time.time()
             events = poll(max(0, int(timeout * 1000) + 1)) if timeout > 0 else poll(0)
             now = time.time()

@@ -18,6 +18,7 @@ from .events import (
     OUT_HEARTBEAT,
     OUT_STOP,
     Bye,
+    Cancel,
     Dispatch,
     Ended,
     Fail,
@@ -26,7 +27,7 @@ from .events import (
     Stop,
     as_tuple,
 )
-from .queue import FINISHED, INFLIGHT, LEVELS, PENDING, Message, QueueCore
+from .queue import FINISHED, INFLIGHT, LEVELS, PENDING, SCHEDULED, Message, QueueCore
 from .workers import GONE, LEAVING, READY, STOPPING, WorkerState
 
 __all__ = [
@@ -44,9 +45,11 @@ __all__ = [
     "OUT_HEARTBEAT",
     "OUT_STOP",
     "PENDING",
+    "SCHEDULED",
     "READY",
     "STOPPING",
     "Bye",
+    "Cancel",
     "Dispatch",
     "Ended",
     "Fail",

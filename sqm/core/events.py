@@ -20,6 +20,7 @@ OUT_HEARTBEAT = 3
 OUT_BYE = 4
 OUT_STOP = 5
 OUT_ENDED = 6
+OUT_CANCEL = 7
 
 # Outcomes carried by Ended besides a Fail's error type.
 COMPLETED = "completed"  # the worker replied with a result
@@ -59,6 +60,13 @@ class Stop(NamedTuple):
     rid: bytes
 
 
+class Cancel(NamedTuple):
+    """Tell worker ``rid`` its sender cancelled ``msg`` (``originator.cancelled``)."""
+
+    rid: bytes
+    msg: Message
+
+
 class Ended(NamedTuple):
     """An accepted message has ended, exactly once: how is ``outcome``.
 
@@ -73,7 +81,7 @@ class Ended(NamedTuple):
     outcome: str
 
 
-OutboxEntry = Dispatch | Fail | Heartbeat | Bye | Stop | Ended
+OutboxEntry = Dispatch | Fail | Heartbeat | Bye | Stop | Ended | Cancel
 
 KINDS: dict[type, int] = {
     Dispatch: OUT_DISPATCH,
@@ -82,6 +90,7 @@ KINDS: dict[type, int] = {
     Bye: OUT_BYE,
     Stop: OUT_STOP,
     Ended: OUT_ENDED,
+    Cancel: OUT_CANCEL,
 }
 
 

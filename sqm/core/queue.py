@@ -203,8 +203,9 @@ class QueueCore:
         # when they come up. ``timer_at`` is the earliest entry (the loop's wake-up).
         self.scheduled = 0
         self._due: list[tuple[float, int, Message]] = []
-        self._limits: list[tuple[float, int, Message]] = []
+        self._limits: list[tuple[float, int, Message, float]] = []
         self.timer_at = NEVER
+        self._timer_n = 0  # tie-breaker of heap entries
         self.retried_total = 0
         self.cancelled_total = 0
         self.time_limited_total = 0
@@ -341,9 +342,7 @@ class QueueCore:
         msg.submitted_at = now
         self._live[msg.id] = msg
         if msg.not_before > now:
-            self._seq -= 1
-            del self._live[msg.id]
-            self._hold(now, msg, admitted=True)
+            self._hold_admitted(now, msg)
             return
         mq = self._method_queue(msg.method)
         self._enqueue(mq, msg)
@@ -712,6 +711,7 @@ class QueueCore:
         """
         if fail_pending:
             self._drop_pending("BrokerShutdown", "sqm stopped before a worker took it")
+            self._drop_scheduled("BrokerShutdown", "sqm stopped before it was due")
         for w in self.workers.values():
             self.outbox.append(Bye(w.rid))
 
@@ -771,6 +771,184 @@ class QueueCore:
         universal = self._universal
         return {name: (mq.pending, mq.workers + universal) for name, mq in self._mq.items()
                 if mq.pending or mq.workers}
+
+    # ------------------------------------------------------------------ failure handling
+
+    def _hold(self, now: float, msg: Message) -> bool:
+        """Accept a message due later (``not_before``), or refuse it when the queue is full."""
+        if self.pending + self.scheduled >= self.max_pending:
+            self.rejected_total += 1
+            self.outbox.append(
+                Fail(msg, "QueueFull", f"queue {self.name!r} holds {self.pending} pending "
+                     f"and {self.scheduled} scheduled")
+            )
+            return False
+        self._hold_admitted(now, msg)
+        return True
+
+    def _hold_admitted(self, now: float, msg: Message) -> None:
+        self._seq += 1
+        msg.seq = self._seq
+        msg.submitted_at = now
+        self._live[msg.id] = msg
+        self._schedule(msg)
+
+    def _schedule(self, msg: Message) -> None:
+        """Put ``msg`` on the due heap; a deadline before its due time comes up first."""
+        msg.state = SCHEDULED
+        msg.worker = None
+        at = msg.not_before
+        if msg.deadline and msg.deadline < at:
+            at = msg.deadline  # expiry wins over the due time
+        self._timer_n += 1
+        heapq.heappush(self._due, (at, self._timer_n, msg))
+        self.scheduled += 1
+        if at < self.timer_at:
+            self.timer_at = at
+
+    def _limit(self, msg: Message) -> None:
+        """Watch a dispatch of ``msg`` for its time limit."""
+        at = msg.dispatched_at + msg.time_limit
+        self._timer_n += 1
+        heapq.heappush(self._limits, (at, self._timer_n, msg, msg.dispatched_at))
+        if at < self.timer_at:
+            self.timer_at = at
+
+    def timers(self, now: float) -> None:
+        """Queue the scheduled messages now due; fail running ones past their time limit."""
+        due = self._due
+        released = False
+        while due and due[0][0] <= now:
+            msg = heapq.heappop(due)[2]
+            if msg.state != SCHEDULED:
+                continue  # cancelled while held
+            self.scheduled -= 1
+            if msg.deadline and msg.deadline <= now:
+                self._finish_failed(msg, "Expired", "deadline passed before it was due")
+                continue
+            self._seq += 1  # FIFO by due time within its priority level
+            msg.seq = self._seq
+            msg.submitted_at = now
+            msg.state = PENDING
+            self._enqueue(self._method_queue(msg.method), msg)
+            released = True
+        limits = self._limits
+        while limits and limits[0][0] <= now:
+            _at, _n, msg, started = heapq.heappop(limits)
+            w = msg.worker
+            if msg.state != INFLIGHT or w is None or msg.dispatched_at != started:
+                continue  # ended, or dispatched again since
+            self.time_limited_total += 1
+            self._abandon(w, msg)
+            self._finish_failed(msg, TIME_LIMIT,
+                                f"still running after its time limit of {msg.time_limit:g} s")
+        self.timer_at = min(due[0][0] if due else NEVER, limits[0][0] if limits else NEVER)
+        if released and self.pending:
+            self._assign(now)
+
+    def _abandon(self, w: WorkerState, msg: Message) -> None:
+        """``w`` keeps running ``msg`` but sqm no longer waits for it: its slot
+        stays taken until the worker reports the end (or dies)."""
+        del w.in_flight[msg.id]
+        self.in_flight -= 1
+        w.abandoned[msg.id] = msg
+
+    def _slot_back(self, now: float, w: WorkerState) -> None:
+        """A slot of ``w`` that held no live message (retried, abandoned) is free again."""
+        if w.state == LEAVING:
+            if not w.in_flight and not w.abandoned:
+                self._remove_worker(now, w, "worker left")
+        elif w.state == GONE:
+            return
+        elif w.methods is None:
+            w.free += 1
+            nxt = self._take(now, w) if self.pending else None
+            if nxt is None:
+                self._idle.append(w)
+            else:
+                self._dispatch(now, w, nxt)
+        else:
+            self._freed(now, w)
+
+    def cancel(self, now: float, msg_id: bytes, origin: bytes | None = None,
+               why: str = "cancelled by its sender") -> bool:
+        """End ``msg_id`` with ``Cancelled`` if it is scheduled, pending or running.
+
+        ``origin``: only a message of that originator (a sender cancels its
+        own). A running one is abandoned (its worker is told, with a
+        :class:`Cancel` entry, and its slot stays taken until it answers).
+        False for an unknown or ended message.
+        """
+        msg = self._live.get(msg_id)
+        if msg is None or (origin is not None and msg.origin != origin):
+            return False
+        state = msg.state
+        if state == SCHEDULED:
+            self.scheduled -= 1  # its heap entry is skipped when it comes up
+        elif state == PENDING:
+            self.pending -= 1  # its queue entry is skipped when it comes up
+            mq = self._mq.get(msg.method)
+            if mq is not None and mq.pending:
+                mq.pending -= 1
+                if not mq.pending:
+                    self._waiting.pop(mq, None)
+                    if not mq.workers:
+                        self._mq.pop(mq.name, None)
+        elif state == INFLIGHT and msg.worker is not None:
+            w = msg.worker
+            self._abandon(w, msg)
+            self.outbox.append(Cancel(w.rid, msg))
+        else:
+            return False
+        self._finish_failed(msg, CANCELLED, why)
+        return True
+
+    def retry(self, now: float, rid: bytes, msg_id: bytes, delay: float, max_retries: int,
+              error: str) -> Message | None:
+        """Worker ``rid`` asks to run ``msg_id`` again in ``delay`` seconds (``Retry``).
+
+        The slot is freed; the message is scheduled again (for any worker
+        able to serve it) with one more attempt, or, when ``max_retries``
+        attempts were already made, failed back as ``RetriesExhausted``
+        carrying ``error`` (the last error, "Type: message"). Returns the
+        message, or None when the worker does not hold it.
+        """
+        w = self.workers.get(rid)
+        if w is None:
+            return None
+        w.expires_at = now + w.ttl
+        msg = w.in_flight.pop(msg_id, None)
+        if msg is None:
+            if w.abandoned and w.abandoned.pop(msg_id, None) is not None:
+                self._slot_back(now, w)
+            return None
+        self.in_flight -= 1
+        if not w.in_flight:
+            w.busy_s += now - w.busy_since
+            w.idle_since = now
+        if msg.attempts >= max_retries:
+            self._finish_failed(msg, RETRIES_EXHAUSTED,
+                                f"gave up after {msg.attempts} retries; last error {error}")
+        else:
+            msg.attempts += 1
+            self.retried_total += 1
+            msg.not_before = now + max(0.0, delay)
+            self._schedule(msg)
+        self._slot_back(now, w)
+        if self.timer_at <= now:
+            self.timers(now)
+        return msg
+
+    def _drop_scheduled(self, kind: str, text: str) -> int:
+        n = 0
+        for _at, _n, msg in self._due:
+            if msg.state == SCHEDULED:
+                n += 1
+                self._finish_failed(msg, kind, text)
+        self._due.clear()
+        self.scheduled = 0
+        self.timer_at = self._limits[0][0] if self._limits else NEVER
+        return n
 
     # ------------------------------------------------------------------ internals
 

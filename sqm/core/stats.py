@@ -72,6 +72,7 @@ def queue_status(core: QueueCore, now: float) -> dict[str, Any]:
         "started_at": core.started_at,
         "uptime_s": max(0.0, now - core.started_at),
         "pending": core.pending,
+        "scheduled": core.scheduled,
         "in_flight": core.in_flight,
         "workers": workers_status(core, now),
         "workers_current": len(core.workers),
@@ -91,6 +92,9 @@ def queue_status(core: QueueCore, now: float) -> dict[str, Any]:
         "methods": methods_status(core),
         "unknown_method_total": core.unknown_total,
         "forwarded_total": core.forwarded_total,
+        "retried_total": core.retried_total,
+        "cancelled_total": core.cancelled_total,
+        "time_limited_total": core.time_limited_total,
     }
 
 

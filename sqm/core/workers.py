@@ -57,6 +57,7 @@ class WorkerState:
         "report",
         "methods",
         "queues",
+        "abandoned",
     )
 
     def __init__(self, rid: bytes, wid: str, info: dict[str, Any], slots: int, now: float) -> None:
@@ -81,6 +82,9 @@ class WorkerState:
         # and the method queues it takes work from (empty when it serves all).
         self.methods: tuple[bytes, ...] | None = None
         self.queues: list[MethodQueue] = []
+        # Messages sqm gave up on (time limit, cancel) that the worker still
+        # runs: each keeps its slot taken until the worker reports the end.
+        self.abandoned: dict[bytes, Message] = {}
 
     def move(self, to: int) -> None:
         """Change state along :data:`MOVES`; a worker that cannot take work gets no free slot."""

@@ -21,10 +21,10 @@ from sqm.security.roles import (
     user_id,
 )
 
-SUBMITTER = {protocol.SUBMIT, protocol.STATUS}
+SUBMITTER = {protocol.SUBMIT, protocol.STATUS, protocol.CANCEL}  # CANCEL: its own messages
 SERVER = {protocol.HELLO, protocol.DONE, protocol.DONE_FAILED, protocol.HEARTBEAT,
           protocol.NACK, protocol.CREDIT, protocol.BYE,
-          b"M", b"V"}  # ABILITIES, FORWARD (worker commands; spelled in roles.py)
+          b"M", b"V", protocol.RETRY}  # ABILITIES, FORWARD (spelled in roles.py), RETRY
 EXPECTED = {
     SENDER: SUBMITTER,
     WORKER: SUBMITTER | SERVER,
@@ -85,8 +85,9 @@ def test_control_commands(roles: frozenset[str]) -> None:
 
 
 def test_every_admitted_peer_may_submit_and_read_status() -> None:
-    # The broker skips the User-Id read for these; that is only sound while it holds.
-    assert ADMITTED_MAY == {protocol.SUBMIT, protocol.STATUS}
+    # The broker skips the User-Id read for these; that is only sound while it holds
+    # (CANCEL acts only on the peer's own messages: sqm checks the originator).
+    assert ADMITTED_MAY == {protocol.SUBMIT, protocol.STATUS, protocol.CANCEL}
     for roles in ALL_ROLE_SETS:
         if roles:
             assert all(allowed(roles, c) for c in ADMITTED_MAY)

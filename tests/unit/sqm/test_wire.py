@@ -29,7 +29,7 @@ def envelope(mailbox: str, mid: bytes = b"id1", method: bytes = b"echo", **kw) -
 
 
 def test_commands_table_names_every_input_command():
-    assert wire.COMMANDS[SUBMIT] == "submit" and len(wire.COMMANDS) == 12  # + abilities, forward
+    assert wire.COMMANDS[SUBMIT] == "submit" and len(wire.COMMANDS) == 14  # + abilities, forward, retry, cancel
 
 
 def test_check_signature():
