@@ -65,7 +65,8 @@ def test_rpc_to_another_queue_of_the_same_sqm(cluster):
     with Sender("q", timeout=20) as s:
         assert s.rpc("other_queue", 21) == 42
     assert [r["pid"] for r in ran(cluster, "inner")] == [other.pid]
-    assert cluster.status("q2")["completed_total"] == 1
+    wait_for(lambda: cluster.status("q2")["completed_total"] == 1, 10, "q2's DONE")
+    assert cluster.status("q")["methods"].get("inner", {}).get("pending", 0) == 0
 
 
 def test_every_worker_waiting_on_its_own_queue_times_out_and_keeps_heartbeating(cluster):
