@@ -137,5 +137,11 @@ def spin(worker, originator, payload):
     worker.forward(originator, "spin", payload)
 
 
+def step2_dies(worker, originator, payload):
+    _log("step2-dying", payload, hops=originator.hops)
+    os._exit(3)  # the worker dies holding the step: sqm retries it elsewhere
+
+
 chain_front = {"step1": step1, "step3": step3, "spin": spin}
+chain_middle_dies = {"step2": step2_dies}
 chain_middle = {"step2": step2}

@@ -90,10 +90,11 @@ def test_concurrency_lets_a_worker_serve_its_own_sub_rpc(cluster):
 # ----------------------------------------------------------------- forward
 
 
-def test_three_step_chain_replies_to_the_caller_exactly_once(cluster):
+@pytest.mark.parametrize("runner", [(), ("--concurrency", "2")], ids=["plain", "asyncio"])
+def test_three_step_chain_replies_to_the_caller_exactly_once(cluster, runner):
     cluster.serve("q")
-    front = cluster.worker("q", target=f"{APPS}:chain_front")
-    middle = cluster.worker("q", target=f"{APPS}:chain_middle")
+    front = cluster.worker("q", *runner, target=f"{APPS}:chain_front")
+    middle = cluster.worker("q", *runner, target=f"{APPS}:chain_middle")
     statuses: list[tuple[int, int]] = []
     started: list[str] = []
     with Sender("q", timeout=20) as s:
@@ -131,3 +132,18 @@ def test_forwarding_loop_is_refused_at_the_hop_limit(cluster):
     assert info.value.type == "HopLimitExceeded"
     hops = [r["hops"] for r in ran(cluster, "spin")]
     assert hops == list(range(33))  # max_hops=32 forwards, then refused
+
+
+def test_a_chain_step_whose_worker_dies_is_retried_on_another(cluster):
+    cluster.serve("q")
+    cluster.worker("q", target=f"{APPS}:chain_front")
+    doomed = cluster.worker("q", target=f"{APPS}:chain_middle_dies")
+    with Sender("q", timeout=20) as s:
+        mid = s.submit("step1", {"x": 1}, retries=1)
+        wait_for(lambda: ran(cluster, "step2-dying"), 10, "step2 started on the doomed worker")
+        doomed.popen.wait(10)  # it exits in its callback: the step is lost with it
+        survivor = cluster.worker("q", target=f"{APPS}:chain_middle")
+        reply = s.receive(id=mid)
+    assert reply["trail"] == ["step1", "step2", "step3"]
+    assert [r["pid"] for r in ran(cluster, "step2")] == [survivor.pid]
+    assert cluster.status("q")["redelivered_total"] == 1
