@@ -93,6 +93,10 @@ class Correlator:
         # id -> (SUBMIT frames, link, link epoch): what to re-send if its broker
         # goes away before a worker took it. Dropped at ACK or completion.
         self.sent: dict[str, tuple[list[bytes], Any, int]] = {}
+        # id -> [SUBMIT frames, link, last ACK (monotonic), worker's beat (s)]:
+        # started messages whose worker repeats its ACK each beat. If their
+        # broker goes away and the ACKs stop, the worker died too (see _links.py).
+        self.running: dict[str, list[Any]] = {}
         self.hooks: dict[str, Any] = {}  # id -> Hooks / BatchSink, only for ids that have them
         self.consuming = 0  # outstanding ids whose outcome goes to hooks, not to receive()
         self.calls: deque[tuple[Any, tuple[Any, ...]]] = deque()  # callbacks due, in order
@@ -270,11 +274,17 @@ class Correlator:
         elif kind == ACK and not from_broker:
             if mid not in self.started:
                 self.started.add(mid)
-                self.sent.pop(mid, None)  # a worker has it: no broker needs it again
+                sent = self.sent.pop(mid, None)  # a worker has it: no broker needs it again
+                if len(frames) == 4 and sent is not None:  # its worker will repeat it
+                    self._watch_worker(mid, sent, frames[3])
                 if self.hooks:
                     hooks = self.hooks.get(mid)
                     if hooks is not None:
                         hooks.started(self, mid)
+            elif self.running:
+                running = self.running.get(mid)
+                if running is not None:
+                    running[2] = time.monotonic()
             return None
         elif kind == PROGRESS and not from_broker and len(frames) == 5:
             hooks = self.hooks.get(mid) if self.hooks else None
@@ -289,10 +299,16 @@ class Correlator:
         else:
             self.dropped += 1
             return None
+        return self._end(mid, outcome)
+
+    def _end(self, mid: str, outcome: Outcome) -> str | None:
+        """``mid`` ended with ``outcome``: to its hooks, or ready for receive()."""
         del self.outstanding[mid]
         self.started.discard(mid)
         self.accepted.discard(mid)
         self.sent.pop(mid, None)
+        if self.running:
+            self.running.pop(mid, None)
         if self.hooks:
             hooks = self.hooks.pop(mid, None)
             if hooks is not None and hooks.consumes:
@@ -301,6 +317,28 @@ class Correlator:
                 return None
         self.ready[mid] = outcome
         return mid
+
+    def _watch_worker(self, mid: str, sent: tuple[list[bytes], Any, int], beat: bytes) -> None:
+        try:
+            interval = int(beat) / 1000
+        except ValueError:
+            return
+        if interval > 0:
+            self.running[mid] = [sent[0], sent[1], time.monotonic(), interval]
+
+    def silent_workers(self, now: float, gone: Any) -> list[str]:
+        """Started messages whose broker is ``gone(link)`` and whose worker has
+        not repeated its ACK for 3 of its beats: it died with the broker."""
+        return [mid for mid, (_, link, last, beat) in self.running.items()
+                if now - last > 3 * beat and gone(link)]
+
+    def lose(self, mid: str, why: str) -> str | None:
+        """Fail ``mid`` with WorkerLost here (its broker is gone, so nobody else
+        will); returns ``mid`` if it became ready for receive()."""
+        if mid not in self.outstanding:
+            self.running.pop(mid, None)
+            return None
+        return self._end(mid, Outcome(FAILED, etype="WorkerLost", emsg=why, from_broker=True))
 
     def watch(self, mid: str, hooks: Any) -> None:
         """Route ``mid``'s acknowledgement, progress and (if it consumes) outcome to ``hooks``."""
@@ -340,6 +378,7 @@ class Correlator:
         self.started.discard(mid)
         self.accepted.discard(mid)
         self.sent.pop(mid, None)
+        self.running.pop(mid, None)
         self.ready.pop(mid, None)
         if self.hooks:
             hooks = self.hooks.pop(mid, None)

@@ -121,6 +121,14 @@ class Link:
         return f"<Link {self.endpoint} {('NEW', 'UP', 'DOWN', 'GONE')[self.state]} epoch {self.epoch}>"
 
 
+#: How often (s) started messages of a DOWN broker are looked at, at most.
+LOST_CHECK_S = 0.25
+
+
+def _is_down(link: Link) -> bool:
+    return link.state == DOWN or link.state == GONE
+
+
 class Links:
     """The links of one sender and the decisions about them."""
 
@@ -260,6 +268,8 @@ class Links:
                     if x is link and epoch < link.epoch and mid not in core.accepted]
             for mid in lost:
                 self.resend(mid, link)
+        if core.running and len(self.up) < len(self.links) and self.lost_workers(now):
+            nxt = min(nxt, now + LOST_CHECK_S)  # an asyncio sender comes back for them
         if self.retry:
             retry, self.retry = self.retry, []
             for mid in retry:
@@ -267,6 +277,27 @@ class Links:
             if self.retry:
                 nxt = min(nxt, now + 0.1)
         return nxt
+
+    def lost_workers(self, now: float) -> bool:
+        """Started messages whose broker is DOWN and whose worker stopped
+        repeating its ACK: both died, so nobody else will say WorkerLost.
+        Re-sent through a live broker while the message's retries last.
+        True while started messages of a DOWN broker remain to be watched."""
+        core = self.core
+        for mid in core.silent_workers(now, _is_down):
+            frames, link = core.running.pop(mid)[:2]
+            env = frames[2]
+            if env[1] > 0 and self.up:  # a retry left: another worker may run it
+                frames = [frames[0], frames[1], env[:1] + bytes((env[1] - 1,)) + env[2:],
+                          *frames[3:]]
+                core.sent[mid] = (frames, link, link.epoch)
+                self.resend(mid, self.pick())
+                continue
+            done = core.lose(mid, "the worker and the broker that dispatched it are gone "
+                                  "(no ACK for 3 heartbeats)")
+            if done is not None and self.wake is not None:
+                self.wake(done)
+        return any(_is_down(entry[1]) for entry in core.running.values())
 
     def resend(self, mid: str, link: Link) -> None:
         core = self.core

@@ -26,7 +26,7 @@ import zmq
 from sqm import procinfo, protocol
 from sqm.config import client_key_paths, resolve
 from sqm.errors import SQMError
-from sqm.protocol import HEARTBEAT, SIGNATURE, MailboxPolicy
+from sqm.protocol import ACK, HEARTBEAT, SIGNATURE, MailboxPolicy
 from sqm.security.keys import client_keys
 from sqm.taskpool.fleet import Limits, recycle_due
 
@@ -263,6 +263,7 @@ class Worker:
         self._hb_stop.clear()
         self.stop_requested = False
         self._execution.allow_pickle = self.allow_pickle
+        self._execution.beat_ms = b"%d" % max(1, int(self.heartbeat * 1000))
         runner: Runner = AsyncRunner() if self._needs_loop() else PlainRunner()
         self._runner = runner
         restore = self._install_signals()
@@ -385,12 +386,20 @@ class Worker:
         """Own sockets, own thread: keeps beating (with a self-report) while callbacks run."""
         socks: list[zmq.Socket] = []
         wid = self.id.encode()
+        # Its own connections to mailboxes: the runner's belong to another thread.
+        acks = MailboxPool(ctx, MailboxPolicy.for_settings(self.settings), max_open=16,
+                           idle_s=10 * self.heartbeat, linger_ms=0,
+                           keys=None if self._curve is None else self._curve[0])
+        running = self._execution.running
+        before: set[bytes] = set()
         try:
             for endpoint in self.endpoints:
                 sock = broker_socket(ctx, self._curve, linger_ms=0)
                 socks.append(sock)
                 sock.connect(endpoint)
             while not self._hb_stop.wait(self.heartbeat):
+                if running or before:
+                    before = self._ack_again(acks, running, before)
                 try:
                     frames = [SIGNATURE, HEARTBEAT, wid, selfreport.encode(self)]
                 except Exception:  # never let a report stop the heartbeats
@@ -404,6 +413,28 @@ class Worker:
         finally:
             for sock in socks:
                 sock.close(0)
+            acks.close()
+
+    def _ack_again(self, acks: MailboxPool, running: dict[bytes, bytes],
+                   before: set[bytes]) -> set[bytes]:
+        """Re-send ACK ("still working") for each message running since the last beat.
+
+        Its caller watches these when the broker that dispatched it is gone:
+        silence for 3 beats then means the worker died too (WorkerLost).
+        Returns the ids running now, for the next beat.
+        """
+        beat = self._execution.beat_ms
+        now = set(running)
+        for msg_id in now & before:
+            mailbox = running.get(msg_id)
+            if mailbox is None:
+                continue
+            try:
+                acks.get(mailbox).send_multipart([SIGNATURE, ACK, msg_id, beat], zmq.NOBLOCK)
+            except (ValueError, zmq.ZMQError):
+                pass  # refused, unreachable or not keeping up: the next beat tries again
+        acks.expire(time.monotonic())
+        return now
 
 
 def _on_event_loop() -> bool:

@@ -156,6 +156,13 @@ class Execution:
         self.abilities = 0  # bumped when the callbacks change: brokers are told (ABILITIES)
         self.send: Send = self.deliver
         self._codecs: dict[bytes, serializers.Serializer] = {}
+        #: The worker's heartbeat (ms, ASCII) as ACK's last frame; empty: plain
+        #: 3-frame ACKs and no ``running`` record (an Execution without a Worker).
+        self.beat_ms = b""
+        #: Messages acknowledged and not yet answered: id -> mailbox. The
+        #: heartbeat thread re-sends their ACK each beat, so a caller whose
+        #: broker died still learns whether the worker lives.
+        self.running: dict[bytes, bytes] = {}
 
     def route(self, send: Send | None) -> None:
         """Send replies through ``send`` from now on (None: straight to the socket)."""
@@ -180,7 +187,12 @@ class Execution:
         method = env.method.decode("utf-8", "replace")
         orig = Originator(msg_id, env.mailbox, env.serializer, env.oneway, method, env)
         if not orig.oneway:
-            self.send(orig, [SIGNATURE, ACK, msg_id])
+            beat = self.beat_ms
+            if beat:
+                self.running[msg_id] = orig.mailbox
+                self.send(orig, [SIGNATURE, ACK, msg_id, beat])
+            else:
+                self.send(orig, [SIGNATURE, ACK, msg_id])
         fn = self.callbacks.get(method)
         if fn is None:
             self.fail(orig, "UnknownMethod", f"no callback for method {method!r} on this worker")
@@ -226,7 +238,12 @@ class Execution:
         method = env.method.decode("utf-8", "replace")
         orig = Originator(msg_id, env.mailbox, env.serializer, env.oneway, method, env)
         if not orig.oneway:
-            self.send(orig, [SIGNATURE, ACK, msg_id])
+            beat = self.beat_ms
+            if beat:
+                self.running[msg_id] = orig.mailbox
+                self.send(orig, [SIGNATURE, ACK, msg_id, beat])
+            else:
+                self.send(orig, [SIGNATURE, ACK, msg_id])
         fn = self.callbacks.get(method)
         if fn is None:
             self.fail(orig, "UnknownMethod", f"no callback for method {method!r} on this worker")
@@ -276,6 +293,7 @@ class Execution:
         except Exception as exc:
             raise serializers.SerializerError(
                 f"cannot encode the forwarded payload with {codec.name}: {exc}") from exc
+        self.running.pop(orig.id, None)  # the next step acknowledges it
         frames = self.followups.forward_frames(orig, method, body)
         self.followups.send_forward(frames, orig.via)
         orig.forwarded = orig.responded = True
@@ -302,6 +320,8 @@ class Execution:
                 f"cannot encode the reply with {codec.name}: {exc}"
             ) from exc
         orig.responded = True
+        if self.running:
+            self.running.pop(orig.id, None)
         self.send(orig, [SIGNATURE, RESULT, orig.id, body])
 
     def progress(self, orig: Originator, done: int, total: int) -> None:
@@ -322,6 +342,8 @@ class Execution:
                             self.worker_id, etype, orig, message)
             return
         orig.responded = True
+        if self.running:
+            self.running.pop(orig.id, None)
         self.send(orig, [SIGNATURE, ERROR, orig.id, etype.encode(), message.encode(),
                          trace.encode()])
 
