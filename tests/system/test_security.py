@@ -391,3 +391,64 @@ def _no_client_keys_from_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for var in ("SQM_SECRET_KEY", "SQM_SERVER_KEY"):
         monkeypatch.delenv(var, raising=False)
     yield
+
+
+# ------------------------------------------------------------ Python API: Worker and AsyncSender
+
+
+def test_worker_and_async_sender_keywords(cluster: Cluster, keys: Keys) -> None:
+    import asyncio
+    import threading
+
+    from sender import AsyncSender
+    from worker import Worker
+
+    endpoint = secured(cluster, keys)
+    w = Worker("q", endpoint=endpoint, heartbeat=0.2, callbacks={"twice": lambda w, o, p: 2 * p},
+               secret_key=keys.secret("worker"), server_key=keys.server)
+    t = threading.Thread(target=w.run, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: admin(keys, "q", endpoint)["workers_current"] == 1, 20, "the worker")
+
+        async def main() -> None:
+            async with AsyncSender("q", endpoint=endpoint, timeout=10,
+                                   secret_key=keys.secret("sender"), server_key=keys.server) as s:
+                assert await s.rpc("twice", 21) == 42
+            started = time.monotonic()
+            with pytest.raises(AuthError):
+                async with AsyncSender("q", endpoint=endpoint, timeout=30,
+                                       secret_key=keys.secret("stranger"),
+                                       server_key=keys.server) as s:
+                    await s.rpc("twice", 1)
+            assert time.monotonic() - started < 3.0
+
+        asyncio.run(main())
+    finally:
+        w.terminate()
+        t.join(10)
+    # Worker.run() itself raises AuthError for a refused key
+    bad = Worker("q", endpoint=endpoint, heartbeat=0.2, callbacks={"twice": lambda w, o, p: p},
+                 secret_key=keys.secret("stranger"), server_key=keys.server)
+    started = time.monotonic()
+    with pytest.raises(AuthError):
+        bad.run()
+    assert time.monotonic() - started < 3.0
+
+
+def test_denied_total_in_metrics(cluster: Cluster, keys: Keys) -> None:
+    import urllib.request
+
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = cluster.sqm("serve", "q", "--heartbeat", "0.2", "--endpoint", endpoint,
+                       "--secret-key", keys.secret("broker"), "--clients", str(keys.clients),
+                       "--metrics-port", str(port), name="serve-metrics")
+    admin(keys, "q", endpoint, proc=proc)
+    assert run_cli("purge", "q", "--endpoint", endpoint, *keys.client_args("sender")).returncode != 0
+
+    def scraped() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return 'sqm_denied_total{queue="q"} 1.0' in r.read().decode()
+
+    wait_for(scraped, 15, "sqm_denied_total 1 in /metrics")
