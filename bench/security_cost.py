@@ -39,7 +39,7 @@ def main() -> None:
     name = f"seccost{os.getpid()}"
     server = QueueServer(ctx, resolve(name, endpoint="tcp://127.0.0.1:*"),
                          BrokerOptions(curve_server=broker), time.time(), hooks=Hooks([plugin]))
-    endpoint = server.sock.last_endpoint.decode()
+    endpoint = str(server.sock.getsockopt_string(zmq.LAST_ENDPOINT))
     client = ctx.socket(zmq.DEALER)
     me = load_keypair(d / "w.key_secret")
     client.curve_secretkey, client.curve_publickey, client.curve_serverkey = (
