@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -90,12 +91,15 @@ class Session:
     followups: FollowUps | None = None
     #: The callbacks version last told to the brokers (HELLO or ABILITIES).
     told: int = -1
+    #: When HELLO last went to each broker (monotonic, by endpoint).
+    said_hello: dict[str, float] = field(default_factory=dict)
 
     def hello(self, link: BrokerLink) -> None:
         """Register with one broker (again): it forgets what it had parked."""
         self.told = self.execution.abilities
         info = dict(self.info, methods=sorted(self.execution.callbacks))
         link.parked = 0
+        self.said_hello[link.endpoint] = time.monotonic()
         link.send([SIGNATURE, HELLO, protocol.encode_json(info)])
 
     def announce(self, links: list[BrokerLink]) -> None:
@@ -120,8 +124,11 @@ class Session:
         elif cmd == BYE:
             if link.bye_sent:
                 link.bye_acked = True  # our leave is acknowledged: nothing more will come
-            else:
-                self.hello(link)  # sqm restarted or is stopping: say hello again
+            elif time.monotonic() - self.said_hello.get(link.endpoint, -1e9) >= self.heartbeat:
+                # sqm restarted or is stopping: say hello again. Not twice in one
+                # beat: a BYE answering what we queued before our last HELLO
+                # reached it is already answered by that HELLO.
+                self.hello(link)
         elif cmd == ACCEPTED or cmd == ERROR:  # sqm about a follow-up message of ours
             if self.followups is not None:
                 self.followups.feed_broker(frames)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -152,6 +153,10 @@ class QueueServer:
         self._acks: dict[bytes, list[bytes]] = {}  # origin -> ids accepted, not yet told
         self.acks_pending = 0
         self._on_shutdown = on_shutdown
+        #: When each unknown connection was last asked to re-register (BYE):
+        #: at most once per heartbeat, however much it had queued meanwhile.
+        self._asked: dict[bytes, float] = {}
+        self._ask_every = opts.heartbeat
 
         self.hooks = hooks = hooks or Hooks()
         # ACCEPTED goes out only after the before_acks hooks (e.g. a journal
@@ -361,7 +366,18 @@ class QueueServer:
         self._send(rid, [SIGNATURE, ERROR, msg_id, error, text.encode(), b"{}"])
 
     def _reregister(self, rid: bytes) -> None:
-        """An unknown worker talks to us (we restarted): ask it to say hello."""
+        """An unknown worker talks to us (we restarted): ask it to say hello.
+
+        Once per heartbeat: the DONEs and beats it queued while we were away
+        arrive together, and each BYE would draw one more HELLO.
+        """
+        now = time.monotonic()
+        asked = self._asked
+        if now - asked.get(rid, -self._ask_every) < self._ask_every:
+            return
+        if len(asked) >= 10_000:
+            asked.clear()
+        asked[rid] = now
         self._send(rid, [SIGNATURE, BYE])
 
     # -------------------------------------------------------------- output

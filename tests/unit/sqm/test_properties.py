@@ -232,6 +232,17 @@ class Model:
 
     def hello(self, rid: bytes, slots: int) -> None:
         old = self.workers.get(rid)
+        if old is not None and not old.leaving:
+            # Repeat hello: what it holds stays in flight; slots refreshed,
+            # parked ones cleared, the free ones go to the back of the line.
+            old.slots = max(slots, len(old.inflight))
+            old.parked = 0
+            old.expires_at = self.now + HEARTBEAT * LIVENESS
+            old.free = old.slots - len(old.inflight)
+            self.idle = [x for x in self.idle if x is not old] + [old] * old.free
+            if self.pending:
+                self.assign()
+            return
         if old is not None:
             self.remove_worker(old)
         w = MWorker(rid, slots, self.now)

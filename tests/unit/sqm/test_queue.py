@@ -383,7 +383,10 @@ def test_redelivered_message_keeps_its_place():
     assert dispatches(take(core)) == [(b"w2", b"old"), (b"w2", b"new1"), (b"w2", b"new2")]
 
 
-def test_reregistration_treats_held_messages_as_lost():
+def test_a_repeat_hello_keeps_what_the_worker_holds():
+    """A worker that says HELLO again (it reconnected, or answered BYEs to
+    DONEs it queued while sqm restarted) still runs what it holds: nothing is
+    failed or redelivered; only its slots are refreshed."""
     core = make_core()
     hello(core, b"w1")
     hello(core, b"w2")
@@ -391,13 +394,17 @@ def test_reregistration_treats_held_messages_as_lost():
     core.submit(T0, msg("lose"))
     assert dispatches(take(core)) == [(b"w1", b"keep"), (b"w2", b"lose")]
     hello(core, b"w2", now=T0 + 1)
+    hello(core, b"w2", now=T0 + 1)
     out = take(core)
-    assert fails(out) == [(b"lose", "WorkerLost")]
-    hello(core, b"w1", now=T0 + 1)
-    out = take(core)
-    assert dispatches(out) == [(b"w2", b"keep")]
-    assert core.workers[b"w2"].in_flight.keys() == {b"keep"}
-    assert core.status(T0 + 1)["workers_ever"] == 2
+    assert fails(out) == [] and dispatches(out) == []
+    assert core.workers[b"w2"].in_flight.keys() == {b"lose"}
+    assert core.workers[b"w2"].free == 0  # its one slot is still busy
+    hello(core, b"w1", now=T0 + 1, slots=2)  # one more slot: it takes what pends
+    core.submit(T0 + 1, msg("next"))
+    assert dispatches(take(core)) == [(b"w1", b"next")]
+    assert core.workers[b"w1"].in_flight.keys() == {b"keep", b"next"}
+    assert core.done(T0 + 2, b"w2", b"lose")
+    assert core.status(T0 + 2)["workers_ever"] == 2
 
 
 def test_unreachable_requeues_without_using_a_retry():
