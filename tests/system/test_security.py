@@ -452,3 +452,54 @@ def test_denied_total_in_metrics(cluster: Cluster, keys: Keys) -> None:
             return 'sqm_denied_total{queue="q"} 1.0' in r.read().decode()
 
     wait_for(scraped, 15, "sqm_denied_total 1 in /metrics")
+
+
+# ------------------------------------------------------------ key changes
+
+
+def test_key_changes_apply_to_new_connections_and_sighup(cluster: Cluster, keys: Keys) -> None:
+    import signal
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = cluster.sqm("serve", "q", "--heartbeat", "0.2", "--endpoint", endpoint,
+                       "--secret-key", keys.secret("broker"), "--clients", str(keys.clients),
+                       name="serve-reload")
+    admin(keys, "q", endpoint, proc=proc)
+    stranger = keys.curve("stranger")
+    client = AdminClient(resolve("q", endpoint=endpoint), 3.0, curve=stranger)
+    with pytest.raises(AuthError):
+        client.status()
+    # added: a new connection is admitted (SIGHUP re-reads at once; sqm survives it)
+    target = keys.clients / "senders" / "stranger.key"
+    target.write_bytes((keys.root / "stranger.key").read_bytes())
+    proc.signal(signal.SIGHUP)
+
+    def admitted() -> bool:
+        try:
+            return client.status()["queue"] == "q"
+        except AuthError:
+            return False  # the signal not handled yet: a new connection tries again
+
+    wait_for(admitted, 5, "the added key admitted")
+    assert proc.popen.poll() is None
+    # removed: an admitted connection keeps its role, a new one is refused
+    kept = _raw(keys, "stranger", endpoint)
+    try:
+        kept.send_multipart([SIGNATURE, b"?"])
+        assert kept.poll(5000) and kept.recv_multipart()[1] == b"?"
+        target.unlink()
+        proc.signal(signal.SIGHUP)
+
+        def refused() -> bool:
+            try:
+                AdminClient(resolve("q", endpoint=endpoint), 3.0, curve=stranger).status()
+            except AuthError:
+                return True
+            return False
+
+        wait_for(refused, 5, "the removed key refused to new connections")
+        kept.send_multipart([SIGNATURE, b"?"])
+        assert kept.poll(5000) and kept.recv_multipart()[1] == b"?"
+    finally:
+        kept.close(0)
+    assert proc.popen.poll() is None
