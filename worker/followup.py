@@ -28,6 +28,7 @@ inner method from other workers (see docs/GUARANTEES.md).
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from sqm import protocol
 from sqm.config import QueueSettings, resolve
 from sqm.errors import SQMError, Timeout
 from sqm.protocol import FLAG_ONEWAY, FORWARD, SIGNATURE, pack_envelope
+from sqm.security.keys import KeyPair
 from sqm.sockets import make_socket
 from sqm.zmqfast import recv_frames, send_frames
 
@@ -84,6 +86,7 @@ class FollowUps:
         self._ctx: zmq.Context | None = None
         self._curve: Any = None
         self._mailbox: zmq.Socket | None = None
+        self._bound = ""  # the mailbox's address, once bound
         self._others: dict[str, zmq.Socket] = {}  # queue name -> DEALER (another queue)
         self._send: SendLink | None = None
         self._pump: Callable[[], None] | None = None
@@ -109,6 +112,11 @@ class FollowUps:
             if self._mailbox is not None:
                 self._mailbox.close(0)
                 self._mailbox = None
+                if self._bound.startswith("ipc://"):
+                    try:
+                        os.unlink(self._bound[len("ipc://"):])
+                    except OSError:
+                        pass
             for sock in self._others.values():
                 sock.close(0)
             self._others.clear()
@@ -218,14 +226,23 @@ class FollowUps:
             return
         if self._ctx is None:
             raise SQMError("follow-up messages are only valid while the worker runs")
-        sock = make_socket(self._ctx, zmq.PULL, linger_ms=0)
+        # Secured (as a Sender's): a CURVE server with a key pair of its own,
+        # its public key in the envelope, so replies travel encrypted.
+        pair = None if self._curve is None else KeyPair(*zmq.curve_keypair())
+        sock = make_socket(self._ctx, zmq.PULL, linger_ms=0, curve_server=pair)
         try:
             sock.bind(self._core.mailbox_bind_address())
         except zmq.ZMQError as exc:
             sock.close(0)
             raise SQMError(f"cannot open the worker's follow-up mailbox: {exc}") from None
         last = sock.last_endpoint
-        self._core.set_mailbox(last.decode() if isinstance(last, bytes) else str(last))
+        bound = last.decode() if isinstance(last, bytes) else str(last)
+        self._bound = bound
+        if pair is None:
+            self._core.set_mailbox(bound)
+        else:
+            self._core.set_mailbox(
+                f"{bound}{protocol.MAILBOX_KEY_SEP}{pair.public.decode('ascii')}")
         self._mailbox = sock
 
     def _other(self, queue: str) -> zmq.Socket:

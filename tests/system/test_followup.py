@@ -147,3 +147,19 @@ def test_a_chain_step_whose_worker_dies_is_retried_on_another(cluster):
     assert reply["trail"] == ["step1", "step2", "step3"]
     assert [r["pid"] for r in ran(cluster, "step2")] == [survivor.pid]
     assert cluster.status("q")["redelivered_total"] == 1
+
+
+def test_follow_up_work_on_a_secured_sqm(cluster, rundir):
+    from tests.system.test_security import Keys, admin, secured
+
+    keys = Keys(rundir / "keys")
+    endpoint = secured(cluster, keys)
+    for target in ("followers", "inner_only"):
+        cluster.sqm("worker", f"{APPS}:{target}", "--queue", "q", "--endpoint", endpoint,
+                    "--heartbeat", "0.2", *keys.client_args("worker"), name=f"worker-{target}")
+    wait_for(lambda: admin(keys, "q", endpoint)["workers_current"] == 2, 20, "2 secured workers")
+    with Sender("q", endpoint=endpoint, secret_key=keys.secret("sender"),
+                server_key=keys.server, timeout=20) as s:
+        assert s.rpc("outer", 3)["inner"] == 6  # SUBMIT on the worker's secured link
+    st = admin(keys, "q", endpoint)
+    assert st["denied_total"] == 0 and len(ran(cluster, "inner")) == 1
