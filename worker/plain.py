@@ -57,6 +57,7 @@ class PlainRunner:
         sock = self._open(link)
         if s.followups is not None:
             s.followups.attach(s.ctx, self._send_link, s.curve, self._pump)
+        s.execution.pump = self._pump  # originator.cancelled reads sqm's CANCEL in the callback
         log.info("worker %s serving queue %s at %s", s.worker_id, s.queue, link.endpoint)
         # Chores (liveness, reconnects, idle mailboxes) run at most every
         # `chore_s`, also while messages stream in.
@@ -157,6 +158,8 @@ class PlainRunner:
         """Tell sqm we go; finish whatever it dispatched before it acknowledged."""
         s = self._session
         assert s is not None
+        while self._stash:  # taken while a callback waited on a follow-up: run them
+            self._handle(link, self._stash.popleft())
         if not link.send_bye() or not link.reachable():
             return  # nobody to wait for: no broker connected
         sock = link.sock
@@ -169,5 +172,7 @@ class PlainRunner:
             frames = recv_frames(sock, 0)
             if len(frames) == protocol.SUBMIT_FRAMES and frames[1] == DISPATCH:
                 self._handle(link, frames)
+                while self._stash:  # read while that callback waited on a follow-up
+                    self._handle(link, self._stash.popleft())
             else:
                 s.on_control(link, frames)
