@@ -97,6 +97,10 @@ class Correlator:
         # started messages whose worker repeats its ACK each beat. If their
         # broker goes away and the ACKs stop, the worker died too (see _links.py).
         self.running: dict[str, list[Any]] = {}
+        #: Ids a stopping broker failed back (BrokerShutdown) before any worker
+        #: took them: the links re-send them through another live broker.
+        self.stopping: list[tuple[str, Any]] = []  # (id, its ``sent`` entry then)
+        self.brokers = 1  # how many brokers the links talk to (set by them)
         self.hooks: dict[str, Any] = {}  # id -> Hooks / BatchSink, only for ids that have them
         self.consuming = 0  # outstanding ids whose outcome goes to hooks, not to receive()
         self.calls: deque[tuple[Any, tuple[Any, ...]]] = deque()  # callbacks due, in order
@@ -264,6 +268,10 @@ class Correlator:
             if from_broker and emsg == ID_IN_USE and frames[3] == b"Malformed":
                 self.accepted.add(mid)  # a re-sent copy met its original: sqm has it
                 return None
+            if (from_broker and self.brokers > 1 and frames[3] == b"BrokerShutdown"
+                    and mid in self.sent):
+                self.stopping.append((mid, self.sent[mid]))  # never started: safe elsewhere
+                return None
             outcome = Outcome(
                 FAILED,
                 etype=frames[3].decode("utf-8", "replace"),
@@ -332,13 +340,13 @@ class Correlator:
         return [mid for mid, (_, link, last, beat) in self.running.items()
                 if now - last > 3 * beat and gone(link)]
 
-    def lose(self, mid: str, why: str) -> str | None:
-        """Fail ``mid`` with WorkerLost here (its broker is gone, so nobody else
+    def lose(self, mid: str, why: str, etype: str = "WorkerLost") -> str | None:
+        """Fail ``mid`` with ``etype`` here (its broker is gone, so nobody else
         will); returns ``mid`` if it became ready for receive()."""
         if mid not in self.outstanding:
             self.running.pop(mid, None)
             return None
-        return self._end(mid, Outcome(FAILED, etype="WorkerLost", emsg=why, from_broker=True))
+        return self._end(mid, Outcome(FAILED, etype=etype, emsg=why, from_broker=True))
 
     def watch(self, mid: str, hooks: Any) -> None:
         """Route ``mid``'s acknowledgement, progress and (if it consumes) outcome to ``hooks``."""

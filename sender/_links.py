@@ -162,6 +162,7 @@ class Links:
         except BaseException:
             self.close(0)
             raise
+        core.brokers = len(self.links)
 
     def _new(self, endpoint: str) -> Link:
         link = Link(endpoint)
@@ -268,6 +269,8 @@ class Links:
                     if x is link and epoch < link.epoch and mid not in core.accepted]
             for mid in lost:
                 self.resend(mid, link)
+        if core.stopping:
+            self.rescue()
         if core.running and len(self.up) < len(self.links) and self.lost_workers(now):
             nxt = min(nxt, now + LOST_CHECK_S)  # an asyncio sender comes back for them
         if self.retry:
@@ -277,6 +280,25 @@ class Links:
             if self.retry:
                 nxt = min(nxt, now + 0.1)
         return nxt
+
+    def rescue(self) -> None:
+        """Messages a stopping broker failed back (BrokerShutdown) before a
+        worker took them: re-send them through another live broker, or pass
+        the error on when there is none."""
+        core = self.core
+        stopping, core.stopping = core.stopping, []
+        for mid, then in stopping:
+            entry = core.sent.get(mid)
+            if entry is not then or mid not in core.outstanding:
+                continue  # answered, forgotten or already re-sent (its link went DOWN)
+            others = [x for x in self.up if x is not entry[1]]
+            if others:
+                self._rr += 1
+                self.resend(mid, others[self._rr % len(others)])
+                continue
+            done = core.lose(mid, "sqm stopped before a worker took it", "BrokerShutdown")
+            if done is not None and self.wake is not None:
+                self.wake(done)
 
     def lost_workers(self, now: float) -> bool:
         """Started messages whose broker is DOWN and whose worker stopped
@@ -332,6 +354,7 @@ class Links:
         self.links = links
         self.up = [x for x in links if x.state == UP]
         core = self.core
+        core.brokers = len(links)
         for gone in old.values():
             self.drain(gone)
             mids = [mid for mid, (_, x, _) in core.sent.items() if x is gone]

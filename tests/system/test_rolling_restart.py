@@ -82,3 +82,24 @@ def test_rolling_restart_of_workers_loses_nothing(net: Network) -> None:
     executions = handled(a, b)
     report("rolling worker restart", **result, executions=len(executions))
     assert len(executions) == result["items"]  # retries=0: each ran exactly once
+
+
+@pytest.mark.timeout(90)
+def test_rolling_restart_of_both_brokers_in_memory_mode_loses_nothing(net: Network) -> None:
+    """Without a journal, a stopping broker fails back what it holds pending
+    (BrokerShutdown); no worker had started those, so the Sender re-sends them
+    through the live broker instead: the caller sees no error, with retries=0."""
+    a, b, c = net(3)
+    pair = Pair(a, b, c)
+    sender = c.sender(pair.endpoints, window=WINDOW, s=0.05, retries=0, timeout=30)
+    more_replies(sender, STEP)
+    for index in (0, 1):
+        broker = pair.brokers[index]
+        broker.signal(signal.SIGTERM)
+        assert broker.wait(15) == 0, broker.stderr
+        more_replies(sender, STEP // 2)
+        pair.restart(index)
+        more_replies(sender, STEP)
+    result = finish(sender, *pair.brokers, *pair.workers)
+    report("rolling broker restart, memory", **result, executions=len(handled(a, b)))
+    assert len(handled(a, b)) == result["items"]  # never started twice: retries=0 holds
