@@ -86,6 +86,11 @@ class AdminClient:
         """Ask one worker to finish its message and exit 0."""
         return self.control("stop-worker", id=worker_id)
 
+    def cancel(self, message_id: str) -> Answer:
+        """End one scheduled, pending or running message with Cancelled (its
+        sender is told). The answer's ``cancelled`` is False when it had ended or is unknown."""
+        return self.control("cancel", id=message_id)
+
     def shutdown(self) -> Answer:
         """Stop the broker as SIGTERM would."""
         return self.control("shutdown")
@@ -122,8 +127,9 @@ class AdminClient:
         """One request/answer over a short-lived DEALER: the decoded JSON answer."""
         require_broker(self.settings)
         sock = self._socket()
-        # Secured: a refused handshake is AuthError at once, not a wait for nothing.
-        watch = HandshakeWatch(sock) if self.curve is not None else None
+        # A refused handshake (unknown key, or no key for a secured sqm) is
+        # AuthError at once, not a wait for nothing.
+        watch: HandshakeWatch | None = HandshakeWatch(sock)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         if watch is not None:

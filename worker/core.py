@@ -278,9 +278,10 @@ class Worker:
         hb = threading.Thread(target=self._heartbeat_loop, args=(ctx,), daemon=True,
                               name=f"sqm-heartbeat-{self.id}")
         try:
-            if self._curve is not None:  # AuthError now, not silence later
-                for endpoint in self.endpoints:
-                    check_rights(ctx, endpoint, self._curve, timeout=max(2.0, self.heartbeat))
+            # AuthError now (refused key, no key for a secured sqm, sender's key), not silence
+            wait = max(2.0, self.heartbeat) if self._curve is not None else 0.5
+            for endpoint in self.endpoints:
+                check_rights(ctx, endpoint, self._curve, timeout=wait)
             hb.start()
             runner.run(self._session(ctx, pool))
         finally:

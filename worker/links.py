@@ -11,11 +11,11 @@ import secrets
 import time
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
+from zmq.utils.monitor import parse_monitor_message, recv_monitor_message
 
 from sqm.errors import AuthError
 from sqm.protocol import BYE, ERROR, HEARTBEAT, SIGNATURE
-from sqm.security.handshake import HandshakeWatch
+from sqm.security.handshake import HANDSHAKE_EVENTS, classify
 from sqm.security.keys import KeyPair
 from sqm.sockets import make_socket
 from sqm.zmqfast import send_frames
@@ -30,23 +30,35 @@ def broker_socket(ctx: zmq.Context, curve: tuple[KeyPair, bytes] | None, *,
                        curve_client=curve[0], server_key=curve[1])
 
 
-def check_rights(ctx: zmq.Context, endpoint: str, curve: tuple[KeyPair, bytes],
+def check_rights(ctx: zmq.Context, endpoint: str, curve: tuple[KeyPair, bytes] | None,
                  timeout: float) -> None:
-    """Before serving a secured sqm: raise AuthError if it refuses our key or our role.
+    """Before serving: raise AuthError if sqm refuses our key (or our lack of one) or our role.
 
-    One short-lived connection: the handshake must succeed, then a bare
+    One short-lived connection: the handshake must not fail (unknown key,
+    wrong server key, or one end CURVE and the other not), then a bare
     HEARTBEAT (a worker's command) must not be answered ERROR AuthError (a
-    sender's key). sqm answers an unknown worker's heartbeat with BYE. A
-    broker not up yet (no answer within ``timeout``) is not an error: the
-    worker waits for it as always.
+    sender's key); sqm answers an unknown worker's heartbeat with BYE. A
+    broker not up yet (connection refused, or no answer within ``timeout``)
+    is not an error: the worker waits for it as always.
     """
-    sock = broker_socket(ctx, curve, routing_id=b"P" + secrets.token_bytes(12), linger_ms=0)
-    watch = HandshakeWatch(sock)
+    plain_ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.shadow(ctx.underlying)  # blocking
+    sock = broker_socket(plain_ctx, curve, routing_id=b"P" + secrets.token_bytes(12), linger_ms=0)
+    monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS | zmq.EVENT_CONNECT_RETRIED)
     try:
         sock.connect(endpoint)
         deadline = time.monotonic() + timeout
-        if not watch.wait(timeout):
-            return
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not monitor.poll(int(left * 1000) + 1):
+                return  # no broker answered yet
+            event = parse_monitor_message(monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_CONNECT_RETRIED:
+                return  # nobody listens yet
+            error = classify(int(event["event"]), int(event["value"]), endpoint)
+            if error is not None:
+                raise error
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                break
         sock.send_multipart([SIGNATURE, HEARTBEAT])
         while (left := deadline - time.monotonic()) > 0 and sock.poll(int(left * 1000) + 1):
             frames = sock.recv_multipart()
@@ -56,7 +68,11 @@ def check_rights(ctx: zmq.Context, endpoint: str, curve: tuple[KeyPair, bytes],
             if len(frames) >= 2 and frames[0] == SIGNATURE:
                 return
     finally:
-        watch.close()
+        try:
+            sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        monitor.close(0)
         sock.close(0)
 
 

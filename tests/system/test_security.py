@@ -503,3 +503,14 @@ def test_key_changes_apply_to_new_connections_and_sighup(cluster: Cluster, keys:
     finally:
         kept.close(0)
     assert proc.popen.poll() is None
+
+
+def test_no_key_against_a_secured_sqm_is_auth_error(cluster: Cluster, keys: Keys) -> None:
+    endpoint = secured(cluster, keys)
+    started = time.monotonic()
+    done = run_cli("status", "q", "--endpoint", endpoint, "--timeout", "30")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and len(lines) == 1 and "AuthError" in lines[0], done.stderr
+    done = run_cli("worker", "tests.apps:callbacks", "--queue", "q", "--endpoint", endpoint)
+    assert done.returncode != 0 and "AuthError" in done.stderr, done.stderr
+    assert time.monotonic() - started < 15
