@@ -8,6 +8,7 @@
 from sqm.errors import (
     BrokerShutdown,
     BrokerUnreachable,
+    Cancelled,
     Expired,
     MessageTooLarge,
     ProtocolError,
@@ -16,6 +17,7 @@ from sqm.errors import (
     RemoteError,
     SerializerError,
     SQMError,
+    TimeLimitExceeded,
     Timeout,
     WorkerLost,
 )
@@ -27,6 +29,7 @@ __all__ = [
     "AsyncSender",
     "BrokerShutdown",
     "BrokerUnreachable",
+    "Cancelled",
     "Expired",
     "MessageTooLarge",
     "ProtocolError",
@@ -36,6 +39,7 @@ __all__ = [
     "SQMError",
     "Sender",
     "SerializerError",
+    "TimeLimitExceeded",
     "Timeout",
     "WorkerLost",
 ]

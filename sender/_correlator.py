@@ -185,6 +185,8 @@ class Correlator:
         retries: int,
         priority: str = "normal",
         ttl: float | None = None,
+        not_before: float = 0.0,
+        time_limit: float = 0.0,
     ) -> tuple[str, list[bytes]]:
         """Build the SUBMIT frames and start tracking the id (unless oneway).
 
@@ -229,6 +231,8 @@ class Correlator:
             self.mailbox,
             method_b,
             self.sertag,
+            not_before=not_before,
+            time_limit=time_limit,
         )
         frames = [SIGNATURE, SUBMIT, env, body]
         if not oneway:
@@ -348,6 +352,15 @@ class Correlator:
             return None
         return self._end(mid, Outcome(FAILED, etype=etype, emsg=why, from_broker=True))
 
+    def cancel(self, mid: str) -> bool:
+        """End ``mid`` here with ``Cancelled`` (see Sender.cancel); False if it
+        has ended (its outcome arrived) or is unknown. A reply arriving later is dropped."""
+        if mid not in self.outstanding:
+            return False
+        self._end(mid, Outcome(FAILED, etype="Cancelled", emsg="cancelled by its sender",
+                               from_broker=True))
+        return True
+
     def watch(self, mid: str, hooks: Any) -> None:
         """Route ``mid``'s acknowledgement, progress and (if it consumes) outcome to ``hooks``."""
         self.hooks[mid] = hooks
@@ -426,6 +439,31 @@ class Correlator:
             if cls is not None:
                 raise cls(outcome.emsg)
         raise RemoteError(outcome.etype, outcome.emsg, outcome.trace)
+
+
+NO_TIMING = (0.0, 0.0)  # (not_before, time_limit) of a message due now, with no limit
+
+
+def timing(delay: float | None, not_before: float | None,
+           time_limit: float | None) -> tuple[float, float]:
+    """``(not_before, time_limit)`` for the envelope from submit's arguments (checked)."""
+    if delay is not None and not_before is not None:
+        raise ValueError("give delay or not_before, not both")
+    due = 0.0
+    if delay is not None:
+        if delay < 0:
+            raise ValueError("delay must not be negative")
+        due = time.time() + delay if delay else 0.0
+    elif not_before is not None:
+        if not 0 <= not_before < 1e11:
+            raise ValueError("not_before must be a unix time in seconds")
+        due = float(not_before)
+    limit = 0.0
+    if time_limit is not None:
+        if not 0 < time_limit < 1e9:
+            raise ValueError("time_limit must be positive")
+        limit = float(time_limit)
+    return due, limit
 
 
 def drain(sock: zmq.Socket, core: Correlator, from_broker: bool) -> int:

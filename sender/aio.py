@@ -17,7 +17,7 @@ from sqm.errors import SQMError
 from sqm.zmqfast import recv_frames, send_frames
 
 from ._batch import DONE, EMIT, NEED, Batch
-from ._correlator import Outcome
+from ._correlator import NO_TIMING, Outcome, timing
 from ._hooks import OnComplete, OnFail, OnStart, OnStatus, run_calls
 from ._links import Link, monitor_event
 from .base import SenderBase
@@ -221,6 +221,9 @@ class AsyncSender(SenderBase):
         retries: int = 0,
         priority: str = "normal",
         ttl: float | None = None,
+        delay: float | None = None,
+        not_before: float | None = None,
+        time_limit: float | None = None,
         on_start: OnStart | None = None,
         on_status: OnStatus | None = None,
         on_complete: OnComplete | None = None,
@@ -235,15 +238,19 @@ class AsyncSender(SenderBase):
         if on_start is not None or on_status is not None or on_complete is not None \
                 or on_fail is not None:  # checked here first: no call on the hot path
             hooks = self._hooks(oneway, on_start, on_status, on_complete, on_fail)
-        return await self._submit(method, payload, oneway, timeout, retries, priority, ttl, hooks)
+        if delay is None and not_before is None and time_limit is None:
+            return await self._submit(method, payload, oneway, timeout, retries, priority, ttl, hooks)
+        return await self._submit(method, payload, oneway, timeout, retries, priority, ttl, hooks,
+                                  timing(delay, not_before, time_limit))
 
     async def _submit(self, method: str, payload: Any, oneway: bool, timeout: float | None,
-                      retries: int, priority: str, ttl: float | None, hooks: Any) -> str:
+                      retries: int, priority: str, ttl: float | None, hooks: Any,
+                      extra: tuple[float, float] = NO_TIMING) -> str:
         self._start()
         core = self._core
         mid, frames = core.encode_submit(
             method, payload, oneway=oneway, timeout=timeout, retries=retries,
-            priority=priority, ttl=ttl,
+            priority=priority, ttl=ttl, not_before=extra[0], time_limit=extra[1],
         )
         if hooks is not None:
             core.watch(mid, hooks)
@@ -285,10 +292,13 @@ class AsyncSender(SenderBase):
         timeout: float | None = None,
         retries: int = 0,
         priority: str = "normal",
+        time_limit: float | None = None,
     ) -> Any:
         """Submit and await that message's result. Cancelling it forgets the message."""
         limit = timeout if timeout is not None else self.timeout
-        mid = await self._submit(method, payload, False, limit, retries, priority, None, None)
+        mid = await self._submit(method, payload, False, limit, retries, priority, None, None,
+                                 NO_TIMING if time_limit is None
+                                 else timing(None, None, time_limit))
         try:
             outcome = await self._wait(mid, self._core.deadline_for(mid, limit, None))
         except BaseException:
@@ -418,6 +428,14 @@ class AsyncSender(SenderBase):
     def accepted(self, id: str) -> bool:  # noqa: A002
         """True once sqm has taken message ``id`` (journaled, in journal mode), before its reply."""
         return id in self._core.accepted
+
+    async def cancel(self, id: str) -> bool:  # noqa: A002
+        """Cancel message ``id`` (see :meth:`Sender.cancel`); True if it had not ended."""
+        self._start()
+        if not self._cancel(id):
+            return False
+        self._wake(id)  # a receive() waiting for it raises Cancelled now
+        return True
 
     async def close(self) -> None:
         """Stop the reader tasks and close the sockets."""

@@ -305,6 +305,20 @@ class SenderBase:
         self.settings = replace(self.settings, endpoint=eps[0], endpoints=eps)
         self._one = self._links.single
 
+    def _cancel(self, mid: str) -> bool:
+        """Sender.cancel's work: end ``mid`` here with Cancelled, then tell sqm
+        (every broker: only the one holding it acts; it checks we sent it)."""
+        if not self._core.cancel(mid):
+            return False
+        frames = [protocol.SIGNATURE, protocol.CANCEL, mid.encode("ascii")]
+        for link in self._links.links:
+            if link.raw is not None:
+                try:
+                    send_frames(link.raw, frames)
+                except zmq.ZMQError:
+                    pass  # that broker is unreachable: it cannot be running the message
+        return True
+
     def _close_sockets(self) -> None:
         """Close every socket and remove the mailbox's file."""
         self._links.close(1000)

@@ -16,7 +16,7 @@ from sqm.errors import SQMError
 from sqm.zmqfast import RCVTIMEO, recv_frames, send_frames, set_option
 
 from ._batch import DONE, EMIT, NEED, Batch
-from ._correlator import Outcome, drain
+from ._correlator import NO_TIMING, Outcome, drain, timing
 from ._hooks import OnComplete, OnFail, OnStart, OnStatus, run_calls
 from ._links import Link, monitor_event
 from .base import SenderBase
@@ -111,6 +111,9 @@ class Sender(SenderBase):
         retries: int = 0,
         priority: str = "normal",
         ttl: float | None = None,
+        delay: float | None = None,
+        not_before: float | None = None,
+        time_limit: float | None = None,
         on_start: OnStart | None = None,
         on_status: OnStatus | None = None,
         on_complete: OnComplete | None = None,
@@ -136,15 +139,19 @@ class Sender(SenderBase):
         if on_start is not None or on_status is not None or on_complete is not None \
                 or on_fail is not None:  # checked here first: no call on the hot path
             hooks = self._hooks(oneway, on_start, on_status, on_complete, on_fail)
-        return self._submit(method, payload, oneway, timeout, retries, priority, ttl, hooks)
+        if delay is None and not_before is None and time_limit is None:
+            return self._submit(method, payload, oneway, timeout, retries, priority, ttl, hooks)
+        return self._submit(method, payload, oneway, timeout, retries, priority, ttl, hooks,
+                                  timing(delay, not_before, time_limit))
 
     def _submit(self, method: str, payload: Any, oneway: bool, timeout: float | None,
-                retries: int, priority: str, ttl: float | None, hooks: Any) -> str:
+                retries: int, priority: str, ttl: float | None, hooks: Any,
+                extra: tuple[float, float] = NO_TIMING) -> str:
         self._check()
         core = self._core
         mid, frames = core.encode_submit(
             method, payload, oneway=oneway, timeout=timeout, retries=retries,
-            priority=priority, ttl=ttl,
+            priority=priority, ttl=ttl, not_before=extra[0], time_limit=extra[1],
         )
         if hooks is not None:
             core.watch(mid, hooks)
@@ -198,10 +205,13 @@ class Sender(SenderBase):
         timeout: float | None = None,
         retries: int = 0,
         priority: str = "normal",
+        time_limit: float | None = None,
     ) -> Any:
         """Submit and wait for that message's result (timeout: explicit, else the Sender's)."""
         limit = timeout if timeout is not None else self.timeout
-        mid = self._submit(method, payload, False, limit, retries, priority, None, None)
+        mid = self._submit(method, payload, False, limit, retries, priority, None, None,
+                                 NO_TIMING if time_limit is None
+                                 else timing(None, None, time_limit))
         try:
             outcome = self._wait(mid, self._core.deadline_for(mid, limit, None))
         except BaseException:
@@ -396,6 +406,19 @@ class Sender(SenderBase):
         self._check()
         self._check_brokers(time.monotonic())
         return id in self._core.accepted
+
+    def cancel(self, id: str) -> bool:  # noqa: A002
+        """Cancel message ``id``; True if it was still pending, scheduled or running.
+
+        Its outcome becomes :class:`~sqm.errors.Cancelled` at once (receive()
+        raises it, or on_fail gets it); sqm removes a pending or scheduled
+        message and tells the worker running one (``originator.cancelled``);
+        a late reply is dropped. False for a message that has ended (its
+        reply arrived, also when not yet received) or an unknown id.
+        """
+        self._check()
+        self.poll(0)  # a reply already here means it has ended
+        return self._cancel(id)
 
     def close(self) -> None:
         """Close the sockets; replies that arrive later are dropped by ZeroMQ."""

@@ -7,6 +7,9 @@
 >>> w.run()                                              # doctest: +SKIP
 """
 
-from .core import Originator, Worker
+from sqm.errors import Cancelled, TimeLimitExceeded
 
-__all__ = ["Originator", "Worker"]
+from .core import Originator, Worker
+from .retry import Retry
+
+__all__ = ["Cancelled", "Originator", "Retry", "TimeLimitExceeded", "Worker"]

@@ -311,8 +311,7 @@ class AsyncRunner:
             if orig.forwarded:
                 ex.raised_after_forward(orig, exc)
                 return orig.id, None
-            ex.raised(orig, exc)
-            return orig.id, False
+            return orig.id, ex.raised(orig, exc)  # None: retried (RETRY told sqm)
         return orig.id, ex.settle(orig, value)
 
     def _credit(self) -> None:

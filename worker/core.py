@@ -37,7 +37,9 @@ from .followup import DEFAULT_MAX_HOPS, FollowUps, HopLimitExceeded
 from .links import broker_socket, check_rights
 from .mailboxes import MailboxPool
 from .plain import PlainRunner
+from .retry import DEFAULT_BACKOFF, DEFAULT_MAX_RETRIES, RetryPolicy
 from .session import CountingWorkload, Runner, Session
+from .watchdog import Watchdog
 
 __all__ = ["Callback", "HopLimitExceeded", "Originator", "Worker", "is_async_callback"]
 
@@ -108,6 +110,10 @@ class Worker:
         server_key: str | os.PathLike[str] | None = None,
         max_hops: int = DEFAULT_MAX_HOPS,
         followup_timeout: float | None = 30.0,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        retry_on: tuple[type[BaseException], ...] = (),
+        backoff: tuple[float, float] = DEFAULT_BACKOFF,
+        time_limit: float | None = None,
     ) -> None:
         self.settings = resolve(queue, endpoint=endpoint, config=config)
         #: (own pair, server key) for a secured sqm (kwargs, env, config); None: plain.
@@ -144,6 +150,14 @@ class Worker:
         self._workload = (CountingWorkload(self._after_message)
                           if max_tasks or max_memory_mb else Workload())
         self._execution = Execution(self, self.id, self._callbacks, allow_pickle=allow_pickle)
+        self._execution.retry_policy = RetryPolicy(max_retries, tuple(retry_on), backoff)
+        self.max_retries, self.retry_on, self.backoff = max_retries, tuple(retry_on), backoff
+        if time_limit is not None and not 0 < time_limit < 1e9:
+            raise ValueError("time_limit must be positive")
+        self.time_limit = self._execution.time_limit = float(time_limit or 0.0)
+        #: End this process when a callback runs past its time limit (set for
+        #: ``sqm worker`` fleet children, whose supervisor starts a fresh one).
+        self.exit_on_time_limit = False
         self._followups = self._execution.followups = FollowUps(
             self.settings, config=config, allow_pickle=allow_pickle,
             timeout=followup_timeout, max_hops=max_hops)
@@ -277,6 +291,9 @@ class Worker:
         )
         hb = threading.Thread(target=self._heartbeat_loop, args=(ctx,), daemon=True,
                               name=f"sqm-heartbeat-{self.id}")
+        if self.exit_on_time_limit:  # a fleet child: a stuck callback ends the process
+            self._execution.watchdog = Watchdog(self.id)
+            self._execution.watchdog.start()
         try:
             # AuthError now (refused key, no key for a secured sqm, sender's key), not silence
             wait = max(2.0, self.heartbeat) if self._curve is not None else 0.5
@@ -287,6 +304,9 @@ class Worker:
         finally:
             self._stop.set()
             self._hb_stop.set()
+            if self._execution.watchdog is not None:
+                self._execution.watchdog.stop()
+                self._execution.watchdog = None
             if hb.ident is not None:  # started (a refused key stops run() before)
                 hb.join(timeout=self.heartbeat * 2)
             pool.close()
@@ -327,6 +347,7 @@ class Worker:
                 "concurrency": self.concurrency,
                 "heartbeat": self.heartbeat,
                 "version": protocol.SIGNATURE.decode(),
+                **({"time_limit": self.time_limit} if self.time_limit else {}),
             },
             on_stop_request=self._stop_requested_by_sqm,
             stop=self._stop,

@@ -25,10 +25,21 @@ import zmq
 
 from sqm import serializers
 from sqm.errors import SQMError
-from sqm.protocol import ACK, ERROR, PROGRESS, RESULT, SIGNATURE, Envelope, decode_envelope
+from sqm.protocol import (
+    ACK,
+    ERROR,
+    PROGRESS,
+    RESULT,
+    RETRY,
+    SIGNATURE,
+    Envelope,
+    decode_envelope,
+    encode_json,
+)
 from sqm.zmqfast import send_frames
 
 from .mailboxes import MailboxPool
+from .retry import Retry, RetryPolicy
 
 if TYPE_CHECKING:
     from .followup import FollowUps
@@ -56,7 +67,7 @@ class Originator:
     """
 
     __slots__ = ("id", "mailbox", "sertag", "oneway", "responded", "method", "env", "via",
-                 "forwarded")
+                 "forwarded", "limit_at", "flagged", "pump")
 
     def __init__(self, msg_id: bytes, mailbox: bytes, sertag: bytes, oneway: bool, method: str,
                  env: Envelope | None = None):
@@ -69,6 +80,29 @@ class Originator:
         self.env = env  # the envelope it came in (what a forward keeps)
         self.via: Any = None  # the broker link it came from (None: the only one)
         self.forwarded = False  # handed on with Worker.forward: no reply, no DONE here
+        self.limit_at = 0.0  # monotonic time its time limit passes (0: none)
+        self.flagged = False  # its sender cancelled it (see cancelled)
+        self.pump: Callable[[], None] | None = None  # reads sqm's link (plain runner)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the sender (or an operator) cancelled this message: stop early.
+
+        The caller already got ``Cancelled``; whatever this callback answers is dropped.
+        """
+        if not self.flagged and self.pump is not None:
+            self.pump()  # the plain runner reads sqm's CANCEL here, in the callback's thread
+        return self.flagged
+
+    @property
+    def attempts(self) -> int:
+        """How many times this message was retried (Retry) before this run."""
+        return self.env.attempts if self.env is not None else 0
+
+    @property
+    def time_left(self) -> float | None:
+        """Seconds left before the time limit (None without one)."""
+        return max(0.0, self.limit_at - time.monotonic()) if self.limit_at else None
 
     @property
     def message_id(self) -> str:
@@ -163,6 +197,14 @@ class Execution:
         #: heartbeat thread re-sends their ACK each beat, so a caller whose
         #: broker died still learns whether the worker lives.
         self.running: dict[bytes, bytes] = {}
+        #: Messages with a caller being run: id -> originator (CANCEL finds them here).
+        self.active: dict[bytes, Originator] = {}
+        self.retry_policy = RetryPolicy()
+        self.time_limit = 0.0  # the worker's own limit per callback (0: none)
+        #: In a fleet child: ends the process when a callback passes its limit.
+        self.watchdog: Any = None
+        #: Reads sqm's link from inside a callback (the plain runner's pump), or None.
+        self.pump: Callable[[], None] | None = None
 
     def route(self, send: Send | None) -> None:
         """Send replies through ``send`` from now on (None: straight to the socket)."""
@@ -193,6 +235,10 @@ class Execution:
                 self.send(orig, [SIGNATURE, ACK, msg_id, beat])
             else:
                 self.send(orig, [SIGNATURE, ACK, msg_id])
+            self.active[msg_id] = orig
+            orig.pump = self.pump
+        if env.time_limit or self.time_limit:
+            self._limit(orig, env.time_limit)
         fn = self.callbacks.get(method)
         if fn is None:
             self.fail(orig, "UnknownMethod", f"no callback for method {method!r} on this worker")
@@ -210,11 +256,12 @@ class Execution:
             if orig.forwarded:
                 self.raised_after_forward(orig, exc)
                 return orig.id, None
-            self.raised(orig, exc)
-            return orig.id, False
+            return orig.id, self.raised(orig, exc)
         if orig.forwarded:
             return orig.id, None
         if orig.responded or orig.oneway:
+            if orig.limit_at:
+                self._unwatch(orig)
             return orig.id, True
         try:
             self.respond(orig, value)
@@ -244,6 +291,10 @@ class Execution:
                 self.send(orig, [SIGNATURE, ACK, msg_id, beat])
             else:
                 self.send(orig, [SIGNATURE, ACK, msg_id])
+            self.active[msg_id] = orig
+            orig.pump = self.pump
+        if env.time_limit or self.time_limit:
+            self._limit(orig, env.time_limit)
         fn = self.callbacks.get(method)
         if fn is None:
             self.fail(orig, "UnknownMethod", f"no callback for method {method!r} on this worker")
@@ -268,6 +319,8 @@ class Execution:
         if orig.forwarded:
             return None
         if orig.responded or orig.oneway:
+            if orig.limit_at:
+                self._unwatch(orig)
             return True
         try:
             self.respond(orig, value)
@@ -294,15 +347,81 @@ class Execution:
             raise serializers.SerializerError(
                 f"cannot encode the forwarded payload with {codec.name}: {exc}") from exc
         self.running.pop(orig.id, None)  # the next step acknowledges it
+        self.active.pop(orig.id, None)
+        if orig.limit_at:
+            self._unwatch(orig)
         frames = self.followups.forward_frames(orig, method, body)
         self.followups.send_forward(frames, orig.via)
         orig.forwarded = orig.responded = True
 
-    def raised(self, orig: Originator, exc: BaseException) -> None:
-        """A callback raised: log it (debug, with the traceback) and tell the sender."""
+    def raised(self, orig: Originator, exc: BaseException) -> bool | None:
+        """A callback raised: ask sqm for a retry (Retry, ``retry_on``), or log it
+        (debug, with the traceback) and tell the sender. False; None when retried
+        (RETRY told sqm: no DONE is due)."""
+        if isinstance(exc, Retry) or self.retry_policy.retry_on:
+            retry = self.retry_policy.decide(exc, orig.attempts)
+            if retry is not None and self._retry(orig, retry):
+                return None
         trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         log.debug("worker %s: callback for %s raised\n%s", self.worker_id, orig, trace.rstrip())
         self.fail(orig, type(exc).__name__, str(exc), trace)
+        return False
+
+    def _retry(self, orig: Originator, retry: Retry) -> bool:
+        """Tell sqm to run ``orig``'s message again later; False if it cannot be told."""
+        if self.followups is None or orig.responded or orig.flagged:
+            return False
+        if orig.limit_at and time.monotonic() > orig.limit_at:
+            return False  # sqm has failed it already (TimeLimitExceeded)
+        limit = self.retry_policy.max_retries if retry.max_retries is None else retry.max_retries
+        etype, emsg = retry.last_error()
+        frames = [SIGNATURE, RETRY, orig.id, b"%d" % int(retry.delay * 1000), b"%d" % limit,
+                  encode_json({"type": etype, "message": emsg[:2000]})]
+        try:
+            self.followups.send_forward(frames, orig.via)
+        except SQMError as exc:
+            log.warning("worker %s: cannot ask sqm to retry %s: %s", self.worker_id, orig, exc)
+            return False
+        orig.responded = True
+        self.running.pop(orig.id, None)
+        self.active.pop(orig.id, None)
+        if orig.limit_at:
+            self._unwatch(orig)
+        log.debug("worker %s: %s retried (%s) in %.3f s", self.worker_id, orig, etype, retry.delay)
+        return True
+
+    # ------------------------------------------------------------ time limits, cancel
+
+    def _limit(self, orig: Originator, own: float) -> None:
+        """Start ``orig``'s time limit: the smaller of the message's and the worker's."""
+        limit = own if not self.time_limit or (own and own < self.time_limit) else self.time_limit
+        orig.limit_at = time.monotonic() + limit
+        if self.watchdog is not None:
+            self.watchdog.watch(orig.id, orig.limit_at)
+
+    def _unwatch(self, orig: Originator) -> None:
+        if self.watchdog is not None:
+            self.watchdog.unwatch(orig.id)
+
+    def cancel(self, msg_id: bytes) -> None:
+        """sqm says the sender cancelled ``msg_id`` (CANCEL): flag it for its callback."""
+        orig = self.active.get(msg_id)
+        if orig is not None:
+            orig.flagged = True
+
+    def _late(self, orig: Originator) -> bool:
+        """True (and the answer dropped) when the caller no longer waits: the
+        message was cancelled or ran past its time limit (sqm answered for it)."""
+        if not orig.flagged and not (orig.limit_at and time.monotonic() > orig.limit_at):
+            return False
+        orig.responded = True
+        self.running.pop(orig.id, None)
+        self.active.pop(orig.id, None)
+        if orig.limit_at:
+            self._unwatch(orig)
+        log.info("worker %s: dropped the late answer to %s (%s)", self.worker_id, orig,
+                 "cancelled" if orig.flagged else "past its time limit")
+        return True
 
     # ------------------------------------------------------------ replies
 
@@ -312,6 +431,8 @@ class Execution:
             return
         if orig.responded:
             raise SQMError(f"message {orig.message_id} was already answered")
+        if (orig.flagged or orig.limit_at) and self._late(orig):
+            return
         codec = self.codec(orig.sertag)
         try:
             body = codec.dumps(value)
@@ -322,6 +443,9 @@ class Execution:
         orig.responded = True
         if self.running:
             self.running.pop(orig.id, None)
+        self.active.pop(orig.id, None)
+        if orig.limit_at:
+            self._unwatch(orig)
         self.send(orig, [SIGNATURE, RESULT, orig.id, body])
 
     def progress(self, orig: Originator, done: int, total: int) -> None:
@@ -336,6 +460,10 @@ class Execution:
 
     def fail(self, orig: Originator, etype: str, message: str, trace: str = "") -> None:
         """Answer with a RemoteError (or log it, when nobody waits for an answer)."""
+        if orig.limit_at and orig.oneway:
+            self._unwatch(orig)
+        if not orig.responded and (orig.flagged or orig.limit_at) and self._late(orig):
+            return
         if orig.oneway or orig.responded:
             if etype != "UnknownMethod":
                 log.warning("worker %s: %s in oneway/answered %s: %s",
@@ -344,6 +472,9 @@ class Execution:
         orig.responded = True
         if self.running:
             self.running.pop(orig.id, None)
+        self.active.pop(orig.id, None)
+        if orig.limit_at:
+            self._unwatch(orig)
         self.send(orig, [SIGNATURE, ERROR, orig.id, etype.encode(), message.encode(),
                          trace.encode()])
 

@@ -19,7 +19,17 @@ from typing import Any, Protocol
 import zmq
 
 from sqm import protocol
-from sqm.protocol import ABILITIES, ACCEPTED, BYE, ERROR, HEARTBEAT, HELLO, SIGNATURE, STOP
+from sqm.protocol import (
+    ABILITIES,
+    ACCEPTED,
+    BYE,
+    CANCEL,
+    ERROR,
+    HEARTBEAT,
+    HELLO,
+    SIGNATURE,
+    STOP,
+)
 from sqm.security.keys import KeyPair
 
 from .execute import Execution, Workload
@@ -132,6 +142,8 @@ class Session:
         elif cmd == ACCEPTED or cmd == ERROR:  # sqm about a follow-up message of ours
             if self.followups is not None:
                 self.followups.feed_broker(frames)
+        elif cmd == CANCEL and len(frames) == 3:  # the sender cancelled a message we run
+            self.execution.cancel(frames[2])
         elif cmd == STOP:
             if not self.stop.is_set():
                 log.info("worker %s: sqm at %s asked it to stop", self.worker_id, link.endpoint)

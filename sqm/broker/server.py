@@ -25,6 +25,7 @@ from ..config import QueueSettings
 from ..core import (
     FINISHED,
     Bye,
+    Cancel,
     Dispatch,
     Ended,
     Fail,
@@ -40,6 +41,7 @@ from ..protocol import (
     ABILITIES,
     ACCEPTED,
     BYE,
+    CANCEL,
     CONTROL,
     CREDIT,
     DONE,
@@ -49,6 +51,7 @@ from ..protocol import (
     HEARTBEAT,
     HELLO,
     NACK,
+    RETRY,
     SIGNATURE,
     STATUS,
     STOP,
@@ -68,6 +71,7 @@ from ..wire import (
     read_heartbeat,
     read_hello,
     read_message_id,
+    read_retry,
 )
 from ..zmqfast import recv_frame, recv_rest, send_frames, send_more
 from .control import CONTROL as BUILTIN_CONTROL
@@ -178,6 +182,8 @@ class QueueServer:
             CREDIT: self._on_credit,
             ABILITIES: self._on_abilities,
             FORWARD: self._on_forward,
+            RETRY: self._on_retry,
+            CANCEL: self._on_cancel,
             STATUS: self._on_status,
             CONTROL: self._on_control,
         }
@@ -313,6 +319,26 @@ class QueueServer:
             for accepted in self._accepted_hooks:
                 accepted(self, msg)
 
+    def _on_retry(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
+        """A worker's callback raised Retry: reschedule (one more attempt) or give up."""
+        req = read_retry(frames)
+        rid = rid_frame.bytes
+        if rid not in self.core.workers:
+            self._reregister(rid)
+            return
+        msg = self.core.retry(now, rid, req.id, req.delay, req.max_retries, req.error)
+        if msg is None or msg.state == FINISHED or msg.frames is None:
+            return
+        # The attempts travel in the envelope (the next worker reads them); the
+        # journal keeps the rewritten row.
+        msg.frames[2] = protocol.with_attempts(msg.frames[2], msg.attempts)
+        for accepted in self._accepted_hooks:
+            accepted(self, msg)
+
+    def _on_cancel(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
+        """A sender cancels one of its own messages: ``[SIG, Z, id]``."""
+        self.core.cancel(now, read_message_id(frames, "cancel"), rid_frame.bytes)
+
     def _on_status(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
         self._send(rid_frame.bytes, [SIGNATURE, STATUS, json.dumps(self.status(now)).encode()])
 
@@ -434,6 +460,8 @@ class QueueServer:
                 self._send(entry.rid, [SIGNATURE, BYE])
             elif type(entry) is Stop:
                 self._send(entry.rid, [SIGNATURE, STOP])
+            elif type(entry) is Cancel:
+                self._send(entry.rid, [SIGNATURE, CANCEL, entry.msg.id])
         out.clear()
 
     def _failed_back(self, msg: Message, error: str) -> None:

@@ -1,5 +1,5 @@
 """Operator commands: ``sqm status``, ``workers``, ``drain``, ``resume``, ``purge``,
-``stop-worker`` and ``shutdown`` (all through :class:`sqm.admin.AdminClient`)."""
+``stop-worker``, ``cancel`` and ``shutdown`` (all through :class:`sqm.admin.AdminClient`)."""
 
 from __future__ import annotations
 
@@ -219,5 +219,34 @@ def stop_worker(args: tuple[str, ...], endpoint: str | None, config: str | None,
     click.echo(f"queue {client.settings.queue}: asked worker {wid} to stop")
 
 
+
+@click.command("cancel")
+@click.argument("args", nargs=-1, metavar="[QUEUE] ID")
+@endpoint_option
+@config_option
+@key_options
+@timeout_option(3.0)
+@one_line_errors
+def cancel(args: tuple[str, ...], endpoint: str | None, config: str | None,
+           timeout: float) -> None:
+    """End message ID (scheduled, pending or running) with Cancelled; its sender is told.
+
+    Exits 1 when the message had already ended or is unknown.
+    """
+    queue: str | None
+    if len(args) == 2:
+        queue, mid = args
+    elif len(args) == 1:
+        queue, mid = None, args[0]
+    else:
+        raise click.UsageError("expected [QUEUE] ID")
+    client = _client(queue, endpoint, config, timeout)
+    if not client.cancel(mid).get("cancelled"):
+        click.echo(f"queue {client.settings.queue}: no message {mid} still to cancel "
+                   "(ended or unknown)", err=True)
+        sys.exit(1)
+    click.echo(f"queue {client.settings.queue}: cancelled message {mid}")
+
+
 #: Every command of this module, in the order `sqm --help` lists them.
-COMMANDS = (status, workers, drain, resume, purge, stop_worker, shutdown)
+COMMANDS = (status, workers, drain, resume, purge, stop_worker, cancel, shutdown)

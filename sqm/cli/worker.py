@@ -139,6 +139,7 @@ def worker(target: str, queue: str | None, processes: int, endpoint: str | None,
     overrides = (queue or endpoint or config or heartbeat or allow_pickle or prefetch != 1
                  or concurrency is not None or limits or autostart or fleet)
     callbacks: dict[str, Callable[..., Any]]
+    failure: dict[str, Any] = {}  # a Worker's retry and time-limit settings, kept
     if isinstance(obj, Worker):
         if not overrides:
             obj.run()  # the Worker exactly as the module configured it
@@ -146,6 +147,8 @@ def worker(target: str, queue: str | None, processes: int, endpoint: str | None,
         callbacks = dict(obj._callbacks)
         queue = queue or obj.queue
         concurrency = concurrency or obj.concurrency
+        failure = {"max_retries": obj.max_retries, "retry_on": obj.retry_on,
+                   "backoff": obj.backoff, "time_limit": obj.time_limit or None}
     elif isinstance(obj, dict):
         callbacks = obj
     else:
@@ -178,7 +181,8 @@ def worker(target: str, queue: str | None, processes: int, endpoint: str | None,
     served = Worker(queue, callbacks=callbacks, endpoint=endpoint, config=config,
                     allow_pickle=allow_pickle, heartbeat=heartbeat, prefetch=prefetch,
                     concurrency=concurrency or 1, autostart=autostart,
-                    max_tasks=max_tasks_per_child, max_memory_mb=max_memory_per_child)
+                    max_tasks=max_tasks_per_child, max_memory_mb=max_memory_per_child, **failure)
+    served.exit_on_time_limit = pool_child  # its supervisor replaces a stuck child
     served.run()
     if served.recycled and pool_child:
         sys.exit(RECYCLED)  # the fleet starts another

@@ -271,8 +271,8 @@ class QueueCore:
                 msg.seq = self._seq
                 msg.submitted_at = msg.dispatched_at = now
                 self._live[mid] = msg
-                if msg.time_limit:
-                    self._limit(msg)
+                if msg.time_limit or w.time_limit:
+                    self._limit(msg, w)
                 msg.state = INFLIGHT
                 msg.worker = w
                 msg.deliveries += 1
@@ -806,9 +806,13 @@ class QueueCore:
         if at < self.timer_at:
             self.timer_at = at
 
-    def _limit(self, msg: Message) -> None:
-        """Watch a dispatch of ``msg`` for its time limit."""
-        at = msg.dispatched_at + msg.time_limit
+    def _limit(self, msg: Message, w: WorkerState) -> None:
+        """Watch a dispatch of ``msg`` to ``w`` for its time limit: the message's
+        or the worker's own (``Worker(time_limit=)``), the smaller one."""
+        limit = msg.time_limit
+        if w.time_limit and (not limit or w.time_limit < limit):
+            limit = w.time_limit
+        at = msg.dispatched_at + limit
         self._timer_n += 1
         heapq.heappush(self._limits, (at, self._timer_n, msg, msg.dispatched_at))
         if at < self.timer_at:
@@ -841,7 +845,7 @@ class QueueCore:
             self.time_limited_total += 1
             self._abandon(w, msg)
             self._finish_failed(msg, TIME_LIMIT,
-                                f"still running after its time limit of {msg.time_limit:g} s")
+                                f"still running after its time limit of {_at - started:g} s")
         self.timer_at = min(due[0][0] if due else NEVER, limits[0][0] if limits else NEVER)
         if released and self.pending:
             self._assign(now)
@@ -957,8 +961,8 @@ class QueueCore:
         msg.worker = w
         msg.deliveries += 1
         msg.dispatched_at = now
-        if msg.time_limit:
-            self._limit(msg)
+        if msg.time_limit or w.time_limit:
+            self._limit(msg, w)
         stats = msg.stats
         stats.assigned += 1
         h = stats.wait  # Histogram.record, inlined

@@ -58,6 +58,7 @@ class WorkerState:
         "methods",
         "queues",
         "abandoned",
+        "time_limit",
     )
 
     def __init__(self, rid: bytes, wid: str, info: dict[str, Any], slots: int, now: float) -> None:
@@ -85,6 +86,9 @@ class WorkerState:
         # Messages sqm gave up on (time limit, cancel) that the worker still
         # runs: each keeps its slot taken until the worker reports the end.
         self.abandoned: dict[bytes, Message] = {}
+        own = info.get("time_limit")  # Worker(time_limit=): its own limit per callback
+        self.time_limit = (float(own) if isinstance(own, (int, float)) and 0 < own < 1e9
+                           else 0.0)
 
     def move(self, to: int) -> None:
         """Change state along :data:`MOVES`; a worker that cannot take work gets no free slot."""

@@ -38,11 +38,14 @@ ROLES = (SENDER, WORKER, ADMIN)
 #: The folder of ``--clients DIR`` that grants each role.
 ROLE_DIRS = {SENDER: "senders", WORKER: "workers", ADMIN: "admins"}
 
-_SUBMITTING = frozenset({SUBMIT, STATUS})
+#: b"Z" (CANCEL: a sender cancels its own message; sqm checks it is the
+#: originator) and b"T" (RETRY: a worker reschedules the message it holds).
+_SUBMITTING = frozenset({SUBMIT, STATUS, b"Z"})
 #: b"M" (ABILITIES: the methods a worker serves) and b"V" (FORWARD: hand the
 #: message held on) are worker commands too; spelled here so this table does
 #: not depend on when they join sqm.protocol.
-_SERVING = frozenset({HELLO, DONE, DONE_FAILED, HEARTBEAT, NACK, CREDIT, BYE, b"M", b"V"})
+_SERVING = frozenset({HELLO, DONE, DONE_FAILED, HEARTBEAT, NACK, CREDIT, BYE, b"M", b"V",
+                      b"T"})
 
 #: Commands a peer may send to sqm, by role. Anything not listed (including a
 #: command added to the protocol later) is refused: fail closed.
