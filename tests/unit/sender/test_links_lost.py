@@ -1,0 +1,132 @@
+"""The Sender's own verdicts when a broker is gone: a started message whose
+worker fell silent too (WorkerLost, or a re-send while retries last), and a
+stopping broker's BrokerShutdown for a message no worker had started."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from sender._correlator import Correlator
+from sender._links import DOWN, UP, Link, Links
+from sqm.config import QueueSettings
+from sqm.protocol import ACK, ERROR, SIGNATURE
+
+
+class FakeSock:
+    """What a link's DEALER was asked to send."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[bytes]] = []
+
+
+def make(endpoints: tuple[str, ...]) -> tuple[Correlator, Links]:
+    settings = QueueSettings("q", endpoints[0], "/tmp", {}, endpoints)
+    core = Correlator(settings, serializer="cbor", allow_pickle=False, max_message_size=1 << 20)
+    core.set_mailbox("tcp://10.0.0.1:4000")
+
+    def opener(link: Link) -> None:
+        link.raw = link.sock = FakeSock()
+
+    links = Links(core, endpoints, opener, lambda link, linger: None, heartbeat=1.0)
+    for link in links.links:
+        link.state = UP
+        link.reached = True
+    links.up = list(links.links)
+    return core, links
+
+
+@pytest.fixture(autouse=True)
+def fake_send(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sender._links as module
+
+    monkeypatch.setattr(module, "send_frames", lambda sock, frames: sock.sent.append(frames))
+
+
+def submit(core: Correlator, link: Link, retries: int = 0) -> str:
+    mid, frames = core.encode_submit("work", None, oneway=False, timeout=30, retries=retries)
+    core.sent[mid] = (frames, link, link.epoch)
+    return mid
+
+
+def down(links: Links, link: Link) -> None:
+    link.state = DOWN
+    links.up = [x for x in links.links if x.state == UP]
+
+
+def ack(core: Correlator, mid: str, beat: bytes | None = b"1000") -> None:
+    frames = [SIGNATURE, ACK, mid.encode()] + ([beat] if beat is not None else [])
+    assert core.feed(frames, False) is None
+
+
+def test_a_silent_worker_of_a_dead_broker_is_worker_lost_after_3_beats() -> None:
+    core, links = make(("tcp://10.0.0.2:5555",))
+    link = links.links[0]
+    mid = submit(core, link)
+    ack(core, mid)
+    now = time.monotonic()
+    down(links, link)
+    links.due(now + 2.5)  # silent for less than 3 beats: still waiting
+    assert core.take(mid) is None
+    ack(core, mid)  # the worker lives: its repeated ACK resets the clock
+    links.due(time.monotonic() + 2.9)
+    assert core.take(mid) is None
+    links.due(time.monotonic() + 3.2)
+    outcome = core.take(mid)
+    assert outcome is not None and outcome.etype == "WorkerLost" and outcome.from_broker
+    assert mid not in core.running and mid not in core.outstanding
+
+
+def test_a_live_broker_or_an_old_worker_never_draws_the_verdict() -> None:
+    core, links = make(("tcp://10.0.0.2:5555",))
+    link = links.links[0]
+    watched, old = submit(core, link), submit(core, link)
+    ack(core, watched)
+    ack(core, old, beat=None)  # a worker that never repeats its ACK
+    assert old not in core.running
+    links.due(time.monotonic() + 60)  # broker UP: it will say WorkerLost itself
+    assert core.take(watched) is None
+    down(links, link)
+    links.due(time.monotonic() + 60)
+    assert core.take(old) is None  # nothing known of its worker: wait for the deadline
+    assert core.take(watched) is not None
+
+
+def test_with_a_retry_left_it_is_re_sent_through_a_live_broker_with_one_less() -> None:
+    core, links = make(("tcp://10.0.0.2:5555", "tcp://10.0.0.3:5555"))
+    first, second = links.links
+    mid = submit(core, first, retries=2)
+    ack(core, mid)
+    down(links, first)
+    links.due(time.monotonic() + 3.5)
+    assert core.take(mid) is None and mid in core.outstanding
+    resent: list[Any] = second.raw.sent
+    assert len(resent) == 1 and resent[0][2][1] == 1  # the envelope's retries byte
+    assert core.sent[mid][1] is second
+
+
+def test_a_stopping_broker_s_pending_message_goes_to_the_other_broker() -> None:
+    core, links = make(("tcp://10.0.0.2:5555", "tcp://10.0.0.3:5555"))
+    first, second = links.links
+    mid = submit(core, first)
+    error = [SIGNATURE, ERROR, mid.encode(), b"BrokerShutdown", b"sqm stopped", b"{}"]
+    assert core.feed(error, True) is None
+    links.due(time.monotonic())
+    assert core.take(mid) is None
+    assert len(second.raw.sent) == 1 and core.sent[mid][1] is second
+    # The other one stops too, with no live broker left: the caller hears it.
+    error[3:4] = [b"BrokerShutdown"]
+    assert core.feed(error, True) is None
+    down(links, first)
+    links.due(time.monotonic())
+    outcome = core.take(mid)
+    assert outcome is not None and outcome.etype == "BrokerShutdown"
+
+
+def test_a_single_broker_sender_passes_broker_shutdown_on_at_once() -> None:
+    core, links = make(("tcp://10.0.0.2:5555",))
+    mid = submit(core, links.links[0])
+    error = [SIGNATURE, ERROR, mid.encode(), b"BrokerShutdown", b"sqm stopped", b"{}"]
+    assert core.feed(error, True) == mid
