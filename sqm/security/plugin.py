@@ -6,11 +6,12 @@ from the peer's ZAP User-Id (its role string, :mod:`.roles`):
 
 - SUBMIT and STATUS (:data:`~.roles.ADMITTED_MAY`) pass without a look:
   every admitted key may send them, so the hot path reads no metadata;
-- worker commands use the rights cached per routing id, read from the
-  User-Id the first time that peer sends one; HELLO and CONTROL always read
-  it afresh (a routing id may be re-used by a later connection: the role
-  that registers a worker or runs an operator command is the current one;
-  a secured worker's routing id is random and never published);
+- DONE and DONE_FAILED (one per message) use the rights cached per routing
+  id (set at HELLO, or read from the User-Id the first time); every other
+  command reads the User-Id afresh (a routing id may be re-used by a later
+  connection: the role that registers a worker, beats for one or runs an
+  operator command is the current one; see :data:`CACHED` for why the
+  cache is safe);
 - a refusal is answered ``ERROR AuthError`` (the caller raises
   :class:`~sqm.errors.AuthError`), logged once per peer and counted in
   ``denied_total``.
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from ..plugins import Plugin
-from ..protocol import CONTROL, HELLO
+from ..protocol import CONTROL, DONE, DONE_FAILED, HELLO
 from ..wire import COMMANDS
 from .auth import BrokerAuthenticator
 from .roles import ADMITTED_MAY, RIGHTS_BY_USER_ID, control_allowed, roles_of
@@ -43,6 +44,12 @@ MAX_CACHED_PEERS = 100_000
 MAX_LOGGED_PEERS = 10_000
 
 _NONE: frozenset[bytes] = frozenset()
+#: The per-message worker commands whose rights are cached per routing id.
+#: From a routing id that is not a registered worker they do nothing, and a
+#: secured worker's routing id is random, unpublished and cannot be taken
+#: over (no ROUTER hand-over): so a cached entry outliving its connection
+#: grants nothing. Every other command reads the User-Id each time.
+CACHED = frozenset({DONE, DONE_FAILED})
 
 
 def peer_user_id(peer: zmq.Frame) -> str:
@@ -95,27 +102,23 @@ class SecurityPlugin(Plugin):
     def admit(self, server: QueueServer, peer: zmq.Frame, command: bytes) -> bool:
         if command in ADMITTED_MAY or command == CONTROL:
             return True  # CONTROL: admit_control decides by the command's name
-        rid = peer.bytes
-        if command == HELLO:
-            rights = RIGHTS_BY_USER_ID.get(self.user_id_of(peer), _NONE)
-            if len(self._rights) >= MAX_CACHED_PEERS:
-                self._rights.clear()
-            self._rights[rid] = rights
-        else:
-            found = self._rights.get(rid)
-            if found is None:
-                found = RIGHTS_BY_USER_ID.get(self.user_id_of(peer), _NONE)
+        if command in CACHED:
+            rid = peer.bytes
+            rights = self._rights.get(rid)
+            if rights is None:
                 if len(self._rights) >= MAX_CACHED_PEERS:
                     self._rights.clear()
-                self._rights[rid] = found
-            rights = found
+                rights = self._rights[rid] = RIGHTS_BY_USER_ID.get(self.user_id_of(peer), _NONE)
+        else:
+            rights = RIGHTS_BY_USER_ID.get(self.user_id_of(peer), _NONE)
+            if command == HELLO:  # a (re-)registration: what DONE will be checked against
+                self._rights[peer.bytes] = rights
         if command in rights:
             return True
-        what = COMMANDS.get(command)
-        if what is None:
+        if command not in server.handlers:
             return True  # not a command at all: the server counts it as malformed
-        self._deny(server, peer, f"{what} is not allowed for a "
-                   f"{self._role_text(peer)} key")
+        what = COMMANDS.get(command) or f"command {command!r}"
+        self._deny(server, peer, f"{what} is not allowed for a {self._role_text(peer)} key")
         return False
 
     def admit_control(self, server: QueueServer, peer: zmq.Frame, name: str) -> bool:
