@@ -26,6 +26,7 @@ Snapshot = Callable[[], Mapping[str, Mapping[str, Any]]]
 GAUGES = [
     ("sqm_pending_messages", "pending", "Messages waiting for a worker."),
     ("sqm_in_flight_messages", "in_flight", "Messages handed to a worker and not yet done."),
+    ("sqm_scheduled_messages", "scheduled", "Messages held until their due time (delay, Retry)."),
     ("sqm_workers", "workers_current", "Workers registered now."),
     ("sqm_workers_ever", "workers_ever", "Distinct workers seen since sqm started."),
     ("sqm_uptime_seconds", "uptime_s", "Seconds since sqm started serving the queue."),
@@ -44,6 +45,10 @@ COUNTERS = [
     ("sqm_messages_dead", "dead_total",
      "Messages dead-lettered since start (later dropped or purged ones included)."),
     ("sqm_denied", "denied_total", "Inputs refused because the peer's role forbids them."),
+    ("sqm_messages_retried", "retried_total", "Retry requests granted (the message runs again later)."),
+    ("sqm_messages_cancelled", "cancelled_total", "Messages cancelled by their sender or an operator."),
+    ("sqm_messages_time_limited", "time_limited_total",
+     "Messages failed back because they ran past their time limit."),
 ]
 METHOD_GAUGES = [
     ("sqm_method_pending", "pending", "Messages of this method waiting for a worker."),
