@@ -42,6 +42,7 @@ from bench.common import (
     make_workloads,
     merge_counts,
     rss_bytes,
+    w7_lead,
     wait_until,
     write_json_atomic,
 )
@@ -117,6 +118,11 @@ METRICS: dict[str, list[Metric]] = {
     ],
     "W5": _BACKLOG,
     "W5-p16": _BACKLOG,
+    "W7": [
+        Metric("bytes_per_scheduled", "broker bytes/scheduled msg", False, ratio=False),
+        Metric("lag_p50_ms", "dispatch lag p50 ms", False, ratio=False),
+        Metric("lag_p99_ms", "dispatch lag p99 ms", False, ratio=False),
+    ],
     "W6": [
         _TASKS,
         Metric("starved_max_wait_ms", "rarest method max wait ms", False, ratio=False),
@@ -394,7 +400,8 @@ def _status_reader(system: System, endpoint: str, wl: Workload) -> Callable[[], 
 
         def read_sqm() -> dict[str, int]:
             st = fetch_status(settings, 5.0)
-            return {"workers": int(st["workers_current"]), "pending": int(st["pending"])}
+            return {"workers": int(st["workers_current"]), "pending": int(st["pending"]),
+                    "scheduled": int(st.get("scheduled", 0))}
 
         return read_sqm
 
@@ -587,6 +594,26 @@ def run_one(system: System, wl: Workload, args: argparse.Namespace) -> dict[str,
             t_spawn = time.monotonic()
             workers = spawn_workers()
             write_pids()
+        elif wl.kind == "scheduled":  # W7: workers first, then everything scheduled at once
+            workers = spawn_workers()
+            _wait_for(lambda: status()["workers"] >= wl.workers, args.warmup_timeout,
+                      f"{wl.workers} registered workers", (broker, *workers), log_path,
+                      row["warnings"])
+            write_pids()
+            rss0 = rss_bytes(broker.pid)
+            sender = group.spawn(f"{system.name} sender", system.sender_target, job)
+            _wait_for(
+                lambda: status()["scheduled"] >= wl.n,
+                w7_lead(wl.n),
+                f"{wl.n} scheduled messages before the first is due",
+                (broker, sender, *workers),
+                log_path,
+                row["warnings"],
+                interval=0.05,
+            )
+            rss1 = rss_bytes(broker.pid)
+            details.update(rss_before=rss0, rss_scheduled=rss1)
+            extra["bytes_per_scheduled"] = (rss1 - rss0) / wl.n
         else:
             workers = spawn_workers()
             if wl.idle_s > 0:
@@ -611,7 +638,8 @@ def run_one(system: System, wl: Workload, args: argparse.Namespace) -> dict[str,
                     )
             write_pids()
             sender = group.spawn(f"{system.name} sender", system.sender_target, job)
-        deadline = time.monotonic() + args.timeout
+        deadline = time.monotonic() + args.timeout + (w7_lead(wl.n) if wl.kind == "scheduled"
+                                                      else 0.0)
         while sender.alive() and time.monotonic() < deadline:
             sender.join(min(0.5, deadline - time.monotonic()))
             dead = [p.name for p in (broker, *workers) if not p.alive()]
@@ -688,6 +716,10 @@ def _metrics_and_checks(
         return {k: res[k] for k in ("rpc_per_s", "p50_us", "p99_us")}
     if wl.kind == "backlog":
         return {"drain_per_s": res["drain_per_s"]}
+    if wl.kind == "scheduled":
+        if res["early"]:
+            raise BenchError(f"{res['early']} replies arrived before their due time")
+        return {"lag_p50_ms": res["lag_p50_ms"], "lag_p99_ms": res["lag_p99_ms"]}
     out = {"tasks_per_s": res["tasks_per_s"]}
     if wl.kind == "methods":
         out["starved_max_wait_ms"] = res["starved_max_wait_ms"]

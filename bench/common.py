@@ -84,7 +84,17 @@ WORKLOAD_ORDER = (
     "W5",
     "W5-p16",
     "W6",
+    "W7",
 )
+
+#: W7: scheduled messages, due evenly over this many seconds.
+W7_SPREAD_S = 10.0
+
+
+def w7_lead(n: int) -> float:
+    """Seconds from the start of W7's submissions to the first due time: long
+    enough for the sender to submit all ``n`` (the broker then holds them all)."""
+    return 2.0 + n / 20_000
 
 #: W6: 8 methods over 16 workers, each serving 2 of them (every method by 4
 #: workers); the sender's mix is skewed, so the rarest method's workers are
@@ -181,6 +191,19 @@ def make_workloads(
         200,
         "8 methods over 16 workers (4 procs x 4 threads) each serving 2, 200 outstanding, "
         "skewed mix: tasks/s and the longest wait of the rarest method",
+        systems=("sqm",),
+    )
+    n7 = 10000 if quick else 100000
+    out["W7"] = Workload(
+        "W7",
+        "scheduled",
+        n7,
+        0,
+        2,
+        1,
+        n7,
+        f"{n7} scheduled messages due over {W7_SPREAD_S:g} s, 2 workers: broker bytes per "
+        "scheduled message, dispatch lag after the due time (reply arrival - due)",
         systems=("sqm",),
     )
     for name, p in (("W5", 1), ("W5-p16", 16)):
@@ -354,6 +377,25 @@ def rpc_result(
     }
     res.update(latency_stats(lat_ns))
     return res
+
+
+def scheduled_result(n: int, start: float, submit_s: float, lags_s: list[float],
+                     tally: Tally, cpu: dict[str, float]) -> dict[str, Any]:
+    """Result dict of a W7 run: ``lags_s`` are reply arrival minus due time (s)."""
+    ms = sorted(x * 1000 for x in lags_s)
+    return {
+        "n": n,
+        "cpu_s": cpu,
+        "submit_start_mono": start,
+        "submit_s": submit_s,
+        "lag_p50_ms": percentile(ms, 0.50),
+        "lag_p99_ms": percentile(ms, 0.99),
+        "lag_max_ms": ms[-1] if ms else math.nan,
+        "early": sum(1 for x in ms if x < 0),  # a reply before its due time: a bug
+        "warmup_n": 0,
+        "sender_seen_measured": dict(tally.measured),
+        "sender_seen_warmup": {},
+    }
 
 
 def backlog_result(

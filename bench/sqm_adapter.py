@@ -29,6 +29,7 @@ from bench.common import (
     METHOD,
     W6_ENV,
     W6_METHODS,
+    W7_SPREAD_S,
     BenchError,
     CpuMeter,
     Tally,
@@ -37,8 +38,10 @@ from bench.common import (
     pipelined_result,
     rpc_result,
     run_sender_process,
+    scheduled_result,
     w6_method,
     w6_methods,
+    w7_lead,
     wait_until,
     warm_done,
     work,
@@ -154,6 +157,9 @@ def _run_sync(job: dict[str, Any]) -> dict[str, Any]:
         if wl["kind"] == "methods":
             return _run_methods(s, job, timeout, tally)
 
+        if wl["kind"] == "scheduled":
+            return _run_scheduled(s, job, timeout, tally)
+
         if wl["kind"] == "rpc":
             for i in range(-wl["warmup"], 0):
                 tally.expect(i, s.rpc(METHOD, payload(i), timeout=timeout))
@@ -200,6 +206,28 @@ def _run_sync(job: dict[str, Any]) -> dict[str, Any]:
             done += 1
         elapsed, cpu = time.perf_counter() - t0, meter.stop()
         return pipelined_result(n, elapsed, tally, warm_count, cpu)
+
+
+def _run_scheduled(s: Any, job: dict[str, Any], timeout: float, tally: Tally) -> dict[str, Any]:
+    """W7: ``n`` messages due evenly over W7_SPREAD_S seconds, all submitted first
+    (``not_before``); each reply's lag is its arrival minus its due time."""
+    n = job["workload"]["n"]
+    base = time.time() + w7_lead(n)
+    due = [base + W7_SPREAD_S * i / n for i in range(n)]
+    patience = w7_lead(n) + W7_SPREAD_S + timeout
+    outstanding = set(range(n))
+    start = time.monotonic()
+    t0 = time.perf_counter()
+    for i in range(n):
+        s.submit(METHOD, payload(i), not_before=due[i], timeout=patience)
+    submit_s = time.perf_counter() - t0
+    meter = CpuMeter(job)
+    lags: list[float] = []
+    clock = time.time
+    while outstanding:
+        got = tally.take(outstanding, s.receive(timeout=patience))
+        lags.append(clock() - due[got])
+    return scheduled_result(n, start, submit_s, lags, tally, meter.stop())
 
 
 def _run_methods(s: Any, job: dict[str, Any], timeout: float, tally: Tally) -> dict[str, Any]:
