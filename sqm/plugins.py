@@ -54,7 +54,8 @@ class Plugin:
         return True
 
     def accepted(self, server: QueueServer, msg: Message) -> None:
-        """A SUBMIT was accepted (also a sender's re-send of one sqm holds): per message."""
+        """A SUBMIT was accepted (also a sender's re-send of one sqm holds, and a
+        retry's rewritten envelope: the latest frames win): per message."""
 
     def ended(self, server: QueueServer, msg: Message, outcome: str) -> None:
         """An accepted message ended (completed, failed, expired, purged...): per message."""
