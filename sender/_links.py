@@ -34,7 +34,7 @@ import zmq
 
 from sqm.errors import AuthError
 from sqm.protocol import ACCEPTED
-from sqm.security.handshake import classify
+from sqm.security.handshake import NO_DETAIL_REPEATS, classify
 from sqm.security.keys import KeyPair
 from sqm.sockets import make_socket
 from sqm.zmqfast import recv_frames, send_frames
@@ -104,7 +104,7 @@ class Link:
     I/O), the monitor socket, and what the sender knows of the connection."""
 
     __slots__ = ("endpoint", "sock", "raw", "monitor", "state", "epoch", "resend_at", "tasks",
-                 "reached")
+                 "reached", "broken")
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
@@ -116,6 +116,7 @@ class Link:
         self.resend_at = 0.0  # monotonic; when to re-send what the last connection lost
         self.tasks: list[Any] = []  # AsyncSender's reader tasks
         self.reached = False  # a broker answered here at least once (ZMTP handshake)
+        self.broken = 0  # handshakes that failed without detail, in a row
 
     def __repr__(self) -> str:
         return f"<Link {self.endpoint} {('NEW', 'UP', 'DOWN', 'GONE')[self.state]} epoch {self.epoch}>"
@@ -186,12 +187,16 @@ class Links:
 
     def event(self, link: Link, event: int, now: float) -> None:
         """Apply one monitor event of ``link``."""
-        if event & AUTH_EVENTS:
-            if not link.reached:
-                self.auth_error = classify(event, 0, link.endpoint)
-                self.refused = True
+        if event & AUTH_EVENTS:  # refused now (also after a key was removed and we reconnected)
+            if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                link.broken += 1
+                if link.broken < NO_DETAIL_REPEATS:
+                    return  # maybe a broker going away mid-handshake: a refusal repeats
+            self.auth_error = classify(event, 0, link.endpoint)
+            self.refused = True
             return
         if event & UP_EVENTS:
+            link.broken = 0
             if link.state == UP:
                 return
             if link.state == DOWN and link.epoch:

@@ -15,7 +15,7 @@ from zmq.utils.monitor import parse_monitor_message, recv_monitor_message
 
 from sqm.errors import AuthError
 from sqm.protocol import BYE, ERROR, HEARTBEAT, SIGNATURE
-from sqm.security.handshake import HANDSHAKE_EVENTS, classify
+from sqm.security.handshake import HANDSHAKE_EVENTS, NO_DETAIL_REPEATS, classify
 from sqm.security.keys import KeyPair
 from sqm.sockets import make_socket
 from sqm.zmqfast import send_frames
@@ -47,13 +47,20 @@ def check_rights(ctx: zmq.Context, endpoint: str, curve: tuple[KeyPair, bytes] |
     try:
         sock.connect(endpoint)
         deadline = time.monotonic() + timeout
+        broken = 0  # NO_DETAIL failures in a row (once may be a broker going away)
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not monitor.poll(int(left * 1000) + 1):
                 return  # no broker answered yet
             event = parse_monitor_message(monitor.recv_multipart())
             if event["event"] == zmq.EVENT_CONNECT_RETRIED:
+                if broken:
+                    continue  # reconnecting after a failed handshake: see if it fails again
                 return  # nobody listens yet
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                broken += 1
+                if broken < NO_DETAIL_REPEATS:
+                    continue
             error = classify(int(event["event"]), int(event["value"]), endpoint)
             if error is not None:
                 raise error

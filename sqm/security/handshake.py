@@ -7,7 +7,10 @@ socket monitor reports the handshake outcome within milliseconds:
 - ``EVENT_HANDSHAKE_FAILED_AUTH``: the server's ZAP handler said no (our key
   is not in its lists);
 - ``EVENT_HANDSHAKE_FAILED_NO_DETAIL``: the CURVE handshake broke (usually a
-  wrong server key, or we have no key and the server wants one);
+  wrong server key, or we have no key and the server wants one). A peer
+  that goes away mid-handshake (a broker being stopped) looks the same
+  once, so this one counts only when it happens twice in a row (libzmq
+  reconnects within ~100 ms, so a real refusal is still reported at once);
 - ``EVENT_HANDSHAKE_FAILED_PROTOCOL``: a security mechanism mismatch (one end
   CURVE, the other not) or a peer that does not speak ZMTP properly.
 
@@ -18,11 +21,16 @@ socket monitor reports the handshake outcome within milliseconds:
 
 from __future__ import annotations
 
+import time
+
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from ..errors import AuthError
+
+#: How many NO_DETAIL failures in a row mean "refused" (see the module doc).
+NO_DETAIL_REPEATS = 2
 
 #: The monitor events the watch listens to.
 HANDSHAKE_EVENTS = (
@@ -68,6 +76,7 @@ class HandshakeWatch:
         self.monitor: zmq.Socket = monitor
         self._sock = sock
         self.succeeded = False
+        self.broken = 0  # NO_DETAIL failures in a row
 
     def _take(self) -> None:
         frames = self.monitor.recv_multipart()
@@ -75,7 +84,12 @@ class HandshakeWatch:
         event = int(msg["event"])
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self.succeeded = True
+            self.broken = 0
             return
+        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            self.broken += 1
+            if self.broken < NO_DETAIL_REPEATS:
+                return  # maybe a peer going away: a refusal repeats at the next reconnect
         endpoint = msg["endpoint"]
         error = classify(event, int(msg["value"]),
                          endpoint.decode(errors="replace") if isinstance(endpoint, bytes) else str(endpoint))
@@ -90,22 +104,24 @@ class HandshakeWatch:
 
     def wait(self, timeout: float) -> bool:
         """Block up to ``timeout`` s for the first handshake outcome."""
-        if self.check():
-            return True
-        if self.monitor.poll(int(timeout * 1000)):
+        deadline = time.monotonic() + timeout
+        while not self.check():
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.monitor.poll(max(1, int(left * 1000))):
+                break
             self._take()
-            self.check()
         return self.succeeded
 
     async def wait_async(self, timeout: float) -> bool:
         """:meth:`wait` for a socket made by a ``zmq.asyncio`` context."""
-        if self.check():
-            return True
         if self._async is None:
             raise TypeError("wait_async needs a socket of a zmq.asyncio context; use wait()")
-        if await self._async.poll(int(timeout * 1000)):
+        deadline = time.monotonic() + timeout
+        while not self.check():
+            left = deadline - time.monotonic()
+            if left <= 0 or not await self._async.poll(max(1, int(left * 1000))):
+                break
             self._take()
-            self.check()
         return self.succeeded
 
     def close(self) -> None:
