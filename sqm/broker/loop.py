@@ -35,6 +35,11 @@ class Broker:
     :class:`~sqm.journal.JournalPlugin`, so accepted messages survive a
     crash of sqm. ``context`` shares a ZeroMQ context (``inproc://``
     endpoints, :mod:`sqm.testing`); the broker then does not terminate it.
+
+    A plugin may also have ``start_context(ctx)`` (run before any socket
+    binds), ``stop_context()`` (after the sockets close, before the context
+    ends) and ``reload()`` (on SIGHUP, with :meth:`install_signal_handlers`):
+    the SecurityPlugin's ZAP handler needs all three.
     """
 
     def __init__(
