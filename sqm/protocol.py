@@ -223,12 +223,14 @@ def read_extra(env: bytes) -> tuple[float, float, int]:
     return not_before, time_limit, attempts
 
 
-def with_attempts(env: bytes, attempts: int) -> bytes:
-    """``env`` (valid) with its attempts count set, adding the EXTRA tail if it had none."""
+def with_retry(env: bytes, not_before: float, attempts: int) -> bytes:
+    """``env`` (valid) as a retry rewrites it: a new due time and attempts count
+    (its time limit kept), adding the EXTRA tail if it had none."""
     attempts = min(attempts, 255)
     if env[0] & FLAG_EXTRA:
-        return env[:-1] + bytes((attempts,))
-    return bytes((env[0] | FLAG_EXTRA,)) + env[1:] + EXTRA.pack(0.0, 0.0, attempts)
+        _due, limit, _attempts = read_extra(env)
+        return env[:-EXTRA.size] + EXTRA.pack(not_before, limit, attempts)
+    return bytes((env[0] | FLAG_EXTRA,)) + env[1:] + EXTRA.pack(not_before, 0.0, attempts)
 
 
 def encode_json(obj: Any) -> bytes:

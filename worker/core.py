@@ -84,6 +84,17 @@ class Worker:
     ``max_tasks`` messages, or leaves it past ``max_memory_mb`` MB resident,
     the worker leaves like :meth:`terminate` and sets ``recycled`` (its
     fleet starts another: ``sqm worker --max-tasks-per-child``).
+    ``max_retries`` (default 3): how many times a message may be run again
+    after its callback raised :class:`~worker.retry.Retry` (which may name its
+    own limit); ``retry_on``: exception classes retried the same way, the
+    n-th retry after ``min(max_s, initial_s * 2**(n-1))`` seconds less a
+    random jitter of at most half of it (``backoff=(initial_s, max_s)``).
+    Then the caller gets ``RemoteError(type="RetriesExhausted")``.
+    ``time_limit``: seconds a callback may run (the message's own
+    ``time_limit`` applies when smaller); sqm then fails it with
+    ``TimeLimitExceeded``. This process cannot stop the callback: its answer
+    is dropped and the slot stays busy until it returns (``sqm worker
+    --processes`` children end themselves instead and are replaced).
     ``autostart``: before serving, start ``sqm serve QUEUE`` as a task of
     ``<rundir>/pool`` if no broker answers on a local endpoint (see
     :func:`sqm.taskpool.autostart.autostart_broker`).

@@ -329,9 +329,9 @@ class QueueServer:
         msg = self.core.retry(now, rid, req.id, req.delay, req.max_retries, req.error)
         if msg is None or msg.state == FINISHED or msg.frames is None:
             return
-        # The attempts travel in the envelope (the next worker reads them); the
-        # journal keeps the rewritten row.
-        msg.frames[2] = protocol.with_attempts(msg.frames[2], msg.attempts)
+        # The attempts and due time travel in the envelope (the next worker
+        # reads them; the journal keeps the rewritten row for a restart).
+        msg.frames[2] = protocol.with_retry(msg.frames[2], msg.not_before, msg.attempts)
         for accepted in self._accepted_hooks:
             accepted(self, msg)
 

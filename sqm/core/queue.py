@@ -466,14 +466,15 @@ class QueueCore:
             self.ever.add(wid)
         self._by_id[wid] = w
         w.info = info
-        w.slots = max(slots, len(w.in_flight))  # it holds more: its DONEs free none
+        held = len(w.in_flight) + len(w.abandoned)  # abandoned: still running there
+        w.slots = max(slots, held)  # it holds more: its DONEs free none
         w.parked = 0
         own = info.get("heartbeat")
         own = float(own) if isinstance(own, (int, float)) and 0 < own <= 3600 else 0.0
         w.ttl = self.liveness * max(self.heartbeat, own)
         w.expires_at = now + w.ttl
         self._serve(w, read_methods(info))
-        free = w.slots - len(w.in_flight)
+        free = w.slots - held
         if w.methods is None:
             w.free = free
             self._idle.extend([w] * free)

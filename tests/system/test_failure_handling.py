@@ -298,3 +298,46 @@ def test_sqm_cancel_for_operators(cluster):
             s.receive(id=mid)
         again = sqm_cli(cluster, "cancel", "q", mid)
         assert again.returncode == 1 and "ended or unknown" in again.stderr
+
+
+def test_retry_attempts_survive_a_journaled_restart(cluster, rundir):
+    journal = str(rundir / "journal.db")
+    broker = cluster.serve("q", "--journal", journal)
+    worker = cluster.worker("q", target=f"{APPS}:callbacks")
+    with Sender("q", timeout=30) as s:
+        mid = s.submit("flaky", {"fail": 1, "delay": 3.0})
+        wait_for(lambda: cluster.status("q")["scheduled"] == 1, 5, "retried, held 3 s")
+        worker.stop()
+        broker.signal(signal.SIGTERM)
+        assert broker.wait(10) == 0
+        cluster.serve("q", "--journal", journal)
+        assert cluster.status("q")["scheduled"] == 1  # held again, attempts and all
+        cluster.worker("q", target=f"{APPS}:callbacks")
+        assert s.receive(id=mid) == {"attempts": 1}  # the journal kept attempts=1
+    assert [e["attempts"] for e in runs(cluster, "flaky")] == [0, 1]
+
+
+def test_async_sender_delay_and_cancel(cluster):
+    import asyncio
+
+    from sender import AsyncSender
+
+    cluster.serve("q")
+    cluster.worker("q", target=f"{APPS}:callbacks")
+
+    async def main() -> None:
+        async with AsyncSender("q", timeout=20) as s:
+            held = await s.submit("echo", "held", delay=30)
+            t0 = time.time()
+            soon = await s.submit("echo", "soon", delay=0.5)
+            waiting = asyncio.ensure_future(s.receive(id=held))
+            await asyncio.sleep(0)  # the receive is waiting when the cancel comes
+            assert await s.cancel(held) is True
+            with pytest.raises(Cancelled):
+                await waiting
+            reply = await s.receive(id=soon)
+            assert 0.5 <= reply["at"] - t0 < 0.5 + LATE_S
+            assert await s.cancel(soon) is False
+
+    asyncio.run(main())
+    assert [e["payload"] for e in runs(cluster, "echo")] == ["soon"]

@@ -243,15 +243,16 @@ def test_metrics_carry_scheduled_and_the_new_totals():
     assert 'sqm_messages_cancelled_total{queue="q"} 1.0' in text
 
 
-def test_envelope_extra_tail_round_trip_and_attempts_rewrite():
+def test_envelope_extra_tail_round_trip_and_retry_rewrite():
     plain = protocol.pack_envelope(0, 1, 1, 0.0, b"id", b"ipc:///x", b"m", b"json")
     assert protocol.read_extra(plain) == (0.0, 0.0, 0)
     env = protocol.pack_envelope(0, 1, 1, 0.0, b"id", b"ipc:///x", b"m", b"json",
                                  not_before=T0 + 1, time_limit=2.5)
     e = protocol.decode_envelope(env)
     assert (e.serializer, e.not_before, e.time_limit, e.attempts) == (b"json", T0 + 1, 2.5, 0)
-    for base in (plain, env):
-        again = protocol.decode_envelope(protocol.with_attempts(base, 3))
-        assert again.attempts == 3 and again.serializer == b"json" and again.id == b"id"
+    for base, limit in ((plain, 0.0), (env, 2.5)):
+        again = protocol.decode_envelope(protocol.with_retry(base, T0 + 7, 3))
+        assert (again.attempts, again.not_before, again.time_limit) == (3, T0 + 7, limit)
+        assert again.serializer == b"json" and again.id == b"id"
     with pytest.raises(ValueError):
         protocol.read_head(env[:-1])  # the tail is counted in the length check

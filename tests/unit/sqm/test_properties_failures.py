@@ -129,6 +129,16 @@ class FailureMachine(RuleBasedStateMachine):
         self.core.hello(self.now, rid, info)
         self._drain("hello")
 
+    @precondition(lambda self: not self.stopped and bool(self.core.workers))
+    @rule(data=st.data(), slots=st.integers(1, 3))
+    def hello_again(self, data: st.DataObject, slots: int) -> None:
+        """A registered worker says HELLO again (it reconnected): abandoned slots stay taken."""
+        rid = data.draw(st.sampled_from(sorted(self.core.workers)))
+        limit = self.worker_limits.get(rid, 0.0)
+        info = {"slots": slots, "id": rid.decode(), **({"time_limit": limit} if limit else {})}
+        self.core.hello(self.now, rid, info)
+        self._drain("hello again")
+
     @precondition(lambda self: bool(self._held()))
     @rule(data=st.data(), ok=st.booleans())
     def done(self, data: st.DataObject, ok: bool) -> None:
