@@ -235,8 +235,8 @@ class Execution:
                 self.send(orig, [SIGNATURE, ACK, msg_id, beat])
             else:
                 self.send(orig, [SIGNATURE, ACK, msg_id])
-            self.active[msg_id] = orig
-            orig.pump = self.pump
+        self.active[msg_id] = orig  # CANCEL finds it here (oneway ones too: sqm cancel)
+        orig.pump = self.pump
         if env.time_limit or self.time_limit:
             self._limit(orig, env.time_limit)
         fn = self.callbacks.get(method)
@@ -260,8 +260,8 @@ class Execution:
         if orig.forwarded:
             return orig.id, None
         if orig.responded or orig.oneway:
-            if orig.limit_at:
-                self._unwatch(orig)
+            if orig.oneway:
+                self._oneway_ended(orig)
             return orig.id, True
         try:
             self.respond(orig, value)
@@ -291,8 +291,8 @@ class Execution:
                 self.send(orig, [SIGNATURE, ACK, msg_id, beat])
             else:
                 self.send(orig, [SIGNATURE, ACK, msg_id])
-            self.active[msg_id] = orig
-            orig.pump = self.pump
+        self.active[msg_id] = orig  # CANCEL finds it here (oneway ones too: sqm cancel)
+        orig.pump = self.pump
         if env.time_limit or self.time_limit:
             self._limit(orig, env.time_limit)
         fn = self.callbacks.get(method)
@@ -319,8 +319,8 @@ class Execution:
         if orig.forwarded:
             return None
         if orig.responded or orig.oneway:
-            if orig.limit_at:
-                self._unwatch(orig)
+            if orig.oneway:
+                self._oneway_ended(orig)
             return True
         try:
             self.respond(orig, value)
@@ -399,6 +399,12 @@ class Execution:
         if self.watchdog is not None:
             self.watchdog.watch(orig.id, orig.limit_at)
 
+    def _oneway_ended(self, orig: Originator) -> None:
+        """A oneway message's callback is over (it sends no reply that would say so)."""
+        self.active.pop(orig.id, None)
+        if orig.limit_at:
+            self._unwatch(orig)
+
     def _unwatch(self, orig: Originator) -> None:
         if self.watchdog is not None:
             self.watchdog.unwatch(orig.id)
@@ -460,8 +466,8 @@ class Execution:
 
     def fail(self, orig: Originator, etype: str, message: str, trace: str = "") -> None:
         """Answer with a RemoteError (or log it, when nobody waits for an answer)."""
-        if orig.limit_at and orig.oneway:
-            self._unwatch(orig)
+        if orig.oneway:
+            self._oneway_ended(orig)
         if not orig.responded and (orig.flagged or orig.limit_at) and self._late(orig):
             return
         if orig.oneway or orig.responded:
