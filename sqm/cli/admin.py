@@ -59,6 +59,11 @@ def format_status(st: Answer) -> str:
         f"rejected {st.get('rejected_total', 0)}   redelivered {st.get('redelivered_total', 0)}   "
         f"malformed {st.get('malformed_total', 0)}",
     ]
+    if st.get("scheduled") or st.get("retried_total") or st.get("cancelled_total") \
+            or st.get("time_limited_total"):
+        lines.append(f"scheduled {st.get('scheduled', 0)}   retried {st.get('retried_total', 0)}   "
+                     f"cancelled {st.get('cancelled_total', 0)}   "
+                     f"time-limited {st.get('time_limited_total', 0)}")
     latency = st.get("latency") or {}
     if latency:
         lines.append(_latency_line("queue wait", latency.get("queue_wait", {})))
