@@ -347,3 +347,19 @@ def test_async_sender_delay_and_cancel(cluster):
 
     asyncio.run(main())
     assert [e["payload"] for e in runs(cluster, "echo")] == ["soon"]
+
+
+def test_retry_and_cancel_in_the_asyncio_runner(cluster):
+    """--concurrency 2: callbacks run in threads beside the worker's event loop."""
+    cluster.serve("q")
+    cluster.worker("q", "--concurrency", "2", target=f"{APPS}:callbacks")
+    with Sender("q", timeout=20) as s:
+        assert s.rpc("flaky", {"fail": 1, "delay": 0.2}) == {"attempts": 1}
+        mid = s.submit("slow", 10)
+        wait_for(lambda: s.started(mid), 5, "the callback running")
+        assert s.cancel(mid) is True
+        with pytest.raises(Cancelled):
+            s.receive(id=mid)
+        wait_for(lambda: [e["event"] for e in runs(cluster, "slow")] == ["started", "saw-cancel"],
+                 5, "originator.cancelled seen in a callback thread")
+    assert [e["attempts"] for e in runs(cluster, "flaky")] == [0, 1]
