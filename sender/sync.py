@@ -414,7 +414,8 @@ class Sender(SenderBase):
         raises it, or on_fail gets it); sqm removes a pending or scheduled
         message and tells the worker running one (``originator.cancelled``);
         a late reply is dropped. False for a message that has ended (its
-        reply arrived, also when not yet received) or an unknown id.
+        reply arrived, also when not yet received) or an unknown id. It first
+        takes in what has arrived, as ``poll(0)`` does (callbacks due run).
         """
         self._check()
         self.poll(0)  # a reply already here means it has ended
