@@ -206,7 +206,8 @@ def test_missing_config_file_is_config_error(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize(
     "endpoint",
-    ["tcp://127.0.0.1:5555", "tcp://*:5555", "tcp://example.org:80", "ipc:///tmp/q.sock"],
+    ["tcp://127.0.0.1:5555", "tcp://*:5555", "tcp://example.org:80", "ipc:///tmp/q.sock",
+     "inproc://q"],  # inproc: in-process tests on a shared zmq.Context (sqm.testing)
 )
 def test_good_endpoints_are_accepted(endpoint):
     assert resolve("q", endpoint=endpoint).endpoint == endpoint
@@ -220,7 +221,8 @@ def test_good_endpoints_are_accepted(endpoint):
         "tcp://127.0.0.1:port",
         "tcp://:5555/x",
         "ipc://",
-        "inproc://q",
+        "inproc://",  # no name
+        "pgm://eth0;239.192.1.1:5555",  # a zmq transport sqm does not speak
         "udp://127.0.0.1:5",
         "127.0.0.1:5555",
         "tcp://127.0.0.1:5555 ",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from sqm.taskpool.autoscale import Autoscaler, parse_autoscale
@@ -24,6 +24,16 @@ def simulate(scaler: Autoscaler, start: int, trace: list[tuple[float, int, int]]
         current = new
 
 
+def run_start(history: list[tuple[float, int, int]], holds) -> float | None:
+    """When the unbroken run of samples, up to the last, for which ``holds`` began."""
+    start = None
+    for t, pending, idle in reversed(history):
+        if not holds(pending, idle):
+            break
+        start = t
+    return start
+
+
 @given(bounds, st.integers(0, 15), steps)
 def test_always_within_bounds_and_in_the_right_direction(hl, start, trace):
     hi, lo = hl
@@ -38,6 +48,7 @@ def test_always_within_bounds_and_in_the_right_direction(hl, start, trace):
 
 
 @given(bounds, steps)
+@example((1, 0), [(3.732283434717898e-166, 1, 0), (0.5, 1, 0)])  # 1e-166 + 0.5 == 0.5
 def test_changes_respect_cooldown_and_delays(hl, trace):
     hi, lo = hl
     scaler = Autoscaler(hi, lo, up_after=0.5, down_after=2.0, cooldown=1.0)
@@ -49,12 +60,14 @@ def test_changes_respect_cooldown_and_delays(hl, trace):
             if last_change is not None:
                 assert now - last_change >= 1.0  # hysteresis: no flapping within the cooldown
             last_change = now
+            # Elapsed time is ``now - since``, as the autoscaler computes it: with floats,
+            # ``since <= now - delay`` is not the same test (0.5 - 1e-166 rounds to 0.5).
             if new > current:  # messages have been waiting, unbroken, for up_after
-                window = [p for t, p, _ in history if t >= now - 0.5]
-                assert all(p > 0 for p in window) and history[0][0] <= now - 0.5
+                since = run_start(history, lambda p, _i: p > 0)
+                assert since is not None and now - since >= 0.5
             else:  # workers idled with nothing waiting, unbroken, for down_after
-                window = [(p, i) for t, p, i in history if t >= now - 2.0]
-                assert all(p == 0 and i > 0 for p, i in window)
+                since = run_start(history, lambda p, i: p == 0 and i > 0)
+                assert since is not None and now - since >= 2.0
                 assert new == current - 1  # shrinks one at a time
 
 
