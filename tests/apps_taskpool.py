@@ -35,14 +35,16 @@ def main(argv: list[str]) -> int:
             sys.stdin.read()
         return 0
     if what == "trap":
+        # One write(2) per line: under PYTHONUNBUFFERED print() writes the text and its
+        # newline separately, and a SIGINT between the two (the handler exits) lost "\n".
         def on_int(_signum: int, _frame: object) -> None:
-            print("got INT", flush=True)
+            os.write(1, b"got INT\n")
             os._exit(7)
 
         signal.signal(signal.SIGINT, on_int)
         if "--ignore-term" in argv:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print("ready", flush=True)
+        os.write(1, b"ready\n")
         threading.Event().wait(60)
         return 0
     if what == "lines":

@@ -124,7 +124,7 @@ def test_exec_and_env(pool: TaskPool) -> None:
 
 def test_kill_reaches_child(pool: TaskPool) -> None:
     task = pool.spawn(exec=[*HELPER, "trap"], cwd=str(REPO))
-    wait_for(lambda: "ready" in task.output(), 20, "child ready")
+    wait_for(lambda: "ready\n" in task.output(), 20, "child ready")
     assert task.kill("INT") is True
     assert task.wait(20) == 7
     assert task.output() == "ready\ngot INT\n"
