@@ -307,7 +307,10 @@ class Worker:
             self._execution.watchdog.start()
         try:
             # AuthError now (refused key, no key for a secured sqm, sender's key), not silence
-            wait = max(2.0, self.heartbeat) if self._curve is not None else 0.5
+            # as long for a plain worker: a busy host may take over 0.5 s to report the
+            # mismatch, and a worker that starts serving past it waits silently for ever.
+            # An answer (or nobody listening) ends the check at once, so this costs nothing.
+            wait = max(2.0, self.heartbeat)
             for endpoint in self.endpoints:
                 check_rights(ctx, endpoint, self._curve, timeout=wait)
             hb.start()
