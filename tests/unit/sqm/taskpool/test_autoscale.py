@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -24,7 +26,8 @@ def simulate(scaler: Autoscaler, start: int, trace: list[tuple[float, int, int]]
         current = new
 
 
-def run_start(history: list[tuple[float, int, int]], holds) -> float | None:
+def run_start(history: list[tuple[float, int, int]],
+              holds: Callable[[int, int], bool]) -> float | None:
     """When the unbroken run of samples, up to the last, for which ``holds`` began."""
     start = None
     for t, pending, idle in reversed(history):
