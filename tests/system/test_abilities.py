@@ -1,7 +1,7 @@
 """Abilities end to end: sqm dispatches a method only to workers that serve it.
 
 Real ``sqm serve`` and ``sqm worker`` processes; the workers log what they
-ran (tests/system/abilities_apps.py), so each check is made from both sides.
+ran (tests/apps/abilities.py), so each check is made from both sides.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tests.conftest import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
-APPS = "tests.system.abilities_apps"
+APPS = "tests.apps.abilities"
 
 
 def ran(cluster) -> list[dict]:

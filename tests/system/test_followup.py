@@ -1,7 +1,7 @@
 """Follow-up work from callbacks (submit/receive/rpc) and forward chains, end to end.
 
 Real ``sqm serve`` and ``sqm worker`` processes running
-tests/system/abilities_apps.py; the workers log each step they ran.
+tests/apps/abilities.py; the workers log each step they ran.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from tests.conftest import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
-APPS = "tests.system.abilities_apps"
+APPS = "tests.apps.abilities"
 
 
 def ran(cluster, method: str | None = None) -> list[dict]:

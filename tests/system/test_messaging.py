@@ -140,7 +140,7 @@ def test_pickle_refused_unless_both_ends_opt_in(cluster):
 
 def test_custom_serializer_registered_on_both_ends(cluster):
     cluster.serve("q")
-    cluster.worker("q", target="tests.apps_custom:callbacks")
+    cluster.worker("q", target="tests.apps.custom:callbacks")
     serializers.register("rev-json", *_rev_json())
     with Sender("q", serializer="rev-json") as s:
         assert s.rpc("echo", {"k": "v"}) == {"k": "v"}

@@ -8,12 +8,12 @@ import asyncio
 import pytest
 
 from sender import AsyncSender, RemoteError, Sender, SerializerError, Timeout
-from tests.apps_batch import max_concurrency
+from tests.apps.batch import max_concurrency
 from tests.conftest import read_log
 
 pytestmark = pytest.mark.timeout(90)
 
-APPS = "tests.apps_batch:callbacks"
+APPS = "tests.apps.batch:callbacks"
 
 
 def run(coro):

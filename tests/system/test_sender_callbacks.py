@@ -31,7 +31,7 @@ from tests.conftest import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
-APPS = "tests.apps_batch:callbacks"
+APPS = "tests.apps.batch:callbacks"
 
 
 # ---------------------------------------------------------------- the correlator alone

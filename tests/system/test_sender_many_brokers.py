@@ -25,7 +25,7 @@ from tests.conftest import free_port, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
-APPS = "tests.apps_batch:callbacks"
+APPS = "tests.apps.batch:callbacks"
 HB = 0.2  # heartbeat of brokers, workers and senders here
 
 

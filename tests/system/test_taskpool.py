@@ -20,7 +20,7 @@ from sqm.taskpool.store import pid_alive, process_start
 from tests.conftest import REPO, wait_for
 
 PY = sys.executable
-HELPER = [PY, "-m", "tests.apps_taskpool"]
+HELPER = [PY, "-m", "tests.apps.taskpool"]
 
 
 def pool_argv(path: Path, *args: str) -> list[str]:

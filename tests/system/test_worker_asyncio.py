@@ -11,11 +11,11 @@ import pytest
 
 from sender import RemoteError, Sender
 from tests.conftest import Proc, read_log, wait_for
-from tests.test_readme import readme_file
+from tests.system.test_readme import readme_file
 
 pytestmark = pytest.mark.timeout(90)
 
-APPS = "tests.apps_async:callbacks"
+APPS = "tests.apps.aio:callbacks"
 
 
 def starts(cluster, pid: int | None = None) -> list[dict]:

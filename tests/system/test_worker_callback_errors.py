@@ -14,7 +14,7 @@ pytestmark = pytest.mark.timeout(60)
 CASES = {
     "plain": ((), "tests.apps:callbacks", "boom"),
     "asyncio-thread": (("--concurrency", "2"), "tests.apps:callbacks", "boom"),
-    "asyncio-async": ((), "tests.apps_async:callbacks", "async_boom"),
+    "asyncio-async": ((), "tests.apps.aio:callbacks", "async_boom"),
 }
 
 

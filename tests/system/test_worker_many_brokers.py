@@ -18,7 +18,7 @@ from tests.conftest import read_log, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
-APPS = "tests.apps_async:callbacks"
+APPS = "tests.apps.aio:callbacks"
 
 
 @pytest.fixture

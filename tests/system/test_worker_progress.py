@@ -27,7 +27,7 @@ from worker import Originator, Worker
 
 pytestmark = pytest.mark.timeout(60)
 
-APPS = "tests.apps_async:callbacks"
+APPS = "tests.apps.aio:callbacks"
 RUNNERS = {"plain": (), "asyncio": ("--concurrency", "2")}
 
 

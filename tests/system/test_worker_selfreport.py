@@ -37,7 +37,7 @@ from tests.conftest import Proc, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
-APPS = "tests.apps_async:callbacks"
+APPS = "tests.apps.aio:callbacks"
 
 
 class FakeBroker:

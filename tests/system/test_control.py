@@ -11,8 +11,7 @@ import zmq
 
 from sender import Purged, Sender
 from sqm import protocol
-
-from .conftest import REPO, read_log, wait_for
+from tests.conftest import REPO, read_log, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 import pytest
 
 from sender import Expired, MessageTooLarge, QueueFull, Sender, SQMError, WorkerLost
-
-from .conftest import read_log, wait_for
+from tests.conftest import read_log, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
-POISON = "tests.apps_reliability:callbacks"
+POISON = "tests.apps.reliability:callbacks"
 
 
 def test_queue_full_past_max_pending_and_nothing_dropped(cluster):

@@ -15,8 +15,7 @@ import threading
 import pytest
 
 from sender import Sender, SQMError, Timeout
-
-from .conftest import REPO, read_log, wait_for
+from tests.conftest import REPO, read_log, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -12,10 +12,9 @@ import zmq
 from sender import Sender
 from sqm.protocol import MailboxPolicy
 from sqm.sockets import ipc_listener_alive
+from tests.conftest import wait_for
 from worker import Originator, Worker
 from worker.mailboxes import MailboxPool
-
-from .conftest import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 

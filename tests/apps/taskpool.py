@@ -1,16 +1,16 @@
 """Helpers run as real processes by the task pool tests.
 
-``python -m tests.apps_taskpool spawn POOL BEHAVIOR`` spawns ``sleep 60`` in
+``python -m tests.apps.taskpool spawn POOL BEHAVIOR`` spawns ``sleep 60`` in
 POOL, prints ``<task pid> <own sid>`` and then either exits (background,
 daemon) or blocks reading stdin (foreground, so the test can kill it).
 
-``python -m tests.apps_taskpool trap`` prints "ready", and on SIGINT prints
+``python -m tests.apps.taskpool trap`` prints "ready", and on SIGINT prints
 "got INT" and exits 7 (a child whose signals the tests check).
 
-``python -m tests.apps_taskpool lines N`` prints N numbered lines, flushing
+``python -m tests.apps.taskpool lines N`` prints N numbered lines, flushing
 each, then "done", then sleeps unless ``--exit``.
 
-``python -m tests.apps_taskpool fleet POOL QUEUE N`` runs a WorkerFleet of N
+``python -m tests.apps.taskpool fleet POOL QUEUE N`` runs a WorkerFleet of N
 ``tests.apps:callbacks`` workers until SIGTERM; ``autostart QUEUE`` calls
 ``autostart_broker`` and prints the broker task's pid (or "none").
 """

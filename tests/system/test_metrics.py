@@ -14,8 +14,7 @@ import time
 import pytest
 
 from sender import RemoteError, Sender
-
-from .conftest import REPO, wait_for
+from tests.conftest import REPO, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -18,7 +18,7 @@ import pytest
 import sqm.web
 from sender import Sender
 from tests.conftest import REPO, wait_for
-from tests.test_prometheus import fake_status, serve_with_metrics
+from tests.system.test_prometheus import fake_status, serve_with_metrics
 
 pytestmark = pytest.mark.timeout(90)
 

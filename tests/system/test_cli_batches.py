@@ -17,12 +17,12 @@ import sys
 import pytest
 
 from sqm.cli import batch_summary
-from tests.apps_batch import max_concurrency
+from tests.apps.batch import max_concurrency
 from tests.conftest import REPO, read_log
 
 pytestmark = pytest.mark.timeout(90)
 
-APPS = "tests.apps_batch:callbacks"
+APPS = "tests.apps.batch:callbacks"
 SUMMARY = re.compile(r"^(\d+) ok, (\d+) failed in (\d+\.\d\d) s$")
 
 
