@@ -244,7 +244,7 @@ class _Client:
         except zmq.Again:
             raise BenchError(f"no reply within {self.timeout_ms} ms") from None
 
-    def drain(self) -> list[Any]:
+    def read_replies(self) -> list[Any]:
         """Wait for at least one reply, then take every reply already queued."""
         if not self.pull.poll(self.timeout_ms):
             raise BenchError(f"no reply within {self.timeout_ms} ms")
@@ -283,7 +283,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
             meter = CpuMeter(job)
             cl.pull.rcvtimeo = cl.timeout_ms
             while outstanding:
-                for r in cl.drain():
+                for r in cl.read_replies():
                     tally.take(outstanding, r)
             last, cpu = time.monotonic(), meter.stop()
             return backlog_result(n, start, submit_s, first, last, tally, cpu)
@@ -318,11 +318,11 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
                 cl.send(nxt)
                 outstanding.add(nxt)
                 nxt -= 1
-            for r in cl.drain():
+            for r in cl.read_replies():
                 tally.take(outstanding, r)
                 warm_count += 1
         while outstanding:
-            for r in cl.drain():
+            for r in cl.read_replies():
                 tally.take(outstanding, r)
                 warm_count += 1
 
@@ -335,7 +335,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
                 cl.send(nxt)
                 outstanding.add(nxt)
                 nxt += 1
-            for r in cl.drain():
+            for r in cl.read_replies():
                 tally.take(outstanding, r)
                 done += 1
         elapsed, cpu = time.perf_counter() - t0, meter.stop()

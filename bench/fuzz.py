@@ -157,9 +157,9 @@ class Harness:
                 break
         else:
             raise RuntimeError("fuzz peers never connected")
-        self.drain()
+        self.discard_replies()
 
-    def drain(self) -> None:
+    def discard_replies(self) -> None:
         for sock in self.peers:
             while sock.poll(0):
                 sock.recv_multipart()
@@ -174,7 +174,7 @@ class Harness:
         p = Provider(data)
         self.inputs += 1
         if self.inputs % 256 == 0:
-            self.drain()
+            self.discard_replies()
         rid = p.pick(PEERS)
         self.holder: bytes | None = None
         frames = self.frames(p)

@@ -466,7 +466,7 @@ def timing(delay: float | None, not_before: float | None,
     return due, limit
 
 
-def drain(sock: zmq.Socket, core: Correlator, from_broker: bool) -> int:
+def read_all(sock: zmq.Socket, core: Correlator, from_broker: bool) -> int:
     """Feed every message waiting on ``sock`` to ``core`` without blocking; how many."""
     feed = core.feed
     n = 0

@@ -231,11 +231,11 @@ class Links:
 
     def purge(self, link: Link) -> None:
         """Re-create a DOWN link's DEALER so copies queued in it are never delivered."""
-        self.drain(link)  # ACCEPTED / errors that made it first
+        self.read_all(link)  # ACCEPTED / errors that made it first
         self._close(link, 0)
         self._open(link)
 
-    def drain(self, link: Link) -> int:
+    def read_all(self, link: Link) -> int:
         """Feed everything waiting on ``link``'s DEALER to the correlator.
 
         Returns how many were errors rather than ACCEPTED notices (those come
@@ -361,7 +361,7 @@ class Links:
         core = self.core
         core.brokers = len(links)
         for gone in old.values():
-            self.drain(gone)
+            self.read_all(gone)
             mids = [mid for mid, (_, x, _) in core.sent.items() if x is gone]
             if gone.state == UP:
                 # A live broker keeps what it accepted and answers through its

@@ -132,7 +132,7 @@ class AsyncSender(SenderBase):
 
     async def _read(self, sock: zmq.asyncio.Socket, raw: zmq.Socket, from_broker: bool,
                     pause: float = 0.0) -> None:
-        """Wait until ``sock`` is readable, then drain it without blocking.
+        """Wait until ``sock`` is readable, then read everything it holds without blocking.
 
         A broker's DEALER carries one ACCEPTED per message and rarely
         anything else: reading it at most every ``pause`` seconds costs one

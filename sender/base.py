@@ -57,7 +57,7 @@ class SenderBase:
 
     Subclass hooks: :meth:`_context` (the socket flavour), :meth:`_open_link`
     and :meth:`_close_link`, and ``_link_wake`` (told of ids made ready
-    while a link is drained; None for a blocking sender).
+    while a link is read; None for a blocking sender).
     """
 
     _link_wake: Callable[[str], None] | None = None

@@ -16,7 +16,7 @@ from sqm.errors import SQMError
 from sqm.zmqfast import RCVTIMEO, recv_frames, send_frames, set_option
 
 from ._batch import DONE, EMIT, NEED, Batch
-from ._correlator import NO_TIMING, Outcome, drain, timing
+from ._correlator import NO_TIMING, Outcome, read_all, timing
 from ._hooks import OnComplete, OnFail, OnStart, OnStatus, run_calls
 from ._links import Link, monitor_event
 from .base import SenderBase
@@ -242,7 +242,7 @@ class Sender(SenderBase):
             if remaining <= 0:
                 # Past the deadline: still take what has already arrived
                 # (a reply may be waiting unread) before giving up.
-                drain(mailbox, core, False)
+                read_all(mailbox, core, False)
                 outcome = self._settle(now, mid)
                 if outcome is not None:
                     return outcome
@@ -289,7 +289,7 @@ class Sender(SenderBase):
         links = self._links
         n = 0
         for link in links.links:
-            n += links.drain(link)
+            n += links.read_all(link)
         for link in links.links:
             while True:
                 try:
@@ -317,7 +317,7 @@ class Sender(SenderBase):
         """poll() (``fresh``: look at sqm's sockets now) and map()'s wait."""
         core = self._core
         mailbox = self._mailbox
-        n = drain(mailbox, core, False)
+        n = read_all(mailbox, core, False)
         now = time.monotonic()
         if fresh or now >= self._next_broker_check:
             n += self._check_brokers(now)
@@ -336,7 +336,7 @@ class Sender(SenderBase):
             except zmq.Again:
                 continue
             core.feed(frames, False)
-            n = 1 + drain(mailbox, core, False)
+            n = 1 + read_all(mailbox, core, False)
         if core.calls:
             run_calls(core)
         return n
@@ -398,7 +398,7 @@ class Sender(SenderBase):
     def started(self, id: str) -> bool:  # noqa: A002
         """True once a worker has acknowledged message ``id`` ("working"), before its reply."""
         self._check()
-        drain(self._mailbox, self._core, False)
+        read_all(self._mailbox, self._core, False)
         return id in self._core.started
 
     def accepted(self, id: str) -> bool:  # noqa: A002

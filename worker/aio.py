@@ -149,7 +149,7 @@ class AsyncRunner:
         assert self._loop is not None
         sock = link.open(self.session.ctx)
         self.session.hello(link)
-        self._loop.add_reader(sock.FD, self._drain, link)
+        self._loop.add_reader(sock.FD, self._read_all, link)
         self._kick(link)
 
     def _close(self, link: BrokerLink, linger_ms: int = 0) -> None:
@@ -159,9 +159,9 @@ class AsyncRunner:
 
     def _kick(self, link: BrokerLink) -> None:
         """Look for input after a send: the socket's fd may not signal it again."""
-        asyncio.get_running_loop().call_soon(self._drain, link)
+        asyncio.get_running_loop().call_soon(self._read_all, link)
 
-    def _drain(self, link: BrokerLink) -> None:
+    def _read_all(self, link: BrokerLink) -> None:
         """Read everything waiting on one broker socket."""
         sock = link.sock
         s = self.session
@@ -195,7 +195,7 @@ class AsyncRunner:
                     self._close(link)
                     self._open(link)
                 else:
-                    self._drain(link)  # a safety net; normally a no-op
+                    self._read_all(link)  # a safety net; normally a no-op
             if stopping:
                 self._check_acked()  # a broker that went away will not answer BYE
             s.announce(self.links)  # callbacks() changed: tell every broker

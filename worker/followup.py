@@ -262,7 +262,7 @@ class FollowUps:
         """Feed what waits on the mailbox, the other queues' sockets and (plain) the link;
         block up to ``wait_s`` unless ``mid``'s reply (or any, without ``mid``) is in."""
         socks = [s for s in (self._mailbox, *self._others.values()) if s is not None]
-        self._drain(socks)
+        self._read_all(socks)
         with self._state:
             if (self._core.ready if mid is None else mid in self._core.ready):
                 return
@@ -271,9 +271,9 @@ class FollowUps:
             for s in socks:
                 poller.register(s, zmq.POLLIN)
             poller.poll(int(wait_s * 1000) + 1)
-            self._drain(socks)
+            self._read_all(socks)
 
-    def _drain(self, socks: list[zmq.Socket]) -> None:
+    def _read_all(self, socks: list[zmq.Socket]) -> None:
         if self._pump is not None:
             self._pump()  # plain runner: sqm's answers on the link, read in this thread
         for s in socks:
