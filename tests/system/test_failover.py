@@ -272,3 +272,43 @@ def test_broker_and_busy_worker_both_killed_is_worker_lost_not_timeout(net: Netw
            after_s=round(outcome["t"] - killed, 2))
     assert outcome.get("error") == "WorkerLost", outcome
     assert outcome["t"] - killed <= DETECT_S
+
+
+@pytest.mark.timeout(90)
+def test_a_broker_host_pulled_mid_load_is_noticed_by_heartbeats_on_both_sides(
+        net: Network) -> None:
+    """Host A (broker A and a worker) loses its cable mid-load: no FIN, no RST.
+
+    The worker on B hears nothing from broker A for 3 heartbeats and says so;
+    broker B hears nothing from A's worker and drops it; the Sender on C stops
+    using broker A. Every item still ends with one reply (retries=1), none as
+    a Timeout, and the caller never hears twice."""
+    a, b, c = net(3)
+    pair = Pair(a, b, c)
+    sender = c.sender(pair.endpoints, count=MESSAGES, window=MESSAGES, s=0.2, retries=1,
+                      timeout=30)
+    wait_for(lambda: outcomes(sender) >= 15, 20, "15 replies")
+    a.link_down()
+    pulled = time.monotonic()
+    pulled_after = outcomes(sender)
+
+    # Broker B side: A's worker falls silent and is dropped after 3 heartbeats.
+    def workers_on_b() -> int | None:
+        st = c.status("q", pair.endpoints[1])
+        return None if st is None else int(st["workers_current"])
+
+    wait_for(lambda: workers_on_b() == 1, DETECT_S + 10, "broker B dropping A's worker")
+    dropped_s = time.monotonic() - pulled
+    # Worker side: B's worker notices broker A's silence (the first failure is logged).
+    wait_for(lambda: f"sqm at {pair.endpoints[0]} silent" in pair.workers[1].stderr,
+             DETECT_S + 10, "worker B noticing broker A's silence")
+    noticed_s = time.monotonic() - pulled
+
+    result = wait_for(sender.summary, 60, "the batch's end")
+    check_batch(result, sender)
+    report("broker host pulled", pulled_after=pulled_after, dropped_s=round(dropped_s, 2),
+           noticed_s=round(noticed_s, 2), **result)
+    assert pulled_after < MESSAGES  # mid-load
+    assert 1.5 * HEARTBEAT <= dropped_s <= DETECT_S + 4  # silence, seen by heartbeats
+    assert noticed_s <= DETECT_S + 4
+    assert result["errors"] == {}, f"{result}\n{failures(sender, *pair.brokers, *pair.workers)}"
