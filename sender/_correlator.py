@@ -15,6 +15,7 @@ import os
 import secrets
 import time
 from collections import deque
+from time import monotonic
 from typing import Any
 
 import zmq
@@ -97,6 +98,7 @@ class Correlator:
         # started messages whose worker repeats its ACK each beat. If their
         # broker goes away and the ACKs stop, the worker died too (see _links.py).
         self.running: dict[str, list[Any]] = {}
+        self._beats: dict[bytes, float] = {}  # ACK's 4th frame -> seconds (see _beat)
         #: Ids a stopping broker failed back (BrokerShutdown) before any worker
         #: took them: the links re-send them through another live broker.
         self.stopping: list[tuple[str, Any]] = []  # (id, its ``sent`` entry then)
@@ -287,8 +289,14 @@ class Correlator:
             if mid not in self.started:
                 self.started.add(mid)
                 sent = self.sent.pop(mid, None)  # a worker has it: no broker needs it again
-                if len(frames) == 4 and sent is not None:  # its worker will repeat it
-                    self._watch_worker(mid, sent, frames[3])
+                if sent is not None and len(frames) == 4:  # its worker will repeat it
+                    # _watch_worker inlined, the beat parsed once per value: every
+                    # ACK of a worker with a heartbeat comes here.
+                    interval = self._beats.get(frames[3])
+                    if interval is None:
+                        interval = self._beat(frames[3])
+                    if interval:
+                        self.running[mid] = [sent[0], sent[1], monotonic(), interval]
                 if self.hooks:
                     hooks = self.hooks.get(mid)
                     if hooks is not None:
@@ -296,7 +304,7 @@ class Correlator:
             elif self.running:
                 running = self.running.get(mid)
                 if running is not None:
-                    running[2] = time.monotonic()
+                    running[2] = monotonic()
             return None
         elif kind == PROGRESS and not from_broker and len(frames) == 5:
             hooks = self.hooks.get(mid) if self.hooks else None
@@ -311,7 +319,21 @@ class Correlator:
         else:
             self.dropped += 1
             return None
-        return self._end(mid, outcome)
+        # _end() inlined: one call less on every reply.
+        del self.outstanding[mid]
+        self.started.discard(mid)
+        self.accepted.discard(mid)
+        self.sent.pop(mid, None)
+        if self.running:
+            self.running.pop(mid, None)
+        if self.hooks:
+            hooks = self.hooks.pop(mid, None)
+            if hooks is not None and hooks.consumes:
+                self.consuming -= 1
+                hooks.finish(self, mid, outcome)
+                return None
+        self.ready[mid] = outcome
+        return mid
 
     def _end(self, mid: str, outcome: Outcome) -> str | None:
         """``mid`` ended with ``outcome``: to its hooks, or ready for receive()."""
@@ -330,13 +352,20 @@ class Correlator:
         self.ready[mid] = outcome
         return mid
 
-    def _watch_worker(self, mid: str, sent: tuple[list[bytes], Any, int], beat: bytes) -> None:
+    def _beat(self, beat: bytes) -> float:
+        """A worker's heartbeat (ACK's 4th frame, ms) in seconds; 0 if it is not one.
+
+        Remembered per value (workers of a queue share a few), so feed() does
+        not parse it again on every ACK.
+        """
         try:
-            interval = int(beat) / 1000
+            interval = max(0.0, int(beat) / 1000)
         except ValueError:
-            return
-        if interval > 0:
-            self.running[mid] = [sent[0], sent[1], time.monotonic(), interval]
+            interval = 0.0
+        if len(self._beats) >= 64:  # foreign garbage must not grow it without bound
+            self._beats.clear()
+        self._beats[beat] = interval
+        return interval
 
     def silent_workers(self, now: float, gone: Any) -> list[str]:
         """Started messages whose broker is ``gone(link)`` and whose worker has
