@@ -34,8 +34,8 @@ def test_readme_first_screen_has_the_two_setup_commands():
     assert "pytest" in commands[1]
     ci = (REPO / ".ci" / "run").read_text()
     # .ci/run does what the README's test command does
-    assert "python -m pytest" in ci and "bash .ci/install-browser" in ci
-    assert commands[1].startswith("bash .ci/install-browser && ")
+    assert "python -m pytest" in ci and "bash .ci/install-test-deps" in ci
+    assert commands[1].startswith("bash .ci/install-test-deps && ")
 
 
 def test_synopsis_runs_as_printed(cluster, rundir):
