@@ -6,10 +6,14 @@
 """
 
 from sqm.errors import (
+    AuthError,
     BrokerShutdown,
     BrokerUnreachable,
     Cancelled,
     Expired,
+    HopLimitExceeded,
+    KeyFileError,
+    LockHeld,
     MessageTooLarge,
     ProtocolError,
     Purged,
@@ -27,10 +31,14 @@ from .sync import Sender
 
 __all__ = [
     "AsyncSender",
+    "AuthError",
     "BrokerShutdown",
     "BrokerUnreachable",
     "Cancelled",
     "Expired",
+    "HopLimitExceeded",
+    "KeyFileError",
+    "LockHeld",
     "MessageTooLarge",
     "ProtocolError",
     "Purged",

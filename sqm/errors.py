@@ -135,3 +135,7 @@ RETRIES_EXHAUSTED = "RetriesExhausted"
 
 BROKER_ERRORS["TimeLimitExceeded"] = TimeLimitExceeded
 BROKER_ERRORS["Cancelled"] = Cancelled
+
+
+class HopLimitExceeded(SQMError):
+    """``worker.forward`` would hand a message on more than ``max_hops`` times (a loop?)."""

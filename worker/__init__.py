@@ -7,9 +7,32 @@
 >>> w.run()                                              # doctest: +SKIP
 """
 
-from sqm.errors import Cancelled, TimeLimitExceeded
+from sqm.errors import (
+    AuthError,
+    Cancelled,
+    HopLimitExceeded,
+    KeyFileError,
+    RemoteError,
+    SQMError,
+    TimeLimitExceeded,
+    Timeout,
+    WorkerLost,
+)
 
 from .core import Originator, Worker
 from .retry import Retry
 
-__all__ = ["Cancelled", "Originator", "Retry", "TimeLimitExceeded", "Worker"]
+__all__ = [
+    "AuthError",
+    "Cancelled",
+    "HopLimitExceeded",
+    "KeyFileError",
+    "Originator",
+    "RemoteError",
+    "Retry",
+    "SQMError",
+    "TimeLimitExceeded",
+    "Timeout",
+    "Worker",
+    "WorkerLost",
+]

@@ -25,7 +25,7 @@ import zmq
 
 from sqm import procinfo, protocol
 from sqm.config import client_key_paths, resolve
-from sqm.errors import SQMError
+from sqm.errors import HopLimitExceeded, SQMError
 from sqm.protocol import ACK, HEARTBEAT, SIGNATURE, MailboxPolicy
 from sqm.security.keys import client_keys
 from sqm.taskpool.fleet import Limits, recycle_due
@@ -33,7 +33,7 @@ from sqm.taskpool.fleet import Limits, recycle_due
 from . import selfreport
 from .aio import AsyncRunner
 from .execute import Execution, Originator, Workload, is_async_callback
-from .followup import DEFAULT_MAX_HOPS, FollowUps, HopLimitExceeded
+from .followup import DEFAULT_MAX_HOPS, FollowUps
 from .links import broker_socket, check_rights
 from .mailboxes import MailboxPool
 from .plain import PlainRunner

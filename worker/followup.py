@@ -40,7 +40,7 @@ import zmq
 from sender._correlator import Correlator
 from sqm import protocol
 from sqm.config import QueueSettings, resolve
-from sqm.errors import SQMError, Timeout
+from sqm.errors import HopLimitExceeded, SQMError, Timeout
 from sqm.protocol import FLAG_ONEWAY, FORWARD, SIGNATURE, pack_envelope
 from sqm.security.keys import KeyPair
 from sqm.sockets import make_socket
@@ -57,10 +57,6 @@ DEFAULT_MAX_HOPS = 32
 #: ``send(frames, via)``: SUBMIT or FORWARD frames onto the broker link ``via``
 #: (None: the first one), from any thread; False if it could not be queued.
 SendLink = Callable[[list[bytes], Any], bool]
-
-
-class HopLimitExceeded(SQMError):
-    """``worker.forward`` would hand a message on more than ``max_hops`` times (a loop?)."""
 
 
 class FollowUps:
