@@ -129,10 +129,7 @@ class SubmitReader:
             if reason:
                 raise Malformed(f"mailbox refused: {reason}")
         frames[1] = DISPATCH  # forwarded as is: only the command changes
-        if flags & FLAG_EXTRA:
-            return self._read_extra(rid, frames, env, flags, retries, priority, deadline,
-                                    id_end, mailbox_end, method_end)
-        return Message(
+        msg = Message(
             env[HEAD:id_end],
             rid,
             frames,
@@ -143,29 +140,19 @@ class SubmitReader:
             deadline=deadline,
             method=env[mailbox_end:method_end],
         )
+        if flags & FLAG_EXTRA:
+            self._read_extra(msg, env)
+        return msg
 
     @staticmethod
-    def _read_extra(rid: bytes, frames: list[bytes], env: bytes, flags: int, retries: int,
-                    priority: int, deadline: float, id_end: int, mailbox_end: int,
-                    method_end: int) -> Message:
-        """A message whose envelope has the EXTRA tail (scheduled, time-limited, retried)."""
+    def _read_extra(msg: Message, env: bytes) -> None:
+        """The envelope's EXTRA tail (scheduled, time-limited, retried) onto ``msg``."""
         not_before, time_limit, attempts = EXTRA.unpack_from(env, len(env) - EXTRA.size)
         if not (0.0 <= not_before < 1e11 and 0.0 <= time_limit < 1e9):
             raise Malformed("not_before or time_limit out of range")
-        return Message(
-            env[HEAD:id_end],
-            rid,
-            frames,
-            size=len(frames[3]),
-            oneway=bool(flags & FLAG_ONEWAY),
-            retries=retries,
-            priority=priority,
-            deadline=deadline,
-            method=env[mailbox_end:method_end],
-            not_before=not_before,
-            time_limit=time_limit,
-            attempts=attempts,
-        )
+        msg.not_before = not_before
+        msg.time_limit = time_limit
+        msg.attempts = attempts
 
     def _check_mailbox(self, rid_frame: zmq.Frame, rid: bytes, mailbox: bytes) -> str | None:
         try:

@@ -69,6 +69,12 @@ UNKNOWN_METHOD = "UnknownMethod"
 NO_QUEUE = MethodQueue(b"")
 
 
+
+def _slots(info: dict[str, Any]) -> int:
+    """The slots a worker's HELLO announces (1 when missing or out of range)."""
+    slots = info.get("slots", 1)
+    return slots if isinstance(slots, int) and 1 <= slots <= 10_000 else 1
+
 class Message:
     """One submitted message, as the broker tracks it.
 
@@ -424,27 +430,16 @@ class QueueCore:
                 return self._hello_again(now, old, info)
             # A leaving or stopping worker starts afresh: what it held is lost.
             self._remove_worker(now, old, "worker re-registered while holding it")
-        slots = info.get("slots", 1)
-        if not isinstance(slots, int) or not 1 <= slots <= 10_000:
-            slots = 1
+        slots = _slots(info)
         wid = str(info.get("id") or rid.hex())
         w = WorkerState(rid, wid, info, slots, now)
-        own = info.get("heartbeat")
-        own = float(own) if isinstance(own, (int, float)) and 0 < own <= 3600 else 0.0
-        w.ttl = self.liveness * max(self.heartbeat, own)
-        w.expires_at = now + w.ttl
+        self._set_liveness(now, w, info)
         self.workers[rid] = w
         self._by_id[wid] = w
         self.ever.add(wid)
         self._serve(w, read_methods(info))
-        if w.methods is None:
-            self._idle.extend([w] * slots)
-            if self.pending:
-                self._assign(now)
-        else:
-            w.free = 0
-            for _ in range(slots):
-                self._freed(now, w)
+        w.free = 0
+        self._offer(now, w, slots)
         return w
 
     def _hello_again(self, now: float, w: WorkerState, info: dict[str, Any]) -> WorkerState:
@@ -454,9 +449,7 @@ class QueueCore:
         slots, methods and liveness are refreshed and parked slots cleared.
         Slots still busy with another broker's messages come back as NACK.
         """
-        slots = info.get("slots", 1)
-        if not isinstance(slots, int) or not 1 <= slots <= 10_000:
-            slots = 1
+        slots = _slots(info)
         self._unserve(w)
         wid = str(info.get("id") or w.rid.hex())
         if wid != w.id:
@@ -469,22 +462,30 @@ class QueueCore:
         held = len(w.in_flight) + len(w.abandoned)  # abandoned: still running there
         w.slots = max(slots, held)  # it holds more: its DONEs free none
         w.parked = 0
+        self._set_liveness(now, w, info)
+        self._serve(w, read_methods(info))
+        w.free = 0
+        self._offer(now, w, w.slots - held)
+        return w
+
+    def _set_liveness(self, now: float, w: WorkerState, info: dict[str, Any]) -> None:
+        """Set how long ``w`` may stay silent: ``liveness`` beats of sqm's
+        heartbeat or of its own, whichever is longer."""
         own = info.get("heartbeat")
         own = float(own) if isinstance(own, (int, float)) and 0 < own <= 3600 else 0.0
         w.ttl = self.liveness * max(self.heartbeat, own)
         w.expires_at = now + w.ttl
-        self._serve(w, read_methods(info))
-        free = w.slots - held
+
+    def _offer(self, now: float, w: WorkerState, n: int) -> None:
+        """``n`` more free slots of ``w``: they take pending work it can do, or wait idle."""
         if w.methods is None:
-            w.free = free
-            self._idle.extend([w] * free)
+            w.free += n
+            self._idle.extend([w] * n)
             if self.pending:
                 self._assign(now)
         else:
-            w.free = 0
-            for _ in range(free):
+            for _ in range(n):
                 self._freed(now, w)
-        return w
 
     def abilities(self, now: float, rid: bytes, info: dict[str, Any]) -> bool:
         """Worker ``rid`` now serves ``info['methods']`` (its callbacks changed).
@@ -615,14 +616,7 @@ class QueueCore:
         if not n or w.state == LEAVING:
             return True
         w.parked -= n
-        if w.methods is None:
-            w.free += n
-            self._idle.extend([w] * n)
-            if self.pending:
-                self._assign(now)
-        else:
-            for _ in range(n):
-                self._freed(now, w)
+        self._offer(now, w, n)
         return True
 
     def report(self, now: float, wid: str, info: dict[str, Any]) -> bool:
