@@ -16,8 +16,9 @@ from ..config import resolve
 from .options import config_option, endpoint_option, key_options, one_line_errors, timeout_option
 
 
-def _client(queue: str | None, endpoint: str | None, config: str | None,
-            timeout: float) -> AdminClient:
+def admin_client(queue: str | None, endpoint: str | None, config: str | None,
+                 timeout: float) -> AdminClient:
+    """The AdminClient of QUEUE as the command line names it (every admin command's first step)."""
     return AdminClient(resolve(queue, endpoint=endpoint, config=config), timeout)
 
 
@@ -112,7 +113,7 @@ def status(queue: str | None, endpoint: str | None, config: str | None, as_json:
     (overall and per method) and one row per worker; --json prints the same
     as one object (one per line with --watch).
     """
-    client = _client(queue, endpoint, config, timeout)
+    client = admin_client(queue, endpoint, config, timeout)
     if not watch:
         st = client.status()
         click.echo(json.dumps(st) if as_json else format_status(st))
@@ -147,7 +148,7 @@ def workers(queue: str | None, endpoint: str | None, config: str | None, as_json
             timeout: float) -> None:
     """List QUEUE's registered workers: id, host, pid, state, idle time, tasks, busy time,
     memory and nice value (the worker ID is what `sqm stop-worker` takes)."""
-    client = _client(queue, endpoint, config, timeout)
+    client = admin_client(queue, endpoint, config, timeout)
     found = client.workers()
     if as_json:
         click.echo(json.dumps(found))
@@ -169,7 +170,7 @@ def queue_command(name: str, summary: str, call: Callable[[AdminClient], Answer]
     @one_line_errors
     def command(queue: str | None, endpoint: str | None, config: str | None,
                 timeout: float) -> None:
-        client = _client(queue, endpoint, config, timeout)
+        client = admin_client(queue, endpoint, config, timeout)
         click.echo(render(client.settings.queue, call(client)))
 
     command.__doc__ = summary
@@ -219,7 +220,7 @@ def stop_worker(args: tuple[str, ...], endpoint: str | None, config: str | None,
         queue, wid = None, args[0]
     else:
         raise click.UsageError("expected [QUEUE] ID")
-    client = _client(queue, endpoint, config, timeout)
+    client = admin_client(queue, endpoint, config, timeout)
     client.stop_worker(wid)
     click.echo(f"queue {client.settings.queue}: asked worker {wid} to stop")
 
@@ -245,7 +246,7 @@ def cancel(args: tuple[str, ...], endpoint: str | None, config: str | None,
         queue, mid = None, args[0]
     else:
         raise click.UsageError("expected [QUEUE] ID")
-    client = _client(queue, endpoint, config, timeout)
+    client = admin_client(queue, endpoint, config, timeout)
     if not client.cancel(mid).get("cancelled"):
         click.echo(f"queue {client.settings.queue}: no message {mid} still to cancel "
                    "(ended or unknown)", err=True)

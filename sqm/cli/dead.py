@@ -9,13 +9,8 @@ from typing import Any
 import click
 
 from ..admin import AdminClient
-from ..config import resolve
+from .admin import admin_client, queue_command
 from .options import config_option, endpoint_option, key_options, one_line_errors, timeout_option
-
-
-def _client(queue: str | None, endpoint: str | None, config: str | None,
-            timeout: float) -> AdminClient:
-    return AdminClient(resolve(queue, endpoint=endpoint, config=config), timeout)
 
 
 def format_dead(dead: list[dict[str, Any]]) -> list[str]:
@@ -46,7 +41,7 @@ def dead() -> None:
 def dead_list(queue: str | None, endpoint: str | None, config: str | None, as_json: bool,
               timeout: float) -> None:
     """List QUEUE's dead letters, oldest first: id, method, reason, attempts, size, time."""
-    client = _client(queue, endpoint, config, timeout)
+    client = admin_client(queue, endpoint, config, timeout)
     found = client.dead_list(payloads=as_json)
     if as_json:
         click.echo(json.dumps(found))
@@ -80,7 +75,7 @@ def dead_replay(args: tuple[str, ...], endpoint: str | None, config: str | None,
         queue, ids = args[0], list(args[1:])
     else:
         raise click.UsageError("give the IDs to replay (see 'sqm dead list'), or --all")
-    client = _client(queue, endpoint, config, timeout)
+    client = admin_client(queue, endpoint, config, timeout)
     answer = client.dead_replay(ids)
     name = client.settings.queue
     for r in answer["replayed"]:
@@ -96,16 +91,10 @@ def dead_replay(args: tuple[str, ...], endpoint: str | None, config: str | None,
         raise SystemExit(1)
 
 
-@dead.command("purge")
-@click.argument("queue", required=False)
-@endpoint_option
-@config_option
-@key_options
-@timeout_option(3.0)
-@one_line_errors
-def dead_purge(queue: str | None, endpoint: str | None, config: str | None,
-               timeout: float) -> None:
-    """Forget every dead letter of QUEUE (no confirmation)."""
-    client = _client(queue, endpoint, config, timeout)
-    answer = client.dead_purge()
-    click.echo(f"queue {client.settings.queue}: purged {answer['purged']} dead letter(s)")
+dead_purge = queue_command(
+    "purge",
+    "Forget every dead letter of QUEUE (no confirmation).",
+    AdminClient.dead_purge,
+    lambda q, r: f"queue {q}: purged {r['purged']} dead letter(s)",
+)
+dead.add_command(dead_purge)
