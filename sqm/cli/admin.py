@@ -65,6 +65,9 @@ def format_status(st: Answer) -> str:
         lines.append(f"scheduled {st.get('scheduled', 0)}   retried {st.get('retried_total', 0)}   "
                      f"cancelled {st.get('cancelled_total', 0)}   "
                      f"time-limited {st.get('time_limited_total', 0)}")
+    if st.get("denied_total") or st.get("dead_total"):
+        lines.append(f"denied {st.get('denied_total', 0)}   dead letters {st.get('dead_letters', 0)} "
+                     f"(ever {st.get('dead_total', 0)})")
     latency = st.get("latency") or {}
     if latency:
         lines.append(_latency_line("queue wait", latency.get("queue_wait", {})))
