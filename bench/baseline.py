@@ -41,15 +41,20 @@ import cbor2
 import zmq
 
 from bench.common import (
+    W9_WARMUP_EACH,
     BenchError,
     CpuMeter,
+    ManyLane,
     Tally,
     backlog_result,
     ipc_endpoint,
+    many_child,
     payload,
     pipelined_result,
     rpc_result,
+    run_many,
     run_sender_process,
+    w9_index,
     warm_done,
     work,
     write_json_atomic,
@@ -122,7 +127,7 @@ def broker_main(endpoint: str) -> None:
 
 def query_status(endpoint: str, timeout: float) -> dict[str, int]:
     """Ask the baseline broker for ``{"credits": idle credits, "pending": n}``."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
     try:
@@ -218,17 +223,25 @@ def worker_host(
 
 
 class _Client:
-    """The baseline sender: DEALER to the broker, PULL on its own mailbox."""
+    """The baseline sender: DEALER to the broker, PULL on its own mailbox.
 
-    def __init__(self, endpoint: str, tmp: str, timeout_ms: int) -> None:
-        self.ctx = zmq.Context()
+    W9's many clients in one process share that process's ``ctx`` and name
+    their mailboxes apart (``name``).
+    """
+
+    def __init__(
+        self, endpoint: str, tmp: str, timeout_ms: int,
+        ctx: zmq.Context | None = None, name: str | None = None,
+    ) -> None:
+        self.own_ctx = ctx is None
+        self.ctx = zmq.Context() if ctx is None else ctx
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.linger = 0
         self.dealer.connect(endpoint)
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.linger = 0
         self.pull.rcvtimeo = timeout_ms
-        mailbox = ipc_endpoint(tmp, f"mb-{os.getpid()}.sock")
+        mailbox = ipc_endpoint(tmp, f"mb-{name or os.getpid()}.sock")
         self.pull.bind(mailbox)
         self.mailbox = mailbox.encode()
         self.timeout_ms = timeout_ms
@@ -260,7 +273,8 @@ class _Client:
         """Close sockets and the context."""
         self.dealer.close()
         self.pull.close()
-        self.ctx.term()
+        if self.own_ctx:
+            self.ctx.term()
 
 
 def _run(job: dict[str, Any]) -> dict[str, Any]:
@@ -307,7 +321,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
 
         window, expected = wl["window"], wl["procs"] * wl["threads"]
         # Warm-up: keep the window full until every worker has answered.
-        outstanding: set[int] = set()
+        outstanding = set()  # set[int], as in the backlog branch
         deadline = time.monotonic() + job["warmup_timeout"]
         nxt = -1
         warm_count = 0
@@ -347,4 +361,40 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
 def sender_main(job: dict[str, Any]) -> None:
     """Child-process entry: run the job's workload, write the result file."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    run_sender_process(job, _run)
+    if job["workload"]["kind"] == "many":
+        run_sender_process(job, lambda j: run_many(j, many_sender_child))
+    else:
+        run_sender_process(job, _run)
+
+
+def many_sender_child(job: dict[str, Any], k: int, lanes: int, start: Any, results: Any) -> None:
+    """W9 sender process ``k``: ``lanes`` threads, one client (own mailbox) each,
+    on one shared context."""
+    ctx = zmq.Context()
+    ctx.max_sockets = max(1024, 2 * lanes + 64)
+    wl = job["workload"]
+    each, timeout_ms = wl["n"] // wl["senders"], int(job["rpc_timeout"] * 1000)
+
+    def lane_body(job: dict[str, Any], g: int, lane: ManyLane, wait_start: Any) -> None:
+        cl = _Client(job["endpoint"], job["tmp"], timeout_ms, ctx=ctx, name=f"w9-{g}")
+        try:
+            for j in range(-W9_WARMUP_EACH, 0):
+                i = w9_index(g, j, each)
+                cl.send(i)
+                lane.tally.expect(i, cl.recv())
+            wait_start()
+            clock = time.perf_counter_ns
+            for j in range(each):
+                i = w9_index(g, j, each)
+                st = clock()
+                cl.send(i)
+                r = cl.recv()  # no reply in time fails the run: a late one would mismatch
+                lane.lat_ns.append(clock() - st)
+                lane.tally.expect(i, r)
+        finally:
+            cl.close()
+
+    try:
+        many_child(job, k, lanes, start, results, lane_body)
+    finally:
+        ctx.term()

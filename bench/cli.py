@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -29,10 +30,11 @@ from typing import Any
 
 import zmq
 
-from bench import baseline, sqm_adapter
+from bench import baseline, nats_peer, sqm_adapter
 from bench.common import (
     PREFETCH_VARIANTS,
     W6_ENV,
+    W8_ENV,
     WORKLOAD_ORDER,
     BenchError,
     Workload,
@@ -48,6 +50,12 @@ from bench.common import (
 )
 
 SYSTEMS = ("baseline", "sqm", "sqm-async")
+#: Other queues run on the same workloads (``--peers``), each a column of its own.
+PEERS = ("nats",)
+#: The workloads the NATS peer runs (others: N/A; it has no credits, so no W2-pN).
+NATS_WORKLOADS = ("W1", "W2", "W3", "W9", "W9-64")
+#: The documented throughput setting: Worker prefetch of W2's throughput-mode target.
+DOCUMENTED_PREFETCH = 32
 SQM_SERVE_EXTRA: list[str] = []  # --sqm-serve-args, split
 QUEUE = "bench"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,8 +72,11 @@ class Metric:
     ``ratio`` says whether the cell shows the ratio to the baseline's figure
     of the same workload (not for figures that are ratios themselves, nor for
     idle CPU, where the baseline is ~0). ``derived`` metrics are computed
-    after all runs from another workload's median figure: ``(workload,
-    system)``, where system ``""`` means the row's own system.
+    after all runs: the row's ``src`` figure divided by the median ``src``
+    figure of ``(workload, system)``, where system ``""`` means the row's
+    own system (never a row divided by itself). ``on``: only rows of these
+    systems get it (empty: all). ``hidden`` ones are not table rows (the
+    ratio to the baseline is in the cell already) but targets check them.
     """
 
     key: str
@@ -74,9 +85,37 @@ class Metric:
     ratio: bool = True
     fmt: str = "num"  # "num" | "x" (a ratio: 2 decimals and an x)
     derived: tuple[str, str] | None = None
+    src: str = "tasks_per_s"
+    on: tuple[str, ...] = ()
+    hidden: bool = False
 
 
 _TASKS = Metric("tasks_per_s", "tasks/s", True)
+_SQM_ONLY = ("sqm", "sqm-async")
+
+
+def _x_nats(workload: str, src: str = "tasks_per_s", what: str = "") -> Metric:
+    """The row's figure divided by NATS's on ``workload`` (sqm rows only)."""
+    return Metric(f"x_nats_{src}", f"x NATS {what or workload}", True, ratio=False, fmt="x",
+                  derived=(workload, "nats"), src=src, on=_SQM_ONLY)
+
+
+def _x_base(workload: str, src: str) -> Metric:
+    """The row's figure divided by the baseline's on ``workload`` (for targets)."""
+    return Metric(f"x_base_{src}", f"x baseline {src}", True, ratio=False, fmt="x",
+                  derived=(workload, "baseline"), src=src, hidden=True)
+
+
+_W8 = [
+    Metric("short_p50_ms", "short msgs p50 wait ms", False, ratio=False),
+    Metric("short_p99_ms", "short msgs p99 wait ms", False, ratio=False),
+    Metric("slow_p50_ms", "slow msgs p50 wait ms", False, ratio=False),
+]
+_W9 = [
+    Metric("rpc_per_s", "rpc/s (all senders)", True),
+    Metric("errors", "failed rpcs", False, ratio=False),
+    Metric("p99_us", "p99 us", False),
+]
 _BACKLOG = [
     Metric("bytes_per_pending", "broker bytes/pending msg", False),
     Metric("accept_per_s", "queued msgs/s (no worker)", True),
@@ -89,8 +128,18 @@ METRICS: dict[str, list[Metric]] = {
         Metric("rpc_per_s", "rpc/s", True),
         Metric("p50_us", "p50 us", False),
         Metric("p99_us", "p99 us", False),
+        _x_nats("W1", "rpc_per_s", "W1 rpc/s"),
+        _x_base("W1", "rpc_per_s"),
+        _x_base("W1", "p99_us"),
     ],
-    "W2": [_TASKS],
+    "W2": [
+        _TASKS,
+        _x_nats("W2"),
+        Metric("x_base_w2", "x W2 baseline (credit 1)", True, ratio=False, fmt="x",
+               derived=("W2", "baseline"), hidden=True),
+        Metric("x_sqm_w2", "x sqm (memory mode) W2", True, ratio=False, fmt="x",
+               derived=("W2", "sqm"), on=("sqm-journal",)),
+    ],
     **{
         f"W2-p{p}": [
             _TASKS,
@@ -102,6 +151,7 @@ METRICS: dict[str, list[Metric]] = {
                 fmt="x",
                 derived=("W2", "baseline"),
             ),
+            *([_x_nats("W2", what="W2")] if p == DOCUMENTED_PREFETCH else []),
         ]
         for p in PREFETCH_VARIANTS
     },
@@ -109,6 +159,7 @@ METRICS: dict[str, list[Metric]] = {
         _TASKS,
         Metric("min_per_worker", "min tasks/worker", True),
         Metric("max_per_worker", "max tasks/worker", False),
+        _x_nats("W3"),
     ],
     "W4": [
         Metric("broker_idle_cpu_pct", "broker idle CPU %", False, ratio=False),
@@ -127,18 +178,32 @@ METRICS: dict[str, list[Metric]] = {
         _TASKS,
         Metric("starved_max_wait_ms", "rarest method max wait ms", False, ratio=False),
     ],
+    "W8": [
+        *_W8,
+        Metric("x_p1_short_p99", "x W8-p1 short p99", False, ratio=False, fmt="x",
+               derived=("W8-p1", ""), src="short_p99_ms"),
+    ],
+    "W8-p1": _W8,
+    "W9": [
+        *_W9,
+        Metric("x_w9_64", "x W9-64 rpc/s", True, ratio=False, fmt="x",
+               derived=("W9-64", ""), src="rpc_per_s"),
+    ],
+    "W9-64": _W9,
 }
 
 
 @dataclass(frozen=True)
 class Target:
-    """A goal from the issue, checked on the sqm systems' medians."""
+    """A goal from an issue, checked on the medians of ``systems`` (empty:
+    every system but the baseline and the peers)."""
 
     workload: str
     key: str
     op: str  # "<", "<=" or ">="
     value: float
     text: str
+    systems: tuple[str, ...] = ()
 
     def met(self, v: float) -> bool:
         """Whether figure ``v`` meets the target."""
@@ -166,6 +231,26 @@ TARGETS: list[Target] = [
     Target(
         "W5-p16", "bytes_per_pending", "<=", 1024.0, "broker memory <= 1 KiB per pending message"
     ),
+    # Issue 16 (ratios from one run of `python -m bench --peers nats`).
+    Target(f"W2-p{DOCUMENTED_PREFETCH}", "x_nats_tasks_per_s", ">=", 1.0,
+           f"#16: W2 with the documented throughput setting (prefetch {DOCUMENTED_PREFETCH}) "
+           ">= 1.0 x NATS W2", ("sqm",)),
+    Target("W3", "x_nats_tasks_per_s", ">=", 1.0, "#16: W3 at the defaults >= 1.0 x NATS",
+           ("sqm",)),
+    Target("W2", "x_base_w2", ">=", 1.5,
+           "#16: W2 at the defaults >= 1.5 x the credit-1 baseline", ("sqm",)),
+    Target("W1", "x_base_rpc_per_s", ">=", 0.9, "#16: W1 rpc/s >= 0.9 x the baseline",
+           ("sqm",)),
+    Target("W1", "x_base_p99_us", "<=", 1.2, "#16: W1 p99 <= 1.2 x the baseline's", ("sqm",)),
+    Target("W1", "x_nats_rpc_per_s", ">=", 1.3, "#16: W1 rpc/s >= 1.3 x NATS", ("sqm",)),
+    Target(f"W2-p{DOCUMENTED_PREFETCH}", "x_nats_tasks_per_s", ">=", 0.8,
+           "#16: AsyncSender, W2 throughput setting >= 0.8 x NATS W2", ("sqm-async",)),
+    Target("W4", "broker_idle_cpu_pct", "<", 2.0, "#16: broker idle CPU < 2 % with 1,000 workers"),
+    Target("W8", "x_p1_short_p99", "<=", 1.2,
+           "#16: W8 short msgs' p99 wait at the default prefetch <= 1.2 x at prefetch 1"),
+    Target("W9", "x_w9_64", ">=", 0.8, "#16: W9 (512 senders) >= 0.8 x W9-64 (64 senders)"),
+    Target("W2", "x_sqm_w2", ">=", 0.8, "#16: journal mode W2 >= 0.8 x memory mode",
+           ("sqm-journal",)),
 ]
 
 _MP = multiprocessing.get_context("spawn")
@@ -175,11 +260,15 @@ _MP = multiprocessing.get_context("spawn")
 
 
 class _Proc:
-    """A child process: a ``multiprocessing`` Process or a ``subprocess.Popen``."""
+    """A child process: a ``multiprocessing`` Process or a ``subprocess.Popen``.
 
-    def __init__(self, name: str, proc: Any) -> None:
+    ``stop_signal`` asks it to stop (nats-server exits 0 on SIGINT, 1 on SIGTERM).
+    """
+
+    def __init__(self, name: str, proc: Any, stop_signal: int = signal.SIGTERM) -> None:
         self.name = name
         self.proc = proc
+        self.stop_signal = stop_signal
 
     def alive(self) -> bool:
         if isinstance(self.proc, subprocess.Popen):
@@ -201,7 +290,11 @@ class _Proc:
             self.proc.join(max(timeout, 0))
 
     def terminate(self) -> None:
-        if self.alive():
+        if not self.alive():
+            return
+        if isinstance(self.proc, subprocess.Popen):
+            self.proc.send_signal(self.stop_signal)
+        else:
             self.proc.terminate()
 
     def kill(self) -> None:
@@ -228,13 +321,16 @@ class ProcGroup:
         self.procs.append(proc)
         return proc
 
-    def popen(self, name: str, cmd: Sequence[str], log_path: str, env: dict[str, str]) -> _Proc:
+    def popen(
+        self, name: str, cmd: Sequence[str], log_path: str, env: dict[str, str],
+        stop_signal: int = signal.SIGTERM,
+    ) -> _Proc:
         """Start an external command, stdout+stderr to ``log_path``."""
         with open(log_path, "wb") as log:
             p = subprocess.Popen(
                 list(cmd), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
             )
-        proc = _Proc(name, p)
+        proc = _Proc(name, p, stop_signal)
         self.procs.append(proc)
         return proc
 
@@ -278,6 +374,10 @@ class System:
     #: CURVE on every socket (``--curve``): keys made per run, clients read
     #: them from $SQM_SECRET_KEY / $SQM_SERVER_KEY.
     curve: bool = False
+    #: Extra ``sqm serve`` options ({tmp}: the run's temp dir).
+    serve_args: tuple[str, ...] = ()
+    #: Another queue's server instead of a broker of ours (``--peers``).
+    peer: str = ""
 
 
 def _systems() -> dict[str, System]:
@@ -290,12 +390,20 @@ def _systems() -> dict[str, System]:
         CURVE_SYSTEM: System(
             CURVE_SYSTEM, sqm_adapter.worker_host, sqm_adapter.sender_main, True, curve=True
         ),
+        JOURNAL_SYSTEM: System(
+            JOURNAL_SYSTEM, sqm_adapter.worker_host, sqm_adapter.sender_main, True,
+            serve_args=("--journal", "{tmp}/journal.db"),
+        ),
+        "nats": System("nats", nats_peer.worker_host, nats_peer.sender_main, False, peer="nats"),
     }
 
 
 #: The CURVE variant of the sqm system (``--curve``) and the workloads it runs.
 CURVE_SYSTEM = "sqm-curve"
 CURVE_WORKLOADS = ("W1", "W2")
+#: sqm with its journal (``--journal``), and the workloads it runs.
+JOURNAL_SYSTEM = "sqm-journal"
+JOURNAL_WORKLOADS = ("W2",)
 
 
 def _curve_keys(tmp: str) -> list[str]:
@@ -359,6 +467,13 @@ def _tail(path: str, n: int = 2000) -> str:
 
 
 def _start_broker(system: System, tmp: str, group: ProcGroup, log_path: str) -> tuple[str, _Proc]:
+    if system.peer == "nats":
+        server = group.popen("nats-server", nats_peer.server_cmd(tmp), log_path, _child_env(tmp),
+                             signal.SIGINT)
+        try:
+            return nats_peer.server_url(tmp, server.pid, 30, server.alive), server
+        except BenchError as exc:
+            raise BenchError(f"{exc}: {_tail(log_path)}") from None
     endpoint = ipc_endpoint(tmp, f"{QUEUE}.sock")
     if system.uses_sqm_broker:
         broker = group.popen(
@@ -366,7 +481,7 @@ def _start_broker(system: System, tmp: str, group: ProcGroup, log_path: str) -> 
             _sqm_serve_cmd()
             + ["serve", QUEUE, "--endpoint", endpoint, "--max-pending", str(SQM_MAX_PENDING)]
             + (_curve_keys(tmp) if system.curve else [])
-            + [arg.replace("{tmp}", tmp) for arg in SQM_SERVE_EXTRA],
+            + [arg.replace("{tmp}", tmp) for arg in (*system.serve_args, *SQM_SERVE_EXTRA)],
             log_path,
             _child_env(tmp),
         )
@@ -404,6 +519,13 @@ def _status_reader(system: System, endpoint: str, wl: Workload) -> Callable[[], 
                     "scheduled": int(st.get("scheduled", 0))}
 
         return read_sqm
+
+    if system.peer:
+
+        def no_status() -> dict[str, int]:
+            raise BenchError(f"no broker status for {system.name}")
+
+        return no_status
 
     def read_baseline() -> dict[str, int]:
         st = baseline.query_status(endpoint, 5.0)
@@ -551,6 +673,9 @@ def run_one(system: System, wl: Workload, args: argparse.Namespace) -> dict[str,
         def spawn_workers() -> list[_Proc]:
             if wl.kind == "methods":  # W6: each worker serves 2 of the 8 methods
                 os.environ[W6_ENV] = "1"  # restored with the rest after the run
+            if wl.kind == "hol":  # W8: 1 % of the tasks are slow
+                os.environ[W8_ENV] = "1"
+                details["prefetch"] = wl.prefetch or _worker_default_prefetch()
             return [
                 group.spawn(
                     f"{system.name} worker process {k}",
@@ -676,6 +801,19 @@ def run_one(system: System, wl: Workload, args: argparse.Namespace) -> dict[str,
     return row
 
 
+def _worker_default_prefetch() -> int | None:
+    """``worker.Worker``'s default ``prefetch`` (what W8 runs at), for the record."""
+    try:
+        import inspect
+
+        from worker import Worker
+
+        default = inspect.signature(Worker).parameters["prefetch"].default
+        return int(default)
+    except Exception:  # noqa: BLE001 - only a detail of the report
+        return None
+
+
 def _read_result(path: str, sender: _Proc) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
@@ -702,18 +840,36 @@ def _metrics_and_checks(
         raise BenchError(f"{len(counts)} workers reported counts, expected {wl.workers}")
     measured = {w: c["measured"] for w, c in counts.items()}
     warm = {w: c["warmup"] for w, c in counts.items()}
-    if sum(measured.values()) != wl.n or sum(warm.values()) != res["warmup_n"]:
-        raise BenchError(
-            f"workers ran {sum(measured.values())}+{sum(warm.values())} tasks, "
-            f"sender got {wl.n}+{res['warmup_n']} replies"
-        )
     seen = res["sender_seen_measured"]
-    if {w: c for w, c in measured.items() if c} != seen:
-        raise BenchError(f"per-worker counts differ: workers say {measured}, sender saw {seen}")
+    if res.get("errors"):  # W9: an rpc that failed (Timeout...) may or may not have run
+        fewer = {w: c for w, c in seen.items() if measured.get(w, 0) < c}
+        if fewer or sum(measured.values()) > wl.n or sum(warm.values()) != res["warmup_n"]:
+            raise BenchError(
+                f"workers ran {sum(measured.values())}+{sum(warm.values())} tasks, sender "
+                f"got {sum(seen.values())}+{res['warmup_n']} replies and "
+                f"{res['errors']} errors; per worker: ran {measured}, seen {seen}"
+            )
+    else:
+        if sum(measured.values()) != wl.n or sum(warm.values()) != res["warmup_n"]:
+            raise BenchError(
+                f"workers ran {sum(measured.values())}+{sum(warm.values())} tasks, "
+                f"sender got {wl.n}+{res['warmup_n']} replies"
+            )
+        if {w: c for w, c in measured.items() if c} != seen:
+            raise BenchError(
+                f"per-worker counts differ: workers say {measured}, sender saw {seen}"
+            )
     details["per_worker_measured"] = measured
     details["workers"] = wl.workers
     if wl.kind == "rpc":
         return {k: res[k] for k in ("rpc_per_s", "p50_us", "p99_us")}
+    if wl.kind == "hol":
+        return {k: res[k] for k in ("short_p50_ms", "short_p99_ms", "slow_p50_ms")}
+    if wl.kind == "many":
+        if not res["rpc_per_s"] > 0:
+            raise BenchError(f"no rpc succeeded ({res['errors']} errors)")
+        return {"rpc_per_s": res["rpc_per_s"], "errors": float(res["errors"]),
+                "p99_us": res.get("p99_us", math.nan)}
     if wl.kind == "backlog":
         return {"drain_per_s": res["drain_per_s"]}
     if wl.kind == "scheduled":
@@ -831,12 +987,14 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         if r["status"] != "ok":
             continue
         for m in METRICS.get(r["workload"], []):
-            if m.derived is None:
+            if m.derived is None or (m.on and r["system"] not in m.on):
                 continue
             ref_wl, ref_sys = m.derived
             ref = by.get((ref_sys or r["system"], ref_wl))
-            num = r["metrics"].get("tasks_per_s")
-            den = ref["metrics"].get("tasks_per_s") if ref else None
+            if ref is None or ref is r:
+                continue
+            num = r["metrics"].get(m.src)
+            den = ref["metrics"].get(m.src)
             if num is not None and den:
                 r["metrics"][m.key] = num / den
     base = {
@@ -854,7 +1012,12 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for t in TARGETS:
         for r in rows:
-            if r["workload"] != t.workload or r["system"] == "baseline" or r["status"] != "ok":
+            if r["workload"] != t.workload or r["status"] != "ok":
+                continue
+            if t.systems:
+                if r["system"] not in t.systems:
+                    continue
+            elif r["system"] == "baseline" or r["system"] in PEERS:
                 continue
             v = r["metrics"].get(t.key)
             if v is None:
@@ -902,6 +1065,8 @@ def format_table(rows: list[dict[str, Any]], systems: list[str], workloads: list
     lines: list[list[str]] = []
     for w in workloads:
         for m in METRICS[w]:
+            if m.hidden or (m.on and not set(m.on) & set(systems)):
+                continue
             line = [w, m.label]
             for s in systems:
                 r = by.get((s, w))
@@ -979,6 +1144,21 @@ def build_parser() -> argparse.ArgumentParser:
         "its figures as ratios to sqm's in the same run",
     )
     ap.add_argument(
+        "--journal",
+        action="store_true",
+        help=f"also run W2 on {JOURNAL_SYSTEM} (`sqm serve --journal`) and report it as a "
+        "ratio to sqm's (memory mode) W2 in the same run",
+    )
+    ap.add_argument(
+        "--peers",
+        type=_csv(PEERS, "peer"),
+        default=[],
+        metavar="nats",
+        help="also run other queues on the workloads defined for them, each a column: "
+        "nats = a private nats-server with nats-py clients (skipped, with the reason "
+        "printed, where nats-server or nats-py is missing)",
+    )
+    ap.add_argument(
         "--out", default="bench-results.json", help="JSON results file (default: %(default)s)"
     )
     ap.add_argument(
@@ -1046,6 +1226,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _runs_on(wl: Workload, system: str) -> bool:
     if system == CURVE_SYSTEM:
         return wl.name in CURVE_WORKLOADS
+    if system == JOURNAL_SYSTEM:
+        return wl.name in JOURNAL_WORKLOADS
+    if system == "nats":
+        return wl.name in NATS_WORKLOADS
     return wl.runs_on(system)
 
 
@@ -1087,6 +1271,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "sqm" not in args.systems:
             args.systems.append("sqm")  # the insecure figures the ratios divide by
         args.systems.append(CURVE_SYSTEM)
+    if args.journal:
+        if "sqm" not in args.systems:
+            args.systems.append("sqm")  # the memory-mode figure the ratio divides by
+        args.systems.append(JOURNAL_SYSTEM)
+    peers_skipped = {}
+    for peer in args.peers:
+        why = nats_peer.unavailable()
+        if why:
+            peers_skipped[peer] = why
+            print(f"note: --peers {peer} skipped: {why}", file=sys.stderr, flush=True)
+        else:
+            args.systems.append(peer)
     workloads = make_workloads(args.quick, args.w3_layout, args.w4_layout, args.w4_idle)
     selected = [w for w in WORKLOAD_ORDER if w in args.only]
     machine = machine_info()
@@ -1170,6 +1366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "definitions": {w: workloads[w].to_dict() for w in selected},
             "rpc_timeout": args.rpc_timeout,
             "repeat": args.repeat,
+            "peers": args.peers,
+            "peers_skipped": peers_skipped,
             "w3_layout": "x".join(map(str, args.w3_layout)),
             "w4_layout": "x".join(map(str, args.w4_layout)),
         },

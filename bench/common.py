@@ -42,7 +42,10 @@ class Workload:
     waits until every worker is registered and measures the broker's CPU for
     ``idle_s`` seconds before the sender starts. ``systems`` limits the
     systems the workload runs on (empty: all); ``base`` names the workload
-    whose figures the derived ratios refer to.
+    whose figures the derived ratios refer to. ``prefetch`` 0 means the
+    sqm Worker's own default. ``rate`` (W8): submissions per second, paced
+    (open loop). ``senders`` over ``sender_procs`` processes (W9): that many
+    concurrent senders, each doing sequential rpcs.
     """
 
     name: str
@@ -57,6 +60,9 @@ class Workload:
     idle_s: float = 0.0
     systems: tuple[str, ...] = ()
     base: str = ""
+    rate: float = 0.0
+    senders: int = 0
+    sender_procs: int = 0
 
     @property
     def workers(self) -> int:
@@ -85,7 +91,58 @@ WORKLOAD_ORDER = (
     "W5-p16",
     "W6",
     "W7",
+    "W8",
+    "W8-p1",
+    "W9",
+    "W9-64",
 )
+
+#: W8 (head-of-line): measured message ``i`` is slow when ``i % W8_SLOW_EVERY
+#: == W8_SLOW_AT`` (1 %, evenly spread); a slow one takes W8_SLOW_S seconds.
+W8_SLOW_EVERY = 100
+W8_SLOW_AT = 50
+W8_SLOW_S = 0.2
+#: W8 submissions per second: slow work then fills ~25 % of one of the 2
+#: workers, so a short message waits only behind what sits in a busy
+#: worker's local queue (head-of-line), not behind a saturated pool.
+W8_RATE = 250.0
+#: Set (to "1") in the worker processes' environment for a W8 run.
+W8_ENV = "SQM_BENCH_W8"
+
+
+def w8_slow(n: int) -> bool:
+    """Whether message ``n`` is one of W8's slow ones (warm-up ones never are)."""
+    return n >= 0 and n % W8_SLOW_EVERY == W8_SLOW_AT
+
+
+def work_w8(body: dict[str, Any], wid: str, counts: dict[str, int]) -> dict[str, Any]:
+    """:func:`work`, after sleeping W8_SLOW_S for the slow messages."""
+    if w8_slow(body["n"]):
+        time.sleep(W8_SLOW_S)  # the task's own duration, not a synchronisation
+    return work(body, wid, counts)
+
+
+def hol_stats(short_s: list[float], slow_s: list[float]) -> dict[str, float]:
+    """W8's figures from submit-to-reply times in seconds: the short messages'
+    p50/p99/max and the slow ones' p50, in ms."""
+    short = sorted(x * 1000 for x in short_s)
+    slow = sorted(x * 1000 for x in slow_s)
+    return {
+        "short_p50_ms": percentile(short, 0.50),
+        "short_p99_ms": percentile(short, 0.99),
+        "short_max_ms": short[-1] if short else math.nan,
+        "slow_p50_ms": percentile(slow, 0.50),
+        "slow_n": len(slow),
+    }
+
+
+#: W9: rpcs per sender, so that both sizes make the same total.
+W9_TOTAL = 20480
+W9_TOTAL_QUICK = 2048
+#: W9 warm-up rpcs per sender (its first connection to a worker's mailbox).
+W9_WARMUP_EACH = 2
+#: W9 sender processes (both sizes: only the number of senders differs).
+W9_PROCS = 8
 
 #: W7: scheduled messages, due evenly over this many seconds.
 W7_SPREAD_S = 10.0
@@ -206,6 +263,40 @@ def make_workloads(
         "scheduled message, dispatch lag after the due time (reply arrival - due)",
         systems=("sqm",),
     )
+    n8 = 500 if quick else 2500
+    for name, p in (("W8", 0), ("W8-p1", 1)):
+        out[name] = Workload(
+            name,
+            "hol",
+            n8,
+            200,
+            2,
+            1,
+            1000,
+            f"head-of-line: {W8_RATE:g} msgs/s paced, 1 % take {W8_SLOW_S * 1000:g} ms, 2 workers "
+            f"(prefetch {p or 'at the Worker default'}): p99 submit-to-reply of the short ones",
+            prefetch=p,
+            systems=("sqm",),
+            rate=W8_RATE,
+            base="W8-p1",
+        )
+    total9 = W9_TOTAL_QUICK if quick else W9_TOTAL
+    for name, senders in (("W9", 512), ("W9-64", 64)):
+        out[name] = Workload(
+            name,
+            "many",
+            total9,
+            W9_WARMUP_EACH * senders,
+            3,
+            1,
+            senders,
+            f"{senders} concurrent senders ({W9_PROCS} procs x {senders // W9_PROCS} threads), "
+            f"3 worker procs, sequential echo rpcs ({total9 // senders} each)",
+            systems=("baseline", "sqm", "nats"),
+            senders=senders,
+            sender_procs=W9_PROCS,
+            base="W9-64",
+        )
     for name, p in (("W5", 1), ("W5-p16", 16)):
         out[name] = Workload(
             name,
@@ -490,3 +581,194 @@ class CpuMeter:
         end = self._read()
         keys = ("sender", "broker", "workers")
         return {k: e - s for k, s, e in zip(keys, self._start, end, strict=True)}
+
+
+# --------------------------------------------------------------------------- W9: many senders
+
+
+def w9_index(g: int, j: int, each: int) -> int:
+    """Request number of sender ``g``'s ``j``-th rpc (``j < 0``: warm-up): unique in the run."""
+    if j < 0:
+        return -(g * W9_WARMUP_EACH + (-j - 1)) - 1
+    return g * each + j
+
+
+def pdeathsig() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (best effort)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class ManyLane:
+    """What one W9 sender lane collected: replies per worker, latencies, errors."""
+
+    def __init__(self) -> None:
+        self.tally = Tally()
+        self.lat_ns: list[int] = []
+        self.errors: Counter[str] = Counter()
+
+    def error(self, exc: BaseException) -> None:
+        """Count a failed rpc (Timeout, WorkerLost...): reported, not fatal."""
+        self.errors[type(exc).__name__] += 1
+
+
+def many_report(lanes: Iterable[ManyLane], cpu_s: float) -> dict[str, Any]:
+    """One W9 sender process's figures, merged over its lanes (sent to the
+    coordinator); ``cpu_s``: its CPU seconds over the measured phase."""
+    measured: Counter[str] = Counter()
+    warm: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    lat: list[int] = []
+    for lane in lanes:
+        measured.update(lane.tally.measured)
+        warm.update(lane.tally.warmup)
+        errors.update(lane.errors)
+        lat.extend(lane.lat_ns)
+    return {"measured": dict(measured), "warmup": dict(warm), "errors": dict(errors),
+            "lat_ns": lat, "cpu_s": cpu_s}
+
+
+def run_many(job: dict[str, Any], child: Callable[..., None]) -> dict[str, Any]:
+    """W9's sender: start ``sender_procs`` processes running ``child(job, k,
+    lanes, start, results)``, each with ``senders / sender_procs``
+    lanes (sequential rpc loops); start the clock once every lane has warmed
+    up, stop it when the last process has reported.
+
+    A child puts ``("ready", k, None)`` after its warm-up and ``("done", k,
+    many_report(...))`` at the end, or ``("error", k, text)``. The sender CPU
+    figure sums what the child processes report (they may be gone by the
+    time the coordinator could read their /proc entries).
+    """
+    import multiprocessing
+    import queue as queue_mod
+
+    wl = job["workload"]
+    procs_n, senders = wl["sender_procs"], wl["senders"]
+    lanes = senders // procs_n
+    mp = multiprocessing.get_context("spawn")
+    results = mp.Queue()
+    start = mp.Event()
+    procs = [mp.Process(target=child, args=(job, k, lanes, start, results), daemon=True)
+             for k in range(procs_n)]
+    for p in procs:
+        p.start()
+    ok = False
+    try:
+
+        def collect(kind: str, timeout: float) -> dict[int, Any]:
+            got: dict[int, Any] = {}
+            deadline = time.monotonic() + timeout
+            while len(got) < procs_n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BenchError(f"W9: {procs_n - len(got)} sender processes not {kind} "
+                                     f"after {timeout:.0f}s")
+                try:
+                    what, k, data = results.get(timeout=min(left, 1.0))
+                except queue_mod.Empty:
+                    dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                    if dead:
+                        raise BenchError(f"W9: a sender process died (code {dead[0]})") from None
+                    continue
+                if what == "error":
+                    raise BenchError(f"W9 sender process {k}: {data}")
+                got[k] = data
+            return got
+
+        collect("ready", job["warmup_timeout"] + 60)
+        meter = CpuMeter(job)
+        t0 = time.perf_counter()
+        start.set()
+        done = collect("done", job["first_reply_timeout"])
+        elapsed = time.perf_counter() - t0
+        cpu = meter.stop()
+        cpu["sender"] += sum(rep["cpu_s"] for rep in done.values())
+        ok = True
+    finally:
+        for p in procs:
+            if not ok:
+                p.kill()
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    tally = Tally()
+    errors: Counter[str] = Counter()
+    lat: list[int] = []
+    for rep in done.values():
+        tally.measured.update(rep["measured"])
+        tally.warmup.update(rep["warmup"])
+        errors.update(rep["errors"])
+        lat.extend(rep["lat_ns"])
+    n_ok = sum(tally.measured.values())
+    res = {
+        "n": wl["n"],
+        "elapsed_s": elapsed,
+        "cpu_s": cpu,
+        "rpc_per_s": n_ok / elapsed,
+        "errors": sum(errors.values()),
+        "errors_by_type": dict(errors),
+        "warmup_n": sum(tally.warmup.values()),
+        "sender_seen_measured": dict(tally.measured),
+        "sender_seen_warmup": dict(tally.warmup),
+    }
+    if lat:
+        res.update(latency_stats(lat))
+    return res
+
+
+def many_child(
+    job: dict[str, Any],
+    k: int,
+    lanes: int,
+    start: Any,
+    results: Any,
+    lane_body: Callable[[dict[str, Any], int, ManyLane, Callable[[], None]], None],
+) -> None:
+    """A W9 sender process with ``lanes`` threads, each running ``lane_body(job,
+    g, lane, wait_start)``: warm up, call ``wait_start()``, then the measured rpcs."""
+    import threading
+
+    pdeathsig()
+    try:
+        all_ready = threading.Barrier(lanes + 1)
+        collected = [ManyLane() for _ in range(lanes)]
+        failures: list[str] = []
+
+        def wait_start() -> None:
+            all_ready.wait()
+            start.wait()
+
+        def run(t: int) -> None:
+            try:
+                lane_body(job, k * lanes + t, collected[t], wait_start)
+            except BaseException as exc:  # noqa: BLE001 - reported to the coordinator
+                failures.append(f"{type(exc).__name__}: {exc}")
+                all_ready.abort()
+
+        threads = [threading.Thread(target=run, args=(t,), daemon=True) for t in range(lanes)]
+        for th in threads:
+            th.start()
+        try:
+            all_ready.wait(job["warmup_timeout"] + 60)
+        except threading.BrokenBarrierError:
+            pass
+        if failures:
+            results.put(("error", k, failures[0]))
+            return
+        results.put(("ready", k, None))
+        start.wait()
+        cpu0 = time.process_time()
+        for th in threads:
+            th.join()
+        if failures:
+            results.put(("error", k, failures[0]))
+            return
+        results.put(("done", k, many_report(collected, time.process_time() - cpu0)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the coordinator
+        results.put(("error", k, f"{type(exc).__name__}: {exc}"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from typing import Any
 
 EXEC_DIR_ENV = "SQM_SOAK_EXEC_DIR"
 
@@ -34,7 +35,7 @@ def _log_fd() -> int | None:
     return _fd
 
 
-def work(worker, originator, payload):
+def work(worker: Any, originator: Any, payload: Any) -> Any:
     """Record this execution, sleep 0-2 ms, return the payload unchanged."""
     fd = _log_fd()
     if fd is not None:

@@ -30,21 +30,30 @@ from bench.common import (
     W6_ENV,
     W6_METHODS,
     W7_SPREAD_S,
+    W8_ENV,
+    W9_WARMUP_EACH,
     BenchError,
     CpuMeter,
+    ManyLane,
     Tally,
     backlog_result,
+    hol_stats,
+    many_child,
     payload,
     pipelined_result,
     rpc_result,
+    run_many,
     run_sender_process,
     scheduled_result,
     w6_method,
     w6_methods,
     w7_lead,
+    w8_slow,
+    w9_index,
     wait_until,
     warm_done,
     work,
+    work_w8,
     write_json_atomic,
 )
 
@@ -74,6 +83,10 @@ def worker_host(
         ctx.max_sockets = max(1024, 8 * nthreads + 64)
     counters: dict[str, dict[str, int]] = {}
     workers = []
+    # W8: some tasks take long; chosen here so other workloads pay nothing per message.
+    task = work_w8 if os.environ.get(W8_ENV) else work
+    # prefetch 0: the Worker's own default (W8 measures it as shipped).
+    options: dict[str, Any] = {"prefetch": prefetch} if prefetch else {}
     for t in range(nthreads):
         wid = f"{os.getpid()}-{t}"
         c = {"measured": 0, "warmup": 0}
@@ -82,7 +95,7 @@ def worker_host(
         def cb(
             _w: Any, _orig: Any, body: Any, _wid: str = wid, _c: dict[str, int] = c
         ) -> dict[str, Any]:
-            return work(body, _wid, _c)
+            return task(body, _wid, _c)
 
         methods: tuple[str, ...] = (METHOD,)
         if os.environ.get(W6_ENV):  # W6: this worker serves 2 of the 8 methods
@@ -91,7 +104,7 @@ def worker_host(
         workers.append(
             Worker(
                 queue, endpoint=endpoint, callbacks=dict.fromkeys(methods, cb),
-                prefetch=prefetch, context=ctx,
+                context=ctx, **options,
             )
         )
     try:
@@ -134,6 +147,8 @@ def _run_sync(job: dict[str, Any]) -> dict[str, Any]:
     from sender import Sender
 
     wl = job["workload"]
+    if wl["kind"] == "many":
+        return run_many(job, many_sender_child)
     timeout = job["rpc_timeout"]
     tally = Tally()
     with Sender(job["queue"], endpoint=job["endpoint"], timeout=timeout) as s:
@@ -160,6 +175,9 @@ def _run_sync(job: dict[str, Any]) -> dict[str, Any]:
         if wl["kind"] == "scheduled":
             return _run_scheduled(s, job, timeout, tally)
 
+        if wl["kind"] == "hol":
+            return _run_hol(s, job, timeout, tally)
+
         if wl["kind"] == "rpc":
             for i in range(-wl["warmup"], 0):
                 tally.expect(i, s.rpc(METHOD, payload(i), timeout=timeout))
@@ -176,7 +194,7 @@ def _run_sync(job: dict[str, Any]) -> dict[str, Any]:
             return rpc_result(wl["n"], elapsed, lat, tally, wl["warmup"], cpu)
 
         window, expected = wl["window"], wl["procs"] * wl["threads"]
-        outstanding: set[int] = set()
+        outstanding = set()  # set[int], as in the backlog branch
         deadline = time.monotonic() + job["warmup_timeout"]
         nxt = -1
         warm_count = 0
@@ -286,6 +304,95 @@ def _run_methods(s: Any, job: dict[str, Any], timeout: float, tally: Tally) -> d
     res["starved_max_wait_ms"] = worst[starved] * 1000
     res["max_wait_ms_by_method"] = {m: w * 1000 for m, w in worst.items()}
     return res
+
+
+def _run_hol(s: Any, job: dict[str, Any], timeout: float, tally: Tally) -> dict[str, Any]:
+    """W8: submissions paced at ``rate`` per second (open loop, at most ``window``
+    outstanding), 1 % of them slow; every message's submit-to-reply time, the
+    short ones' apart: how long does a short one wait behind a slow one?"""
+    from sender import Timeout
+
+    wl = job["workload"]
+    expected = wl["procs"] * wl["threads"]
+    outstanding: set[int] = set()
+    deadline = time.monotonic() + job["warmup_timeout"]
+    nxt, warm_count = -1, 0
+    while not warm_done(tally, expected, warm_count, wl["warmup"]):
+        if time.monotonic() > deadline:
+            raise BenchError(f"warm-up: only {len(tally.warmup)}/{expected} workers answered")
+        while len(outstanding) < 20:
+            s.submit(METHOD, payload(nxt))
+            outstanding.add(nxt)
+            nxt -= 1
+        tally.take(outstanding, s.receive(timeout=timeout))
+        warm_count += 1
+    while outstanding:
+        tally.take(outstanding, s.receive(timeout=timeout))
+        warm_count += 1
+
+    n, rate, cap = wl["n"], wl["rate"], wl["window"]
+    sent_at: dict[int, float] = {}
+    short: list[float] = []
+    slow: list[float] = []
+    clock = time.perf_counter
+    nxt = done = 0
+    meter = CpuMeter(job)
+    t0 = last = clock()
+    while done < n:
+        now = clock()
+        while nxt < n and t0 + nxt / rate <= now and len(outstanding) < cap:
+            s.submit(METHOD, payload(nxt))
+            sent_at[nxt] = clock()
+            outstanding.add(nxt)
+            nxt += 1
+        due = t0 + nxt / rate if nxt < n else now + timeout
+        if not outstanding:
+            time.sleep(max(0.0, due - clock()))  # pacing: wait for the next submission's time
+            continue
+        try:
+            reply = s.receive(timeout=max(0.0, min(due - clock(), timeout)))
+        except Timeout:
+            if clock() - last > timeout:
+                raise BenchError(f"no reply within {timeout}s, {len(outstanding)} "
+                                 "outstanding") from None
+            continue
+        got = tally.take(outstanding, reply)
+        last = clock()
+        (slow if w8_slow(got) else short).append(last - sent_at.pop(got))
+        done += 1
+    elapsed, cpu = clock() - t0, meter.stop()
+    res = pipelined_result(n, elapsed, tally, warm_count, cpu)
+    res.update(hol_stats(short, slow))
+    return res
+
+
+def _many_lane(job: dict[str, Any], g: int, lane: ManyLane, wait_start: Any) -> None:
+    """W9: one sender (its own ``Sender``) doing sequential rpcs."""
+    from sender import Sender, SQMError
+
+    wl = job["workload"]
+    each, timeout = wl["n"] // wl["senders"], job["rpc_timeout"]
+    with Sender(job["queue"], endpoint=job["endpoint"], timeout=timeout) as s:
+        for j in range(-W9_WARMUP_EACH, 0):
+            i = w9_index(g, j, each)
+            lane.tally.expect(i, s.rpc(METHOD, payload(i), timeout=timeout))
+        wait_start()
+        clock = time.perf_counter_ns
+        for j in range(each):
+            i = w9_index(g, j, each)
+            st = clock()
+            try:
+                r = s.rpc(METHOD, payload(i), timeout=timeout)
+            except SQMError as exc:
+                lane.error(exc)
+                continue
+            lane.lat_ns.append(clock() - st)
+            lane.tally.expect(i, r)
+
+
+def many_sender_child(job: dict[str, Any], k: int, lanes: int, start: Any, results: Any) -> None:
+    """W9 sender process ``k``: ``lanes`` threads, one ``Sender`` each."""
+    many_child(job, k, lanes, start, results, _many_lane)
 
 
 async def _maybe_await(x: Any) -> Any:
