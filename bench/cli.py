@@ -100,9 +100,9 @@ def _x_nats(workload: str, src: str = "tasks_per_s", what: str = "") -> Metric:
                   derived=(workload, "nats"), src=src, on=_SQM_ONLY)
 
 
-def _x_base(workload: str, src: str) -> Metric:
+def _x_base(workload: str, src: str, what: str) -> Metric:
     """The row's figure divided by the baseline's on ``workload`` (for targets)."""
-    return Metric(f"x_base_{src}", f"x baseline {src}", True, ratio=False, fmt="x",
+    return Metric(f"x_base_{src}", f"x baseline {what}", True, ratio=False, fmt="x",
                   derived=(workload, "baseline"), src=src, hidden=True)
 
 
@@ -129,8 +129,8 @@ METRICS: dict[str, list[Metric]] = {
         Metric("p50_us", "p50 us", False),
         Metric("p99_us", "p99 us", False),
         _x_nats("W1", "rpc_per_s", "W1 rpc/s"),
-        _x_base("W1", "rpc_per_s"),
-        _x_base("W1", "p99_us"),
+        _x_base("W1", "rpc_per_s", "rpc/s"),
+        _x_base("W1", "p99_us", "p99"),
     ],
     "W2": [
         _TASKS,
@@ -1038,10 +1038,10 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def format_targets(results: list[dict[str, Any]]) -> str:
     """One line per checked target."""
-    metrics = {m.key: m for ms in METRICS.values() for m in ms}
+    metrics = {(w, m.key): m for w, ms in METRICS.items() for m in ms}
     lines = []
     for t in results:
-        m = metrics[t["metric"]]
+        m = metrics[(t["workload"], t["metric"])]  # one key may carry per-workload labels
         lines.append(
             f"{t['workload']:<7} {t['system']:<10} {m.label} "
             f"= {_fmt(t['value'], m.fmt)} (target {t['target']}): "

@@ -90,7 +90,7 @@ def test_nats_peer() -> None:
     assert rows[0]["details"]["cpu_s"]["broker"] >= 0  # nats-server's pid was measured
 
     # Ratios to NATS land on the sqm rows only.
-    sqm_w1 = {"system": "sqm", "workload": "W1", "status": "ok",
+    sqm_w1: dict[str, Any] = {"system": "sqm", "workload": "W1", "status": "ok",
               "metrics": {"rpc_per_s": 2 * w1["rpc_per_s"]}}
     cli.add_ratios([*rows, sqm_w1])
     assert sqm_w1["metrics"]["x_nats_rpc_per_s"] == pytest.approx(2.0)
