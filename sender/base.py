@@ -23,7 +23,7 @@ from sqm import protocol
 from sqm.config import client_key_paths, resolve, split_endpoints
 from sqm.errors import AuthError, BrokerUnreachable, SQMError, Timeout
 from sqm.security.keys import KeyPair, client_keys
-from sqm.sockets import ipc_listener_alive, make_socket
+from sqm.sockets import ipc_listener_alive, make_socket, raise_fd_limit
 from sqm.zmqfast import send_frames
 
 from ._batch import Batch, check_map_args
@@ -97,7 +97,10 @@ class SenderBase:
         # Secured: the mailbox is a CURVE server with a key pair of its own,
         # made here and never stored; its public key travels in the envelope.
         mailbox_pair = None if self._curve is None else KeyPair(*zmq.curve_keypair())
-        self._mailbox = make_socket(self._ctx, zmq.PULL, linger_ms=0, curve_server=mailbox_pair)
+        # A DEALER: workers reach every mailbox through one ROUTER each (a
+        # connection per mailbox, not a socket); it receives the frames alone.
+        raise_fd_limit()
+        self._mailbox = make_socket(self._ctx, zmq.DEALER, linger_ms=0, curve_server=mailbox_pair)
         #: Removes the mailbox's socket file at close, garbage collection or
         #: interpreter exit, whichever comes first (ipc mailboxes only).
         self._mailbox_cleanup: weakref.finalize | None = None

@@ -62,6 +62,7 @@ class Sender(SenderBase):
     ) -> None:
         self._owner = threading.get_ident()
         self._next_broker_check = 0.0
+        self._next_due = float("inf")  # the next re-send or watch the links asked for
         self._unchecked = 0
         super().__init__(queue, endpoint=endpoint, config=config, serializer=serializer,
                          timeout=timeout, allow_pickle=allow_pickle,
@@ -225,11 +226,16 @@ class Sender(SenderBase):
 
         Blocking in one recv costs far fewer system calls per reply than
         polling several sockets; a broker error still reaches the caller
-        within BROKER_CHECK_S.
+        within BROKER_CHECK_S. A wait that outlasts one BROKER_CHECK_S (a
+        long queue, a slow callback) sleeps in :meth:`_sleep` instead: a
+        thread waking 50 times a second to look at quiet sockets is
+        nothing alone, but hundreds of waiting Senders spent most of the
+        CPU doing only that.
         """
         core = self._core
         mailbox = self._mailbox
         graced = False
+        quiet = False  # a recv ran out: from now on sleep until something happens
         while True:
             now = time.monotonic()
             if now >= self._next_broker_check:
@@ -252,12 +258,20 @@ class Sender(SenderBase):
                 graced = True  # sqm accepted it: its Expired is on the way
                 deadline = now + grace
                 continue
-            wait = min(remaining, self._next_broker_check - now)
-            set_option(mailbox, RCVTIMEO, max(1, int(wait * 1000)))
-            try:
-                frames = recv_frames(mailbox, 0)
-            except zmq.Again:
-                continue
+            if quiet:
+                self._sleep(min(remaining, self._next_due - now))
+                try:
+                    frames = recv_frames(mailbox)
+                except zmq.Again:
+                    continue
+            else:
+                wait = min(remaining, self._next_broker_check - now)
+                set_option(mailbox, RCVTIMEO, max(1, int(wait * 1000)))
+                try:
+                    frames = recv_frames(mailbox, 0)
+                except zmq.Again:
+                    quiet = True
+                    continue
             done = core.feed(frames, False)
             if core.calls:
                 run_calls(core)
@@ -265,6 +279,21 @@ class Sender(SenderBase):
                 outcome = core.take(mid)
                 if outcome is not None:
                     return outcome
+
+    def _sleep(self, timeout: float) -> None:
+        """Sleep until the mailbox, a broker's socket or its monitor has
+        something, or ``timeout`` (s) passes.
+
+        Anything but the mailbox (or the timeout) makes the next turn of the
+        wait look at the brokers at once.
+        """
+        links = [link for link in self._links.links if link.sock is not None]
+        socks = [self._mailbox, *(link.sock for link in links),
+                 *(link.monitor for link in links)]
+        limit = None if timeout == float("inf") else max(0.001, timeout)
+        ready = zmq.select(socks, [], [], limit)[0]
+        if len(ready) != 1 or ready[0] is not self._mailbox:
+            self._next_broker_check = 0.0
 
     def _settle(self, now: float, mid: str | None) -> Outcome | None:
         """Look at the brokers, run due callbacks, and take ``mid``'s outcome if it is in.
@@ -297,7 +326,7 @@ class Sender(SenderBase):
                 except zmq.Again:
                     break
                 links.event(link, monitor_event(frames), now)
-        links.due(now)
+        self._next_due = links.due(now)
         return n
 
     def poll(self, timeout: float | None = 0) -> int:

@@ -67,6 +67,39 @@ def make_socket(
     return sock
 
 
+_fd_limit_raised: tuple[int, int] | None = None  # (pid, soft limit) once raised
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit; return the soft limit.
+
+    Every connection (a worker's to each mailbox, sqm's from each peer) is
+    a file descriptor, and the usual soft limit (1024) is far below what
+    thousands of concurrent senders need while the hard limit rarely is.
+    Called at start by sqm, Workers and Senders; once per process; -1
+    where the platform has no such limit.
+    """
+    global _fd_limit_raised
+    pid = os.getpid()
+    if _fd_limit_raised is not None and _fd_limit_raised[0] == pid:
+        return _fd_limit_raised[1]
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An "unlimited" hard limit still has a ceiling (nr_open, OPEN_MAX): ask for a sane amount.
+    want = 65536 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass  # keep the soft limit we have
+    _fd_limit_raised = (pid, int(soft))
+    return int(soft)
+
+
 def set_curve_server(sock: zmq.Socket, keys: KeyPair) -> None:
     """Make ``sock`` a CURVE server with ``keys`` (before bind)."""
     sock.curve_secretkey = keys.secret

@@ -54,9 +54,11 @@ class Worker:
 
     ``context`` lets many Workers in one process share one ZeroMQ context
     (one I/O thread) instead of each creating its own. Each Worker uses 4
-    sockets per broker plus one per sender it is replying to (at most
-    ``max_mailboxes``): raise the context's ``max_sockets`` (default 1023)
-    when sharing it among many Workers.
+    sockets per broker plus one for the replies (one connection per sender
+    it replies to, at most ``max_mailboxes``, each a file descriptor: the
+    soft limit on open files is raised to the hard limit at start): raise
+    the context's ``max_sockets`` (default 1023) when sharing it among many
+    Workers.
 
     ``concurrency`` is how many callbacks run at once: ``async def``
     callbacks as tasks on an asyncio event loop inside the worker, plain
@@ -109,7 +111,7 @@ class Worker:
         config: str | dict[str, Any] | None = None,
         heartbeat: float | None = None,
         allow_pickle: bool = False,
-        max_mailboxes: int = 64,
+        max_mailboxes: int = 4096,
         mailbox_idle_s: float = 60.0,
         prefetch: int = 1,
         concurrency: int = 1,
@@ -466,7 +468,7 @@ class Worker:
             if mailbox is None:
                 continue
             try:
-                acks.get(mailbox).send_multipart([SIGNATURE, ACK, msg_id, beat], zmq.NOBLOCK)
+                acks.send(mailbox, [SIGNATURE, ACK, msg_id, beat])
             except (ValueError, zmq.ZMQError):
                 pass  # refused, unreachable or not keeping up: the next beat tries again
         acks.expire(time.monotonic())

@@ -36,15 +36,17 @@ from sqm.protocol import (
     decode_envelope,
     encode_json,
 )
-from sqm.zmqfast import send_frames
+from sqm.zmqfast import NOBLOCK, SNDMORE, send_frames
 
-from .mailboxes import MailboxPool
+from .mailboxes import MailboxLost, MailboxPool
 from .retry import Retry, RetryPolicy
 
 if TYPE_CHECKING:
     from .followup import FollowUps
 
 log = logging.getLogger("sqm.worker")
+#: Flags of a reply's routing-id frame: more follows, never block.
+ROUTE = NOBLOCK | SNDMORE
 
 # fn(worker, originator, payload); the worker is typed in worker.core.
 AnyCallback = Callable[[Any, "Originator", Any], Any]
@@ -493,10 +495,19 @@ class Execution:
         return codec
 
     def deliver(self, orig: Originator, frames: list[bytes]) -> None:
-        """Send to a sender's mailbox (from the thread that owns the sockets)."""
-        assert self.mailboxes is not None, "respond() is only valid while the worker runs"
+        """Send to a sender's mailbox (from the thread that owns the sockets).
+
+        One ROUTER reaches every mailbox: the connection's routing-id frame
+        (made once per connection) goes first with SNDMORE, then the frames.
+        """
+        pool = self.mailboxes
+        assert pool is not None, "respond() is only valid while the worker runs"
         try:
-            sock = self.mailboxes.get(orig.mailbox)
+            head = pool.get(orig.mailbox)
+        except MailboxLost:
+            log.debug("worker %s: mailbox %r unreachable or refused us lately; reply dropped",
+                      self.worker_id, orig.mailbox[:80])
+            return
         except ValueError as exc:
             log.warning("worker %s: refusing mailbox %r: %s",
                         self.worker_id, orig.mailbox[:80], exc)
@@ -505,8 +516,17 @@ class Execution:
             log.error("worker %s: cannot open mailbox %r: %s",
                       self.worker_id, orig.mailbox[:80], exc)
             return
+        sock = pool.sock
+        assert sock is not None  # get() made it
         try:
+            send_frames(sock, head, ROUTE)  # atomic: refused here or the whole message goes
             send_frames(sock, frames)
         except zmq.Again:
             log.debug("worker %s: mailbox %r not keeping up; reply dropped",
                       self.worker_id, orig.mailbox)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:  # the mailbox refused our handshake
+                pool.lost(orig.mailbox, str(exc), refused=True)
+            else:
+                log.error("worker %s: cannot send to mailbox %r: %s",
+                          self.worker_id, orig.mailbox[:80], exc)

@@ -225,7 +225,7 @@ class FollowUps:
         # Secured (as a Sender's): a CURVE server with a key pair of its own,
         # its public key in the envelope, so replies travel encrypted.
         pair = None if self._curve is None else KeyPair(*zmq.curve_keypair())
-        sock = make_socket(self._ctx, zmq.PULL, linger_ms=0, curve_server=pair)
+        sock = make_socket(self._ctx, zmq.DEALER, linger_ms=0, curve_server=pair)
         try:
             sock.bind(self._core.mailbox_bind_address())
         except zmq.ZMQError as exc:

@@ -11,6 +11,7 @@ from .. import __version__, logs, protocol
 from ..config import QueueSettings, broker_security, prepare_ipc, queue_limits, resolve
 from ..errors import SQMError
 from ..security.keys import KeyPair, load_keypair
+from ..sockets import raise_fd_limit
 from .options import config_option, log_format_option, log_level_option, one_line_errors
 
 log = logging.getLogger("sqm.cli")
@@ -124,6 +125,7 @@ def serve(
     queue in the config file (queues.<name>.max_pending, ...); options win.
     """
     logs.setup(log_level, log_format)
+    raise_fd_limit()  # a connection per sender and worker: one file descriptor each
     names: list[str | None] = list(queues) or [None]
     if endpoints and len(endpoints) != len(names):
         raise SQMError("give one --endpoint per queue, in the same order")

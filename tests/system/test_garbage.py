@@ -207,7 +207,7 @@ def test_garbage_is_counted_answered_and_survived(cluster, rundir):
         push.close()
 
         # The same raw peer can still do real work, with a mailbox of its own.
-        mbox = ctx.socket(zmq.PULL)
+        mbox = ctx.socket(zmq.DEALER)
         mbox.linger = 0
         mbox_addr = f"ipc://{rundir}/mbox-raw.sock"
         mbox.bind(mbox_addr)

@@ -37,7 +37,7 @@ class RawClient:
     def __init__(self, rundir: Path, queue: str = "q") -> None:
         self.ctx = zmq.Context()
         self.mailbox = f"ipc://{rundir}/mbox-raw.sock"
-        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull = self.ctx.socket(zmq.DEALER)  # a mailbox: workers reach it from a ROUTER
         self.pull.bind(self.mailbox)
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.connect(resolve(queue).endpoint)

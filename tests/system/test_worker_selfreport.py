@@ -142,7 +142,7 @@ class Mailbox:
 
     def __init__(self, rundir: Path) -> None:
         self.ctx = zmq.Context()
-        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull = self.ctx.socket(zmq.DEALER)  # a mailbox: workers reach it from a ROUTER
         self.addr = f"ipc://{rundir}/mbox.sock"
         self.pull.bind(self.addr)
 

@@ -46,7 +46,7 @@ class FakeBroker:
             self.router.send_multipart([rid, SIGNATURE, ACCEPTED, pack_ids([env.id])])
             push = pushes.get(env.mailbox)
             if push is None:
-                push = pushes[env.mailbox] = self.ctx.socket(zmq.PUSH)
+                push = pushes[env.mailbox] = self.ctx.socket(zmq.DEALER)  # a mailbox takes DEALER or ROUTER
                 push.linger = 0
                 push.connect(env.mailbox.decode())
             body = cbor2.dumps(cbor2.loads(frames[3]) * 2)

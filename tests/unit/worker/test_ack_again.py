@@ -14,7 +14,7 @@ from worker.mailboxes import MailboxPool
 
 def test_a_running_message_is_acknowledged_again_from_the_second_beat() -> None:
     ctx = zmq.Context()
-    mailbox = ctx.socket(zmq.PULL)
+    mailbox = ctx.socket(zmq.DEALER)
     mailbox.setsockopt(zmq.LINGER, 0)
     try:
         mailbox.bind("tcp://127.0.0.1:*")
