@@ -7,6 +7,7 @@ import and must not import sqm.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import sys
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -525,6 +526,47 @@ def backlog_result(
 def warm_done(tally: Tally, expected_workers: int, count: int, minimum: int) -> bool:
     """Warm-up is over once ``minimum`` replies came and every worker answered."""
     return count >= minimum and len(tally.warmup) >= expected_workers
+
+
+def warm_pipelined(s: Any, tally: Tally, expected: int, minimum: int, window: int,
+                   deadline: float, timeout: float) -> int:
+    """Keep ``window`` submits outstanding on Sender ``s`` until every worker
+    answered (and ``minimum`` replies came), then take the rest; returns the
+    replies taken. Warm-up ids count down from -1, apart from measured ones."""
+    outstanding: set[int] = set()
+    nxt, count = -1, 0
+    while not warm_done(tally, expected, count, minimum):
+        if time.monotonic() > deadline:
+            raise BenchError(f"warm-up: only {len(tally.warmup)}/{expected} workers answered")
+        while len(outstanding) < window:
+            s.submit(METHOD, payload(nxt))
+            outstanding.add(nxt)
+            nxt -= 1
+        tally.take(outstanding, s.receive(timeout=timeout))
+        count += 1
+    while outstanding:
+        tally.take(outstanding, s.receive(timeout=timeout))
+        count += 1
+    return count
+
+
+async def warm_lanes(call: Callable[[int], Awaitable[Any]], tally: Tally, expected: int,
+                     minimum: int, window: int, deadline: float) -> int:
+    """``window`` concurrent request loops (``await call(i)``) until every
+    worker answered and ``minimum`` replies came; returns the replies taken."""
+    warm = {"count": 0, "next": -1}
+
+    async def lane() -> None:
+        while not warm_done(tally, expected, warm["count"], minimum):
+            if time.monotonic() > deadline:
+                raise BenchError(f"warm-up: only {len(tally.warmup)}/{expected} workers answered")
+            i = warm["next"]
+            warm["next"] -= 1
+            tally.expect(i, await call(i))
+            warm["count"] += 1
+
+    await asyncio.gather(*(lane() for _ in range(window)))
+    return warm["count"]
 
 
 def merge_counts(files: Iterable[str]) -> dict[str, dict[str, int]]:

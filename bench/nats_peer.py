@@ -47,7 +47,7 @@ from bench.common import (
     run_sender_process,
     w9_index,
     wait_until,
-    warm_done,
+    warm_lanes,
     work,
     write_json_atomic,
 )
@@ -202,20 +202,9 @@ async def _run(job: dict[str, Any]) -> dict[str, Any]:
             return rpc_result(wl["n"], elapsed, lat, tally, wl["warmup"], cpu)
 
         window, expected = wl["window"], wl["procs"] * wl["threads"]
-        warm = {"count": 0, "next": -1}
-
-        async def warm_lane() -> None:
-            while not warm_done(tally, expected, warm["count"], wl["warmup"]):
-                if time.monotonic() > warm_until:
-                    raise BenchError(
-                        f"warm-up: only {len(tally.warmup)}/{expected} workers answered"
-                    )
-                i = warm["next"]
-                warm["next"] -= 1
-                tally.expect(i, await _request(nc, subj, i, timeout, warm_until))
-                warm["count"] += 1
-
-        await asyncio.gather(*(warm_lane() for _ in range(window)))
+        warm_count = await warm_lanes(
+            lambda i: _request(nc, subj, i, timeout, warm_until), tally, expected,
+            wl["warmup"], window, warm_until)
 
         n = wl["n"]
         indices: Iterator[int] = iter(range(n))
@@ -232,7 +221,7 @@ async def _run(job: dict[str, Any]) -> dict[str, Any]:
         elapsed, cpu = time.perf_counter() - t0, meter.stop()
         if sum(tally.measured.values()) != n:
             raise BenchError(f"{sum(tally.measured.values())} replies for {n} requests")
-        return pipelined_result(n, elapsed, tally, warm["count"], cpu)
+        return pipelined_result(n, elapsed, tally, warm_count, cpu)
     finally:
         await nc.close()
 

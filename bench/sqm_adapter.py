@@ -52,6 +52,8 @@ from bench.common import (
     w9_index,
     wait_until,
     warm_done,
+    warm_lanes,
+    warm_pipelined,
     work,
     work_w8,
     write_json_atomic,
@@ -195,21 +197,8 @@ def _run_sync(job: dict[str, Any]) -> dict[str, Any]:
 
         window, expected = wl["window"], wl["procs"] * wl["threads"]
         outstanding = set()  # set[int], as in the backlog branch
-        deadline = time.monotonic() + job["warmup_timeout"]
-        nxt = -1
-        warm_count = 0
-        while not warm_done(tally, expected, warm_count, wl["warmup"]):
-            if time.monotonic() > deadline:
-                raise BenchError(f"warm-up: only {len(tally.warmup)}/{expected} workers answered")
-            while len(outstanding) < window:
-                s.submit(METHOD, payload(nxt))
-                outstanding.add(nxt)
-                nxt -= 1
-            tally.take(outstanding, s.receive(timeout=timeout))
-            warm_count += 1
-        while outstanding:
-            tally.take(outstanding, s.receive(timeout=timeout))
-            warm_count += 1
+        warm_count = warm_pipelined(s, tally, expected, wl["warmup"], window,
+                                    time.monotonic() + job["warmup_timeout"], timeout)
 
         n = wl["n"]
         nxt = done = 0
@@ -315,20 +304,8 @@ def _run_hol(s: Any, job: dict[str, Any], timeout: float, tally: Tally) -> dict[
     wl = job["workload"]
     expected = wl["procs"] * wl["threads"]
     outstanding: set[int] = set()
-    deadline = time.monotonic() + job["warmup_timeout"]
-    nxt, warm_count = -1, 0
-    while not warm_done(tally, expected, warm_count, wl["warmup"]):
-        if time.monotonic() > deadline:
-            raise BenchError(f"warm-up: only {len(tally.warmup)}/{expected} workers answered")
-        while len(outstanding) < 20:
-            s.submit(METHOD, payload(nxt))
-            outstanding.add(nxt)
-            nxt -= 1
-        tally.take(outstanding, s.receive(timeout=timeout))
-        warm_count += 1
-    while outstanding:
-        tally.take(outstanding, s.receive(timeout=timeout))
-        warm_count += 1
+    warm_count = warm_pipelined(s, tally, expected, wl["warmup"], 20,
+                                time.monotonic() + job["warmup_timeout"], timeout)
 
     n, rate, cap = wl["n"], wl["rate"], wl["window"]
     sent_at: dict[int, float] = {}
@@ -427,21 +404,9 @@ async def _run_async(job: dict[str, Any]) -> dict[str, Any]:
         window, expected = wl["window"], wl["procs"] * wl["threads"]
 
         # Warm-up: `window` concurrent rpc loops until every worker answered.
-        deadline = time.monotonic() + job["warmup_timeout"]
-        warm = {"count": 0, "next": -1}
-
-        async def warm_lane() -> None:
-            while not warm_done(tally, expected, warm["count"], wl["warmup"]):
-                if time.monotonic() > deadline:
-                    raise BenchError(
-                        f"warm-up: only {len(tally.warmup)}/{expected} workers answered"
-                    )
-                i = warm["next"]
-                warm["next"] -= 1
-                tally.expect(i, await s.rpc(METHOD, payload(i), timeout=timeout))
-                warm["count"] += 1
-
-        await asyncio.gather(*(warm_lane() for _ in range(window)))
+        warm_count = await warm_lanes(
+            lambda i: s.rpc(METHOD, payload(i), timeout=timeout), tally, expected,
+            wl["warmup"], window, time.monotonic() + job["warmup_timeout"])
 
         n = wl["n"]
         indices: Iterator[int] = iter(range(n))
@@ -456,7 +421,7 @@ async def _run_async(job: dict[str, Any]) -> dict[str, Any]:
         elapsed, cpu = time.perf_counter() - t0, meter.stop()
         if sum(tally.measured.values()) != n:
             raise BenchError(f"{sum(tally.measured.values())} replies for {n} requests")
-        return pipelined_result(n, elapsed, tally, warm["count"], cpu)
+        return pipelined_result(n, elapsed, tally, warm_count, cpu)
     finally:
         await _maybe_await(s.close())
 
