@@ -17,7 +17,6 @@ from .events import (
     OUT_FAIL,
     OUT_HEARTBEAT,
     OUT_STOP,
-    OUT_WATCH,
     Bye,
     Cancel,
     Dispatch,
@@ -26,7 +25,6 @@ from .events import (
     Heartbeat,
     OutboxEntry,
     Stop,
-    Watch,
     as_tuple,
 )
 from .queue import FINISHED, INFLIGHT, LEVELS, PENDING, SCHEDULED, Message, QueueCore
@@ -46,7 +44,6 @@ __all__ = [
     "OUT_FAIL",
     "OUT_HEARTBEAT",
     "OUT_STOP",
-    "OUT_WATCH",
     "PENDING",
     "SCHEDULED",
     "READY",
@@ -61,7 +58,6 @@ __all__ = [
     "OutboxEntry",
     "QueueCore",
     "Stop",
-    "Watch",
     "WorkerState",
     "as_tuple",
 ]
