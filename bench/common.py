@@ -529,17 +529,19 @@ def warm_done(tally: Tally, expected_workers: int, count: int, minimum: int) -> 
 
 
 def warm_pipelined(s: Any, tally: Tally, expected: int, minimum: int, window: int,
-                   deadline: float, timeout: float) -> int:
+                   deadline: float, timeout: float,
+                   method: Callable[[int], str] = lambda _i: METHOD) -> int:
     """Keep ``window`` submits outstanding on Sender ``s`` until every worker
     answered (and ``minimum`` replies came), then take the rest; returns the
-    replies taken. Warm-up ids count down from -1, apart from measured ones."""
+    replies taken. Warm-up ids count down from -1, apart from measured ones;
+    ``method(i)`` names each one's method."""
     outstanding: set[int] = set()
     nxt, count = -1, 0
     while not warm_done(tally, expected, count, minimum):
         if time.monotonic() > deadline:
             raise BenchError(f"warm-up: only {len(tally.warmup)}/{expected} workers answered")
         while len(outstanding) < window:
-            s.submit(METHOD, payload(nxt))
+            s.submit(method(nxt), payload(nxt))
             outstanding.add(nxt)
             nxt -= 1
         tally.take(outstanding, s.receive(timeout=timeout))
@@ -567,6 +569,26 @@ async def warm_lanes(call: Callable[[int], Awaitable[Any]], tally: Tally, expect
 
     await asyncio.gather(*(lane() for _ in range(window)))
     return warm["count"]
+
+
+async def timed_lanes(call: Callable[[int], Awaitable[Any]], tally: Tally, n: int, window: int,
+                      job: dict[str, Any]) -> tuple[float, dict[str, float]]:
+    """The measured phase: ``window`` concurrent loops sharing the indices
+    0..n-1 (each taken exactly once), every reply checked; returns
+    (elapsed s, CPU per process)."""
+    indices = iter(range(n))
+
+    async def lane() -> None:
+        for i in indices:
+            tally.expect(i, await call(i))
+
+    meter = CpuMeter(job)
+    t0 = time.perf_counter()
+    await asyncio.gather(*(lane() for _ in range(window)))
+    elapsed, cpu = time.perf_counter() - t0, meter.stop()
+    if sum(tally.measured.values()) != n:
+        raise BenchError(f"{sum(tally.measured.values())} replies for {n} requests")
+    return elapsed, cpu
 
 
 def merge_counts(files: Iterable[str]) -> dict[str, dict[str, int]]:

@@ -26,7 +26,6 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import cbor2
@@ -45,6 +44,7 @@ from bench.common import (
     rpc_result,
     run_many,
     run_sender_process,
+    timed_lanes,
     w9_index,
     wait_until,
     warm_lanes,
@@ -207,20 +207,13 @@ async def _run(job: dict[str, Any]) -> dict[str, Any]:
             wl["warmup"], window, warm_until)
 
         n = wl["n"]
-        indices: Iterator[int] = iter(range(n))
+        dumps, loads = cbor2.dumps, cbor2.loads
 
-        async def lane() -> None:
-            dumps, loads = cbor2.dumps, cbor2.loads
-            for i in indices:  # shared iterator: each index taken exactly once
-                msg = await nc.request(subj, dumps(payload(i)), timeout=timeout)
-                tally.expect(i, loads(msg.data))
+        async def call(i: int) -> Any:
+            msg = await nc.request(subj, dumps(payload(i)), timeout=timeout)
+            return loads(msg.data)
 
-        meter = CpuMeter(job)
-        t0 = time.perf_counter()
-        await asyncio.gather(*(lane() for _ in range(window)))
-        elapsed, cpu = time.perf_counter() - t0, meter.stop()
-        if sum(tally.measured.values()) != n:
-            raise BenchError(f"{sum(tally.measured.values())} replies for {n} requests")
+        elapsed, cpu = await timed_lanes(call, tally, n, window, job)
         return pipelined_result(n, elapsed, tally, warm_count, cpu)
     finally:
         await nc.close()

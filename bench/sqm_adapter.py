@@ -22,7 +22,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from bench.common import (
@@ -45,13 +44,13 @@ from bench.common import (
     run_many,
     run_sender_process,
     scheduled_result,
+    timed_lanes,
     w6_method,
     w6_methods,
     w7_lead,
     w8_slow,
     w9_index,
     wait_until,
-    warm_done,
     warm_lanes,
     warm_pipelined,
     work,
@@ -252,20 +251,9 @@ def _run_methods(s: Any, job: dict[str, Any], timeout: float, tally: Tally) -> d
     where = resolve(job["queue"], endpoint=job["endpoint"])
     wait_until(lambda: fetch_status(where, 2.0)["workers_current"] >= expected,
                job["warmup_timeout"], f"{expected} registered workers", interval=0.05)
-    nxt = -1
-    warm_count = 0
-    while not warm_done(tally, expected, warm_count, wl["warmup"]):
-        if time.monotonic() > deadline:
-            raise BenchError(f"warm-up: only {len(tally.warmup)}/{expected} workers answered")
-        while len(outstanding) < window:
-            s.submit(W6_METHODS[nxt % len(W6_METHODS)], payload(nxt))  # every method, evenly
-            outstanding.add(nxt)
-            nxt -= 1
-        tally.take(outstanding, s.receive(timeout=timeout))
-        warm_count += 1
-    while outstanding:
-        tally.take(outstanding, s.receive(timeout=timeout))
-        warm_count += 1
+    warm_count = warm_pipelined(  # every method, evenly
+        s, tally, expected, wl["warmup"], window, deadline, timeout,
+        method=lambda i: W6_METHODS[i % len(W6_METHODS)])
 
     n = wl["n"]
     starved = W6_METHODS[-1]
@@ -409,18 +397,8 @@ async def _run_async(job: dict[str, Any]) -> dict[str, Any]:
             wl["warmup"], window, time.monotonic() + job["warmup_timeout"])
 
         n = wl["n"]
-        indices: Iterator[int] = iter(range(n))
-
-        async def lane() -> None:
-            for i in indices:  # shared iterator: each index taken exactly once
-                tally.expect(i, await s.rpc(METHOD, payload(i), timeout=timeout))
-
-        meter = CpuMeter(job)
-        t0 = time.perf_counter()
-        await asyncio.gather(*(lane() for _ in range(window)))
-        elapsed, cpu = time.perf_counter() - t0, meter.stop()
-        if sum(tally.measured.values()) != n:
-            raise BenchError(f"{sum(tally.measured.values())} replies for {n} requests")
+        elapsed, cpu = await timed_lanes(
+            lambda i: s.rpc(METHOD, payload(i), timeout=timeout), tally, n, window, job)
         return pipelined_result(n, elapsed, tally, warm_count, cpu)
     finally:
         await _maybe_await(s.close())
