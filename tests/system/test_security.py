@@ -119,6 +119,8 @@ def test_secured_rpc_end_to_end(cluster: Cluster, keys: Keys) -> None:
         assert s.rpc("add", {"a": 2, "b": 40}) == 42
         assert s.rpc("echo", "x" * 1000) == "x" * 1000
         assert " " not in s.mailbox  # the key travels in the envelope, not in the address
+    # The reply reaches the sender first; the worker's DONE may reach sqm a moment later.
+    wait_for(lambda: admin(keys, "q", endpoint)["completed_total"] == 2, 10, "2 DONEs at sqm")
     st = admin(keys, "q", endpoint)
     assert st["completed_total"] == 2 and st["denied_total"] == 0 and st["secured"] is True
 
