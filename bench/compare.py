@@ -40,6 +40,24 @@ def ratios(path: Path, system: str) -> dict[str, float]:
     return out
 
 
+def cpu_per_message(path: Path, system: str) -> dict[str, dict[str, float]]:
+    """``{workload: {process group: CPU µs per message}}`` of ``system`` in one results file.
+
+    CPU seconds per message hardly move with the wall-clock noise (steal,
+    a neighbour's burst) that swings same-run throughput ratios by ±20 %
+    on a shared VM, so a hot-path change shows here first.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for r in json.loads(path.read_text())["results"]:
+        if r["system"] != system or r["status"] != "ok":
+            continue
+        row = {k[len("cpu_us_"):]: v for k, v in r["metrics"].items() if k.startswith("cpu_us_")}
+        if row:
+            row["total"] = sum(row.values())
+            out[r["workload"]] = row
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = ["--repeat", "3"]
@@ -62,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             subprocess.run(["git", "-C", str(REPO), "worktree", "add", "-f", "--detach",
                             str(trees[name]), rev], check=True, capture_output=True)
         seen: dict[str, dict[str, list[float]]] = {"before": {}, "after": {}}
+        cpu: dict[str, dict[str, dict[str, list[float]]]] = {"before": {}, "after": {}}
         for i in range(args.pairs):
             for name in ("before", "after"):
                 out = tmp / f"{name}-{i}.json"
@@ -71,8 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 got = ratios(out, args.system) if out.exists() else {}
                 for wl, value in got.items():
                     seen[name].setdefault(wl, []).append(value)
+                use = cpu_per_message(out, args.system) if out.exists() else {}
+                for wl, row in use.items():
+                    for part, us in row.items():
+                        cpu[name].setdefault(wl, {}).setdefault(part, []).append(us)
                 print(f"pair {i + 1} {name:<6} " + "  ".join(
-                    f"{wl} {v:.2f}x" for wl, v in sorted(got.items())), flush=True)
+                    f"{wl} {v:.2f}x ({use.get(wl, {}).get('total', 0):.1f} µs CPU/msg)"
+                    for wl, v in sorted(got.items())), flush=True)
         print(f"\n{args.system} / baseline, same run: before {args.before}, after {args.after}")
         for wl in sorted(set(seen["before"]) | set(seen["after"])):
             b, a = seen["before"].get(wl, []), seen["after"].get(wl, [])
@@ -81,6 +105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{wl}: before {', '.join(f'{x:.2f}' for x in b)} (mean {mb:.2f}); "
                       f"after {', '.join(f'{x:.2f}' for x in a)} (mean {ma:.2f}); "
                       f"{100 * (ma / mb - 1):+.1f} %")
+        print(f"\n{args.system} CPU µs per message (median over pairs), before -> after")
+        for wl in sorted(set(cpu["before"]) & set(cpu["after"])):
+            parts = cpu["before"][wl]
+            print(f"{wl}: " + "; ".join(
+                f"{part} {statistics.median(parts[part]):.1f} -> "
+                f"{statistics.median(cpu['after'][wl].get(part, [0.0])):.1f}"
+                for part in sorted(parts)))
         return 0
     finally:
         for tree in trees.values():
