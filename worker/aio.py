@@ -65,7 +65,9 @@ class AsyncRunner:
         """Serve on a fresh event loop in this thread until the worker stops."""
         self.session = session
         self.execution = session.execution
-        self.links = [BrokerLink(ep, session.routing_id, session.curve) for ep in session.endpoints]
+        self.links = [BrokerLink(ep, session.routing_id, session.curve,
+                                 heartbeat=session.heartbeat, liveness=session.liveness)
+                      for ep in session.endpoints]
         asyncio.run(self._main())
 
     def stop(self) -> None:

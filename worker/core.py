@@ -34,7 +34,7 @@ from . import selfreport
 from .aio import AsyncRunner
 from .execute import Execution, Originator, Workload, is_async_callback
 from .followup import DEFAULT_MAX_HOPS, FollowUps
-from .links import broker_socket, check_rights
+from .links import ReportPlan, broker_socket, check_rights
 from .mailboxes import MailboxPool
 from .plain import PlainRunner
 from .retry import DEFAULT_BACKOFF, DEFAULT_MAX_RETRIES, RetryPolicy
@@ -291,6 +291,7 @@ class Worker:
         self.stop_requested = False
         self._execution.allow_pickle = self.allow_pickle
         self._execution.beat_ms = b"%d" % max(1, int(self.heartbeat * 1000))
+        self._reports = ReportPlan(list(self.endpoints), self.heartbeat)
         runner: Runner = AsyncRunner() if self._needs_loop() else PlainRunner()
         self._runner = runner
         restore = self._install_signals()
@@ -369,6 +370,7 @@ class Worker:
             stop=self._stop,
             curve=self._curve,
             followups=self._followups,
+            reports=self._reports,
         )
 
     def _start_brokers(self) -> None:
@@ -438,12 +440,18 @@ class Worker:
             while not self._hb_stop.wait(self.heartbeat):
                 if running or before:
                     before = self._ack_again(acks, running, before)
+                # A broker watching our connection wants a report only now and then.
+                due = self._reports.due(time.monotonic(), bool(running))
+                if not due:
+                    continue
                 try:
                     frames = [SIGNATURE, HEARTBEAT, wid, selfreport.encode(self)]
                 except Exception:  # never let a report stop the heartbeats
                     log.exception("worker %s: cannot build its self-report", self.id)
                     frames = [SIGNATURE, HEARTBEAT, wid]
-                for sock in socks:
+                for endpoint, sock in zip(self.endpoints, socks, strict=True):
+                    if endpoint not in due:
+                        continue
                     try:
                         sock.send_multipart(frames, zmq.NOBLOCK)
                     except zmq.Again:

@@ -3,17 +3,29 @@
 A worker may serve a queue from several brokers at once; each gets its own
 DEALER socket (so DONE, NACK and CREDIT reach the broker they concern) and
 its own idea of when that broker was last heard from.
+
+A broker that watches the worker's connection (:mod:`sqm.liveness`) says so
+in answer to HELLO and then sends no heartbeats: the link is *watched*. Its
+broker is then judged by the connection (the monitor says when it closes;
+TCP keepalive closes it when the broker's host goes silent), not by
+silence, and the heartbeat thread reports to it every beat only while a
+callback runs (:class:`ReportPlan`). A broker that heartbeats is judged by
+its heartbeats, as before.
 """
 
 from __future__ import annotations
 
+import random
 import secrets
+import threading
 import time
+from collections.abc import Callable
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message, recv_monitor_message
 
 from sqm.errors import AuthError
+from sqm.liveness import keep_alive
 from sqm.protocol import BYE, ERROR, HEARTBEAT, SIGNATURE
 from sqm.security.handshake import HANDSHAKE_EVENTS, NO_DETAIL_REPEATS, classify
 from sqm.security.keys import KeyPair
@@ -88,13 +100,20 @@ class BrokerLink:
 
     __slots__ = ("endpoint", "routing_id", "sock", "monitor", "last_heard", "opened_at",
                  "broker_heartbeat", "connected", "was_disconnected", "parked", "bye_sent",
-                 "bye_acked", "outage", "curve")
+                 "bye_acked", "outage", "curve", "heartbeat", "liveness", "watched",
+                 "report_s", "down_at")
 
     def __init__(self, endpoint: str, routing_id: bytes,
-                 curve: tuple[KeyPair, bytes] | None = None) -> None:
+                 curve: tuple[KeyPair, bytes] | None = None, *,
+                 heartbeat: float = 1.0, liveness: int = 3) -> None:
         self.endpoint = endpoint
         self.routing_id = routing_id
         self.curve = curve  # (own pair, server key) towards a secured sqm
+        self.heartbeat = heartbeat  # ours: TCP keepalive closes a connection silent this
+        self.liveness = liveness  # many intervals (sqm.liveness)
+        self.watched = False  # the broker watches this connection and sends no heartbeats
+        self.report_s = 0.0  # ... and wants a self-report at least this often
+        self.down_at: float | None = None  # a watched connection closed: when (monotonic)
         self.sock: zmq.Socket | None = None
         self.monitor: zmq.Socket | None = None
         self.last_heard = self.opened_at = time.monotonic()
@@ -109,12 +128,15 @@ class BrokerLink:
     def open(self, ctx: zmq.Context) -> zmq.Socket:
         """Connect a fresh socket (a new registration: nothing is parked any more)."""
         sock = broker_socket(ctx, self.curve, routing_id=self.routing_id)
+        keep_alive(sock, self.heartbeat, self.liveness)
         self.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sock.connect(self.endpoint)
         self.sock = sock
         self.last_heard = self.opened_at = time.monotonic()
         self.connected = False
         self.was_disconnected = False
+        self.watched = False
+        self.down_at = None
         self.parked = 0
         return sock
 
@@ -156,8 +178,11 @@ class BrokerLink:
             if event == zmq.EVENT_DISCONNECTED:
                 self.connected = False
                 self.was_disconnected = True
+                if self.down_at is None:
+                    self.down_at = time.monotonic()
             elif event == zmq.EVENT_CONNECTED:
                 self.connected = True
+                self.down_at = None
                 if self.was_disconnected:
                     self.was_disconnected = False
                     back = True
@@ -175,8 +200,72 @@ class BrokerLink:
         return self.outage.over(now)
 
     def silent(self, now: float, heartbeat: float, liveness: int) -> bool:
-        """True when the broker has been quiet for ``liveness`` intervals."""
+        """True when the broker has been quiet for ``liveness`` intervals.
+
+        Never for a watched link: its broker sends nothing while idle, and
+        the connection itself says when the broker is gone.
+        """
+        if self.watched:
+            return False
         return now - self.last_heard > liveness * max(heartbeat, self.broker_heartbeat)
+
+    def watch(self, report_s: float | None) -> None:
+        """The broker watches this connection (``report_s``: report at least that often),
+        or heartbeats it again (None: judge it by its heartbeats from now on)."""
+        if report_s is None:
+            if self.watched:
+                self.watched = False
+                self.last_heard = max(self.last_heard, time.monotonic())
+            return
+        self.watched = True
+        self.report_s = report_s
+
+
+class ReportPlan:
+    """Which brokers the heartbeat thread sends a self-report to, at each of its beats.
+
+    A heartbeated broker (the default, and any older sqm) gets one every
+    beat, as ever. A broker that watches the connection (:meth:`watch`) gets
+    one at every beat while a callback runs (its silence then still means a
+    stuck worker), one when the worker has just gone idle, and otherwise
+    every ``report_s``: a worker running short callbacks between beats looks
+    idle to the plan, and its DONEs prove it alive. The first idle report
+    comes at a random point of the interval, so workers that registered
+    together do not all report in the same second. The runner's thread
+    calls :meth:`watch`, the heartbeat thread :meth:`due`.
+    """
+
+    def __init__(self, endpoints: list[str], heartbeat: float,
+                 rng: Callable[[], float] = random.random) -> None:
+        self.heartbeat = heartbeat  # the thread's beat: a report is due half a beat early
+        self._rng = rng
+        self._lock = threading.Lock()
+        self._every: dict[str, float | None] = dict.fromkeys(endpoints)  # None: every beat
+        self._sent: dict[str, float] = {}  # monotonic time of the last report sent
+        self._busy: dict[str, bool] = {}  # whether a callback ran at the last report sent
+
+    def watch(self, endpoint: str, report_s: float | None, now: float) -> None:
+        """The broker at ``endpoint`` watches us (report at least every ``report_s``),
+        or heartbeats us (None: a report every beat)."""
+        with self._lock:
+            if report_s is not None and self._every.get(endpoint) is None:
+                # its HELLO answer just proved us alive: the first report is due at a random
+                # point of the interval (spread), then every interval
+                self._sent[endpoint] = now - self._rng() * report_s
+                self._busy[endpoint] = False
+            self._every[endpoint] = report_s
+
+    def due(self, now: float, busy: bool) -> list[str]:
+        """The endpoints to send a report to now (noted as sent); ``busy``: a callback runs."""
+        out = []
+        with self._lock:
+            for endpoint, every in self._every.items():
+                if (every is None or busy or self._busy.get(endpoint, True)
+                        or now - self._sent.get(endpoint, -1e18) >= every - self.heartbeat / 2):
+                    self._sent[endpoint] = now
+                    self._busy[endpoint] = busy
+                    out.append(endpoint)
+        return out
 
 
 class Outage:

@@ -53,7 +53,8 @@ class PlainRunner:
         self._stop = stop = s.stop
         self._work = s.workload
         self._execute = s.execution.run  # looked up once, not per message
-        link = self._link = BrokerLink(s.endpoints[0], s.routing_id, s.curve)
+        link = self._link = BrokerLink(s.endpoints[0], s.routing_id, s.curve,
+                                       heartbeat=s.heartbeat, liveness=s.liveness)
         sock = self._open(link)
         if s.followups is not None:
             s.followups.attach(s.ctx, self._send_link, s.curve, self._pump)

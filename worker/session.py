@@ -34,7 +34,7 @@ from sqm.security.keys import KeyPair
 
 from .execute import Execution, Workload
 from .followup import FollowUps
-from .links import BrokerLink
+from .links import BrokerLink, ReportPlan
 from .mailboxes import MailboxPool
 
 log = logging.getLogger("sqm.worker")
@@ -103,14 +103,28 @@ class Session:
     told: int = -1
     #: When HELLO last went to each broker (monotonic, by endpoint).
     said_hello: dict[str, float] = field(default_factory=dict)
+    #: Which brokers the heartbeat thread reports to at each beat (watched or not).
+    reports: ReportPlan | None = None
 
     def hello(self, link: BrokerLink) -> None:
-        """Register with one broker (again): it forgets what it had parked."""
+        """Register with one broker (again): it forgets what it had parked.
+
+        HELLO asks the broker to watch this connection (``watch``); until it
+        answers that it does (a HEARTBEAT with a 4th frame), the link is
+        judged by heartbeats and reported to every beat, as with an older sqm.
+        """
         self.told = self.execution.abilities
-        info = dict(self.info, methods=sorted(self.execution.callbacks))
+        info = dict(self.info, methods=sorted(self.execution.callbacks), watch=True)
         link.parked = 0
+        self._watched(link, None)
         self.said_hello[link.endpoint] = time.monotonic()
         link.send([SIGNATURE, HELLO, protocol.encode_json(info)])
+
+    def _watched(self, link: BrokerLink, report_s: float | None) -> None:
+        """The broker watches ``link`` and wants a report every ``report_s``; None: it heartbeats."""
+        link.watch(report_s)
+        if self.reports is not None:
+            self.reports.watch(link.endpoint, report_s, time.monotonic())
 
     def announce(self, links: list[BrokerLink]) -> None:
         """Tell every broker the methods served now, if callbacks() changed them (CAN_DO)."""
@@ -129,8 +143,13 @@ class Session:
             return
         cmd = frames[1]
         if cmd == HEARTBEAT:
-            if len(frames) == 3 and frames[2].isdigit():
+            n = len(frames)
+            if n in (3, 4) and frames[2].isdigit():
                 link.broker_heartbeat = max(0.001, int(frames[2]) / 1000)
+            if n == 4 and frames[3].isdigit():  # it watches our connection (answers HELLO)
+                self._watched(link, max(self.heartbeat, int(frames[3]) / 1000))
+            elif n == 3 and link.watched:  # it heartbeats us: it does not watch us (any more)
+                self._watched(link, None)
         elif cmd == BYE:
             if link.bye_sent:
                 link.bye_acked = True  # our leave is acknowledged: nothing more will come
@@ -156,23 +175,41 @@ class Session:
 
         Says so in the log the first time, then at most once a minute
         (counting the attempts in between); and says when it answers again.
+        A watched link is never started afresh: when its connection closes
+        (a killed broker at once, a silent host after ``liveness`` beats of
+        TCP keepalive) libzmq reconnects it by itself, and the runner says
+        HELLO when it is back; that outage is logged the same way.
         """
-        if not link.silent(now, self.heartbeat, self.liveness):
-            back = link.answered_again(now)
-            if back is not None:
-                log.info("worker %s: sqm at %s answers again after %.0f s (%d reconnect(s))",
-                         self.worker_id, link.endpoint, *back)
+        if link.watched:
+            if link.connected or link.down_at is None:
+                self._answered(link, now)
+            elif (link.outage.since is None
+                    or now - link.down_at >= self.heartbeat * self.liveness):
+                link.down_at = now  # counted as one reconnect attempt per liveness beats
+                self._outage(link, now, "silent or gone (its connection closed)")
             return False
+        if not link.silent(now, self.heartbeat, self.liveness):
+            self._answered(link, now)
+            return False
+        self._outage(link, now, f"silent for {self.heartbeat * self.liveness:.0f} s")
+        return True
+
+    def _answered(self, link: BrokerLink, now: float) -> None:
+        """Say so when a broker answers again after an outage."""
+        back = link.answered_again(now)
+        if back is not None:
+            log.info("worker %s: sqm at %s answers again after %.0f s (%d reconnect(s))",
+                     self.worker_id, link.endpoint, *back)
+
+    def _outage(self, link: BrokerLink, now: float, what: str) -> None:
+        """Count a reconnect attempt; log the first one, then at most once a minute."""
         report = link.outage.attempt(now)
         if report is None:
             log.debug("worker %s: no answer from sqm at %s, reconnect attempt %d",
                       self.worker_id, link.endpoint, link.outage.attempts)
+        elif report == 0:
+            log.warning("worker %s: sqm at %s %s, reconnecting (said again at most once a"
+                        " minute)", self.worker_id, link.endpoint, what)
         else:
-            if report == 0:
-                log.warning("worker %s: sqm at %s silent for %.0f s, reconnecting (said again at"
-                            " most once a minute)", self.worker_id, link.endpoint,
-                            self.heartbeat * self.liveness)
-            else:
-                log.warning("worker %s: sqm at %s still silent, %d reconnect(s) since the last"
-                            " report", self.worker_id, link.endpoint, report)
-        return True
+            log.warning("worker %s: sqm at %s still silent, %d reconnect(s) since the last"
+                        " report", self.worker_id, link.endpoint, report)

@@ -34,8 +34,10 @@ from ..core import (
     OutboxEntry,
     QueueCore,
     Stop,
+    Watch,
 )
 from ..errors import ConfigError
+from ..liveness import REPORT_EVERY, can_watch, keep_alive
 from ..plugins import ControlHandler, Hooks
 from ..protocol import (
     ABILITIES,
@@ -76,6 +78,7 @@ from ..wire import (
 from ..zmqfast import recv_frame, recv_rest, send_frames, send_more
 from .control import CONTROL as BUILTIN_CONTROL
 from .control import READ_ONLY
+from .watch import Connections, handed_over, source_fd
 
 log = logging.getLogger("sqm.broker")
 
@@ -106,6 +109,8 @@ class BrokerOptions:
     #: ``sqm serve --hold-unknown``: a message whose method no worker serves
     #: waits for one (until its deadline) instead of failing as UnknownMethod.
     hold_unknown: bool = False
+    #: A watched idle worker reports every this many heartbeats (sqm.liveness).
+    report_every: float = REPORT_EVERY
 
 
 class QueueServer:
@@ -132,6 +137,7 @@ class QueueServer:
             max_message_size=opts.max_message_size,
             max_deliveries=opts.max_deliveries,
             hold_unknown=opts.hold_unknown,
+            report_every=opts.report_every,
         )
         self.policy = MailboxPolicy.for_settings(settings)
         self.read_submit = SubmitReader(self.policy).read
@@ -144,16 +150,25 @@ class QueueServer:
         # a worker's routing id and take its DISPATCHes.
         self.sock = make_socket(ctx, zmq.ROUTER, linger_ms=1000, curve_server=opts.curve_server,
                                 router_handover=opts.curve_server is None)
+        #: Worker connections are watched (their closing is their death) rather
+        #: than heartbeated where that notices a dead peer as soon (sqm.liveness).
+        self.watching = can_watch(self.bind, opts.heartbeat)
+        if self.watching:
+            keep_alive(self.sock, opts.heartbeat, opts.liveness)
+        # Monitored before it binds: every connection's ACCEPTED is seen.
+        self.connections = Connections(self.sock)
         try:
             self.sock.bind(self.bind)
             if self.bind.startswith("ipc://"):
                 os.chmod(self.bind[len("ipc://"):], opts.ipc_mode)
         except (zmq.ZMQError, OSError) as exc:
+            self.connections.close()
             self.sock.close(0)
             raise ConfigError(f"cannot bind {self.bind} for queue {self.name!r}: {exc}") from None
         self.sent_dropped = 0
         # Heartbeats carry our interval (ms) so workers judge our silence by it.
-        self._heartbeat_frames = [SIGNATURE, HEARTBEAT, b"%d" % int(opts.heartbeat * 1000)]
+        self._heartbeat_ms = b"%d" % int(opts.heartbeat * 1000)
+        self._heartbeat_frames = [SIGNATURE, HEARTBEAT, self._heartbeat_ms]
         self._acks: dict[bytes, list[bytes]] = {}  # origin -> ids accepted, not yet told
         self.acks_pending = 0
         self._on_shutdown = on_shutdown
@@ -276,11 +291,42 @@ class QueueServer:
 
     def _on_hello(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
         info = read_hello(frames)
-        w = self.core.hello(now, rid_frame.bytes, info)
+        rid = rid_frame.bytes
+        if handed_over(rid):
+            # Left over from a connection this worker has replaced: registering it would
+            # leave a second, dead registration of the same worker (sqm.broker.watch).
+            log.debug("queue %s: HELLO of %s on a replaced connection ignored", self.name,
+                      info.get("id"))
+            return
+        fd = source_fd(rid_frame)
+        # Every disconnect that happened before this HELLO is known after this
+        # (sqm.broker.watch): the binding below cannot be stale.
+        self.check_connections(now)
+        if fd >= 0 and not self.connections.is_open(fd):
+            # Its connection closed after it sent this: it is gone already.
+            self._connection_closed(now, rid)
+            return
+        w = self.core.hello(now, rid, info, watchable=self.watching and fd >= 0)
+        if fd >= 0:
+            self.connections.bind(rid, fd)
         log.info(
-            "queue %s: worker %s registered (host %s pid %s, %d slot(s))",
+            "queue %s: worker %s registered (host %s pid %s, %d slot(s)%s)",
             self.name, w.id, info.get("host"), info.get("pid"), w.slots,
+            ", connection watched" if w.watched else "",
         )
+
+    def check_connections(self, now: float) -> None:
+        """Workers whose connection closed are dead (read from the socket monitor)."""
+        for rid in self.connections.closed():
+            self._connection_closed(now, rid)
+
+    def _connection_closed(self, now: float, rid: bytes) -> None:
+        w = self.core.workers.get(rid)
+        if w is None:
+            return
+        log.info("queue %s: worker %s connection closed%s", self.name, w.id,
+                 f" while it held {len(w.in_flight)} message(s)" if w.in_flight else "")
+        self.core.gone(now, rid)
 
     def _on_bye(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
         rid = rid_frame.bytes
@@ -456,6 +502,13 @@ class QueueServer:
                         log.exception("queue %s: plugin hook ended() failed", self.name)
             elif type(entry) is Heartbeat:
                 self._send(entry.rid, self._heartbeat_frames)
+            elif type(entry) is Watch:
+                # A heartbeat with a 4th frame: sqm watches the connection and
+                # heartbeats no more; report at least this often (ms).
+                w = core.workers.get(entry.rid)
+                if w is not None:  # else it is gone already: nothing to tell
+                    self._send(entry.rid, [SIGNATURE, HEARTBEAT, self._heartbeat_ms,
+                                           b"%d" % int(w.report_s * 1000)])
             elif type(entry) is Bye:
                 self._send(entry.rid, [SIGNATURE, BYE])
             elif type(entry) is Stop:
@@ -529,6 +582,7 @@ class QueueServer:
 
     def close(self) -> None:
         """Close the socket, then let the plugins release what they hold for this queue."""
+        self.connections.close()
         self.sock.close(linger=1000)
         for closing in self.hooks.closing:
             closing(self)

@@ -17,6 +17,7 @@ from .events import (
     OUT_FAIL,
     OUT_HEARTBEAT,
     OUT_STOP,
+    OUT_WATCH,
     Bye,
     Cancel,
     Dispatch,
@@ -25,6 +26,7 @@ from .events import (
     Heartbeat,
     OutboxEntry,
     Stop,
+    Watch,
     as_tuple,
 )
 from .queue import FINISHED, INFLIGHT, LEVELS, PENDING, SCHEDULED, Message, QueueCore
@@ -44,6 +46,7 @@ __all__ = [
     "OUT_FAIL",
     "OUT_HEARTBEAT",
     "OUT_STOP",
+    "OUT_WATCH",
     "PENDING",
     "SCHEDULED",
     "READY",
@@ -58,6 +61,7 @@ __all__ = [
     "OutboxEntry",
     "QueueCore",
     "Stop",
+    "Watch",
     "WorkerState",
     "as_tuple",
 ]

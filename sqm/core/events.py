@@ -21,6 +21,7 @@ OUT_BYE = 4
 OUT_STOP = 5
 OUT_ENDED = 6
 OUT_CANCEL = 7
+OUT_WATCH = 8
 
 # Outcomes carried by Ended besides a Fail's error type.
 COMPLETED = "completed"  # the worker replied with a result
@@ -44,6 +45,13 @@ class Fail(NamedTuple):
 
 class Heartbeat(NamedTuple):
     """Tell worker ``rid`` sqm is alive (it has heard nothing from us for a while)."""
+
+    rid: bytes
+
+
+class Watch(NamedTuple):
+    """Tell worker ``rid`` sqm watches its connection: no more heartbeats from sqm; it
+    reports on itself at least every ``WorkerState.report_s`` (see :mod:`sqm.liveness`)."""
 
     rid: bytes
 
@@ -81,7 +89,7 @@ class Ended(NamedTuple):
     outcome: str
 
 
-OutboxEntry = Dispatch | Fail | Heartbeat | Bye | Stop | Ended | Cancel
+OutboxEntry = Dispatch | Fail | Heartbeat | Watch | Bye | Stop | Ended | Cancel
 
 KINDS: dict[type, int] = {
     Dispatch: OUT_DISPATCH,
@@ -91,6 +99,7 @@ KINDS: dict[type, int] = {
     Stop: OUT_STOP,
     Ended: OUT_ENDED,
     Cancel: OUT_CANCEL,
+    Watch: OUT_WATCH,
 }
 
 

@@ -34,6 +34,7 @@ from bisect import bisect_left
 from collections import deque
 from typing import Any
 
+from ..liveness import REPORT_EVERY
 from ..metrics import BOUNDS, MethodStats
 from .events import (
     COMPLETED,
@@ -46,6 +47,7 @@ from .events import (
     Heartbeat,
     OutboxEntry,
     Stop,
+    Watch,
 )
 from .methods import LEVELS, PENDING, MethodQueue, read_methods
 from .stats import queue_status
@@ -163,11 +165,15 @@ class QueueCore:
         max_message_size: int = 64 * 1024 * 1024,
         max_deliveries: int | None = None,
         hold_unknown: bool = False,
+        report_every: float = REPORT_EVERY,
     ) -> None:
         self.name = name
         self.started_at = now
         self.heartbeat = heartbeat
         self.liveness = liveness
+        # A watched worker reports on itself every report_every heartbeats when idle.
+        self.report_every = report_every
+        self.watched = 0  # registered workers whose connection is watched (no heartbeats)
         self.max_pending = max_pending
         self.max_message_size = max_message_size
         self.max_deliveries = max_deliveries
@@ -418,22 +424,25 @@ class QueueCore:
 
     # ------------------------------------------------------------------ workers
 
-    def hello(self, now: float, rid: bytes, info: dict[str, Any]) -> WorkerState:
+    def hello(self, now: float, rid: bytes, info: dict[str, Any], *,
+              watchable: bool = False) -> WorkerState:
         """Register a worker connection (again) with ``info['slots']`` free slots.
 
         ``info['methods']`` lists the methods it serves; without it the
-        worker serves every method.
+        worker serves every method. ``watchable``: the I/O layer will say
+        when this connection closes (:meth:`gone`); a worker that asks for
+        it (``info['watch']``) is then watched instead of heartbeated.
         """
         old = self.workers.get(rid)
         if old is not None:
             if old.state == READY:
-                return self._hello_again(now, old, info)
+                return self._hello_again(now, old, info, watchable)
             # A leaving or stopping worker starts afresh: what it held is lost.
             self._remove_worker(now, old, "worker re-registered while holding it")
         slots = _slots(info)
         wid = str(info.get("id") or rid.hex())
         w = WorkerState(rid, wid, info, slots, now)
-        self._set_liveness(now, w, info)
+        self._set_liveness(now, w, info, watchable)
         self.workers[rid] = w
         self._by_id[wid] = w
         self.ever.add(wid)
@@ -442,7 +451,8 @@ class QueueCore:
         self._offer(now, w, slots)
         return w
 
-    def _hello_again(self, now: float, w: WorkerState, info: dict[str, Any]) -> WorkerState:
+    def _hello_again(self, now: float, w: WorkerState, info: dict[str, Any],
+                     watchable: bool) -> WorkerState:
         """A registered worker said HELLO again: it reconnected, or answered a
         BYE meant for traffic it queued while we were away (one per DONE or
         beat). It still runs what it holds, so that stays in flight; its
@@ -462,19 +472,31 @@ class QueueCore:
         held = len(w.in_flight) + len(w.abandoned)  # abandoned: still running there
         w.slots = max(slots, held)  # it holds more: its DONEs free none
         w.parked = 0
-        self._set_liveness(now, w, info)
+        self._set_liveness(now, w, info, watchable)
         self._serve(w, read_methods(info))
         w.free = 0
         self._offer(now, w, w.slots - held)
         return w
 
-    def _set_liveness(self, now: float, w: WorkerState, info: dict[str, Any]) -> None:
+    def _set_liveness(self, now: float, w: WorkerState, info: dict[str, Any],
+                      watchable: bool) -> None:
         """Set how long ``w`` may stay silent: ``liveness`` beats of sqm's
-        heartbeat or of its own, whichever is longer."""
+        heartbeat or of its own, whichever is longer; when watched and idle,
+        ``liveness`` of its report intervals (its connection closing is what
+        says it died). A watched worker is told so (:class:`Watch`)."""
         own = info.get("heartbeat")
         own = float(own) if isinstance(own, (int, float)) and 0 < own <= 3600 else 0.0
-        w.ttl = self.liveness * max(self.heartbeat, own)
-        w.expires_at = now + w.ttl
+        beat = max(self.heartbeat, own)
+        w.ttl = w.idle_ttl = self.liveness * beat
+        w.heard_at = now
+        watched = watchable and info.get("watch") is True
+        if watched != w.watched:
+            self.watched += 1 if watched else -1
+            w.watched = watched
+        w.report_s = self.report_every * beat if watched else 0.0
+        if watched:
+            w.idle_ttl = self.liveness * w.report_s
+            self.outbox.append(Watch(w.rid))
 
     def _offer(self, now: float, w: WorkerState, n: int) -> None:
         """``n`` more free slots of ``w``: they take pending work it can do, or wait idle."""
@@ -496,7 +518,7 @@ class QueueCore:
         w = self.workers.get(rid)
         if w is None:
             return False
-        w.expires_at = now + w.ttl
+        w.heard_at = now
         methods = read_methods(info)
         if methods == w.methods:
             return True
@@ -518,7 +540,7 @@ class QueueCore:
         w = self.workers.get(rid)
         if w is None:
             return False
-        w.expires_at = now + w.ttl
+        w.heard_at = now
         msg = w.in_flight.pop(msg_id, None)
         if msg is None:
             if w.abandoned and w.abandoned.pop(msg_id, None) is not None:
@@ -586,7 +608,7 @@ class QueueCore:
         w = self.workers.get(rid)
         if w is None:
             return False
-        w.expires_at = now + w.ttl
+        w.heard_at = now
         msg = w.in_flight.pop(msg_id, None)
         if msg is None:
             return True
@@ -611,7 +633,7 @@ class QueueCore:
         w = self.workers.get(rid)
         if w is None:
             return False
-        w.expires_at = now + w.ttl
+        w.heard_at = now
         n = max(0, min(n, w.parked))
         if not n or w.state == LEAVING:
             return True
@@ -624,7 +646,7 @@ class QueueCore:
         w = self._by_id.get(wid)
         if w is None:
             return False
-        w.expires_at = now + w.ttl
+        w.heard_at = now
         w.report = info
         return True
 
@@ -633,7 +655,21 @@ class QueueCore:
         w = self.workers.get(rid)
         if w is None:
             return False
-        w.expires_at = now + w.ttl
+        w.heard_at = now
+        return True
+
+    def gone(self, now: float, rid: bytes) -> bool:
+        """Worker ``rid``'s connection closed (the I/O layer saw it): the worker is dead.
+
+        A killed process closes its connection at once, an unreachable host
+        within ``liveness`` beats (TCP keepalive); either way nothing more
+        can come from it. What it held is redelivered while ``retries``
+        last, else failed back with ``WorkerLost``. False if unknown.
+        """
+        w = self.workers.get(rid)
+        if w is None:
+            return False
+        self._remove_worker(now, w, "worker connection closed")
         return True
 
     def seen_id(self, now: float, wid: str) -> bool:
@@ -641,7 +677,7 @@ class QueueCore:
         w = self._by_id.get(wid)
         if w is None:
             return False
-        w.expires_at = now + w.ttl
+        w.heard_at = now
         return True
 
     def unreachable(self, now: float, rid: bytes, msg: Message) -> None:
@@ -681,18 +717,29 @@ class QueueCore:
     # ------------------------------------------------------------------ time
 
     def tick(self, now: float) -> None:
-        """Expire silent workers, heartbeat quiet ones, sweep expired pending, run timers."""
+        """Expire silent workers, heartbeat quiet ones, sweep expired pending, run timers.
+
+        Silent: nothing heard for ``ttl``, or for ``idle_ttl`` from a watched
+        idle worker; a watched worker that holds messages reports every
+        heartbeat, so it is silent ``ttl`` after the later of what was last
+        heard and when it became busy. Only heartbeated (unwatched) workers
+        get sqm's heartbeats.
+        """
         if self.timer_at <= now:
             self.timers(now)
-        dead = [w for w in self.workers.values() if w.expires_at < now]
+        dead = [w for w in self.workers.values()
+                if now - w.heard_at > w.idle_ttl
+                or ((w.in_flight or w.abandoned)
+                    and now - max(w.heard_at, w.busy_since) > w.ttl)]
         for w in dead:
             w.move(GONE)  # all of them first: a retry must not go to another dead one
         for w in dead:
             self._remove_worker(now, w, "worker stopped heartbeating")
-        for w in self.workers.values():
-            if now - w.last_sent >= self.heartbeat:
-                w.last_sent = now
-                self.outbox.append(Heartbeat(w.rid))
+        if len(self.workers) > self.watched:
+            for w in self.workers.values():
+                if not w.watched and now - w.last_sent >= self.heartbeat:
+                    w.last_sent = now
+                    self.outbox.append(Heartbeat(w.rid))
         if self.pending and now - self._last_sweep >= self.heartbeat:
             self._last_sweep = now
             self._sweep_expired(now)
@@ -915,7 +962,7 @@ class QueueCore:
         w = self.workers.get(rid)
         if w is None:
             return None
-        w.expires_at = now + w.ttl
+        w.heard_at = now
         msg = w.in_flight.pop(msg_id, None)
         if msg is None:
             if w.abandoned and w.abandoned.pop(msg_id, None) is not None:
@@ -1143,6 +1190,8 @@ class QueueCore:
         if w.state != GONE:
             w.move(GONE)
         del self.workers[w.rid]
+        if w.watched:
+            self.watched -= 1
         if self._by_id.get(w.id) is w:
             del self._by_id[w.id]
         self._unserve_gone(w)

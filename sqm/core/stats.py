@@ -49,6 +49,8 @@ def worker_status(w: WorkerState, now: float) -> dict[str, Any]:
         "nice": rep.get("nice"),
         "worker_tasks_done": rep.get("tasks_done"),
         "last_report_at": rep.get("at"),
+        # sqm watches its connection (closing is death) instead of heartbeating it.
+        "watched": w.watched,
         # What it serves; [] means nothing, and a worker that advertised
         # nothing (an older client) serves every method: null.
         "methods": None if w.methods is None else [m.decode("utf-8", "replace") for m in w.methods],

@@ -45,7 +45,7 @@ class WorkerState:
         "free",
         "in_flight",
         "registered_at",
-        "expires_at",
+        "heard_at",
         "last_sent",
         "idle_since",
         "busy_since",
@@ -53,6 +53,9 @@ class WorkerState:
         "tasks_done",
         "state",
         "ttl",
+        "idle_ttl",
+        "watched",
+        "report_s",
         "parked",
         "report",
         "methods",
@@ -69,14 +72,21 @@ class WorkerState:
         self.free = slots
         self.in_flight: dict[bytes, Message] = {}
         self.registered_at = now
-        self.expires_at = 0.0
+        self.heard_at = now  # when its last traffic (any command, a heartbeat) arrived
         self.last_sent = now
         self.idle_since = now
         self.busy_since = 0.0
         self.busy_s = 0.0
         self.tasks_done = 0
         self.state = READY
-        self.ttl = 3.0  # seconds of silence after which the worker is dead
+        # Seconds of silence after which it is dead: ``ttl`` while it holds
+        # messages (or always, when heartbeated), ``idle_ttl`` when idle. A
+        # watched worker (sqm hears of its connection closing, and it sends
+        # HEARTBEAT only to report) is idle-silent far longer: see sqm.liveness.
+        self.ttl = 3.0
+        self.idle_ttl = 3.0
+        self.watched = False
+        self.report_s = 0.0  # when watched: it reports at least this often
         self.parked = 0  # slots the worker handed back with NACK (it was full)
         self.report: dict[str, Any] = {}  # its latest self-report (heartbeat)
         # What it advertised (None: it named none, so it serves every method)

@@ -2,12 +2,14 @@
 
 A hypothesis ``RuleBasedStateMachine`` drives the core with submits (random
 priority, retries, deadline, oneway; also duplicate ids), worker hellos (new
-and repeated rids, 1-3 slots), dones (genuine, ok or not, and bogus ones for
-unknown rids/ids or another worker's message), byes (graceful leave: the
-worker finishes what it holds), failed sends (``unreachable``), heartbeats
-(``seen``), purges, ticks with time advancing (sometimes past ``heartbeat *
-liveness`` so silent workers die) and at most one shutdown, late; dones may
-follow the shutdown.
+and repeated rids, 1-3 slots, heartbeated or with their connection
+watched), dones (genuine, ok or not, and bogus ones for unknown rids/ids or
+another worker's message), byes (graceful leave: the worker finishes what
+it holds), failed sends (``unreachable``), closed connections (``gone``),
+heartbeats (``seen``), purges, ticks with time advancing (sometimes past
+``heartbeat * liveness`` so silent workers die, sometimes past a watched
+idle worker's ``liveness`` report intervals) and at most one shutdown,
+late; dones may follow the shutdown.
 
 Alongside the core runs a small, deliberately naive reference model (lists
 and dicts, no cleverness) of what SPEC's delivery semantics require. After
@@ -22,6 +24,10 @@ the model, and the core's state and counters are compared with it:
 - longest idle first: a message goes to the free slot that became free
   earliest;
 - a worker found dead by a tick never receives a message in that tick;
+- liveness: a heartbeated worker dies ``heartbeat * liveness`` after it was
+  last heard; a watched one gets no heartbeats, dies when its connection
+  closes, when idle after ``liveness`` report intervals of silence, and
+  when busy ``heartbeat * liveness`` after it was last heard or became busy;
 - every message ends exactly once (done, or one OUT_FAIL with a reason), and
   after shutdown every message not in flight has ended;
 - a message whose worker died is redelivered iff it had retries left (which
@@ -64,6 +70,7 @@ from sqm.core import (
     OUT_ENDED,
     OUT_FAIL,
     OUT_HEARTBEAT,
+    OUT_WATCH,
     Message,
     QueueCore,
     as_tuple,
@@ -73,6 +80,7 @@ pytestmark = pytest.mark.timeout(120)
 
 HEARTBEAT = 1.0
 LIVENESS = 3
+REPORT_EVERY = 4.0  # heartbeats between a watched idle worker's reports (short: ticks reach it)
 MAX_PENDING = 6
 T0 = 1_000_000.0
 
@@ -85,12 +93,14 @@ FAIL_KINDS = {"Malformed", "Expired", "QueueFull", "WorkerLost", "BrokerShutdown
 class MWorker:
     """The model's view of one registered worker connection."""
 
-    def __init__(self, rid: bytes, slots: int, now: float) -> None:
+    def __init__(self, rid: bytes, slots: int, now: float, watched: bool) -> None:
         self.rid = rid
         self.slots = slots
         self.free = slots
         self.inflight: dict[Message, None] = {}  # ordered set
-        self.expires_at = now + HEARTBEAT * LIVENESS
+        self.heard = now  # last traffic from it
+        self.busy_since = 0.0  # when it last went from holding nothing to holding something
+        self.watched = watched
         self.last_sent = now
         self.alive = True
         self.leaving = False
@@ -139,6 +149,8 @@ class Model:
         mm.state = "inflight"
         mm.worker = w
         mm.deliveries += 1
+        if not w.inflight:
+            w.busy_since = self.now
         w.inflight[mm.msg] = None
         w.free -= 1
         w.last_sent = self.now
@@ -230,14 +242,28 @@ class Model:
             self.assign()
         return mm
 
-    def hello(self, rid: bytes, slots: int) -> None:
+    def dead(self, w: MWorker, now: float | None = None) -> bool:
+        """Silent too long (at ``now``, default the model's): heartbeated, or watched
+        and busy, ``HEARTBEAT * LIVENESS`` since last heard (or since it became busy,
+        when watched); watched and idle, ``LIVENESS`` report intervals."""
+        now = self.now if now is None else now
+        if not w.watched:
+            return now - w.heard > HEARTBEAT * LIVENESS
+        if w.inflight:
+            return now - max(w.heard, w.busy_since) > HEARTBEAT * LIVENESS
+        return now - w.heard > REPORT_EVERY * HEARTBEAT * LIVENESS
+
+    def hello(self, rid: bytes, slots: int, watched: bool = False) -> None:
         old = self.workers.get(rid)
         if old is not None and not old.leaving:
             # Repeat hello: what it holds stays in flight; slots refreshed,
             # parked ones cleared, the free ones go to the back of the line.
             old.slots = max(slots, len(old.inflight))
             old.parked = 0
-            old.expires_at = self.now + HEARTBEAT * LIVENESS
+            old.heard = self.now
+            old.watched = watched
+            if watched:
+                self.expected.append(("W", rid))
             old.free = old.slots - len(old.inflight)
             self.idle = [x for x in self.idle if x is not old] + [old] * old.free
             if self.pending:
@@ -245,7 +271,9 @@ class Model:
             return
         if old is not None:
             self.remove_worker(old)
-        w = MWorker(rid, slots, self.now)
+        w = MWorker(rid, slots, self.now, watched)
+        if watched:
+            self.expected.append(("W", rid))
         self.workers[rid] = w
         self.idle.extend([w] * slots)
         if self.pending:
@@ -255,7 +283,7 @@ class Model:
         w = self.workers.get(rid)
         if w is None:
             return False
-        w.expires_at = self.now + HEARTBEAT * LIVENESS
+        w.heard = self.now
         if msg not in w.inflight:
             return True
         del w.inflight[msg]
@@ -296,7 +324,7 @@ class Model:
         w = self.workers.get(rid)
         if w is None:
             return False
-        w.expires_at = self.now + HEARTBEAT * LIVENESS
+        w.heard = self.now
         if msg not in w.inflight:
             return True
         del w.inflight[msg]
@@ -317,7 +345,7 @@ class Model:
         w = self.workers.get(rid)
         if w is None:
             return False
-        w.expires_at = self.now + HEARTBEAT * LIVENESS
+        w.heard = self.now
         n = max(0, min(n, w.parked))
         if not n or w.leaving:
             return True
@@ -332,7 +360,15 @@ class Model:
         w = self.workers.get(rid)
         if w is None:
             return False
-        w.expires_at = self.now + HEARTBEAT * LIVENESS
+        w.heard = self.now
+        return True
+
+    def gone(self, rid: bytes) -> bool:
+        """Its connection closed: dead at once, like a worker found silent."""
+        w = self.workers.get(rid)
+        if w is None:
+            return False
+        self.remove_worker(w)
         return True
 
     def bye(self, rid: bytes) -> None:
@@ -362,13 +398,13 @@ class Model:
         self.remove_worker(w)
 
     def tick(self) -> None:
-        dead = [w for w in self.workers.values() if w.expires_at < self.now]
+        dead = [w for w in self.workers.values() if self.dead(w)]
         self.dying = {w.rid for w in dead}
         for w in dead:
             self.remove_worker(w)
         self.dying = set()
         for w in self.workers.values():
-            if self.now - w.last_sent >= HEARTBEAT:
+            if not w.watched and self.now - w.last_sent >= HEARTBEAT:
                 w.last_sent = self.now
                 self.expected.append(("H", w.rid))
         if self.pending and self.now - self.last_sweep >= HEARTBEAT:
@@ -400,7 +436,7 @@ class Model:
 # --------------------------------------------------------------------------- machine
 
 
-_KIND_NAMES = {"H": "HEARTBEAT", "B": "BYE"}
+_KIND_NAMES = {"H": "HEARTBEAT", "B": "BYE", "W": "WATCH"}
 
 
 def _fmt(entry: tuple) -> str:
@@ -434,7 +470,8 @@ class CoreMachine(RuleBasedStateMachine):
         super().__init__()
         self.healthy = True
         self.core = self.core_class(
-            "q", T0, heartbeat=HEARTBEAT, liveness=LIVENESS, max_pending=MAX_PENDING
+            "q", T0, heartbeat=HEARTBEAT, liveness=LIVENESS, max_pending=MAX_PENDING,
+            report_every=REPORT_EVERY,
         )
         self.model = Model(T0)
         self.ids = itertools.count(1)
@@ -511,6 +548,10 @@ class CoreMachine(RuleBasedStateMachine):
                 actual.append(("H", e[1]))
             elif e[0] == OUT_BYE:
                 actual.append(("B", e[1]))
+            elif e[0] == OUT_WATCH:
+                w = self.core.workers.get(e[1])
+                assert w is None or w.report_s == REPORT_EVERY * HEARTBEAT, e
+                actual.append(("W", e[1]))
             else:  # pragma: no cover - unknown outbox kind
                 raise AssertionError(f"unknown outbox entry {e!r}")
         expected = self.model.expected
@@ -576,28 +617,30 @@ class CoreMachine(RuleBasedStateMachine):
         if self._run(f"submit({mid!r})", lambda: self.core.submit(self.now, msg)):
             self.accepted.add(msg)
 
+    def _hello(self, label: str, rid: bytes, slots: int, asks: bool, watchable: bool) -> None:
+        """HELLO: ``asks`` to be watched (``watch`` in it), over a connection sqm can
+        watch or not; watched only when both."""
+        self.model.hello(rid, slots, watched=asks and watchable)
+        info = {"slots": slots, "id": rid.decode(), **({"watch": True} if asks else {})}
+        self._run(
+            f"{label}({rid!r}, slots={slots}, asks={asks}, watchable={watchable})",
+            lambda: self.core.hello(self.now, rid, info, watchable=watchable),
+        )
+
     @precondition(lambda self: not self.stopped)
-    @rule(slots=st.integers(1, 3))
-    def hello_new(self, slots: int) -> None:
+    @rule(slots=st.integers(1, 3), asks=st.booleans(), watchable=st.booleans())
+    def hello_new(self, slots: int, asks: bool, watchable: bool) -> None:
         self.steps += 1
         rid = b"w%d" % next(self.rids)
         self.known_rids.append(rid)
-        self.model.hello(rid, slots)
-        self._run(
-            f"hello({rid!r}, slots={slots})",
-            lambda: self.core.hello(self.now, rid, {"slots": slots, "id": rid.decode()}),
-        )
+        self._hello("hello", rid, slots, asks, watchable)
 
     @precondition(lambda self: not self.stopped and self.known_rids)
-    @rule(data=st.data(), slots=st.integers(1, 3))
-    def hello_again(self, data, slots: int) -> None:
+    @rule(data=st.data(), slots=st.integers(1, 3), asks=st.booleans(), watchable=st.booleans())
+    def hello_again(self, data, slots: int, asks: bool, watchable: bool) -> None:
         self.steps += 1
         rid = data.draw(st.sampled_from(self.known_rids), label="rid")
-        self.model.hello(rid, slots)
-        self._run(
-            f"re-hello({rid!r}, slots={slots})",
-            lambda: self.core.hello(self.now, rid, {"slots": slots, "id": rid.decode()}),
-        )
+        self._hello("re-hello", rid, slots, asks, watchable)
 
     @precondition(lambda self: any(w.inflight for w in self.model.workers.values()))
     @rule(data=st.data(), ok=st.booleans())
@@ -641,6 +684,16 @@ class CoreMachine(RuleBasedStateMachine):
             f"unreachable({rid!r}, {msg.id!r})",
             lambda: self.core.unreachable(self.now, rid, msg),
         )
+
+    @precondition(lambda self: not self.stopped and self.known_rids)
+    @rule(data=st.data())
+    def gone(self, data) -> None:
+        """A worker's connection closed (sqm's socket monitor said so): known or not,
+        holding messages or not, watched or heartbeated."""
+        self.steps += 1
+        rid = data.draw(st.sampled_from([*self.known_rids, b"stranger"]), label="rid")
+        expect = self.model.gone(rid)
+        self._run(f"gone({rid!r})", lambda: self.core.gone(self.now, rid), expect=expect)
 
     @precondition(lambda self: not self.stopped)
     @rule(resume=st.booleans())
@@ -690,8 +743,8 @@ class CoreMachine(RuleBasedStateMachine):
     @precondition(lambda self: not self.stopped)
     @rule(
         dt=st.one_of(
-            st.sampled_from([0.0, 0.5, 1.0, 2.9, 3.0, 3.1, 4.0, 7.0]),
-            st.floats(0.0, 5.0, allow_nan=False),
+            st.sampled_from([0.0, 0.5, 1.0, 2.9, 3.0, 3.1, 4.0, 7.0, 11.9, 12.0, 12.1]),
+            st.floats(0.0, 13.0, allow_nan=False),
         )
     )
     def tick(self, dt: float) -> None:
@@ -703,9 +756,7 @@ class CoreMachine(RuleBasedStateMachine):
         for rid in spared:  # their heartbeats arrive just before the tick
             expect = self.model.seen(rid)
             self._run(f"seen({rid!r})", lambda r=rid: self.core.seen(self.now, r), expect=expect)
-        dying = frozenset(
-            rid for rid, w in self.model.workers.items() if w.expires_at < self.model.now
-        )
+        dying = frozenset(rid for rid, w in self.model.workers.items() if self.model.dead(w))
         self.model.tick()
         self._run(f"tick(+{dt})", lambda: self.core.tick(self.now), dying=dying)
 
@@ -785,6 +836,7 @@ class CoreMachine(RuleBasedStateMachine):
         n_inflight = sum(len(w.inflight) for w in model.workers.values())
         assert core.in_flight == n_inflight, (core.in_flight, n_inflight)
         assert list(core.workers) == list(model.workers)
+        assert core.watched == sum(w.watched for w in model.workers.values())
         seen_msgs: dict[bytes, bytes] = {}
         for rid, w in core.workers.items():
             mw = model.workers[rid]
@@ -792,6 +844,7 @@ class CoreMachine(RuleBasedStateMachine):
             assert w.slots == mw.slots
             assert 0 <= w.free <= w.slots
             assert w.leaving == mw.leaving
+            assert w.watched == mw.watched, rid
             assert w.parked == mw.parked, (rid, w.parked, mw.parked)
             free = 0 if mw.leaving else w.slots - len(w.in_flight) - w.parked
             assert w.free == free, (rid, w.free, len(w.in_flight), w.parked)
@@ -868,14 +921,14 @@ class OneDeathPerTickMachine(CoreMachine):
     @precondition(lambda self: not self.stopped)
     @rule(
         dt=st.one_of(
-            st.sampled_from([0.0, 0.5, 1.0, 2.9, 3.0, 3.1, 4.0, 7.0]),
-            st.floats(0.0, 5.0, allow_nan=False),
+            st.sampled_from([0.0, 0.5, 1.0, 2.9, 3.0, 3.1, 4.0, 7.0, 11.9, 12.0, 12.1]),
+            st.floats(0.0, 13.0, allow_nan=False),
         )
     )
     def tick(self, dt: float) -> None:
         self.steps += 1
         now = self.model.now + dt
-        doomed = [rid for rid, w in self.model.workers.items() if w.expires_at < now]
+        doomed = [rid for rid, w in self.model.workers.items() if self.model.dead(w, now)]
         self._tick(dt, frozenset(doomed[1:]))
 
 
