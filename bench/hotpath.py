@@ -99,6 +99,8 @@ def _worker_steps(beat_ms: bytes) -> tuple[Callable[[list[bytes]], Any], Any]:
         link = _Link()
         return (lambda frames: w._handle(link, frames)), None
     execute.send_frames = _sent
+    if hasattr(execute, "send_raw"):  # a reply's routing-id frame (trees after 2cafb6d)
+        execute.send_raw = _sent  # type: ignore[assignment]
     plain.send_frames = _sent
     ex = execute.Execution(None, "w1", {"echo": _echo})
     ex.mailboxes = _Pool()  # type: ignore[assignment]

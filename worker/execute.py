@@ -36,7 +36,7 @@ from sqm.protocol import (
     decode_envelope,
     encode_json,
 )
-from sqm.zmqfast import NOBLOCK, SNDMORE, send_frames
+from sqm.zmqfast import NOBLOCK, SNDMORE, send_frames, send_raw
 
 from .mailboxes import MailboxLost, MailboxPool
 from .retry import Retry, RetryPolicy
@@ -519,7 +519,7 @@ class Execution:
         sock = pool.sock
         assert sock is not None  # get() made it
         try:
-            send_frames(sock, head, ROUTE)  # atomic: refused here or the whole message goes
+            send_raw(sock, head[0], ROUTE)  # atomic: refused here or the whole message goes
             send_frames(sock, frames)
         except zmq.Again:
             log.debug("worker %s: mailbox %r not keeping up; reply dropped",
