@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from typing import Any
 
@@ -12,6 +11,7 @@ import zmq
 from sender import Sender
 from sqm.core import Message
 from sqm.journal import Journal, JournalPlugin
+from sqm.journal_log import read_live
 from sqm.plugins import Hooks, Plugin
 from sqm.testing import InProcessBroker
 from tests.conftest import wait_for
@@ -138,16 +138,12 @@ def test_journal_plugin_records_on_accept_and_forgets_on_end(tmp_path):
         with Sender("q", endpoint=b.endpoint, context=b.context) as s:
             s.submit("echo", "kept")
             wait_for(lambda: b.status()["journal"]["written_total"] == 1, 10, "the journal row")
-            rows = sqlite3.connect(str(path)).execute("SELECT COUNT(*) FROM messages").fetchone()
-            assert rows == (1,)
+            assert len(read_live(f"{path}-messages")) == 1
             w, t = _serve(b)
             try:
                 wait_for(lambda: b.status()["completed_total"] == 1, 10, "the completion")
-                wait_for(
-                    lambda: sqlite3.connect(str(path))
-                    .execute("SELECT COUNT(*) FROM messages").fetchone() == (0,),
-                    10, "the row to be removed",
-                )
+                wait_for(lambda: read_live(f"{path}-messages") == {}, 10,
+                         "the record to be ended")
             finally:
                 w.terminate()
                 t.join(10)
