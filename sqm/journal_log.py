@@ -141,6 +141,10 @@ class MessageLog:
         except FileNotFoundError:
             data = b""
         live, good = replay(data)  # LogFormatError: the caller names the file
+        try:
+            os.unlink(path + ".tmp")  # a compaction cut short by a crash: the log is intact
+        except FileNotFoundError:
+            pass
         self.live = live
         self.live_bytes = sum(v[3] for v in live.values())
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)

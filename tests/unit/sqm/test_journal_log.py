@@ -173,6 +173,20 @@ def test_compaction_keeps_exactly_the_live_set_in_order(
     assert list(read_live(str(tmp_path / "j-messages"))) == [("q", r.id) for r in expected]
 
 
+def test_a_compaction_cut_short_leaves_the_log_as_it_was(tmp_path: Path) -> None:
+    j = open_journal(tmp_path / "j")
+    j.add("q", *msg(0))
+    j.commit()
+    j.close()
+    (tmp_path / "j-messages.tmp").write_bytes(MAGIC + b"half a rewrite")
+    j = open_journal(tmp_path / "j")
+    try:
+        assert j.load("q") == [rec(0)]
+        assert not (tmp_path / "j-messages.tmp").exists()
+    finally:
+        j.close()
+
+
 def test_fsync_mode_writes_the_same_log(tmp_path: Path) -> None:
     j = open_journal(tmp_path / "j", fsync=True)
     j.add("q", *msg(0))
