@@ -5,8 +5,8 @@ a minute:
 
 1. **core**: the pure broker core (:class:`sqm.core.QueueCore`) with N
    registered workers, each heartbeating once per second with its
-   self-report (parsed with :func:`sqm.wire.read_heartbeat`, as the server
-   does), and the broker's tick four times per heartbeat: µs of CPU per
+   self-report (kept raw, not parsed, as the server does), and the
+   broker's tick four times per heartbeat: µs of CPU per
    heartbeat, sockets excluded.
 2. **deployment**: the same core fed a whole deployment's share for one
    broker out of K (every worker registers with every broker, so each broker
@@ -38,7 +38,6 @@ import zmq
 
 from sqm.core import Dispatch, Message, QueueCore
 from sqm.protocol import HEARTBEAT, HELLO, SIGNATURE, encode_json
-from sqm.wire import read_heartbeat
 
 _pause = threading.Event().wait
 TICKS_PER_HEARTBEAT = 4  # the broker loop ticks every heartbeat / 4
@@ -68,13 +67,12 @@ def register(core: QueueCore, n: int, now: float) -> list[tuple[bytes, list[byte
 
 
 def beat(core: QueueCore, frames: list[bytes], now: float) -> None:
-    """What the server does with one worker heartbeat (sqm/broker/server.py)."""
-    got = read_heartbeat(frames)
-    if got.report is not None:
-        got.report["at"] = now
-        core.report(now, got.wid or "", got.report)
-    elif got.wid is not None:
-        core.seen_id(now, got.wid)
+    """What the server does with one worker heartbeat (sqm/broker/server.py): the
+    report is kept raw, not parsed."""
+    if len(frames) == 4:
+        core.report(now, frames[2].decode("utf-8", "replace"), frames[3])
+    elif len(frames) == 3:
+        core.seen_id(now, frames[2].decode("utf-8", "replace"))
 
 
 def simulate(workers: int, msgs_per_s: float, seconds: float) -> dict[str, float]:

@@ -34,7 +34,7 @@ from . import selfreport
 from .aio import AsyncRunner
 from .execute import Execution, Originator, Workload, is_async_callback
 from .followup import DEFAULT_MAX_HOPS, FollowUps
-from .links import ReportPlan, broker_socket, check_rights
+from .links import ReportPlan, beat_phase, broker_socket, check_rights, next_beat_in
 from .mailboxes import MailboxPool
 from .plain import PlainRunner
 from .retry import DEFAULT_BACKOFF, DEFAULT_MAX_RETRIES, RetryPolicy
@@ -437,23 +437,24 @@ class Worker:
                 sock = broker_socket(ctx, self._curve, linger_ms=0)
                 socks.append(sock)
                 sock.connect(endpoint)
-            while not self._hb_stop.wait(self.heartbeat):
+            phase = beat_phase(self.id, self.heartbeat)
+            while not self._hb_stop.wait(next_beat_in(time.time(), self.heartbeat, phase)):
                 if running or before:
                     before = self._ack_again(acks, running, before)
-                # A broker watching our connection wants a report only now and then.
+                # Every broker gets a beat every interval (it drops us after 3
+                # silent ones); one watching our connection wants the
+                # self-report only now and then: the other beats are bare.
                 due = self._reports.due(time.monotonic(), bool(running))
-                if not due:
-                    continue
-                try:
-                    frames = [SIGNATURE, HEARTBEAT, wid, selfreport.encode(self)]
-                except Exception:  # never let a report stop the heartbeats
-                    log.exception("worker %s: cannot build its self-report", self.id)
-                    frames = [SIGNATURE, HEARTBEAT, wid]
-                for endpoint, sock in zip(self.endpoints, socks, strict=True):
-                    if endpoint not in due:
-                        continue
+                bare = [SIGNATURE, HEARTBEAT, wid]
+                frames = bare
+                if due:
                     try:
-                        sock.send_multipart(frames, zmq.NOBLOCK)
+                        frames = [SIGNATURE, HEARTBEAT, wid, selfreport.encode(self)]
+                    except Exception:  # never let a report stop the heartbeats
+                        log.exception("worker %s: cannot build its self-report", self.id)
+                for endpoint, sock in zip(self.endpoints, socks, strict=True):
+                    try:
+                        sock.send_multipart(frames if endpoint in due else bare, zmq.NOBLOCK)
                     except zmq.Again:
                         pass
         finally:

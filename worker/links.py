@@ -8,9 +8,10 @@ A broker that watches the worker's connection (:mod:`sqm.liveness`) says so
 in answer to HELLO and then sends no heartbeats: the link is *watched*. Its
 broker is then judged by the connection (the monitor says when it closes;
 TCP keepalive closes it when the broker's host goes silent), not by
-silence, and the heartbeat thread reports to it every beat only while a
-callback runs (:class:`ReportPlan`). A broker that heartbeats is judged by
-its heartbeats, as before.
+silence. The heartbeat thread still beats to it every interval (sqm drops
+a worker silent for 3), but attaches the self-report only every
+``report_s`` and while a callback runs (:class:`ReportPlan`). A broker that
+heartbeats is judged by its heartbeats, as before.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import random
 import secrets
 import threading
 import time
+import zlib
 from collections.abc import Callable
 
 import zmq
@@ -221,18 +223,39 @@ class BrokerLink:
         self.report_s = report_s
 
 
-class ReportPlan:
-    """Which brokers the heartbeat thread sends a self-report to, at each of its beats.
+#: Beats fall on this many instants per interval (by worker id), the same for
+#: every worker: a broker then reads them in a few batches a second instead
+#: of waking up for each one (a wake-up costs it far more than the beat).
+BEAT_PHASES = 4
 
-    A heartbeated broker (the default, and any older sqm) gets one every
-    beat, as ever. A broker that watches the connection (:meth:`watch`) gets
-    one at every beat while a callback runs (its silence then still means a
-    stuck worker), one when the worker has just gone idle, and otherwise
-    every ``report_s``: a worker running short callbacks between beats looks
-    idle to the plan, and its DONEs prove it alive. The first idle report
-    comes at a random point of the interval, so workers that registered
-    together do not all report in the same second. The runner's thread
-    calls :meth:`watch`, the heartbeat thread :meth:`due`.
+
+def beat_phase(worker_id: str, heartbeat: float) -> float:
+    """Where in each interval of the wall clock this worker beats (seconds)."""
+    return (zlib.crc32(worker_id.encode()) % BEAT_PHASES) * heartbeat / BEAT_PHASES
+
+
+def next_beat_in(now: float, heartbeat: float, phase: float) -> float:
+    """Seconds from ``now`` (wall clock) to the next beat at ``phase`` of the interval grid.
+
+    Never less than a tenth of an interval (a late wake-up skips to the
+    following one), so beats stay at most 1.1 intervals apart.
+    """
+    delay = (phase - now) % heartbeat
+    return delay if delay >= heartbeat / 10 else delay + heartbeat
+
+
+class ReportPlan:
+    """Which brokers get the self-report with the beat the heartbeat thread sends now.
+
+    Every broker gets a beat every interval; the others get it bare
+    (``[SQM1, H, worker-id]``). A heartbeated broker (the default, and any
+    older sqm) gets the report every beat, as ever. A broker that watches
+    the connection (:meth:`watch`) gets it at every beat while a callback
+    runs, once when the worker has just gone idle, and otherwise every
+    ``report_s``. The first idle report comes at a random point of the
+    interval, so workers that registered together do not all report in the
+    same second. The runner's thread calls :meth:`watch`, the heartbeat
+    thread :meth:`due`.
     """
 
     def __init__(self, endpoints: list[str], heartbeat: float,
@@ -256,7 +279,8 @@ class ReportPlan:
             self._every[endpoint] = report_s
 
     def due(self, now: float, busy: bool) -> list[str]:
-        """The endpoints to send a report to now (noted as sent); ``busy``: a callback runs."""
+        """The endpoints whose beat carries the report now (noted as sent); ``busy``: a
+        callback runs."""
         out = []
         with self._lock:
             for endpoint, every in self._every.items():

@@ -138,7 +138,7 @@ class Broker:
 
     def _tick(self, now: float) -> None:
         for q in self.queues:
-            q.check_connections(now)  # closed worker connections first: those workers are dead
+            q.check_connections(now)  # closed worker connections first: no new work to those
             q.core.tick(now)
             q.flush(now)
             if q.acks_pending and not q.acks_after_hooks:

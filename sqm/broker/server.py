@@ -70,7 +70,6 @@ from ..wire import (
     read_control,
     read_credit,
     read_forward,
-    read_heartbeat,
     read_hello,
     read_message_id,
     read_retry,
@@ -277,17 +276,15 @@ class QueueServer:
             self._reregister(rid_frame.bytes)
 
     def _on_heartbeat(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
-        beat = read_heartbeat(frames)
-        if beat.wid is None:
-            if not self.core.seen(now, rid_frame.bytes):
-                self._reregister(rid_frame.bytes)
-        elif beat.report is not None:
-            beat.report["at"] = now
-            self.core.report(now, beat.wid, beat.report)
-        else:
-            self.core.seen_id(now, beat.wid)
-            if beat.bad_report:
-                raise Malformed("heartbeat report is not a JSON object")
+        # Every worker beats every interval: this runs ~1,000 times a second
+        # for 1,000 workers, so no JSON parse here (a status decodes the report).
+        n = len(frames)
+        if n == 3:  # [SIG, H, wid]: a bare beat from a worker's heartbeat thread
+            self.core.seen_id(now, frames[2].decode("utf-8", "replace"))
+        elif n == 4:  # [SIG, H, wid, report]
+            self.core.report(now, frames[2].decode("utf-8", "replace"), frames[3])
+        elif not self.core.seen(now, rid_frame.bytes):
+            self._reregister(rid_frame.bytes)
 
     def _on_hello(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
         info = read_hello(frames)
@@ -303,7 +300,8 @@ class QueueServer:
         # (sqm.broker.watch): the binding below cannot be stale.
         self.check_connections(now)
         if fd >= 0 and not self.connections.is_open(fd):
-            # Its connection closed after it sent this: it is gone already.
+            # Its connection closed after it sent this: detached (it says HELLO again
+            # on its next connection).
             self._connection_closed(now, rid)
             return
         w = self.core.hello(now, rid, info, watchable=self.watching and fd >= 0)
@@ -316,7 +314,7 @@ class QueueServer:
         )
 
     def check_connections(self, now: float) -> None:
-        """Workers whose connection closed are dead (read from the socket monitor)."""
+        """Detach the workers whose connection closed (read from the socket monitor)."""
         for rid in self.connections.closed():
             self._connection_closed(now, rid)
 
@@ -324,7 +322,8 @@ class QueueServer:
         w = self.core.workers.get(rid)
         if w is None:
             return
-        log.info("queue %s: worker %s connection closed%s", self.name, w.id,
+        log.info("queue %s: worker %s connection closed%s: no new work until it is back",
+                 self.name, w.id,
                  f" while it held {len(w.in_flight)} message(s)" if w.in_flight else "")
         self.core.gone(now, rid)
 

@@ -34,7 +34,6 @@ from bisect import bisect_left
 from collections import deque
 from typing import Any
 
-from ..liveness import REPORT_EVERY
 from ..metrics import BOUNDS, MethodStats
 from .events import (
     COMPLETED,
@@ -51,7 +50,7 @@ from .events import (
 )
 from .methods import LEVELS, PENDING, MethodQueue, read_methods
 from .stats import queue_status
-from .workers import GONE, LEAVING, READY, STOPPING, WorkerState
+from .workers import DETACHED, GONE, LEAVING, READY, REPORT_EVERY, STOPPING, WorkerState
 
 _new_tuple = tuple.__new__  # builds a Dispatch without NamedTuple.__new__'s Python frame
 
@@ -171,9 +170,13 @@ class QueueCore:
         self.started_at = now
         self.heartbeat = heartbeat
         self.liveness = liveness
-        # A watched worker reports on itself every report_every heartbeats when idle.
+        # A watched worker sends its self-report every report_every heartbeats.
         self.report_every = report_every
         self.watched = 0  # registered workers whose connection is watched (no heartbeats)
+        # Workers whose connection closed, until they say HELLO again or are removed.
+        self._detached: dict[bytes, WorkerState] = {}
+        # No worker can be dead before this: ticks before it skip the walk over them.
+        self._expiry_at = NEVER
         self.max_pending = max_pending
         self.max_message_size = max_message_size
         self.max_deliveries = max_deliveries
@@ -408,9 +411,8 @@ class QueueCore:
             refusal = self.outbox[-1]
             if type(refusal) is Fail:
                 self.outbox.append(Ended(nxt, refusal.error))
-        if w.state == LEAVING:
-            if not w.in_flight:
-                self._remove_worker(now, w, "worker left")
+        if w.state >= LEAVING:
+            self._ended_off_duty(now, w)
         elif w.methods is None:
             w.free += 1
             taken = self._take(now, w) if self.pending else None
@@ -431,11 +433,13 @@ class QueueCore:
         ``info['methods']`` lists the methods it serves; without it the
         worker serves every method. ``watchable``: the I/O layer will say
         when this connection closes (:meth:`gone`); a worker that asks for
-        it (``info['watch']``) is then watched instead of heartbeated.
+        it (``info['watch']``) is then watched instead of heartbeated. A
+        worker detached by a closed connection that says HELLO again is
+        back: what it holds stays in flight (nothing is run twice).
         """
         old = self.workers.get(rid)
         if old is not None:
-            if old.state == READY:
+            if old.state == READY or old.state == DETACHED:
                 return self._hello_again(now, old, info, watchable)
             # A leaving or stopping worker starts afresh: what it held is lost.
             self._remove_worker(now, old, "worker re-registered while holding it")
@@ -460,6 +464,9 @@ class QueueCore:
         Slots still busy with another broker's messages come back as NACK.
         """
         slots = _slots(info)
+        if w.state == DETACHED:
+            w.move(READY)
+            del self._detached[w.rid]
         self._unserve(w)
         wid = str(info.get("id") or w.rid.hex())
         if wid != w.id:
@@ -481,21 +488,23 @@ class QueueCore:
     def _set_liveness(self, now: float, w: WorkerState, info: dict[str, Any],
                       watchable: bool) -> None:
         """Set how long ``w`` may stay silent: ``liveness`` beats of sqm's
-        heartbeat or of its own, whichever is longer; when watched and idle,
-        ``liveness`` of its report intervals (its connection closing is what
-        says it died). A watched worker is told so (:class:`Watch`)."""
+        heartbeat or of its own, whichever is longer, idle or busy, watched
+        or not (SPEC). A watched worker is told so (:class:`Watch`): sqm
+        sends it no heartbeats, and it sends its self-report only every
+        ``report_s`` (its beats in between are bare)."""
         own = info.get("heartbeat")
         own = float(own) if isinstance(own, (int, float)) and 0 < own <= 3600 else 0.0
         beat = max(self.heartbeat, own)
-        w.ttl = w.idle_ttl = self.liveness * beat
+        w.ttl = self.liveness * beat
         w.heard_at = now
+        if now + w.ttl < self._expiry_at:
+            self._expiry_at = now + w.ttl
         watched = watchable and info.get("watch") is True
         if watched != w.watched:
             self.watched += 1 if watched else -1
             w.watched = watched
         w.report_s = self.report_every * beat if watched else 0.0
         if watched:
-            w.idle_ttl = self.liveness * w.report_s
             self.outbox.append(Watch(w.rid))
 
     def _offer(self, now: float, w: WorkerState, n: int) -> None:
@@ -566,9 +575,8 @@ class QueueCore:
         if not w.in_flight:
             w.busy_s += now - w.busy_since
             w.idle_since = now
-        if w.state == LEAVING:
-            if not w.in_flight:
-                self._remove_worker(now, w, "worker left")
+        if w.state >= LEAVING:
+            self._ended_off_duty(now, w)
             return True
         if w.methods is None:
             w.free += 1
@@ -635,19 +643,23 @@ class QueueCore:
             return False
         w.heard_at = now
         n = max(0, min(n, w.parked))
-        if not n or w.state == LEAVING:
+        if not n or w.state >= LEAVING:  # leaving or detached: no new work
             return True
         w.parked -= n
         self._offer(now, w, n)
         return True
 
-    def report(self, now: float, wid: str, info: dict[str, Any]) -> bool:
-        """A heartbeat that carries the worker's self-report (rss, nice, busy_s...)."""
+    def report(self, now: float, wid: str, raw: bytes) -> bool:
+        """A heartbeat that carries the worker's self-report (rss, nice, busy_s...).
+
+        Kept as it came (JSON bytes): only a status decodes it.
+        """
         w = self._by_id.get(wid)
         if w is None:
             return False
         w.heard_at = now
-        w.report = info
+        w.report = raw
+        w.report_at = now
         return True
 
     def seen(self, now: float, rid: bytes) -> bool:
@@ -659,18 +671,44 @@ class QueueCore:
         return True
 
     def gone(self, now: float, rid: bytes) -> bool:
-        """Worker ``rid``'s connection closed (the I/O layer saw it): the worker is dead.
+        """Worker ``rid``'s connection closed (the I/O layer saw it): detach it.
 
-        A killed process closes its connection at once, an unreachable host
-        within ``liveness`` beats (TCP keepalive); either way nothing more
-        can come from it. What it held is redelivered while ``retries``
-        last, else failed back with ``WorkerLost``. False if unknown.
+        A killed process closes its connection at once, but so does a live
+        one whose connection dropped briefly (it reconnects and says HELLO
+        again). So no new work goes to it, and what it holds stays in
+        flight: if it comes back, nothing runs twice; if it is dead, its
+        silence removes it within ``ttl`` (:meth:`tick`), and only then is
+        what it held redelivered or failed back (``WorkerLost``). False if
+        unknown.
         """
         w = self.workers.get(rid)
         if w is None:
             return False
-        self._remove_worker(now, w, "worker connection closed")
+        self._detach(now, w)
         return True
+
+    def _detach(self, now: float, w: WorkerState) -> None:
+        """No new work for ``w`` until it says HELLO again (it may already be
+        reconnected: :class:`Bye` asks it to); a leaving worker stays leaving."""
+        if w.state == READY or w.state == STOPPING:
+            w.move(DETACHED)
+            w.detached_at = now
+            self._detached[w.rid] = w
+            if now + w.ttl < self._expiry_at:
+                self._expiry_at = now + w.ttl
+            self.outbox.append(Bye(w.rid))
+
+    def _ended_off_duty(self, now: float, w: WorkerState) -> None:
+        """A leaving or detached worker ended a message: its slot takes no new work.
+
+        A leaving one that holds nothing more is removed; a detached one
+        proves it is reachable again, so it is asked (again) to register.
+        """
+        if w.state == LEAVING:
+            if not w.in_flight:
+                self._remove_worker(now, w, "worker left")
+        elif w.state == DETACHED:
+            self.outbox.append(Bye(w.rid))
 
     def seen_id(self, now: float, wid: str) -> bool:
         """A heartbeat naming the worker by id (sent from its heartbeat thread)."""
@@ -684,7 +722,8 @@ class QueueCore:
         """A dispatch of ``msg`` to ``rid`` could not be sent: the connection is gone.
 
         ``msg`` never reached the worker, so it goes back to the queue without
-        using a retry; whatever else the worker held follows the death rules.
+        using a retry; the worker is detached like on :meth:`gone` (what else
+        it holds stays in flight until it is back or removed).
         """
         w = self.workers.get(rid)
         if w is None or w.in_flight.get(msg.id) is not msg:
@@ -697,7 +736,9 @@ class QueueCore:
         msg.stats.assigned -= 1
         msg.deliveries -= 1
         self._requeue(msg)
-        self._remove_worker(now, w, "worker connection lost while holding it")
+        self._detach(now, w)
+        if self.pending:
+            self._assign(now)
 
     def bye(self, now: float, rid: bytes) -> None:
         """A worker asks to leave: no new work for it; it finishes what it holds.
@@ -709,6 +750,8 @@ class QueueCore:
         if w is None:
             self.outbox.append(Bye(rid))
             return
+        if w.state == DETACHED:
+            del self._detached[rid]
         w.move(LEAVING)  # its idle slots become stale entries
         self.outbox.append(Bye(rid))
         if not w.in_flight:
@@ -719,22 +762,16 @@ class QueueCore:
     def tick(self, now: float) -> None:
         """Expire silent workers, heartbeat quiet ones, sweep expired pending, run timers.
 
-        Silent: nothing heard for ``ttl``, or for ``idle_ttl`` from a watched
-        idle worker; a watched worker that holds messages reports every
-        heartbeat, so it is silent ``ttl`` after the later of what was last
-        heard and when it became busy. Only heartbeated (unwatched) workers
-        get sqm's heartbeats.
+        Dead: nothing heard for ``ttl`` (every worker heartbeats, idle or
+        busy, watched or not), or detached for ``ttl`` without saying HELLO
+        again. A dead worker is told :class:`Bye` (a stopped process that
+        resumes registers again). Only heartbeated (unwatched) workers get
+        sqm's heartbeats.
         """
         if self.timer_at <= now:
             self.timers(now)
-        dead = [w for w in self.workers.values()
-                if now - w.heard_at > w.idle_ttl
-                or ((w.in_flight or w.abandoned)
-                    and now - max(w.heard_at, w.busy_since) > w.ttl)]
-        for w in dead:
-            w.move(GONE)  # all of them first: a retry must not go to another dead one
-        for w in dead:
-            self._remove_worker(now, w, "worker stopped heartbeating")
+        if now >= self._expiry_at:
+            self._expire(now)
         if len(self.workers) > self.watched:
             for w in self.workers.values():
                 if not w.watched and now - w.last_sent >= self.heartbeat:
@@ -743,6 +780,33 @@ class QueueCore:
         if self.pending and now - self._last_sweep >= self.heartbeat:
             self._last_sweep = now
             self._sweep_expired(now)
+
+    def _expire(self, now: float) -> None:
+        """Remove the dead workers (see :meth:`tick`); note when the next one can die.
+
+        Heard times only grow, so the walk runs about once per ``ttl`` minus a
+        beat, not at every tick (a HELLO or a detach with an earlier limit
+        brings it forward).
+        """
+        dead = []
+        soonest = NEVER
+        for w in self.workers.values():
+            at = w.heard_at + w.ttl
+            if w.state == DETACHED and w.detached_at + w.ttl < at:
+                at = w.detached_at + w.ttl
+            if now - w.heard_at > w.ttl or (w.state == DETACHED
+                                            and now - w.detached_at > w.ttl):
+                dead.append(w)
+            elif at < soonest:
+                soonest = at
+        self._expiry_at = soonest
+        for w in dead:
+            w.move(GONE)  # all of them first: a retry must not go to another dead one
+        for w in dead:
+            self.outbox.append(Bye(w.rid))
+            self._remove_worker(now, w, "worker stopped heartbeating"
+                                if now - w.heard_at > w.ttl
+                                else "worker connection closed and it did not come back")
 
     def shutdown(self, now: float, *, fail_pending: bool = True) -> None:
         """Fail every pending message back and tell every worker we stop.
@@ -904,8 +968,8 @@ class QueueCore:
         if w.state == LEAVING:
             if not w.in_flight and not w.abandoned:
                 self._remove_worker(now, w, "worker left")
-        elif w.state == GONE:
-            return
+        elif w.state == GONE or w.state == DETACHED:
+            return  # a detached one gets its free slots back when it says HELLO again
         elif w.methods is None:
             w.free += 1
             nxt = self._take(now, w) if self.pending else None
@@ -1190,6 +1254,7 @@ class QueueCore:
         if w.state != GONE:
             w.move(GONE)
         del self.workers[w.rid]
+        self._detached.pop(w.rid, None)
         if w.watched:
             self.watched -= 1
         if self._by_id.get(w.id) is w:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..metrics import Histogram, MethodStats
-from .workers import READY
+from ..protocol import decode_json
+from .workers import DETACHED, READY
 
 if TYPE_CHECKING:
     from .queue import QueueCore
@@ -17,9 +18,10 @@ if TYPE_CHECKING:
 
 
 def worker_label(w: WorkerState) -> str:
-    """The state ``status`` shows: leaving (asked to stop, or said bye), busy or idle."""
+    """The state ``status`` shows: leaving (asked to stop, or said bye), detached
+    (its connection closed: no new work until it is back), busy or idle."""
     if w.state != READY:
-        return "leaving"
+        return "detached" if w.state == DETACHED else "leaving"
     return "busy" if w.in_flight else "idle"
 
 
@@ -27,7 +29,7 @@ def worker_status(w: WorkerState, now: float) -> dict[str, Any]:
     """One worker's row in ``status()["workers"]``."""
     w_busy = w.busy_s + (now - w.busy_since if w.in_flight else 0.0)
     info = w.info
-    rep = w.report
+    rep = _report(w.report)
     lived = now - w.registered_at
     return {
         "id": w.id,
@@ -48,13 +50,24 @@ def worker_status(w: WorkerState, now: float) -> dict[str, Any]:
         "rss_bytes": rep.get("rss_bytes"),
         "nice": rep.get("nice"),
         "worker_tasks_done": rep.get("tasks_done"),
-        "last_report_at": rep.get("at"),
+        "last_report_at": w.report_at or None,
         # sqm watches its connection (closing is death) instead of heartbeating it.
         "watched": w.watched,
         # What it serves; [] means nothing, and a worker that advertised
         # nothing (an older client) serves every method: null.
         "methods": None if w.methods is None else [m.decode("utf-8", "replace") for m in w.methods],
     }
+
+
+def _report(raw: bytes) -> dict[str, Any]:
+    """A worker's self-report, decoded here rather than per heartbeat ({} if none or bad)."""
+    if not raw:
+        return {}
+    try:
+        rep = decode_json(raw)
+    except ValueError:
+        return {}
+    return rep if isinstance(rep, dict) else {}
 
 
 def workers_status(core: QueueCore, now: float) -> list[dict[str, Any]]:

@@ -21,16 +21,26 @@ if TYPE_CHECKING:
 READY = 0  # takes work while it has free slots
 STOPPING = 1  # an operator asked it to exit (STOP sent); still takes work until its BYE
 LEAVING = 2  # it said BYE: no new work, it finishes what it holds
-GONE = 3  # removed: left, dead (silent), unreachable or re-registered
+GONE = 3  # removed: left, dead (silent), or re-registered
+# Its connection closed (or a dispatch to it could not be sent): no new work,
+# but what it holds stays in flight, so a live worker that reconnects and says
+# HELLO again re-runs nothing. Removed if silent, or not back, for its ttl.
+DETACHED = 4
 
-STATE_NAMES = {READY: "ready", STOPPING: "stopping", LEAVING: "leaving", GONE: "gone"}
+STATE_NAMES = {READY: "ready", STOPPING: "stopping", LEAVING: "leaving", GONE: "gone",
+               DETACHED: "detached"}
+
+#: A watched worker sends its self-report (the heartbeat's 4th frame) every
+#: this many heartbeats; the beats in between are bare (sqm.liveness).
+REPORT_EVERY = 30.0
 
 # state -> the states it may move to
 MOVES: dict[int, frozenset[int]] = {
-    READY: frozenset({STOPPING, LEAVING, GONE}),
-    STOPPING: frozenset({STOPPING, LEAVING, GONE}),
+    READY: frozenset({STOPPING, LEAVING, GONE, DETACHED}),
+    STOPPING: frozenset({STOPPING, LEAVING, GONE, DETACHED}),
     LEAVING: frozenset({LEAVING, GONE}),  # a repeated BYE changes nothing
     GONE: frozenset(),
+    DETACHED: frozenset({READY, LEAVING, GONE, DETACHED}),  # READY: it said HELLO again
 }
 
 
@@ -53,11 +63,12 @@ class WorkerState:
         "tasks_done",
         "state",
         "ttl",
-        "idle_ttl",
+        "detached_at",
         "watched",
         "report_s",
         "parked",
         "report",
+        "report_at",
         "methods",
         "queues",
         "abandoned",
@@ -79,16 +90,19 @@ class WorkerState:
         self.busy_s = 0.0
         self.tasks_done = 0
         self.state = READY
-        # Seconds of silence after which it is dead: ``ttl`` while it holds
-        # messages (or always, when heartbeated), ``idle_ttl`` when idle. A
-        # watched worker (sqm hears of its connection closing, and it sends
-        # HEARTBEAT only to report) is idle-silent far longer: see sqm.liveness.
+        # Seconds of silence after which it is dead (idle or busy, watched or
+        # not); also how long it may stay DETACHED before it must be back.
         self.ttl = 3.0
-        self.idle_ttl = 3.0
+        self.detached_at = 0.0
+        # sqm watches its connection (sqm.liveness): it gets no heartbeats
+        # from sqm, and sends its self-report only every ``report_s``.
         self.watched = False
-        self.report_s = 0.0  # when watched: it reports at least this often
+        self.report_s = 0.0
         self.parked = 0  # slots the worker handed back with NACK (it was full)
-        self.report: dict[str, Any] = {}  # its latest self-report (heartbeat)
+        # Its latest self-report, as it came (JSON): decoded only when a
+        # status asks, so a heartbeat costs sqm no parse.
+        self.report = b""
+        self.report_at = 0.0
         # What it advertised (None: it named none, so it serves every method)
         # and the method queues it takes work from (empty when it serves all).
         self.methods: tuple[bytes, ...] | None = None
@@ -123,3 +137,7 @@ class WorkerState:
     @property
     def stopping(self) -> bool:
         return self.state == STOPPING
+
+    @property
+    def detached(self) -> bool:
+        return self.state == DETACHED

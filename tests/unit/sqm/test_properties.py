@@ -7,9 +7,8 @@ watched), dones (genuine, ok or not, and bogus ones for unknown rids/ids or
 another worker's message), byes (graceful leave: the worker finishes what
 it holds), failed sends (``unreachable``), closed connections (``gone``),
 heartbeats (``seen``), purges, ticks with time advancing (sometimes past
-``heartbeat * liveness`` so silent workers die, sometimes past a watched
-idle worker's ``liveness`` report intervals) and at most one shutdown,
-late; dones may follow the shutdown.
+``heartbeat * liveness`` so silent workers die, and detached ones not back
+die) and at most one shutdown, late; dones may follow the shutdown.
 
 Alongside the core runs a small, deliberately naive reference model (lists
 and dicts, no cleverness) of what SPEC's delivery semantics require. After
@@ -24,10 +23,12 @@ the model, and the core's state and counters are compared with it:
 - longest idle first: a message goes to the free slot that became free
   earliest;
 - a worker found dead by a tick never receives a message in that tick;
-- liveness: a heartbeated worker dies ``heartbeat * liveness`` after it was
-  last heard; a watched one gets no heartbeats, dies when its connection
-  closes, when idle after ``liveness`` report intervals of silence, and
-  when busy ``heartbeat * liveness`` after it was last heard or became busy;
+- liveness: any worker (heartbeated or watched, idle or busy) dies
+  ``heartbeat * liveness`` after it was last heard, and is told BYE; a
+  watched one gets no heartbeats; a closed connection (or a failed
+  dispatch) detaches a worker: no new work, what it holds stays in flight
+  (a HELLO brings it back and nothing is run twice), and it dies
+  ``heartbeat * liveness`` after it was detached unless it said HELLO;
 - every message ends exactly once (done, or one OUT_FAIL with a reason), and
   after shutdown every message not in flight has ended;
 - a message whose worker died is redelivered iff it had retries left (which
@@ -80,7 +81,7 @@ pytestmark = pytest.mark.timeout(120)
 
 HEARTBEAT = 1.0
 LIVENESS = 3
-REPORT_EVERY = 4.0  # heartbeats between a watched idle worker's reports (short: ticks reach it)
+REPORT_EVERY = 4.0  # heartbeats between a watched worker's reports (only told to it)
 MAX_PENDING = 6
 T0 = 1_000_000.0
 
@@ -99,8 +100,9 @@ class MWorker:
         self.free = slots
         self.inflight: dict[Message, None] = {}  # ordered set
         self.heard = now  # last traffic from it
-        self.busy_since = 0.0  # when it last went from holding nothing to holding something
         self.watched = watched
+        self.detached = False  # its connection closed: no new work until HELLO
+        self.detached_at = 0.0
         self.last_sent = now
         self.alive = True
         self.leaving = False
@@ -149,8 +151,6 @@ class Model:
         mm.state = "inflight"
         mm.worker = w
         mm.deliveries += 1
-        if not w.inflight:
-            w.busy_since = self.now
         w.inflight[mm.msg] = None
         w.free -= 1
         w.last_sent = self.now
@@ -243,15 +243,11 @@ class Model:
         return mm
 
     def dead(self, w: MWorker, now: float | None = None) -> bool:
-        """Silent too long (at ``now``, default the model's): heartbeated, or watched
-        and busy, ``HEARTBEAT * LIVENESS`` since last heard (or since it became busy,
-        when watched); watched and idle, ``LIVENESS`` report intervals."""
+        """At ``now`` (default the model's): silent ``HEARTBEAT * LIVENESS`` (any
+        worker), or detached that long without a HELLO."""
         now = self.now if now is None else now
-        if not w.watched:
-            return now - w.heard > HEARTBEAT * LIVENESS
-        if w.inflight:
-            return now - max(w.heard, w.busy_since) > HEARTBEAT * LIVENESS
-        return now - w.heard > REPORT_EVERY * HEARTBEAT * LIVENESS
+        ttl = HEARTBEAT * LIVENESS
+        return now - w.heard > ttl or (w.detached and now - w.detached_at > ttl)
 
     def hello(self, rid: bytes, slots: int, watched: bool = False) -> None:
         old = self.workers.get(rid)
@@ -261,6 +257,7 @@ class Model:
             old.slots = max(slots, len(old.inflight))
             old.parked = 0
             old.heard = self.now
+            old.detached = False
             old.watched = watched
             if watched:
                 self.expected.append(("W", rid))
@@ -299,6 +296,9 @@ class Model:
         if w.leaving:
             if not w.inflight:
                 self.remove_worker(w)
+            return True
+        if w.detached:  # it is reachable again: asked to register; no new work till then
+            self.expected.append(("B", rid))
             return True
         w.free += 1
         if self.pending and self.dispatching:
@@ -347,7 +347,7 @@ class Model:
             return False
         w.heard = self.now
         n = max(0, min(n, w.parked))
-        if not n or w.leaving:
+        if not n or w.leaving or w.detached:
             return True
         w.parked -= n
         w.free += n
@@ -364,12 +364,22 @@ class Model:
         return True
 
     def gone(self, rid: bytes) -> bool:
-        """Its connection closed: dead at once, like a worker found silent."""
+        """Its connection closed: detached (unless leaving or detached already)."""
         w = self.workers.get(rid)
         if w is None:
             return False
-        self.remove_worker(w)
+        self.detach(w)
         return True
+
+    def detach(self, w: MWorker) -> None:
+        """No new work; what it holds stays; told BYE (register again if you are back)."""
+        if w.leaving or w.detached:
+            return
+        w.detached = True
+        w.detached_at = self.now
+        w.free = 0
+        self.idle = [x for x in self.idle if x is not w]
+        self.expected.append(("B", w.rid))
 
     def bye(self, rid: bytes) -> None:
         """A graceful leave: acknowledged at once; no new work; gone once idle."""
@@ -378,13 +388,14 @@ class Model:
         if w is None:
             return
         w.leaving = True
+        w.detached = False
         w.free = 0
         self.idle = [x for x in self.idle if x is not w]
         if not w.inflight:
             self.remove_worker(w)
 
     def unreachable(self, rid: bytes, msg: Message) -> None:
-        """A dispatch could not be sent: requeue it without using a retry, drop the worker."""
+        """A dispatch could not be sent: requeue it without using a retry, detach the worker."""
         w = self.workers.get(rid)
         if w is None or msg not in w.inflight:
             return
@@ -395,12 +406,15 @@ class Model:
         mm.state = "pending"
         mm.worker = None
         self.pending.append(mm)
-        self.remove_worker(w)
+        self.detach(w)
+        if self.pending and self.idle:
+            self.assign()
 
     def tick(self) -> None:
         dead = [w for w in self.workers.values() if self.dead(w)]
         self.dying = {w.rid for w in dead}
         for w in dead:
+            self.expected.append(("B", w.rid))  # a stopped process that resumes registers again
             self.remove_worker(w)
         self.dying = set()
         for w in self.workers.values():
@@ -505,8 +519,8 @@ class CoreMachine(RuleBasedStateMachine):
              released: Message | None = None, ending: Message | None = None):
         """Call the core, then check its outbox against the model's expectation.
 
-        ``released`` is a message the call takes off its worker (NACK): it may
-        be dispatched again by the same call. ``ending`` is a message the
+        ``released`` is a message the call takes off its worker (NACK, a
+        failed send): it may be dispatched again by the same call. ``ending`` is a message the
         caller already recorded as ended by this call (a worker's DONE).
         """
         before = self._holders()
@@ -683,6 +697,7 @@ class CoreMachine(RuleBasedStateMachine):
         self._run(
             f"unreachable({rid!r}, {msg.id!r})",
             lambda: self.core.unreachable(self.now, rid, msg),
+            released=msg,  # it never reached that worker: it may go to another at once
         )
 
     @precondition(lambda self: not self.stopped and self.known_rids)
@@ -753,7 +768,10 @@ class CoreMachine(RuleBasedStateMachine):
 
     def _tick(self, dt: float, spared: frozenset[bytes]) -> None:
         self.model.now += dt
-        for rid in spared:  # their heartbeats arrive just before the tick
+        for rid in spared:  # their heartbeats (and HELLO, if detached) arrive just before the tick
+            mw = self.model.workers[rid]
+            if mw.detached:
+                self._hello("back", rid, mw.slots, mw.watched, True)
             expect = self.model.seen(rid)
             self._run(f"seen({rid!r})", lambda r=rid: self.core.seen(self.now, r), expect=expect)
         dying = frozenset(rid for rid, w in self.model.workers.items() if self.model.dead(w))
@@ -844,9 +862,10 @@ class CoreMachine(RuleBasedStateMachine):
             assert w.slots == mw.slots
             assert 0 <= w.free <= w.slots
             assert w.leaving == mw.leaving
+            assert w.detached == mw.detached, rid
             assert w.watched == mw.watched, rid
             assert w.parked == mw.parked, (rid, w.parked, mw.parked)
-            free = 0 if mw.leaving else w.slots - len(w.in_flight) - w.parked
+            free = 0 if mw.leaving or mw.detached else w.slots - len(w.in_flight) - w.parked
             assert w.free == free, (rid, w.free, len(w.in_flight), w.parked)
             assert w.free == mw.free, (rid, w.free, mw.free)
             assert set(w.in_flight) == {m.id for m in mw.inflight}, rid

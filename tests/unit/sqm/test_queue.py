@@ -418,7 +418,7 @@ def test_unreachable_requeues_without_using_a_retry():
     assert fails(out) == []
     assert core.pending == 1
     assert core.assigned_total == 0
-    assert core.workers == {}
+    assert core.workers[b"w1"].detached  # no new work until it says HELLO again
     hello(core, b"w2")
     assert dispatches(take(core)) == [(b"w2", b"m")]
     assert m.retries == 1  # the retry is still there for a real death

@@ -133,17 +133,17 @@ def test_credit_never_exceeds_what_was_parked():
 def test_heartbeat_report_shows_in_status():
     core = make_core()
     hello(core, b"w1")
-    assert core.report(T0 + 1, "w1", {"rss_bytes": 12_345_678, "nice": 5, "busy_s": 2.5,
-                                      "host": "h", "pid": 42})
+    assert core.report(T0 + 1, "w1", b'{"rss_bytes": 12345678, "nice": 5, "busy_s": 2.5,'
+                                      b' "host": "h", "pid": 42}')  # kept raw until asked
     (w,) = core.status(T0 + 1)["workers"]
     assert (w["rss_bytes"], w["nice"], w["busy_s"], w["pid"]) == (12_345_678, 5, 2.5, 42)
-    assert core.report(T0, "nobody", {}) is False
+    assert core.report(T0, "nobody", b"{}") is False
 
 
 def test_report_keeps_worker_alive():
     core = make_core(heartbeat=1.0, liveness=3)
     hello(core, b"w1")
-    core.report(T0 + 2.5, "w1", {})
+    core.report(T0 + 2.5, "w1", b"{}")
     core.tick(T0 + 4.0)
     assert b"w1" in core.workers  # 3 s after hello, but 1.5 s after its report
 

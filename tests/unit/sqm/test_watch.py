@@ -1,4 +1,8 @@
-"""sqm learns that a worker died from its connection closing (sqm/broker/watch.py).
+"""sqm learns that a worker's connection closed (sqm/broker/watch.py): it detaches it.
+
+A detached worker gets no new work; what it holds stays in flight until it
+says HELLO again (a brief drop: nothing runs twice) or is silent / not back
+for 3 heartbeat intervals (then it is redelivered or failed back).
 
 A real QueueServer on an ipc endpoint and real DEALER peers (in another
 ZeroMQ context, so another I/O thread): the test drives the server's input
@@ -34,13 +38,19 @@ class Setup:
                                   BrokerOptions(heartbeat=1.0), time.time())
         self.peers: list[zmq.Socket] = []
         self.ids = 0
+        # Worker ids whose heartbeat thread is alive: pump beats for them (own connection).
+        self.beating: set[str] = set()
+        self._beats: zmq.Socket | None = None
+        self._beat_at = 0.0
 
     def peer(self, rid: bytes) -> zmq.Socket:
+        """A DEALER connected to sqm (``rid`` b"": one libzmq names, as a heartbeat thread's)."""
         sock = self.peer_ctx.socket(zmq.DEALER)
-        sock.routing_id = rid
+        self.peers.append(sock)
+        if rid:
+            sock.routing_id = rid
         sock.linger = 0
         sock.connect(self.endpoint)
-        self.peers.append(sock)
         return sock
 
     def hello(self, sock: zmq.Socket, wid: str, *, watch: bool = True) -> None:
@@ -64,6 +74,7 @@ class Setup:
         """Serve (input, monitor, outbox) until ``cond()`` is true."""
         deadline = time.monotonic() + timeout
         while True:
+            self.beat()
             now = time.time()
             self.server.read_batch(now)
             self.server.check_connections(now)
@@ -74,6 +85,21 @@ class Setup:
                 return value
             assert time.monotonic() < deadline, f"timed out waiting for {what}"
             self.server.sock.poll(20)
+
+    def beat(self) -> None:
+        """A bare heartbeat for each id in :attr:`beating`, every 0.2 s."""
+        if not self.beating or time.monotonic() < self._beat_at:
+            return
+        self._beat_at = time.monotonic() + 0.2
+        if self._beats is None:
+            self._beats = self.peer(b"")
+        for wid in self.beating:
+            self._beats.send_multipart([SIGNATURE, HEARTBEAT, wid.encode()])
+
+    def wait(self, seconds: float) -> None:
+        """Serve (and beat) for ``seconds``."""
+        deadline = time.monotonic() + seconds
+        self.pump(lambda: time.monotonic() > deadline, f"{seconds} s", seconds + 5)
 
     def workers(self) -> set[bytes]:
         return set(self.server.core.workers)
@@ -101,7 +127,7 @@ def received(setup: Setup, sock: zmq.Socket, timeout: float = 3.0) -> list[bytes
     return sock.recv_multipart()
 
 
-def test_a_watched_worker_is_told_and_its_closed_connection_redelivers_at_once(setup: Setup) -> None:
+def test_a_watched_worker_is_told_and_its_closed_connection_detaches_it(setup: Setup) -> None:
     w1, w2, sender = setup.peer(b"W1"), setup.peer(b"W2"), setup.peer(b"S1")
     setup.hello(w1, "one")
     setup.pump(lambda: b"W1" in setup.workers(), "W1 registered")
@@ -113,18 +139,51 @@ def test_a_watched_worker_is_told_and_its_closed_connection_redelivers_at_once(s
     frames = received(setup, w1)
     assert frames[1] == DISPATCH and mid in frames[2]
     setup.hello(w2, "two")
+    setup.beating.add("two")
     setup.pump(lambda: b"W2" in setup.workers(), "W2 registered")
     received(setup, w2)  # its watch notice
-    w1.close(0)  # the worker process dies: its connection closes
+    heard = setup.server.core.workers[b"W1"].heard_at
+    w1.close(0)  # the worker process dies: its connection closes (and it beats no more)
     t0 = time.monotonic()
-    setup.pump(lambda: b"W1" not in setup.workers(), "W1 dropped")
-    frames = received(setup, w2)
-    assert frames[1] == DISPATCH and mid in frames[2]  # redelivered, well inside a heartbeat
+    setup.pump(lambda: setup.server.core.workers[b"W1"].detached, "W1 detached")
     assert time.monotonic() - t0 < 1.0
-    assert setup.server.core.redelivered_total == 1
+    row = {r["id"]: r for r in setup.server.status(time.time())["workers"]}["one"]
+    assert row["state"] == "detached" and row["in_flight"] == 1
+    assert setup.server.core.redelivered_total == 0  # it may only have lost its connection
+    frames = received(setup, w2, timeout=5.0)  # silent 3 intervals: dead, redelivered
+    assert frames[1] == DISPATCH and mid in frames[2]
+    assert 3.0 <= time.time() - heard < 4.0
+    assert b"W1" not in setup.workers() and setup.server.core.redelivered_total == 1
 
 
-def test_a_worker_that_does_not_ask_is_heartbeated_and_still_dropped_when_it_closes(
+def test_a_worker_back_on_a_new_connection_keeps_what_it_holds(setup: Setup) -> None:
+    """A brief drop: the connection closes, the worker (alive, beating) reconnects and
+    says HELLO again. What it held stays with it: nothing is redelivered."""
+    w1, w2, sender = setup.peer(b"W1"), setup.peer(b"W2"), setup.peer(b"S1")
+    setup.hello(w1, "one")
+    setup.pump(lambda: b"W1" in setup.workers(), "W1 registered")
+    received(setup, w1)  # its watch notice
+    mid = setup.submit(sender, retries=1)
+    assert mid in received(setup, w1)[2]
+    setup.hello(w2, "two")
+    setup.beating.update({"one", "two"})  # their heartbeat threads, on their own connection
+    setup.pump(lambda: b"W2" in setup.workers(), "W2 registered")
+    received(setup, w2)
+    w1.close(0)
+    setup.pump(lambda: setup.server.core.workers[b"W1"].detached, "W1 detached")
+    setup.wait(1.5)  # away 1.5 s, beating: still detached, nothing moved
+    assert setup.server.core.workers[b"W1"].detached and w2.poll(0) == 0
+    back = setup.peer(b"W1")
+    setup.hello(back, "one")
+    setup.pump(lambda: not setup.server.core.workers[b"W1"].detached, "W1 back")
+    w = setup.server.core.workers[b"W1"]
+    assert list(w.in_flight) == [mid] and setup.server.core.redelivered_total == 0
+    setup.wait(3.5)  # past 3 intervals since the drop: it stays, nothing moves
+    assert b"W1" in setup.workers() and setup.server.core.redelivered_total == 0
+    assert w2.poll(0) == 0
+
+
+def test_a_worker_that_does_not_ask_is_heartbeated_and_still_detached_when_it_closes(
         setup: Setup) -> None:
     old = setup.peer(b"W-old")
     setup.hello(old, "old", watch=False)
@@ -132,7 +191,8 @@ def test_a_worker_that_does_not_ask_is_heartbeated_and_still_dropped_when_it_clo
     frames = received(setup, old)  # sqm's heartbeat, as ever: no 4th frame
     assert frames == [SIGNATURE, HEARTBEAT, b"1000"]
     old.close(0)
-    setup.pump(lambda: not setup.workers(), "the old worker dropped on close")
+    setup.pump(lambda: setup.server.core.workers[b"W-old"].detached, "detached on close")
+    setup.pump(lambda: not setup.workers(), "dropped once silent 3 intervals")
 
 
 def test_a_hello_read_after_its_connection_closed_registers_nothing(setup: Setup) -> None:
@@ -152,7 +212,7 @@ def test_a_hello_read_after_its_connection_closed_registers_nothing(setup: Setup
 def test_a_reused_descriptor_does_not_drop_the_new_worker(setup: Setup) -> None:
     """A worker closes; another connects, gets the closed connection's descriptor and
     says HELLO; sqm reads that HELLO before it looked at its monitor. The old worker is
-    dropped, the new one is bound to the descriptor and stays."""
+    detached, the new one is bound to the descriptor and stays attached."""
     old_rid = b"A0"
     old = setup.peer(old_rid)
     setup.hello(old, "a0")
@@ -167,8 +227,8 @@ def test_a_reused_descriptor_does_not_drop_the_new_worker(setup: Setup) -> None:
         setup.hello(new, new_rid.decode())
         assert setup.server.sock.poll(2000)
         setup.read()  # the HELLO first; sqm reads the monitor inside it
-        assert old_rid not in setup.workers()  # the close was read before the bind
-        assert new_rid in setup.workers()
+        assert setup.server.core.workers[old_rid].detached  # the close was read before the bind
+        assert not setup.server.core.workers[new_rid].detached
         if conns.fd_of(new_rid) == fd:
             break
         old, old_rid = new, new_rid
@@ -176,7 +236,8 @@ def test_a_reused_descriptor_does_not_drop_the_new_worker(setup: Setup) -> None:
         pytest.fail("the kernel never reused a descriptor")
     deadline = time.monotonic() + 0.3
     setup.pump(lambda: time.monotonic() > deadline, "the monitor read again")
-    assert setup.workers() == {new_rid}
+    attached = {rid for rid, w in setup.server.core.workers.items() if not w.detached}
+    assert attached == {new_rid}
 
 
 def test_a_second_connection_with_the_same_routing_id_keeps_the_worker(setup: Setup) -> None:
@@ -193,9 +254,10 @@ def test_a_second_connection_with_the_same_routing_id_keeps_the_worker(setup: Se
     first.close(0)
     deadline = time.monotonic() + 0.5
     setup.pump(lambda: time.monotonic() > deadline, "the old connection's close read")
-    assert setup.workers() == {b"W1"}
+    assert setup.workers() == {b"W1"} and not setup.server.core.workers[b"W1"].detached
     second.close(0)
-    setup.pump(lambda: not setup.workers(), "dropped when its live connection closes")
+    setup.pump(lambda: setup.server.core.workers[b"W1"].detached,
+               "detached when its live connection closes")
 
 
 def test_a_hello_left_on_a_replaced_connection_registers_no_second_worker(setup: Setup) -> None:
