@@ -1,32 +1,36 @@
-"""How sqm and its workers notice a dead peer without a message per worker per second.
+"""How sqm and its workers notice a dead peer cheaply, keeping SPEC's liveness contract.
 
-A heartbeat message per worker per interval, each way, costs sqm Python
-time for every worker it serves (with 1,000 idle workers, 2,000 messages a
-second: 5-6 % of a core). Most of what they prove is proved for free by the
-connection: a killed process closes its sockets at once (the kernel sends
-FIN or RST), and the kernel's TCP keepalive notices a host or cable that
-went away. ZMTP heartbeats (``ZMQ_HEARTBEAT_IVL``) would do the same in
-libzmq, but cost the broker 1-3 % of a core per 1,000 connections (a timer
-per connection, cancelled by a linear scan), which is most of the budget.
+SPEC: workers heartbeat every interval (default 1 s, also while a callback
+runs) and sqm drops a worker silent for 3 intervals. So every worker beats
+every interval, idle or busy; what this module's *watched* connections save
+is the rest of the old exchange. sqm sends a watched worker no heartbeats
+(a killed broker closes the worker's connection at once, and TCP keepalive
+closes one whose host or cable went away: libzmq then reconnects and the
+worker says HELLO again), and the worker's self-report rides on a beat only
+every :data:`REPORT_EVERY` intervals (every beat while a callback runs): the
+other beats are bare ``[SQM1, H, worker-id]``, which sqm handles with no
+parse. sqm watches its side too (:mod:`sqm.broker.watch`): a closed worker
+connection *detaches* the worker (no new work; what it holds stays in flight
+until it says HELLO again or is silent / not back for 3 intervals), since a
+live worker whose connection dropped briefly must not have its work run
+twice. ZMTP heartbeats (``ZMQ_HEARTBEAT_IVL``) would cost the broker 1-3 % of
+a core per 1,000 connections in libzmq (a timer per connection, cancelled
+by a linear scan), and prove nothing about the worker's Python.
 
-So a worker connection is *watched*: sqm learns that it closed from its
-socket monitor (:mod:`sqm.broker.watch`) and the worker learns the same of
-sqm from its own. What needs Python still goes as HEARTBEAT frames: the
-worker's self-report, every heartbeat while it runs a callback (a worker
-stuck while it holds messages is dropped after ``liveness`` silent
-heartbeats, as before), once when it goes idle, and every
-:data:`REPORT_EVERY` heartbeats while idle.
+What a beat costs sqm is mostly waking up for it, so workers beat on a few
+fixed phases of the interval (worker.links.BEAT_PHASES) and sqm reads the
+beats in batches.
 """
 
 from __future__ import annotations
 
 import zmq
 
-#: An idle watched worker sends its self-report every this many heartbeats;
-#: sqm drops it after ``liveness`` such intervals without one (a hung process).
-#: Each report costs sqm a wake-up of its loop (~150 µs of CPU on the project's
-#: loaded 2-core VM): at 30, 1,000 idle workers cost it about 0.5 % of a core.
-REPORT_EVERY = 30.0
+from .core.workers import REPORT_EVERY as _REPORT_EVERY
+
+#: An idle watched worker attaches its self-report to every this many beats
+#: (defined with the core, which tells the worker: sqm.core.workers).
+REPORT_EVERY = _REPORT_EVERY
 
 
 def keepalive_options(heartbeat: float, liveness: int) -> dict[int, int]:
