@@ -439,11 +439,11 @@ class Worker:
                 sock.connect(endpoint)
             phase = beat_phase(self.id, self.heartbeat)
             while not self._hb_stop.wait(next_beat_in(time.time(), self.heartbeat, phase)):
-                if running or before:
-                    before = self._ack_again(acks, running, before)
                 # Every broker gets a beat every interval (it drops us after 3
                 # silent ones); one watching our connection wants the
                 # self-report only now and then: the other beats are bare.
+                # The beat goes first: re-sent ACKs may have to connect to a
+                # mailbox, which in a busy process can wait long for the GIL.
                 due = self._reports.due(time.monotonic(), bool(running))
                 bare = [SIGNATURE, HEARTBEAT, wid]
                 frames = bare
@@ -457,6 +457,8 @@ class Worker:
                         sock.send_multipart(frames if endpoint in due else bare, zmq.NOBLOCK)
                     except zmq.Again:
                         pass
+                if running or before:
+                    before = self._ack_again(acks, running, before)
         finally:
             for sock in socks:
                 sock.close(0)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
+import threading
 import time
 from collections import OrderedDict
 
@@ -51,6 +52,15 @@ MAILBOX_HWM = 10_000
 DEFAULT_HANDSHAKE_S = 10.0
 _WATCHED = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
 _monitors = itertools.count()
+
+#: One new connection (and, the first time, the socket and its monitor) at a
+#: time per process. libzmq holds the GIL through each socket and connect
+#: call; when work first reaches hundreds of worker threads of one process,
+#: all connecting at once queued them all for the GIL, and heartbeat threads
+#: waited behind them for seconds (W4: sqm dropped live workers). Waiting
+#: here, a thread holds no place in the GIL's queue. Replies on an open
+#: connection never take it.
+_CONNECTING = threading.Lock()
 
 
 class MailboxLost(ValueError):
@@ -161,21 +171,22 @@ class MailboxPool:
                 raise MailboxLost("the mailbox was unreachable or refused this worker lately")
             del self._lost[addr]
         where, _, key = addr.decode("ascii").partition(MAILBOX_KEY_SEP)
-        sock = self.sock
-        if sock is None:
-            sock = self._open_socket()
-        else:
-            self._read_events()  # keeps the monitor's queue short
-        server_key = key.encode("ascii") if key else None
-        if server_key != self._key:
-            self._set_key(sock, addr, server_key)
-        other = self._endpoints.get(where)
-        if other is not None:  # the same endpoint under another key: one connection each
-            self._drop(other)
-        self._ids += 1
-        rid = b"m%x" % self._ids  # never reused: libzmq aborts on a routing id in use
-        sock.setsockopt(zmq.CONNECT_ROUTING_ID, rid)
-        sock.connect(where)
+        with _CONNECTING:
+            sock = self.sock
+            if sock is None:
+                sock = self._open_socket()
+            else:
+                self._read_events()  # keeps the monitor's queue short
+            server_key = key.encode("ascii") if key else None
+            if server_key != self._key:
+                self._set_key(sock, addr, server_key)
+            other = self._endpoints.get(where)
+            if other is not None:  # the same endpoint under another key: one connection each
+                self._drop(other)
+            self._ids += 1
+            rid = b"m%x" % self._ids  # never reused: libzmq aborts on a routing id in use
+            sock.setsockopt(zmq.CONNECT_ROUTING_ID, rid)
+            sock.connect(where)
         self._now = now
         head = [rid]
         self._open[addr] = [head, now, where]

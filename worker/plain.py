@@ -8,6 +8,7 @@ released while it waits. Used unless the worker needs the asyncio runner
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -26,8 +27,12 @@ from .session import Session
 
 log = logging.getLogger("sqm.worker")
 
-# The longest recv blocks before looking at the stop flag: how long a
-# terminate() (SIGINT, SIGTERM) may wait to be noticed by an idle worker.
+# How long recv blocks for the next message before the runner counts itself
+# idle. Idle, it waits in one poll for a message, a stop (:meth:`PlainRunner.stop`
+# wakes it) or its chores, so it wakes at most every half heartbeat: hundreds
+# of idle workers in one process that each woke every WAKE_S kept so many
+# threads queued for the GIL that heartbeat threads waited seconds for it and
+# sqm dropped their live workers (W4: 1,000 workers, WorkerLost).
 WAKE_S = 0.1
 
 
@@ -44,9 +49,30 @@ class PlainRunner:
         # Dispatches read while a callback waited for a follow-up reply (the
         # pump reads the link then): run after it, in order.
         self._stash: deque[list[bytes]] = deque()
+        # stop() writes a byte here to wake an idle run() (any thread, a signal handler).
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
 
     def stop(self) -> None:
-        """Nothing to wake: :meth:`run` looks at the stop flag at least every ``WAKE_S``."""
+        """Wake an idle :meth:`run` to notice the stop flag (a busy one sees it within ``WAKE_S``)."""
+        try:
+            self._wake_w.send(b"x")
+        except OSError:  # already woken (buffer full) or the run has ended
+            pass
+
+    def _idle_wait(self, sock: zmq.Socket, seconds: float) -> bool:
+        """Wait up to ``seconds`` for a message on ``sock`` or a stop(); False on timeout."""
+        ready = zmq.zmq_poll([(sock, zmq.POLLIN), (self._wake_r, zmq.POLLIN)],
+                             max(0, int(seconds * 1000) + 1))
+        if not ready:
+            return False
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except OSError:  # BlockingIOError: drained
+            pass
+        return True
 
     def run(self, session: Session) -> None:
         self._session = s = session
@@ -64,12 +90,17 @@ class PlainRunner:
         # `chore_s`, also while messages stream in.
         chore_s = s.heartbeat / 2
         next_chores = 0.0
+        idle = False  # nothing came for WAKE_S: wait in poll until something does
         try:
             while not stop.is_set():
-                try:
-                    frames = recv_frames(sock, 0)
-                except zmq.Again:  # receive timeout: time to look around
-                    frames = None
+                frames = None
+                if idle:
+                    idle = not self._idle_wait(sock, next_chores - monotonic())
+                else:
+                    try:
+                        frames = recv_frames(sock, 0)
+                    except zmq.Again:  # receive timeout: idle now
+                        idle = True
                 now = monotonic()
                 if frames is not None:
                     link.last_heard = now
@@ -96,6 +127,8 @@ class PlainRunner:
                 s.followups.detach()
             link.close(linger_ms=1000 if link.reachable() else 0)
             self._link = None
+            self._wake_r.close()
+            self._wake_w.close()
 
     def _send_link(self, frames: list[bytes], via: object) -> bool:
         """Follow-up SUBMIT or FORWARD on the broker link (callbacks run in this thread)."""

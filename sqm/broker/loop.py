@@ -140,6 +140,8 @@ class Broker:
         for q in self.queues:
             q.check_connections(now)  # closed worker connections first: no new work to those
             q.core.tick(now)
+            if q.core.expired:
+                q.log_expired()
             q.flush(now)
             if q.acks_pending and not q.acks_after_hooks:
                 q.send_acks()

@@ -313,6 +313,15 @@ class QueueServer:
             ", connection watched" if w.watched else "",
         )
 
+    def log_expired(self) -> None:
+        """Say which workers sqm just removed as dead, once each (their messages fail
+        or are retried: an operator needs the why, e.g. a host too loaded to beat)."""
+        for wid, silent_s, held, silent in self.core.expired:
+            log.info("queue %s: worker %s dropped: %s for %.1f s (held %d message(s))",
+                     self.name, wid, "silent" if silent
+                     else "its connection closed and it did not come back", silent_s, held)
+        self.core.expired.clear()
+
     def check_connections(self, now: float) -> None:
         """Detach the workers whose connection closed (read from the socket monitor)."""
         for rid in self.connections.closed():

@@ -198,6 +198,9 @@ class QueueCore:
         self.workers: dict[bytes, WorkerState] = {}
         self._by_id: dict[str, WorkerState] = {}
         self.ever: set[str] = set()  # ids of every worker seen since start
+        #: Workers :meth:`tick` removed as dead: (id, seconds silent or detached,
+        #: messages held, silent rather than detached): the I/O layer logs and clears them.
+        self.expired: list[tuple[str, float, int, bool]] = []
         self.dead_busy_s = 0.0  # busy and lifetime seconds of removed workers
         self.dead_lifetime_s = 0.0
         self._last_sweep = now
@@ -804,8 +807,10 @@ class QueueCore:
             w.move(GONE)  # all of them first: a retry must not go to another dead one
         for w in dead:
             self.outbox.append(Bye(w.rid))
-            self._remove_worker(now, w, "worker stopped heartbeating"
-                                if now - w.heard_at > w.ttl
+            silent = now - w.heard_at > w.ttl
+            since = w.heard_at if silent else w.detached_at
+            self.expired.append((w.id, now - since, len(w.in_flight), silent))
+            self._remove_worker(now, w, "worker stopped heartbeating" if silent
                                 else "worker connection closed and it did not come back")
 
     def shutdown(self, now: float, *, fail_pending: bool = True) -> None:

@@ -101,6 +101,9 @@ def test_any_worker_silent_for_three_intervals_dies_idle_or_busy_watched_or_not(
     assert {e[1] for e in kinds(out, OUT_BYE)} == {b"w1", b"w2", b"w3"}
     assert [(e[1].id, e[2], e[3]) for e in kinds(out, OUT_FAIL)] == [
         (b"a", "WorkerLost", "worker stopped heartbeating")]
+    # for the I/O layer's one log line each: who, silent how long, holding what
+    assert sorted((i, round(s, 1), n, silent) for i, s, n, silent in core.expired) == [
+        ("w1", 3.1, 1, True), ("w2", 3.1, 0, True), ("w3", 3.1, 0, True)]
 
 
 def test_a_report_is_kept_raw_and_counts_as_a_beat() -> None:
@@ -162,6 +165,8 @@ def test_a_detached_worker_that_does_not_come_back_is_dropped_after_three_interv
     assert alive(core) == {b"w3"}
     assert [(e[1].id, e[2], e[3]) for e in kinds(out, OUT_FAIL)] == [
         (b"b", "WorkerLost", "worker connection closed and it did not come back")]
+    assert [(i, round(s, 1), n, silent) for i, s, n, silent in core.expired] == [
+        ("w1", 3.1, 1, True), ("w2", 3.1, 1, False)]  # w2: detached 3.1 s, heard 1.2 s ago
 
 
 def test_a_failed_dispatch_detaches_the_worker_but_keeps_what_it_holds() -> None:

@@ -320,3 +320,50 @@ def test_the_fd_soft_limit_is_raised_to_the_hard_limit(tmp_path, who):
     assert soft == want and child_hard == hard
     if who == "worker":
         assert int(bound) == min(4096, max(64, want // 2))
+
+
+def test_pools_of_many_threads_connect_one_at_a_time(ctx, tmp_path, monkeypatch):
+    """Worker threads of one process make their sockets and connections one at a
+    time (a lock), not all queued for the GIL at once ahead of heartbeat threads;
+    a reply on an open connection takes no lock."""
+    import threading
+
+    import worker.mailboxes as mailboxes
+
+    inside = [0]
+    most = [0]
+    real_open = MailboxPool._open_socket
+
+    def counting_open(self: MailboxPool) -> zmq.Socket:
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        try:
+            # while this one makes its socket, the others get every chance to start theirs
+            for _ in range(50):
+                time.sleep(0)
+            return real_open(self)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(MailboxPool, "_open_socket", counting_open)
+    addr = f"ipc://{tmp_path}/m.sock"
+    box = mailbox(ctx, addr)
+    pools = [MailboxPool(ctx, MailboxPolicy([str(tmp_path)]), linger_ms=0) for _ in range(8)]
+    start = threading.Barrier(len(pools))
+
+    def reply(pool: MailboxPool) -> None:
+        start.wait()
+        pool.send(addr.encode(), [SIGNATURE, RESULT, b"id", b"x"])
+
+    threads = [threading.Thread(target=reply, args=(p,)) for p in pools]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(10)
+    assert most[0] == 1
+    assert [recv(box) for _ in pools] == [[SIGNATURE, RESULT, b"id", b"x"]] * len(pools)
+    with mailboxes._CONNECTING:  # held elsewhere: a reply on an open connection still goes
+        pools[0].send(addr.encode(), [SIGNATURE, RESULT, b"id2", b"x"])
+    assert recv(box) == [SIGNATURE, RESULT, b"id2", b"x"]
+    for pool in pools:
+        pool.close()
