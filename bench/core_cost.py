@@ -12,10 +12,19 @@ from __future__ import annotations
 import argparse
 import inspect
 import time
+from typing import Any, TypedDict, cast
 
 from sqm.core import Message, QueueCore
 
-ARGS = {"method": b"work"} if "method" in inspect.signature(Message).parameters else {}
+
+class _MessageArgs(TypedDict, total=False):
+    """Keyword arguments for Message; ``method`` only where the core has it (older checkouts)."""
+
+    method: bytes
+
+
+ARGS: _MessageArgs = (
+    {"method": b"work"} if "method" in inspect.signature(Message).parameters else {})
 
 
 def cycle_cost(n: int, workers: int, backlog: bool, advertise: bool = False) -> float:
@@ -31,7 +40,9 @@ def cycle_cost(n: int, workers: int, backlog: bool, advertise: bool = False) -> 
             info["methods"] = ["work"]
         core.hello(0.0, b"w%d" % i, info)
     msgs = [Message(b"m%d" % i, b"origin", None, **ARGS) for i in range(n)]
-    out = core.outbox
+    # Plain tuples: entries are read by position so that older checkouts, whose
+    # outbox held (kind, rid, msg) tuples rather than Dispatch, work as well.
+    out = cast("list[tuple[Any, ...]]", core.outbox)
     t0 = time.perf_counter()
     now = 1.0
     if backlog:  # everything queued first, then worked off by done() calls

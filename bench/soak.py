@@ -53,9 +53,9 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 QUEUE = "soak"
@@ -99,7 +99,10 @@ class SoakError(Exception):
     """The harness itself could not go on (sqm would not start, a deadline passed...)."""
 
 
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.02) -> Any:
+T = TypeVar("T")
+
+
+def wait_for(cond: Callable[[], T | None], timeout: float, what: str, every: float = 0.02) -> T:
     """Poll ``cond`` until it returns something truthy; SoakError after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
@@ -109,6 +112,11 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str, every: float = 
         if time.monotonic() > deadline:
             raise SoakError(f"timed out after {timeout:.0f} s waiting for {what}")
         _pause(every)
+
+
+def _nearest(values: Iterable[float], t: float) -> float | None:
+    """The value closest to ``t`` (None if there are none): the sqm kill nearest a timeout."""
+    return min(values, key=lambda at: abs(at - t), default=None)
 
 
 # ---------------------------------------------------------------- children
@@ -422,10 +430,10 @@ class Soak:
             self.retired.append(victim)
             self._start_worker()
         else:
-            victim = self.sqm
-            assert victim is not None
-            event["pid"] = victim.pid
-            victim.kill()
+            sqm = self.sqm
+            assert sqm is not None
+            event["pid"] = sqm.pid
+            sqm.kill()
             self._start_sqm()
             self._wait_sqm_answers()
             event["sqm_back_s"] = round(time.monotonic() - t0, 3)
@@ -708,10 +716,9 @@ class Soak:
                 "timeout_details": [
                     {"value": r.value(i), "submitted_s": round(r.submitted_at[i] - self.t_start, 3),
                      "executions": executions[r.value(i)],
-                     "nearest_sqm_kill_s": min(
+                     "nearest_sqm_kill_s": _nearest(
                          (e["at_s"] for e in self.kill_log if e["kind"] == "sqm"),
-                         key=lambda at, t=r.submitted_at[i] - self.t_start: abs(at - t),
-                         default=None),
+                         r.submitted_at[i] - self.t_start),
                      **info}
                     for r in self.records for i, info in sorted(r.timeout_info.items())][:200],
             },
@@ -769,11 +776,16 @@ TAIL_ROWS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
 ]
 
 
+def _failed_of_type(kind: str) -> Callable[[dict[str, Any]], Any]:
+    """Row getter for one failure type (a function, so each row binds its own ``kind``)."""
+    return lambda f: f["failed_by_type"].get(kind, 0)
+
+
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     modes = list(results)
     types = sorted({t for f in results.values() for t in f["failed_by_type"]})
     rows = list(ROWS)
-    rows += [(f"  failed: {t}", lambda f, t=t: f["failed_by_type"].get(t, 0)) for t in types]
+    rows += [(f"  failed: {t}", _failed_of_type(t)) for t in types]
     rows += TAIL_ROWS
     out = ["| | " + " | ".join(modes) + " |", "|---|" + "---:|" * len(modes)]
     for label, get in rows:
