@@ -49,6 +49,22 @@ RESULT = b"Y"
 # envelope is one frame (fewer frames = less per-message work on every hop);
 # the payload frame stays apart and is never decoded by sqm.
 SUBMIT_FRAMES = 4
+# A DISPATCH to a worker whose HELLO says ``"batch": true`` may carry several
+# messages: [SIGNATURE, D, envelope1, payload1, envelope2, payload2, ...]
+# (2 + 2k frames; k = 1 is the 4-frame form). DONE / DONE_FAILED to a broker
+# that sent one may name several ids: [SIGNATURE, R, id1, id2, ...].
+
+
+def is_multi_dispatch(frames: list[bytes]) -> bool:
+    """True for a DISPATCH of two or more messages (6, 8, ... frames)."""
+    n = len(frames)
+    return n > SUBMIT_FRAMES and not n & 1 and frames[1] == DISPATCH and frames[0] == SIGNATURE
+
+
+def split_dispatch(frames: list[bytes]) -> list[list[bytes]]:
+    """A multi-message DISPATCH as one 4-frame DISPATCH per message, in order."""
+    head = frames[:2]
+    return [head + frames[i:i + 2] for i in range(2, len(frames), 2)]
 
 # Envelope: a fixed head, then message id, mailbox, method and serializer tag.
 #   flags u8, retries u8, priority u8, hops u8, deadline f64 (unix s, 0 = none),

@@ -178,6 +178,13 @@ def read_message_id(frames: list[bytes], what: str) -> bytes:
     return frames[2]
 
 
+def read_message_ids(frames: list[bytes], what: str) -> list[bytes]:
+    """A batched DONE / DONE_FAILED: ``[SIG, cmd, id, id, ...]`` (at least one id)."""
+    if len(frames) < 3:
+        raise Malformed(f"{what} needs at least 3 frames")
+    return frames[2:]
+
+
 def read_credit(frames: list[bytes]) -> int:
     """CREDIT: ``[SIG, C, n]``, n parked slots free again."""
     try:

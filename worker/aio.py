@@ -12,6 +12,12 @@ together they may offer more than it can hold. A dispatch that arrives when
 the worker already holds ``slots`` messages goes straight back (NACK); that
 broker parks the slot until the worker sends CREDIT, which it does as soon
 as it has room again.
+
+DONE batching: a message that ends while others wait their turn holds its
+DONE back; the held DONEs of a broker go as one multi-id DONE (to a broker
+that batches) once nothing waits, half the slots have ended, or the first
+ended ``DONE_HOLD_S`` ago; and before anything else sent to that broker
+that must follow them (BYE goes first: the slots they free take no work).
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from sqm.protocol import (
     SIGNATURE,
     SUBMIT_FRAMES,
     envelope_id,
+    is_multi_dispatch,
+    split_dispatch,
 )
 from sqm.zmqfast import recv_frames
 
@@ -45,6 +53,8 @@ from .links import BrokerLink
 from .session import Session
 
 log = logging.getLogger("sqm.worker")
+
+DONE_HOLD_S = 0.005  # as in the plain runner
 
 
 class AsyncRunner:
@@ -60,11 +70,15 @@ class AsyncRunner:
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
+        # DONEs held back, per link: (ok ids, failed ids, when the first ended).
+        self._held: dict[BrokerLink, tuple[list[bytes], list[bytes], float]] = {}
+        self._hold_max = 1
 
     def run(self, session: Session) -> None:
         """Serve on a fresh event loop in this thread until the worker stops."""
         self.session = session
         self.execution = session.execution
+        self._hold_max = max(1, session.slots // 2)
         self.links = [BrokerLink(ep, session.routing_id, session.curve,
                                  heartbeat=session.heartbeat, liveness=session.liveness)
                       for ep in session.endpoints]
@@ -104,6 +118,7 @@ class AsyncRunner:
             await self._stopping.wait()
             await self._leave()
         finally:
+            self._send_all_done()
             self._loop = None
             if chores is not None:
                 chores.cancel()
@@ -127,6 +142,7 @@ class AsyncRunner:
         for link in self.links:
             if link.sock is not None:
                 link.send_bye()
+                self._send_done(link)  # after BYE: the slots they free take no new work
                 self._kick(link)
         self._check_acked()
 
@@ -175,7 +191,13 @@ class AsyncRunner:
             link.last_heard = time.monotonic()
             if len(frames) == SUBMIT_FRAMES and frames[1] == DISPATCH and frames[0] == SIGNATURE:
                 self._take(link, frames)
+            elif is_multi_dispatch(frames):
+                link.batch = True  # this broker batches: it reads multi-id DONEs
+                for one in split_dispatch(frames):
+                    self._take(link, one)
             else:
+                if link in self._held:  # anything else goes after the DONEs before it
+                    self._send_done(link)
                 s.on_control(link, frames)
                 if link.bye_acked:
                     self._check_acked()
@@ -190,6 +212,8 @@ class AsyncRunner:
             for link in self.links:
                 if link.sock is None:
                     continue
+                if link in self._held:  # before any HELLO or reconnect below
+                    self._send_done(link)
                 if link.reconnected() and not stopping:
                     s.hello(link)  # that broker came back (restart): register again now
                     self._kick(link)
@@ -286,8 +310,9 @@ class AsyncRunner:
             if msg_id:
                 self.session.workload.tasks_done += 1
                 if link.sock is not None and ok is not None:  # None: forwarded, sqm knows
-                    link.send([SIGNATURE, DONE if ok else DONE_FAILED, msg_id])
-                    self._kick(link)
+                    self._done(link, msg_id, ok)
+            if not self._waiting and self._held:
+                self._send_all_done()  # nothing waits a turn: report every end now
             if not self.held:
                 self._idle.set()
             self._start_next()
@@ -315,6 +340,45 @@ class AsyncRunner:
                 return orig.id, None
             return orig.id, ex.raised(orig, exc)  # None: retried (RETRY told sqm)
         return orig.id, ex.settle(orig, value)
+
+    def _done(self, link: BrokerLink, msg_id: bytes, ok: bool) -> None:
+        """Report ``msg_id`` ended: at once, or held back while others wait their turn."""
+        held = self._held.get(link)
+        hold = self._hold_max > 1 and bool(self._waiting) and not self._stopping.is_set()
+        if held is None:
+            if not hold:  # the common case when nothing queues up: as before batching
+                link.send([SIGNATURE, DONE if ok else DONE_FAILED, msg_id])
+                self._kick(link)
+                return
+            held = self._held[link] = ([], [], time.monotonic())
+        (held[0] if ok else held[1]).append(msg_id)
+        if (not hold or len(held[0]) + len(held[1]) >= self._hold_max
+                or time.monotonic() - held[2] >= DONE_HOLD_S):
+            self._send_done(link)  # credit flows back before the pipeline drains
+
+    def _send_done(self, link: BrokerLink) -> None:
+        """Send ``link``'s held DONEs: one R and/or one F (one per id to an older sqm)."""
+        held = self._held.pop(link, None)
+        if held is None:
+            return
+        ok, failed, _since = held
+        if link.sock is None:
+            return
+        if link.batch:
+            if ok:
+                link.send([SIGNATURE, DONE, *ok])
+            if failed:
+                link.send([SIGNATURE, DONE_FAILED, *failed])
+        else:
+            for msg_id in ok:
+                link.send([SIGNATURE, DONE, msg_id])
+            for msg_id in failed:
+                link.send([SIGNATURE, DONE_FAILED, msg_id])
+        self._kick(link)
+
+    def _send_all_done(self) -> None:
+        for link in list(self._held):
+            self._send_done(link)
 
     def _credit(self) -> None:
         """There is room again: give every broker back the slots it parked."""

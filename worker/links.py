@@ -103,7 +103,7 @@ class BrokerLink:
     __slots__ = ("endpoint", "routing_id", "sock", "monitor", "last_heard", "opened_at",
                  "broker_heartbeat", "connected", "was_disconnected", "parked", "bye_sent",
                  "bye_acked", "outage", "curve", "heartbeat", "liveness", "watched",
-                 "report_s", "down_at")
+                 "report_s", "down_at", "batch")
 
     def __init__(self, endpoint: str, routing_id: bytes,
                  curve: tuple[KeyPair, bytes] | None = None, *,
@@ -126,6 +126,9 @@ class BrokerLink:
         self.parked = 0  # slots this broker parked because we NACKed its dispatches
         self.bye_sent = False
         self.bye_acked = False
+        # The broker sent a multi-message DISPATCH since our last HELLO: it
+        # reads multi-id DONEs too (an older sqm would drop them as malformed).
+        self.batch = False
 
     def open(self, ctx: zmq.Context) -> zmq.Socket:
         """Connect a fresh socket (a new registration: nothing is parked any more)."""
@@ -140,6 +143,7 @@ class BrokerLink:
         self.watched = False
         self.down_at = None
         self.parked = 0
+        self.batch = False
         return sock
 
     def close(self, linger_ms: int = 0) -> None:

@@ -17,8 +17,8 @@ from time import monotonic
 import zmq
 
 from sqm import protocol
-from sqm.protocol import DISPATCH, DONE, DONE_FAILED, SIGNATURE
-from sqm.zmqfast import RCVTIMEO, recv_frames, send_frames
+from sqm.protocol import DISPATCH, DONE, DONE_FAILED, SIGNATURE, is_multi_dispatch, split_dispatch
+from sqm.zmqfast import NOBLOCK, RCVTIMEO, recv_frames, send_frames
 from sqm.zmqfast import set_option as _set_option
 
 from .execute import Workload
@@ -34,6 +34,10 @@ log = logging.getLogger("sqm.worker")
 # threads queued for the GIL that heartbeat threads waited seconds for it and
 # sqm dropped their live workers (W4: 1,000 workers, WorkerLost).
 WAKE_S = 0.1
+# A DONE whose next message is already here waits to go with the next ones'
+# (one multi-id DONE): at most until nothing more is there to read, half the
+# slots have ended, or the first of them ended this long ago.
+DONE_HOLD_S = 0.005
 
 
 class PlainRunner:
@@ -49,6 +53,13 @@ class PlainRunner:
         # Dispatches read while a callback waited for a follow-up reply (the
         # pump reads the link then): run after it, in order.
         self._stash: deque[list[bytes]] = deque()
+        # DONEs held back while more work is there to read (sent as one multi-id
+        # DONE each); never with one slot: a prefetch-1 worker reports at once.
+        self._ok: list[bytes] = []
+        self._failed: list[bytes] = []
+        self._held = 0
+        self._held_since = 0.0
+        self._hold_max = 1  # held DONEs that go out at once: half the slots
         # stop() writes a byte here to wake an idle run() (any thread, a signal handler).
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -79,6 +90,7 @@ class PlainRunner:
         self._stop = stop = s.stop
         self._work = s.workload
         self._execute = s.execution.run  # looked up once, not per message
+        self._hold_max = max(1, s.slots // 2)
         link = self._link = BrokerLink(s.endpoints[0], s.routing_id, s.curve,
                                        heartbeat=s.heartbeat, liveness=s.liveness)
         sock = self._open(link)
@@ -97,10 +109,16 @@ class PlainRunner:
                 if idle:
                     idle = not self._idle_wait(sock, next_chores - monotonic())
                 else:
-                    try:
-                        frames = recv_frames(sock, 0)
-                    except zmq.Again:  # receive timeout: idle now
-                        idle = True
+                    if self._held:  # DONEs held back: more work there, or send them now
+                        try:
+                            frames = recv_frames(sock, NOBLOCK)
+                        except zmq.Again:
+                            self._send_done(link)
+                    if frames is None:
+                        try:
+                            frames = recv_frames(sock, 0)
+                        except zmq.Again:  # receive timeout: idle now
+                            idle = True
                 now = monotonic()
                 if frames is not None:
                     link.last_heard = now
@@ -108,12 +126,20 @@ class PlainRunner:
                             and frames[0] == SIGNATURE):
                         self._handle(link, frames)
                         while self._stash:  # read while a callback waited on a follow-up
-                            self._handle(link, self._stash.popleft())
+                            self._handle_any(link, self._stash.popleft())
+                    elif is_multi_dispatch(frames):
+                        self._handle_many(link, frames)
+                        while self._stash:
+                            self._handle_any(link, self._stash.popleft())
                     else:
+                        if self._held:  # anything else goes after the DONEs before it
+                            self._send_done(link)
                         s.on_control(link, frames)
                 if now < next_chores:
                     continue
                 next_chores = now + chore_s
+                if self._held:  # before any HELLO or reconnect below
+                    self._send_done(link)
                 s.announce([link])  # callbacks() changed: tell sqm (CAN_DO/CANT_DO)
                 if link.reconnected():
                     s.hello(link)  # sqm came back (restart): register again now
@@ -123,6 +149,8 @@ class PlainRunner:
                 s.mailboxes.expire(now)
             self._leave(link)
         finally:
+            if self._held:
+                self._send_done(link)
             if s.followups is not None:
                 s.followups.detach()
             link.close(linger_ms=1000 if link.reachable() else 0)
@@ -153,7 +181,12 @@ class PlainRunner:
             link.last_heard = monotonic()
             if len(frames) == protocol.SUBMIT_FRAMES and frames[1] == DISPATCH:
                 self._stash.append(frames)
+            elif is_multi_dispatch(frames):
+                link.batch = True
+                self._stash.append(frames)
             else:
+                if self._held:
+                    self._send_done(link)
                 s.on_control(link, frames)
 
     def _open(self, link: BrokerLink) -> zmq.Socket:
@@ -164,8 +197,43 @@ class PlainRunner:
         s.hello(link)
         return sock
 
+    def _handle_any(self, link: BrokerLink, frames: list[bytes]) -> None:
+        """Run a dispatch of one message or several (stashed ones are either)."""
+        if len(frames) == protocol.SUBMIT_FRAMES:
+            self._handle(link, frames)
+        else:
+            self._handle_many(link, frames)
+
+    def _handle_many(self, link: BrokerLink, frames: list[bytes]) -> None:
+        """Run a multi-message dispatch's messages in order (their DONEs go together)."""
+        link.batch = True  # this broker batches: it reads multi-id DONEs
+        for one in split_dispatch(frames):
+            self._handle(link, one)
+
+    def _send_done(self, link: BrokerLink) -> None:
+        """Send the DONEs held back: one R and/or one F (one per id to an older sqm)."""
+        ok, failed = self._ok, self._failed
+        self._held = 0
+        sock = link.sock
+        try:
+            if sock is not None:
+                if link.batch:
+                    if ok:
+                        send_frames(sock, [SIGNATURE, DONE, *ok])
+                    if failed:
+                        send_frames(sock, [SIGNATURE, DONE_FAILED, *failed])
+                else:
+                    for msg_id in ok:
+                        send_frames(sock, [SIGNATURE, DONE, msg_id])
+                    for msg_id in failed:
+                        send_frames(sock, [SIGNATURE, DONE_FAILED, msg_id])
+        except zmq.ZMQError:
+            pass
+        ok.clear()
+        failed.clear()
+
     def _handle(self, link: BrokerLink, frames: list[bytes]) -> None:
-        """Run one dispatch, then tell the broker it is done."""
+        """Run one dispatch, then tell the broker it is done (now, or with the next ones)."""
         work = self._work
         started = monotonic()
         before = work.busy[0]
@@ -175,26 +243,46 @@ class PlainRunner:
         try:
             msg_id, ok = self._execute(frames)
         finally:
-            work.busy = (before + monotonic() - started, 0.0)
+            ended = monotonic()
+            work.busy = (before + ended - started, 0.0)
             if msg_id:
                 work.tasks_done += 1
                 if self._stop.is_set():
-                    # Say BYE before DONE, or sqm would refill the slot DONE frees.
+                    # Say BYE before DONE, or sqm would refill the slot DONE frees
+                    # (the DONEs held back go after it too).
                     link.send_bye()
-                sock = link.sock
-                if sock is not None and ok is not None:  # None: forwarded, sqm knows
-                    try:
-                        send_frames(sock, [SIGNATURE, DONE if ok else DONE_FAILED, msg_id])
-                    except zmq.ZMQError:
-                        pass
+                    if ok is not None:
+                        (self._ok if ok else self._failed).append(msg_id)
+                        self._held += 1
+                    self._send_done(link)
+                elif ok is None:  # forwarded: FORWARD told sqm, no DONE
+                    pass
+                elif self._hold_max == 1:  # one slot: nothing to batch, DONE at once
+                    sock = link.sock
+                    if sock is not None:
+                        try:
+                            send_frames(sock, [SIGNATURE, DONE if ok else DONE_FAILED, msg_id])
+                        except zmq.ZMQError:
+                            pass
+                else:
+                    # Held back: run() sends it when nothing more is there to read.
+                    (self._ok if ok else self._failed).append(msg_id)
+                    held = self._held = self._held + 1
+                    if held == 1:
+                        self._held_since = ended
+                    elif held >= self._hold_max or ended - self._held_since >= DONE_HOLD_S:
+                        self._send_done(link)  # credit flows back before the pipeline drains
 
     def _leave(self, link: BrokerLink) -> None:
         """Tell sqm we go; finish whatever it dispatched before it acknowledged."""
         s = self._session
         assert s is not None
         while self._stash:  # taken while a callback waited on a follow-up: run them
-            self._handle(link, self._stash.popleft())
-        if not link.send_bye() or not link.reachable():
+            self._handle_any(link, self._stash.popleft())
+        bye = link.send_bye()
+        if self._held:  # after BYE: the slots they free take no new work
+            self._send_done(link)
+        if not bye or not link.reachable():
             return  # nobody to wait for: no broker connected
         sock = link.sock
         assert sock is not None
@@ -204,9 +292,12 @@ class PlainRunner:
             if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
                 return  # sqm is gone: nothing more can arrive
             frames = recv_frames(sock, 0)
-            if len(frames) == protocol.SUBMIT_FRAMES and frames[1] == DISPATCH:
-                self._handle(link, frames)
+            if (len(frames) == protocol.SUBMIT_FRAMES and frames[1] == DISPATCH
+                    or is_multi_dispatch(frames)):
+                self._handle_any(link, frames)
                 while self._stash:  # read while that callback waited on a follow-up
-                    self._handle(link, self._stash.popleft())
+                    self._handle_any(link, self._stash.popleft())
             else:
                 s.on_control(link, frames)
+            if self._held:  # BYE is sent: nothing to hold them for
+                self._send_done(link)

@@ -109,13 +109,16 @@ class Session:
     def hello(self, link: BrokerLink) -> None:
         """Register with one broker (again): it forgets what it had parked.
 
-        HELLO asks the broker to watch this connection (``watch``); until it
+        HELLO says the worker reads multi-message DISPATCHes (``batch``) and
+        asks the broker to watch this connection (``watch``); until it
         answers that it does (a HEARTBEAT with a 4th frame), the link is
         judged by heartbeats and reported to every beat, as with an older sqm.
         """
         self.told = self.execution.abilities
-        info = dict(self.info, methods=sorted(self.execution.callbacks), watch=True)
+        # batch: it reads multi-message DISPATCHes (an older worker gets one message each).
+        info = dict(self.info, methods=sorted(self.execution.callbacks), watch=True, batch=True)
         link.parked = 0
+        link.batch = False  # until this broker shows it batches (it may be an older sqm)
         self._watched(link, None)
         self.said_hello[link.endpoint] = time.monotonic()
         link.send([SIGNATURE, HELLO, protocol.encode_json(info)])

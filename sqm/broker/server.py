@@ -16,7 +16,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -46,6 +46,7 @@ from ..protocol import (
     CANCEL,
     CONTROL,
     CREDIT,
+    DISPATCH,
     DONE,
     DONE_FAILED,
     ERROR,
@@ -72,6 +73,7 @@ from ..wire import (
     read_forward,
     read_hello,
     read_message_id,
+    read_message_ids,
     read_retry,
 )
 from ..zmqfast import recv_frame, recv_rest, send_frames, send_more
@@ -88,6 +90,10 @@ BATCH = 256  # messages read from one socket per poll wake-up
 # cost ~10 µs of broker CPU per message, a twentieth of W2's throughput.
 ACK_BATCH = 32
 ACK_IDLE_MS = 2
+
+#: Outbox entries addressed to a worker (their first field is its routing id):
+#: that worker's gathered dispatches go before them (_send_outbox).
+_TO_WORKER = frozenset({Cancel, Bye, Stop, Heartbeat, Watch})
 
 #: An input handler: ``(routing-id frame, frames after it, now)``; raises Malformed.
 Handler = Callable[[zmq.Frame, list[bytes], float], None]
@@ -165,6 +171,8 @@ class QueueServer:
             self.sock.close(0)
             raise ConfigError(f"cannot bind {self.bind} for queue {self.name!r}: {exc}") from None
         self.sent_dropped = 0
+        self.batches_sent = 0  # DISPATCHes that carried several messages
+        self.batched = 0  # ... and the messages they carried
         # Heartbeats carry our interval (ms) so workers judge our silence by it.
         self._heartbeat_ms = b"%d" % int(opts.heartbeat * 1000)
         self._heartbeat_frames = [SIGNATURE, HEARTBEAT, self._heartbeat_ms]
@@ -268,12 +276,27 @@ class QueueServer:
                     self.send_acks()
 
     def _on_done(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
-        if not self.core.done(now, rid_frame.bytes, read_message_id(frames, "done"), True):
-            self._reregister(rid_frame.bytes)
+        """DONE ``[SIG, R, id, ...]``: one slot freed per id (a worker's batch of ends)."""
+        if len(frames) == 3:
+            if not self.core.done(now, rid_frame.bytes, frames[2], True):
+                self._reregister(rid_frame.bytes)
+        else:
+            self._done_many(rid_frame.bytes, frames, now, True)
 
     def _on_done_failed(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
-        if not self.core.done(now, rid_frame.bytes, read_message_id(frames, "done"), False):
-            self._reregister(rid_frame.bytes)
+        if len(frames) == 3:
+            if not self.core.done(now, rid_frame.bytes, frames[2], False):
+                self._reregister(rid_frame.bytes)
+        else:
+            self._done_many(rid_frame.bytes, frames, now, False)
+
+    def _done_many(self, rid: bytes, frames: list[bytes], now: float, ok: bool) -> None:
+        ids = read_message_ids(frames, "done")
+        done = self.core.done
+        for msg_id in ids:
+            if not done(now, rid, msg_id, ok):
+                self._reregister(rid)  # an unknown worker: the other ids are unknown too
+                return
 
     def _on_heartbeat(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
         # Every worker beats every interval: this runs ~1,000 times a second
@@ -482,48 +505,110 @@ class QueueServer:
         self.acks_pending = 0
 
     def _send_outbox(self, now: float, out: list[OutboxEntry]) -> None:
+        """Send the outbox in order, every worker's dispatches of this flush as one DISPATCH.
+
+        Dispatches are gathered by worker (in order) and sent when the outbox
+        is through, or before anything else for that worker (CANCEL, BYE...),
+        so each worker still sees its commands in the core's order. A lone
+        dispatch costs a dict and a list more than before; a busy worker's k
+        messages cost one send instead of k (and one read on its side).
+        """
         core = self.core
-        sock = self.sock
-        for entry in out:  # also sees what the core appends meanwhile (unreachable workers)
-            if type(entry) is Dispatch:
-                rid, msg = entry
-                try:
-                    send_more(sock, rid)
-                except zmq.ZMQError:  # EHOSTUNREACH (gone) or EAGAIN (not keeping up)
-                    core.unreachable(now, rid, msg)
+        groups: dict[bytes, list[Message]] = {}
+        i = 0
+        while True:
+            # also sees what the core appends meanwhile (unreachable workers)
+            while i < len(out):
+                entry = out[i]
+                i += 1
+                if type(entry) is Dispatch:
+                    rid, msg = entry
+                    group = groups.get(rid)
+                    if group is None:
+                        groups[rid] = [msg]
+                    else:
+                        group.append(msg)
                     continue
-                send_frames(sock, msg.frames)
-            elif type(entry) is Fail:
-                msg, error, text = entry
-                detail = b'{"deliveries":%d}' % msg.deliveries
-                self._send(
-                    msg.origin, [SIGNATURE, ERROR, msg.id, error.encode(), text.encode(), detail]
-                )
-                if msg.seq and self.hooks.failed_back:  # seq: admitted (refusals have none)
-                    self._failed_back(msg, error)
-            elif type(entry) is Ended:
-                for ended in self.hooks.ended:
-                    try:
-                        ended(self, entry.msg, entry.outcome)
-                    except Exception:  # a plugin's bug must not stop sqm: count, log, carry on
-                        core.malformed_total += 1
-                        log.exception("queue %s: plugin hook ended() failed", self.name)
-            elif type(entry) is Heartbeat:
-                self._send(entry.rid, self._heartbeat_frames)
-            elif type(entry) is Watch:
-                # A heartbeat with a 4th frame: sqm watches the connection and
-                # heartbeats no more; report at least this often (ms).
-                w = core.workers.get(entry.rid)
-                if w is not None:  # else it is gone already: nothing to tell
-                    self._send(entry.rid, [SIGNATURE, HEARTBEAT, self._heartbeat_ms,
-                                           b"%d" % int(w.report_s * 1000)])
-            elif type(entry) is Bye:
-                self._send(entry.rid, [SIGNATURE, BYE])
-            elif type(entry) is Stop:
-                self._send(entry.rid, [SIGNATURE, STOP])
-            elif type(entry) is Cancel:
-                self._send(entry.rid, [SIGNATURE, CANCEL, entry.msg.id])
+                if groups and type(entry) in _TO_WORKER:
+                    rid = cast(bytes, entry[0])  # these all start with the worker's rid
+                    held = groups.pop(rid, None)  # its dispatches go first, as ordered
+                    if held is not None:
+                        self._dispatch(now, rid, held)
+                self._send_entry(core, entry)
+            if not groups:
+                break
+            ready, groups = groups, {}
+            for rid, msgs in ready.items():
+                self._dispatch(now, rid, msgs)
         out.clear()
+
+    def _dispatch(self, now: float, rid: bytes, msgs: list[Message]) -> None:
+        """Send ``msgs`` to worker ``rid``: one DISPATCH if it reads several (HELLO ``batch``).
+
+        A send that fails puts every message back (``core.unreachable``), as for one.
+        """
+        sock = self.sock
+        if len(msgs) == 1:
+            msg = msgs[0]
+            try:
+                send_more(sock, rid)
+            except zmq.ZMQError:  # EHOSTUNREACH (gone) or EAGAIN (not keeping up)
+                self.core.unreachable(now, rid, msg)
+                return
+            send_frames(sock, msg.frames)
+            return
+        w = self.core.workers.get(rid)
+        if w is None or not w.batch:  # an older worker: one DISPATCH per message
+            for msg in msgs:
+                self._dispatch(now, rid, [msg])
+            return
+        frames: list[Any] = [SIGNATURE, DISPATCH]
+        for msg in msgs:
+            body = msg.frames
+            frames.append(body[2])  # envelope and payload, as received: never decoded
+            frames.append(body[3])
+        try:
+            send_more(sock, rid)
+        except zmq.ZMQError:
+            for msg in msgs:
+                self.core.unreachable(now, rid, msg)
+            return
+        send_frames(sock, frames)
+        self.batches_sent += 1
+        self.batched += len(msgs)
+
+    def _send_entry(self, core: QueueCore, entry: OutboxEntry) -> None:
+        """Send one outbox entry other than a dispatch."""
+        if type(entry) is Fail:
+            msg, error, text = entry
+            detail = b'{"deliveries":%d}' % msg.deliveries
+            self._send(
+                msg.origin, [SIGNATURE, ERROR, msg.id, error.encode(), text.encode(), detail]
+            )
+            if msg.seq and self.hooks.failed_back:  # seq: admitted (refusals have none)
+                self._failed_back(msg, error)
+        elif type(entry) is Ended:
+            for ended in self.hooks.ended:
+                try:
+                    ended(self, entry.msg, entry.outcome)
+                except Exception:  # a plugin's bug must not stop sqm: count, log, carry on
+                    core.malformed_total += 1
+                    log.exception("queue %s: plugin hook ended() failed", self.name)
+        elif type(entry) is Heartbeat:
+            self._send(entry.rid, self._heartbeat_frames)
+        elif type(entry) is Watch:
+            # A heartbeat with a 4th frame: sqm watches the connection and
+            # heartbeats no more; report at least this often (ms).
+            w = core.workers.get(entry.rid)
+            if w is not None:  # else it is gone already: nothing to tell
+                self._send(entry.rid, [SIGNATURE, HEARTBEAT, self._heartbeat_ms,
+                                       b"%d" % int(w.report_s * 1000)])
+        elif type(entry) is Bye:
+            self._send(entry.rid, [SIGNATURE, BYE])
+        elif type(entry) is Stop:
+            self._send(entry.rid, [SIGNATURE, STOP])
+        elif type(entry) is Cancel:
+            self._send(entry.rid, [SIGNATURE, CANCEL, entry.msg.id])
 
     def _failed_back(self, msg: Message, error: str) -> None:
         for hook in self.hooks.failed_back:
@@ -571,6 +656,8 @@ class QueueServer:
         data = self.core.status(now)
         data.update(
             send_dropped_total=self.sent_dropped,
+            dispatch_batches_total=self.batches_sent,
+            dispatch_batched_total=self.batched,
             endpoint=self.settings.endpoint,
             broker={
                 "host": socket.gethostname(),

@@ -479,6 +479,7 @@ class QueueCore:
             self.ever.add(wid)
         self._by_id[wid] = w
         w.info = info
+        w.batch = info.get("batch") is True
         held = len(w.in_flight) + len(w.abandoned)  # abandoned: still running there
         w.slots = max(slots, held)  # it holds more: its DONEs free none
         w.parked = 0
