@@ -291,12 +291,8 @@ class QueueServer:
             self._done_many(rid_frame.bytes, frames, now, False)
 
     def _done_many(self, rid: bytes, frames: list[bytes], now: float, ok: bool) -> None:
-        ids = read_message_ids(frames, "done")
-        done = self.core.done
-        for msg_id in ids:
-            if not done(now, rid, msg_id, ok):
-                self._reregister(rid)  # an unknown worker: the other ids are unknown too
-                return
+        if not self.core.done_many(now, rid, read_message_ids(frames, "done"), ok):
+            self._reregister(rid)
 
     def _on_heartbeat(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
         # Every worker beats every interval: this runs ~1,000 times a second

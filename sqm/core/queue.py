@@ -610,6 +610,21 @@ class QueueCore:
                 self._dispatch(now, w, nxt)
         return True
 
+    def done_many(self, now: float, rid: bytes, ids: list[bytes], ok: bool = True) -> bool:
+        """A multi-id DONE: :meth:`done` for each id, in order.
+
+        False (ask it to register) only when the worker is unknown; ids after
+        its removal (it was leaving and this DONE ended its last message) are
+        ignored rather than answered with BYE.
+        """
+        if rid not in self.workers:
+            return False
+        done = self.done
+        for msg_id in ids:
+            if not done(now, rid, msg_id, ok):
+                break
+        return True
+
     def nack(self, now: float, rid: bytes, msg_id: bytes) -> bool:
         """The worker was full when ``msg_id`` arrived (it serves several brokers).
 

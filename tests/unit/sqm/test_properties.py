@@ -4,7 +4,9 @@ A hypothesis ``RuleBasedStateMachine`` drives the core with submits (random
 priority, retries, deadline, oneway; also duplicate ids), worker hellos (new
 and repeated rids, 1-3 slots, heartbeated or with their connection
 watched), dones (genuine, ok or not, and bogus ones for unknown rids/ids or
-another worker's message), byes (graceful leave: the worker finishes what
+another worker's message; batched ones, as sqm's server handles a
+multi-id DONE: one ``done`` per id in one step, with ids the worker does
+not hold or already ended), byes (graceful leave: the worker finishes what
 it holds), failed sends (``unreachable``), closed connections (``gone``),
 heartbeats (``seen``), purges, ticks with time advancing (sometimes past
 ``heartbeat * liveness`` so silent workers die, and detached ones not back
@@ -34,6 +36,9 @@ the model, and the core's state and counters are compared with it:
 - a message whose worker died is redelivered iff it had retries left (which
   are decremented), else fails with ``WorkerLost``;
 - no message is dispatched at or after its deadline;
+- batching: the dispatches of one step, grouped by worker as sqm's server
+  sends them (one multi-message DISPATCH each), name distinct messages, no
+  more than the worker's slots, each in flight on that worker afterwards;
 - counters (assigned/completed/failed/expired/rejected/redelivered/
   malformed totals, ``pending``, ``in_flight``) agree with the model.
 
@@ -53,7 +58,7 @@ import functools
 import itertools
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -516,7 +521,8 @@ class CoreMachine(RuleBasedStateMachine):
 
     @_marks_failure
     def _run(self, label: str, call, *, dying: frozenset[bytes] = frozenset(), expect=None,
-             released: Message | None = None, ending: Message | None = None):
+             released: Message | None = None,
+             ending: Message | set[Message] | None = None):
         """Call the core, then check its outbox against the model's expectation.
 
         ``released`` is a message the call takes off its worker (NACK, a
@@ -525,11 +531,12 @@ class CoreMachine(RuleBasedStateMachine):
         """
         before = self._holders()
         before.pop(released, None)
+        endings = ending if isinstance(ending, (set, frozenset)) else {ending}
         result = call()
         actual_raw = [as_tuple(e) for e in self.core.outbox]
         self.core.outbox.clear()
         actual: list[tuple] = []
-        ends_before = {m: list(v) for m, v in self.ends.items() if m is not ending}
+        ends_before = {m: list(v) for m, v in self.ends.items() if m not in endings}
         ended_now: list[tuple[Message, str]] = []
         for e in actual_raw:
             if e[0] == OUT_ENDED:
@@ -568,6 +575,7 @@ class CoreMachine(RuleBasedStateMachine):
                 actual.append(("W", e[1]))
             else:  # pragma: no cover - unknown outbox kind
                 raise AssertionError(f"unknown outbox entry {e!r}")
+        self._check_batches(label, actual)
         expected = self.model.expected
         self.model.expected = []
         if actual != expected:
@@ -582,6 +590,27 @@ class CoreMachine(RuleBasedStateMachine):
         if expect is not None:
             assert result == expect, f"{label} returned {result!r}, expected {expect!r}"
         return result
+
+    def _check_batches(self, label: str, actual: list[tuple]) -> None:
+        """The step's dispatches as the server sends them: one DISPATCH per worker."""
+        groups: dict[bytes, list[Message]] = {}
+        for e in actual:
+            if e[0] == "D":
+                groups.setdefault(e[1], []).append(e[2])
+        for rid, msgs in groups.items():
+            if len(msgs) > 1:
+                event("several messages to one worker in one step")
+            w = self.core.workers.get(rid)
+            assert len({m.id for m in msgs}) == len(msgs), (
+                f"{label}: one DISPATCH to {rid!r} names a message twice: {[m.id for m in msgs]}")
+            if w is None or not w.alive:
+                continue  # removed later in the step (checked by the model)
+            assert len(msgs) <= w.slots, (
+                f"{label}: {len(msgs)} messages to {rid!r} in one DISPATCH, {w.slots} slot(s)")
+            for m in msgs:
+                if m.worker is w:
+                    assert w.in_flight.get(m.id) is m, (
+                        f"{label}: {m.id!r} batched to {rid!r} but not in flight there")
 
     def _check_ended_events(self, label: str, ended_now: list[tuple[Message, str]],
                             ends_before: dict[Message, list[str]]) -> None:
@@ -675,6 +704,45 @@ class CoreMachine(RuleBasedStateMachine):
             expect=expect,
             ending=msg,
         )
+
+    @precondition(lambda self: any(w.inflight for w in self.model.workers.values()))
+    @rule(data=st.data(), ok=st.booleans())
+    def done_batch(self, data, ok: bool) -> None:
+        """A multi-id DONE ``[SIG, R|F, id, id, ...]``: the server calls ``done`` per id
+        in one step (one outbox flush). Some of its ids the worker does not hold: another
+        worker's, already ended (also earlier in the same DONE) or unknown."""
+        self.steps += 1
+        holders = [rid for rid, w in self.model.workers.items() if w.inflight]
+        rid = data.draw(st.sampled_from(holders), label="worker")
+        held = list(self.model.workers[rid].inflight)
+        mine = data.draw(st.lists(st.sampled_from(held), min_size=1, max_size=len(held),
+                                  unique_by=id), label="ends")
+        # never a pending one: a worker cannot end what it has not been sent
+        # (nor a duplicate-id refusal of one it holds: same id, the held message's DONE)
+        held_ids = {m.id for m in held}
+        foreign = [m for m in self.submitted if m.id not in held_ids and (
+            self.model.info[m].state == "ended"
+            or any(m in w.inflight for w in self.model.workers.values()))]
+        others: list[Message | None] = data.draw(
+            st.lists(st.sampled_from([*foreign, *mine, None]), max_size=3), label="others")
+        order: list[Message | None] = data.draw(st.permutations([*mine, *others]), label="order")
+        ended: set[Message] = set()
+        ids = []
+        for m in order:
+            ids.append(b"unknown" if m is None else m.id)
+            w = self.model.workers.get(rid)
+            if w is None:
+                continue  # it left, and this DONE ended its last message: the rest is ignored
+            if m is None:
+                w.heard = self.now
+                continue
+            if m in w.inflight:
+                self._end(m, "done-ok" if ok else "done-failed")
+                ended.add(m)
+            assert self.model.done(rid, m, ok) is True
+
+        self._run(f"done_batch({rid!r}, {ids}, ok={ok})",
+                  lambda: self.core.done_many(self.now, rid, ids, ok), expect=True, ending=ended)
 
     @precondition(lambda self: not self.stopped and self.known_rids)
     @rule(data=st.data())
