@@ -501,16 +501,19 @@ class QueueServer:
         self.acks_pending = 0
 
     def _send_outbox(self, now: float, out: list[OutboxEntry]) -> None:
-        """Send the outbox in order, every worker's dispatches of this flush as one DISPATCH.
+        """Send the outbox in order; a batching worker's dispatches of this flush as one DISPATCH.
 
-        Dispatches are gathered by worker (in order) and sent when the outbox
-        is through, or before anything else for that worker (CANCEL, BYE...),
-        so each worker still sees its commands in the core's order. A lone
-        dispatch costs a dict and a list more than before; a busy worker's k
-        messages cost one send instead of k (and one read on its side).
+        A worker that batches (HELLO ``batch``, more than one slot) has its
+        dispatches gathered (in order) and sent when the outbox is through,
+        or before anything else for it (CANCEL, BYE...), so each worker sees
+        its commands in the core's order. Its k messages then cost one send
+        instead of k (and one read on its side). Any other dispatch goes at
+        once, exactly as before batching.
         """
         core = self.core
-        groups: dict[bytes, list[Message]] = {}
+        sock = self.sock
+        workers = core.workers
+        groups: dict[bytes, list[Message]] | None = None
         i = 0
         while True:
             # also sees what the core appends meanwhile (unreachable workers)
@@ -519,11 +522,21 @@ class QueueServer:
                 i += 1
                 if type(entry) is Dispatch:
                     rid, msg = entry
-                    group = groups.get(rid)
-                    if group is None:
-                        groups[rid] = [msg]
-                    else:
-                        group.append(msg)
+                    w = workers.get(rid)
+                    if w is not None and w.batch or groups and rid in groups:
+                        if groups is None:
+                            groups = {rid: [msg]}
+                        elif rid in groups:
+                            groups[rid].append(msg)
+                        else:
+                            groups[rid] = [msg]
+                        continue
+                    try:
+                        send_more(sock, rid)
+                    except zmq.ZMQError:  # EHOSTUNREACH (gone) or EAGAIN (not keeping up)
+                        core.unreachable(now, rid, msg)
+                        continue
+                    send_frames(sock, msg.frames)
                     continue
                 if groups and type(entry) in _TO_WORKER:
                     rid = cast(bytes, entry[0])  # these all start with the worker's rid
@@ -533,45 +546,34 @@ class QueueServer:
                 self._send_entry(core, entry)
             if not groups:
                 break
-            ready, groups = groups, {}
+            ready, groups = groups, None
             for rid, msgs in ready.items():
                 self._dispatch(now, rid, msgs)
         out.clear()
 
     def _dispatch(self, now: float, rid: bytes, msgs: list[Message]) -> None:
-        """Send ``msgs`` to worker ``rid``: one DISPATCH if it reads several (HELLO ``batch``).
+        """Send ``msgs`` to worker ``rid`` in one DISPATCH (one message: the 4-frame form).
 
         A send that fails puts every message back (``core.unreachable``), as for one.
         """
-        sock = self.sock
         if len(msgs) == 1:
-            msg = msgs[0]
-            try:
-                send_more(sock, rid)
-            except zmq.ZMQError:  # EHOSTUNREACH (gone) or EAGAIN (not keeping up)
-                self.core.unreachable(now, rid, msg)
-                return
-            send_frames(sock, msg.frames)
-            return
-        w = self.core.workers.get(rid)
-        if w is None or not w.batch:  # an older worker: one DISPATCH per message
+            frames = msgs[0].frames
+        else:
+            frames = [SIGNATURE, DISPATCH]
             for msg in msgs:
-                self._dispatch(now, rid, [msg])
-            return
-        frames: list[Any] = [SIGNATURE, DISPATCH]
-        for msg in msgs:
-            body = msg.frames
-            frames.append(body[2])  # envelope and payload, as received: never decoded
-            frames.append(body[3])
+                body = msg.frames
+                frames.append(body[2])  # envelope and payload, as received: never decoded
+                frames.append(body[3])
         try:
-            send_more(sock, rid)
-        except zmq.ZMQError:
+            send_more(self.sock, rid)
+        except zmq.ZMQError:  # EHOSTUNREACH (gone) or EAGAIN (not keeping up)
             for msg in msgs:
                 self.core.unreachable(now, rid, msg)
             return
-        send_frames(sock, frames)
-        self.batches_sent += 1
-        self.batched += len(msgs)
+        send_frames(self.sock, frames)
+        if len(msgs) > 1:
+            self.batches_sent += 1
+            self.batched += len(msgs)
 
     def _send_entry(self, core: QueueCore, entry: OutboxEntry) -> None:
         """Send one outbox entry other than a dispatch."""

@@ -479,9 +479,9 @@ class QueueCore:
             self.ever.add(wid)
         self._by_id[wid] = w
         w.info = info
-        w.batch = info.get("batch") is True
         held = len(w.in_flight) + len(w.abandoned)  # abandoned: still running there
         w.slots = max(slots, held)  # it holds more: its DONEs free none
+        w.batch = w.slots > 1 and info.get("batch") is True
         w.parked = 0
         self._set_liveness(now, w, info, watchable)
         self._serve(w, read_methods(info))

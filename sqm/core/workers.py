@@ -111,8 +111,9 @@ class WorkerState:
         # Messages sqm gave up on (time limit, cancel) that the worker still
         # runs: each keeps its slot taken until the worker reports the end.
         self.abandoned: dict[bytes, Message] = {}
-        # It reads several messages in one DISPATCH (HELLO ``batch``): older workers don't.
-        self.batch = info.get("batch") is True
+        # sqm may send it several messages in one DISPATCH: it says it reads them
+        # (HELLO ``batch``; older workers don't) and it has more than one slot.
+        self.batch = slots > 1 and info.get("batch") is True
         own = info.get("time_limit")  # Worker(time_limit=): its own limit per callback
         self.time_limit = (float(own) if isinstance(own, (int, float)) and 0 < own < 1e9
                            else 0.0)
