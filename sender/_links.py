@@ -12,7 +12,11 @@ went out on, until a worker acknowledges it (ACK) or it completes. Then:
 
 - a link goes DOWN while another is UP: its DEALER is re-created (dropping
   copies still queued in libzmq) and its messages are re-sent through UP
-  links, same id. A duplicate reply is dropped by the correlator;
+  links, same id. A duplicate reply is dropped by the correlator. A message
+  whose worker acknowledges the start at once (FLAG_ACK) is re-sent at once;
+  any other may have started without a word yet (its worker's first ACK
+  comes with its next heartbeat), so it is held for two heartbeats first
+  and re-sent only if neither an ACK nor its outcome came meanwhile;
 - a link comes back UP: after a grace period (time for the ACCEPTED of
   copies that got through to arrive), messages sent on its previous
   connection that its broker never ACCEPTED are re-sent to it. Those it did
@@ -33,7 +37,7 @@ from typing import Any
 import zmq
 
 from sqm.errors import AuthError
-from sqm.protocol import ACCEPTED
+from sqm.protocol import ACCEPTED, FLAG_ACK
 from sqm.security.handshake import NO_DETAIL_REPEATS, classify
 from sqm.security.keys import KeyPair
 from sqm.sockets import make_socket
@@ -147,6 +151,9 @@ class Links:
         self._open = opener
         self._close = closer
         self.grace = heartbeat
+        #: Messages of a DOWN link that may have started unacknowledged:
+        #: id -> when (monotonic) to re-send it if still unheard of.
+        self.held: dict[str, float] = {}
         self.links: list[Link] = []
         self.up: list[Link] = []
         self._rr = 0
@@ -213,21 +220,55 @@ class Links:
         else:
             return
         self.up = [x for x in self.links if x.state == UP]
-        self.rehome()
+        self.rehome(now)
 
-    def rehome(self) -> None:
-        """Re-send, through UP links, what DOWN links hold that no worker took."""
+    def rehome(self, now: float) -> None:
+        """Re-send, through UP links, what DOWN links hold that no worker took.
+
+        Without FLAG_ACK "no ACK yet" does not mean "not started": such a
+        message is held until :meth:`settle` has passed (see :meth:`due`).
+        """
         if not self.up:
             return
         core = self.core
         stranded: dict[Link, list[str]] = {}
         for mid, (_, link, _) in core.sent.items():
-            if link.state == DOWN:
+            if link.state == DOWN and mid not in self.held:
                 stranded.setdefault(link, []).append(mid)
         for link, mids in stranded.items():
             self.purge(link)
             for mid in mids:
-                self.resend(mid, self.pick())
+                self._resend_or_hold(mid, self.pick(), now)
+
+    def settle(self) -> float:
+        """How long an unacknowledged message of a lost broker may have run
+        unheard of: two heartbeats (the Sender's, or the slowest worker's seen)."""
+        return 2 * max(self.grace, self.core.slowest_beat())
+
+    def _resend_or_hold(self, mid: str, link: Link, now: float) -> None:
+        entry = self.core.sent.get(mid)
+        if entry is None:
+            return  # answered or acknowledged meanwhile
+        if entry[0][2][0] & FLAG_ACK:  # its worker ACKs at the start: none = not started
+            self.resend(mid, link)
+        else:
+            self.held[mid] = now + self.settle()
+
+    def release(self, now: float) -> float:
+        """Re-send the held messages whose time has come and of which nothing
+        was heard (no ACK, no outcome); return when to look again."""
+        core = self.core
+        nxt = float("inf")
+        for mid, at in list(self.held.items()):
+            if now < at:
+                nxt = min(nxt, at)
+                continue
+            del self.held[mid]
+            entry = core.sent.get(mid)
+            if entry is None or mid not in core.outstanding or not _is_down(entry[1]):
+                continue  # acknowledged, answered, or re-sent another way meanwhile
+            self.resend(mid, self.pick())
+        return nxt
 
     def purge(self, link: Link) -> None:
         """Re-create a DOWN link's DEALER so copies queued in it are never delivered."""
@@ -274,6 +315,8 @@ class Links:
                     if x is link and epoch < link.epoch and mid not in core.accepted]
             for mid in lost:
                 self.resend(mid, link)
+        if self.held:
+            nxt = min(nxt, self.release(now))
         if core.stopping:
             self.rescue()
         if core.running and len(self.up) < len(self.links) and self.lost_workers(now):
@@ -345,7 +388,7 @@ class Links:
 
     # ------------------------------------------------------------ membership
 
-    def replace(self, endpoints: Iterable[str]) -> list[Link]:
+    def replace(self, endpoints: Iterable[str], now: float) -> list[Link]:
         """Use exactly ``endpoints`` (in order) from now on; return the new links."""
         old = {link.endpoint: link for link in self.links}
         links: list[Link] = []
@@ -371,11 +414,15 @@ class Links:
                 for mid in kept:
                     del core.sent[mid]  # nowhere to re-send it to any more
                 mids = [m for m in mids if m not in core.accepted]
-            else:
-                self._close(gone, 0)
+                gone.state = GONE
+                for mid in mids:
+                    self.resend(mid, self.pick())
+                continue
+            self._close(gone, 0)
             gone.state = GONE
-            for mid in mids:
-                self.resend(mid, self.pick())
+            for mid in mids:  # a lost broker: maybe started unacknowledged (rehome)
+                if mid not in self.held:
+                    self._resend_or_hold(mid, self.pick(), now)
         return added
 
     def close(self, linger: int) -> None:

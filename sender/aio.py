@@ -224,6 +224,7 @@ class AsyncSender(SenderBase):
         delay: float | None = None,
         not_before: float | None = None,
         time_limit: float | None = None,
+        ack: bool = False,
         on_start: OnStart | None = None,
         on_status: OnStatus | None = None,
         on_complete: OnComplete | None = None,
@@ -238,19 +239,20 @@ class AsyncSender(SenderBase):
         if on_start is not None or on_status is not None or on_complete is not None \
                 or on_fail is not None:  # checked here first: no call on the hot path
             hooks = self._hooks(oneway, on_start, on_status, on_complete, on_fail)
-        if delay is None and not_before is None and time_limit is None:
+            ack = ack or on_start is not None  # on_start wants the start at once
+        if delay is None and not_before is None and time_limit is None and not ack:
             return await self._submit(method, payload, oneway, timeout, retries, priority, ttl, hooks)
         return await self._submit(method, payload, oneway, timeout, retries, priority, ttl, hooks,
-                                  timing(delay, not_before, time_limit))
+                                  timing(delay, not_before, time_limit), ack)
 
     async def _submit(self, method: str, payload: Any, oneway: bool, timeout: float | None,
                       retries: int, priority: str, ttl: float | None, hooks: Any,
-                      extra: tuple[float, float] = NO_TIMING) -> str:
+                      extra: tuple[float, float] = NO_TIMING, ack: bool = False) -> str:
         self._start()
         core = self._core
         mid, frames = core.encode_submit(
             method, payload, oneway=oneway, timeout=timeout, retries=retries,
-            priority=priority, ttl=ttl, not_before=extra[0], time_limit=extra[1],
+            priority=priority, ttl=ttl, not_before=extra[0], time_limit=extra[1], ack=ack,
         )
         if hooks is not None:
             core.watch(mid, hooks)
@@ -422,7 +424,9 @@ class AsyncSender(SenderBase):
             batch.close()
 
     def started(self, id: str) -> bool:  # noqa: A002
-        """True once a worker has acknowledged message ``id`` ("working"), before its reply."""
+        """True once a worker has acknowledged message ``id`` ("working"), before its
+        reply: at once with ``submit(ack=True)`` / ``on_start``, else from the
+        worker's next heartbeat while the callback runs (see Sender.started)."""
         return id in self._core.started
 
     def accepted(self, id: str) -> bool:  # noqa: A002

@@ -115,6 +115,7 @@ class Sender(SenderBase):
         delay: float | None = None,
         not_before: float | None = None,
         time_limit: float | None = None,
+        ack: bool = False,
         on_start: OnStart | None = None,
         on_status: OnStatus | None = None,
         on_complete: OnComplete | None = None,
@@ -129,8 +130,13 @@ class Sender(SenderBase):
         ``retries`` is how many more workers may be tried if the one holding
         the message dies. ``oneway`` messages get no reply.
 
+        ``ack=True`` asks the worker to acknowledge the start at once
+        ("working": :meth:`started`, ``on_start``); without it a worker says
+        so only at its next heartbeat, and only if the callback still runs
+        then (one message less per task on the hot path).
+
         Callbacks run inside this Sender's receive/rpc/map/poll calls:
-        ``on_start()`` when a worker acknowledges the message,
+        ``on_start()`` when a worker acknowledges the message (it sets ``ack``),
         ``on_status(done, total)`` per progress report (in order),
         ``on_complete(result)`` / ``on_fail(exc)`` with the outcome. A message
         given on_complete or on_fail is consumed by them: receive() never
@@ -140,19 +146,20 @@ class Sender(SenderBase):
         if on_start is not None or on_status is not None or on_complete is not None \
                 or on_fail is not None:  # checked here first: no call on the hot path
             hooks = self._hooks(oneway, on_start, on_status, on_complete, on_fail)
-        if delay is None and not_before is None and time_limit is None:
+            ack = ack or on_start is not None  # on_start wants the start at once
+        if delay is None and not_before is None and time_limit is None and not ack:
             return self._submit(method, payload, oneway, timeout, retries, priority, ttl, hooks)
         return self._submit(method, payload, oneway, timeout, retries, priority, ttl, hooks,
-                                  timing(delay, not_before, time_limit))
+                                  timing(delay, not_before, time_limit), ack)
 
     def _submit(self, method: str, payload: Any, oneway: bool, timeout: float | None,
                 retries: int, priority: str, ttl: float | None, hooks: Any,
-                extra: tuple[float, float] = NO_TIMING) -> str:
+                extra: tuple[float, float] = NO_TIMING, ack: bool = False) -> str:
         self._check()
         core = self._core
         mid, frames = core.encode_submit(
             method, payload, oneway=oneway, timeout=timeout, retries=retries,
-            priority=priority, ttl=ttl, not_before=extra[0], time_limit=extra[1],
+            priority=priority, ttl=ttl, not_before=extra[0], time_limit=extra[1], ack=ack,
         )
         if hooks is not None:
             core.watch(mid, hooks)
@@ -425,7 +432,11 @@ class Sender(SenderBase):
     # ------------------------------------------------------------ state
 
     def started(self, id: str) -> bool:  # noqa: A002
-        """True once a worker has acknowledged message ``id`` ("working"), before its reply."""
+        """True once a worker has acknowledged message ``id`` ("working"), before its reply.
+
+        At once for a message submitted with ``ack=True`` (or ``on_start``);
+        else from the worker's next heartbeat while the callback runs.
+        """
         self._check()
         read_all(self._mailbox, self._core, False)
         return id in self._core.started

@@ -65,6 +65,11 @@ FLAG_ONEWAY = 0x01
 #   not_before f64 (unix s, 0 = now), time_limit f32 (s, 0 = none),
 #   attempts u8 (Retry rounds done so far; sqm rewrites it on a retry)
 FLAG_EXTRA = 0x02
+# The caller wants to hear at once that a worker started the message (ACK):
+# ``submit(ack=True)`` or ``on_start``. Without it the worker's first ACK
+# comes with its next heartbeat, and only if the callback still runs then
+# (one mailbox message less per message). sqm never reads it.
+FLAG_ACK = 0x04
 EXTRA = struct.Struct("!dfB")
 PRIORITY_HIGH, PRIORITY_NORMAL, PRIORITY_LOW = 0, 1, 2
 PRIORITIES = {"high": PRIORITY_HIGH, "normal": PRIORITY_NORMAL, "low": PRIORITY_LOW}
