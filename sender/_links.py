@@ -37,7 +37,7 @@ from typing import Any
 import zmq
 
 from sqm.errors import AuthError
-from sqm.protocol import ACCEPTED, FLAG_ACK
+from sqm.protocol import ACCEPTED, FEATURES, FLAG_ACK, SIGNATURE, SUBMIT
 from sqm.security.handshake import NO_DETAIL_REPEATS, classify
 from sqm.security.keys import KeyPair
 from sqm.sockets import make_socket
@@ -108,7 +108,7 @@ class Link:
     I/O), the monitor socket, and what the sender knows of the connection."""
 
     __slots__ = ("endpoint", "sock", "raw", "monitor", "state", "epoch", "resend_at", "tasks",
-                 "reached", "broken")
+                 "reached", "broken", "batches", "queued")
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
@@ -121,6 +121,10 @@ class Link:
         self.tasks: list[Any] = []  # AsyncSender's reader tasks
         self.reached = False  # a broker answered here at least once (ZMTP handshake)
         self.broken = 0  # handshakes that failed without detail, in a row
+        #: The broker on this connection takes batched SUBMITs (its ACCEPTED said so).
+        self.batches = False
+        #: Submissions waiting for :meth:`Links.flush` (AsyncSender: this loop iteration's).
+        self.queued: list[tuple[str, list[bytes]]] = []
 
     def __repr__(self) -> str:
         return f"<Link {self.endpoint} {('NEW', 'UP', 'DOWN', 'GONE')[self.state]} epoch {self.epoch}>"
@@ -217,9 +221,12 @@ class Links:
                 return
             link.state = DOWN
             link.epoch += 1
+            link.batches = False  # the broker that comes back may be an older one
         else:
             return
         self.up = [x for x in self.links if x.state == UP]
+        if link.queued:  # never sent: to a live broker now, no need to wait
+            self.flush(link)
         self.rehome(now)
 
     def rehome(self, now: float) -> None:
@@ -276,6 +283,33 @@ class Links:
         self._close(link, 0)
         self._open(link)
 
+    def flush(self, link: Link) -> bool:
+        """Send what is queued on ``link`` as one SUBMIT (one message: as is).
+
+        Messages of a link that went DOWN, or whose send queue is full, go
+        through :meth:`resend` one by one (another live broker, else the
+        retry list); True when some await a retry (:meth:`due`).
+        """
+        queued = link.queued
+        if not queued:
+            return False
+        link.queued = []
+        if link.state != DOWN and link.raw is not None:
+            if len(queued) == 1:
+                frames = queued[0][1]
+            else:
+                frames = [SIGNATURE, SUBMIT]
+                for _, one in queued:
+                    frames += one[2:]
+            try:
+                send_frames(link.raw, frames)
+                return False
+            except zmq.Again:
+                pass
+        for mid, _ in queued:  # never oneway: those are sent at once (AsyncSender)
+            self.resend(mid, self.pick() if link.state == DOWN else link)
+        return bool(self.retry)
+
     def read_all(self, link: Link) -> int:
         """Feed everything waiting on ``link``'s DEALER to the correlator.
 
@@ -297,6 +331,8 @@ class Links:
                     wake(mid)
             elif len(frames) < 2 or frames[1] != ACCEPTED:
                 n += 1
+            elif len(frames) > 3 and not link.batches:
+                link.batches = FEATURES in frames[3]
 
     def due(self, now: float) -> float:
         """Do re-sends whose time has come; return when to look again (inf: nothing to do)."""
@@ -428,4 +464,5 @@ class Links:
     def close(self, linger: int) -> None:
         for link in self.links:
             if link.sock is not None:
+                self.flush(link)
                 self._close(link, linger)

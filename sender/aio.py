@@ -14,6 +14,7 @@ import zmq.asyncio
 
 from sqm import protocol
 from sqm.errors import SQMError
+from sqm.protocol import ACCEPTED, FEATURES, MAX_SUBMIT_BATCH
 from sqm.zmqfast import recv_frames, send_frames
 
 from ._batch import DONE, EMIT, NEED, Batch
@@ -92,7 +93,7 @@ class AsyncSender(SenderBase):
         loop = self._loop
         assert loop is not None
         link.tasks = [
-            loop.create_task(self._read(link.sock, link.raw, True, BROKER_CHECK_S)),
+            loop.create_task(self._read(link.sock, link.raw, True, BROKER_CHECK_S, link)),
             loop.create_task(self._watch(link, link.monitor)),
         ]
 
@@ -131,7 +132,7 @@ class AsyncSender(SenderBase):
                 self._start_link(link)
 
     async def _read(self, sock: zmq.asyncio.Socket, raw: zmq.Socket, from_broker: bool,
-                    pause: float = 0.0) -> None:
+                    pause: float = 0.0, link: Link | None = None) -> None:
         """Wait until ``sock`` is readable, then read everything it holds without blocking.
 
         A broker's DEALER carries one ACCEPTED per message and rarely
@@ -152,6 +153,9 @@ class AsyncSender(SenderBase):
                 mid = feed(frames, from_broker)
                 if mid is not None:
                     wake(mid)
+                elif (link is not None and not link.batches and len(frames) > 3
+                      and frames[1] == ACCEPTED):
+                    link.batches = FEATURES in frames[3]  # this broker takes batches
             if core.calls:
                 run_calls(core, self._spawn)
             if pause:
@@ -257,6 +261,19 @@ class AsyncSender(SenderBase):
         if hooks is not None:
             core.watch(mid, hooks)
         link = self._one or self._links.pick()  # inline, not a base method: the hot path
+        if link.batches and not oneway:
+            # Batched: everything submitted in this loop iteration leaves as one
+            # SUBMIT when the loop comes round (a lone message is not delayed).
+            queued = link.queued
+            queued.append((mid, frames))
+            core.sent[mid] = (frames, link, link.epoch)
+            if len(queued) == 1:
+                self._loop.call_soon(self._flush, link)  # type: ignore[union-attr]
+            elif len(queued) >= MAX_SUBMIT_BATCH:
+                self._flush(link)
+            return mid
+        if link.queued:
+            self._flush(link)  # a oneway message keeps its place behind them
         try:
             send_frames(link.raw, frames)
         except zmq.Again:  # the queue towards sqm is full (sqm down or slow)
@@ -264,6 +281,11 @@ class AsyncSender(SenderBase):
         if not oneway:
             core.sent[mid] = (frames, link, link.epoch)
         return mid
+
+    def _flush(self, link: Link) -> None:
+        """Send ``link``'s queued submissions; a full queue leaves them to the re-send rules."""
+        if self._links.flush(link):
+            self._after_links()
 
     async def _send_slow(self, mid: str, frames: list[bytes], timeout: float | None,
                          link: Link) -> Link:

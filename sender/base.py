@@ -316,6 +316,8 @@ class SenderBase:
             return False
         frames = [protocol.SIGNATURE, protocol.CANCEL, mid.encode("ascii")]
         for link in self._links.links:
+            if link.queued:
+                self._links.flush(link)  # the message goes first: sqm cancels what it knows
             if link.raw is not None:
                 try:
                     send_frames(link.raw, frames)
