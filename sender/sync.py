@@ -13,6 +13,7 @@ import zmq.asyncio
 
 from sqm import protocol
 from sqm.errors import SQMError
+from sqm.protocol import MAX_SUBMIT_BATCH
 from sqm.zmqfast import RCVTIMEO, recv_frames, send_frames, set_option
 
 from ._batch import DONE, EMIT, NEED, Batch
@@ -154,7 +155,8 @@ class Sender(SenderBase):
 
     def _submit(self, method: str, payload: Any, oneway: bool, timeout: float | None,
                 retries: int, priority: str, ttl: float | None, hooks: Any,
-                extra: tuple[float, float] = NO_TIMING, ack: bool = False) -> str:
+                extra: tuple[float, float] = NO_TIMING, ack: bool = False,
+                defer: bool = False) -> str:
         self._check()
         core = self._core
         mid, frames = core.encode_submit(
@@ -164,6 +166,14 @@ class Sender(SenderBase):
         if hooks is not None:
             core.watch(mid, hooks)
         link = self._one or self._links.pick()  # inline, not a base method: the hot path
+        if defer and link.batches:
+            # map(): queued until it waits or hands out items (_flush), then one SUBMIT.
+            queued = link.queued
+            queued.append((mid, frames))
+            core.sent[mid] = (frames, link, link.epoch)
+            if len(queued) >= MAX_SUBMIT_BATCH:
+                self._links.flush(link)
+            return mid
         try:
             send_frames(link.raw, frames)
         except zmq.Again:
@@ -413,12 +423,14 @@ class Sender(SenderBase):
                         continue
                     try:
                         mid = self._submit(method, payload, False, limit, retries, "normal",
-                                           None, batch.sink)
+                                           None, batch.sink, defer=True)
                     except SQMError as exc:
                         batch.failed(exc)
                     else:
                         batch.sent(mid)
-                elif step == EMIT:
+                    continue
+                self._flush()  # what this round of NEED queued: one SUBMIT per broker
+                if step == EMIT:
                     out = batch.out
                     while out:
                         yield out.popleft()
@@ -427,7 +439,16 @@ class Sender(SenderBase):
                 else:
                     self._poll_until(batch.next_deadline())
         finally:
+            for link in self._links.links:  # stopped early: what was never sent stays unsent
+                link.queued.clear()
             batch.close()
+
+    def _flush(self) -> None:
+        """Send the submissions map() queued (see Links.flush)."""
+        links = self._links
+        for link in links.links:
+            if link.queued and links.flush(link):
+                self._next_due = time.monotonic()  # re-send the ones a full queue refused
 
     # ------------------------------------------------------------ state
 

@@ -136,3 +136,34 @@ def test_async_sender_batches_what_one_loop_iteration_submits(
             w.terminate()
             t.join(10)
     assert sizes and sum(sizes) == 100 and max(sizes) >= 50, sizes
+
+
+def test_sync_map_sends_each_round_of_submissions_as_one_batch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """map() queues what one round of free window slots submits and sends it
+    before it waits or hands out items: the first round is the whole window."""
+    from sender import Sender
+
+    sizes: list[int] = []
+    real = QueueServer._on_submits
+
+    def spy(self: QueueServer, rid_frame: Any, frames: list[bytes], now: float) -> None:
+        sizes.append((len(frames) - 2) // 2)
+        real(self, rid_frame, frames, now)
+
+    monkeypatch.setattr(QueueServer, "_on_submits", spy)
+    with InProcessBroker("q") as b:
+        w = Worker("q", endpoint=b.endpoint, context=b.context,
+                   callbacks={"add": lambda _w, _o, p: p + 1})
+        t = threading.Thread(target=w.run, daemon=True)
+        t.start()
+        try:
+            with Sender("q", endpoint=b.endpoint, context=b.context, timeout=20) as s:
+                assert s.rpc("add", 0) == 1
+                while not s._links.links[0].batches:  # read with its ACCEPTED
+                    s.poll(0.01)
+                assert list(s.map("add", range(200), max_concurrent=40)) == list(range(1, 201))
+        finally:
+            w.terminate()
+            t.join(10)
+    assert sizes and sizes[0] == 40 and sum(sizes) <= 200, sizes
