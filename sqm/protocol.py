@@ -41,6 +41,9 @@ CANCEL = b"Z"  # [SIG, Z, id]: the sender cancels its message; sqm tells the wor
 # broker -> worker
 DISPATCH = b"D"
 STOP = b"Q"  # [SIG, Q]: finish the message in hand and exit (sqm stop-worker)
+# [SIG, L]: the answer to a HELLO with "batch": this broker reads multi-id DONEs
+# (and may send multi-message DISPATCHes). An older worker ignores it.
+BATCHES = b"L"
 # broker -> client, and worker -> mailbox
 ERROR = b"E"
 # worker -> mailbox

@@ -126,8 +126,8 @@ class BrokerLink:
         self.parked = 0  # slots this broker parked because we NACKed its dispatches
         self.bye_sent = False
         self.bye_acked = False
-        # The broker sent a multi-message DISPATCH since our last HELLO: it
-        # reads multi-id DONEs too (an older sqm would drop them as malformed).
+        # The broker said it batches (BATCHES, or a multi-message DISPATCH) since
+        # our last HELLO: it reads multi-id DONEs (an older sqm would drop them).
         self.batch = False
 
     def open(self, ctx: zmq.Context) -> zmq.Socket:

@@ -22,6 +22,7 @@ from sqm import protocol
 from sqm.protocol import (
     ABILITIES,
     ACCEPTED,
+    BATCHES,
     BYE,
     CANCEL,
     ERROR,
@@ -164,6 +165,8 @@ class Session:
         elif cmd == ACCEPTED or cmd == ERROR:  # sqm about a follow-up message of ours
             if self.followups is not None:
                 self.followups.feed_broker(frames)
+        elif cmd == BATCHES:  # it reads multi-id DONEs (it answers our HELLO's "batch")
+            link.batch = True
         elif cmd == CANCEL and len(frames) == 3:  # the sender cancelled a message we run
             self.execution.cancel(frames[2])
         elif cmd == STOP:

@@ -42,6 +42,7 @@ from ..plugins import ControlHandler, Hooks
 from ..protocol import (
     ABILITIES,
     ACCEPTED,
+    BATCHES,
     BYE,
     CANCEL,
     CONTROL,
@@ -349,6 +350,9 @@ class QueueServer:
         w = self.core.hello(now, rid, info, watchable=self.watching and fd >= 0)
         if fd >= 0:
             self.connections.bind(rid, fd)
+        if info.get("batch") is True:
+            # Before the dispatches this HELLO may bring: its DONEs may name several ids.
+            self._send(rid, [SIGNATURE, BATCHES])
         log.info(
             "queue %s: worker %s registered (host %s pid %s, %d slot(s)%s)",
             self.name, w.id, info.get("host"), info.get("pid"), w.slots,

@@ -18,6 +18,7 @@ import zmq
 from sqm.broker.server import BrokerOptions, QueueServer
 from sqm.config import resolve
 from sqm.protocol import (
+    BATCHES,
     BYE,
     CANCEL,
     DISPATCH,
@@ -93,6 +94,10 @@ class Setup:
             self.server.handle_one(recv_frame(sock), now)
         self.server.flush(now)
 
+    def told_batches(self, sock: zmq.Socket) -> None:
+        """sqm's answer to a HELLO with ``batch``: it reads multi-id DONEs."""
+        assert self.received(sock) == [SIGNATURE, BATCHES]
+
     def received(self, sock: zmq.Socket, timeout: float = 5.0) -> list[bytes]:
         assert sock.poll(int(timeout * 1000)), "nothing received"
         return sock.recv_multipart()
@@ -127,6 +132,7 @@ def test_a_batch_worker_gets_one_dispatch_per_flush(setup: Setup) -> None:
     w = setup.peer(b"Wbatch")
     setup.hello(w, "batch", 8)
     setup.pump(lambda: setup.server.core.in_flight == 8, "8 dispatched")
+    setup.told_batches(w)
     frames = setup.received(w)
     assert len(frames) == 2 + 2 * 8
     assert dispatched_ids(frames) == ids
@@ -144,7 +150,7 @@ def test_a_batch_worker_gets_one_dispatch_per_flush(setup: Setup) -> None:
 
 
 def test_an_older_worker_gets_one_dispatch_per_message(setup: Setup) -> None:
-    """No ``batch`` in its HELLO: 4-frame DISPATCHes, as before."""
+    """No ``batch`` in its HELLO: 4-frame DISPATCHes, as before (and no BATCHES)."""
     ids = setup.submit(4)
     setup.pump(lambda: setup.server.core.pending == 4, "4 pending")
     w = setup.peer(b"Wold")
@@ -191,6 +197,7 @@ def test_a_failed_send_puts_the_whole_batch_back(setup: Setup) -> None:
     w = setup.peer(b"Wnext")
     setup.hello(w, "next", 4)
     setup.pump(lambda: core.in_flight == 4, "4 dispatched")
+    setup.told_batches(w)
     frames = setup.received(w)
     assert dispatched_ids(frames) == ids
     assert all(core.workers[b"Wnext"].in_flight[i].deliveries == 1 for i in ids)
@@ -206,6 +213,7 @@ def test_a_cancel_follows_the_batch_it_cancels(setup: Setup) -> None:
     setup.sender.send_multipart([SIGNATURE, CANCEL, ids[0]])
     setup.read_then_flush(3)  # one flush: both SUBMITs and the CANCEL
     assert core.workers[b"Wcancel"].abandoned
+    setup.told_batches(w)
     first = setup.received(w)
     assert dispatched_ids(first) == ids
     assert setup.received(w) == [SIGNATURE, CANCEL, ids[0]]

@@ -20,6 +20,7 @@ import pytest
 import zmq
 
 from sqm.protocol import (
+    BATCHES,
     BYE,
     DISPATCH,
     DONE,
@@ -92,6 +93,10 @@ class FakeSqm:
             elif cmd == BYE:
                 self.left = True
                 self.sock.send_multipart([rid, SIGNATURE, BYE])
+
+    def say_batches(self) -> None:
+        """What sqm answers a HELLO with ``batch``: it reads multi-id DONEs."""
+        self.sock.send_multipart([self.rid, SIGNATURE, BATCHES])
 
     def dispatch(self, ids: list[bytes], *, batch: bool) -> None:
         """The messages ``ids`` (oneway: no mailbox), in one DISPATCH or one each."""
@@ -202,3 +207,17 @@ def test_asyncio_runner_sends_single_dones_to_an_older_sqm(
     fake.dispatch(IDS, batch=False)
     fake.serve_until(lambda: len(fake.done_ids()) == 8)
     assert all(len(d) == 2 for d in fake.dones()), fake.dones()
+
+
+def test_a_broker_that_says_it_batches_gets_multi_id_dones(
+        sqm_for: Callable[..., FakeSqm]) -> None:
+    """BATCHES (sqm's answer to HELLO): DONEs of single DISPATCHes go together too."""
+    fake = sqm_for(prefetch=8)
+    sent = threading.Event()
+    fake.on_work = lambda mid: sent.wait(10) if mid == IDS[0] else None
+    fake.say_batches()
+    fake.dispatch(IDS, batch=False)  # while the first runs, the other 7 wait in its socket
+    sent.set()
+    fake.serve_until(lambda: len(fake.done_ids()) == 8)
+    assert fake.ran == IDS
+    assert fake.dones() == [[DONE, *IDS[:4]], [DONE, *IDS[4:]]]
