@@ -106,27 +106,30 @@ class Group:
         self.next_at = now + next_beat_in(now, self.heartbeat, self.phase)
 
     def frames(self, members: list[Member], mono: float) -> list[list[bytes]]:
-        """The messages of one beat of ``members``: self-reports due, lone beats, then
-        the packed one."""
+        """The messages of one beat of ``members``: the packed beat (or the lone ones)
+        first, then the self-reports due (each a worker's 4-frame beat)."""
         out: list[list[bytes]] = []
         packed: list[bytes] = []
+        reporting: list[Member] = []
         endpoint = self.endpoint
         for m in members:
             reports = m.reports
             if reports.due_for(endpoint, mono, bool(m.running)):
-                try:
-                    out.append([SIGNATURE, HEARTBEAT, m.wid, m.report()])
-                    continue
-                except Exception:  # never let a report stop the heartbeats
-                    log.exception("worker %s: cannot build its self-report", m.worker_id)
-            if reports.packed(endpoint) and len(m.wid) <= 255:
+                reporting.append(m)
+            elif reports.packed(endpoint) and len(m.wid) <= 255:
                 packed.append(m.wid)
             else:
                 out.append([SIGNATURE, HEARTBEAT, m.wid])
         if len(packed) == 1:
-            out.append([SIGNATURE, HEARTBEAT, packed[0]])
+            out.insert(0, [SIGNATURE, HEARTBEAT, packed[0]])
         elif packed:
-            out.append([SIGNATURE, HEARTBEAT, b"", pack_ids(packed)])
+            out.insert(0, [SIGNATURE, HEARTBEAT, b"", pack_ids(packed)])
+        for m in reporting:
+            try:
+                out.append([SIGNATURE, HEARTBEAT, m.wid, m.report()])
+            except Exception:  # never let a report stop the heartbeats
+                log.exception("worker %s: cannot build its self-report", m.worker_id)
+                out.append([SIGNATURE, HEARTBEAT, m.wid])
         return out
 
     def close(self) -> None:
@@ -203,10 +206,13 @@ class Beater:
                 due = [(g, list(g.members)) for g in self._groups.values() if g.next_at <= now]
                 for g, _ in due:
                     g.next_at = now + next_beat_in(now, g.heartbeat, g.phase)
-            for g in closing:
-                g.close()
+            items: list[Group | Member] = [*closing, *leaving]
+            for item in items:
+                try:
+                    item.close()
+                except Exception:  # the thread must go on beating for the others
+                    log.exception("heartbeats: cannot close a socket")
             for m in leaving:
-                m.close()
                 m.left.set()
             if due:
                 self._beat(due)
