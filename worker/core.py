@@ -79,9 +79,10 @@ class Worker:
     :meth:`respond` itself; an exception becomes a ``RemoteError`` at the
     sender and the worker carries on. Heartbeats go out from a background
     thread (one per process, for all its Workers: :mod:`worker.beats`), so a
-    long callback does not look like a dead worker, and carry a self-report (memory, nice, busy time) that ``sqm status`` shows. If
-    sqm restarts, the worker registers again by itself. When sqm sends STOP
-    (``sqm stop-worker``) it leaves like :meth:`terminate` and sets
+    long callback does not look like a dead worker, and carry a self-report
+    (memory, nice, busy time) that ``sqm status`` shows. If sqm restarts,
+    the worker registers again by itself. When sqm sends STOP (``sqm
+    stop-worker``) it leaves like :meth:`terminate` and sets
     ``stop_requested``.
 
     ``max_tasks``/``max_memory_mb``: after a message that brings it to
