@@ -33,6 +33,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import zmq
 
@@ -47,8 +48,9 @@ log = logging.getLogger("sqm.worker")
 #: What a group shares: (context, endpoint, CURVE client key + server key, interval).
 GroupKey = tuple[int, str, tuple[bytes, bytes] | None, float]
 
-#: ``Worker._ack_again(acks, running, before) -> running now``.
-AckAgain = Callable[[MailboxPool, dict[bytes, bytes], set[bytes]], set[bytes]]
+#: ``Worker._ack_again(acks, running, before) -> running now`` (``running``: the
+#: Execution's message id -> what it needs to reach the caller's mailbox).
+AckAgain = Callable[[MailboxPool, dict[bytes, Any], set[bytes]], set[bytes]]
 
 
 class Member:
@@ -59,7 +61,7 @@ class Member:
 
     def __init__(self, worker_id: str, ctx: zmq.Context, endpoints: list[str], heartbeat: float,
                  curve: tuple[KeyPair, bytes] | None, reports: ReportPlan,
-                 running: dict[bytes, bytes], report: Callable[[], bytes],
+                 running: dict[bytes, Any], report: Callable[[], bytes],
                  ack_again: AckAgain, new_acks: Callable[[], MailboxPool]) -> None:
         self.worker_id = worker_id
         self.wid = worker_id.encode()
@@ -68,7 +70,7 @@ class Member:
         self.heartbeat = heartbeat
         self.curve = curve
         self.reports = reports  # which beats carry the report; which brokers read packed beats
-        self.running = running  # message id -> mailbox of the callbacks running now
+        self.running = running  # the callbacks running now, by message id
         self.report = report  # the self-report frame
         self.ack_again = ack_again
         self.new_acks = new_acks  # its mailbox pool for re-sent ACKs (made by the beat thread)

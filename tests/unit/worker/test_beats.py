@@ -26,7 +26,7 @@ def member(name: str, ctx: zmq.Context, endpoints: list[str], hb: float = 30.0, 
     for e in endpoints:  # watched, report every 100 beats: the first one not due yet
         plan.watch(e, 100 * hb, 0.0, packed=packed)
 
-    def ack_again(pool: MailboxPool, running: dict[bytes, bytes],
+    def ack_again(pool: MailboxPool, running: dict[bytes, Any],
                   before: set[bytes]) -> set[bytes]:
         if acks is not None:
             acks.append((name, dict(running), set(before)))
