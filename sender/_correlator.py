@@ -35,6 +35,7 @@ from sqm.protocol import (
     ACCEPTED,
     ACK,
     ERROR,
+    FLAG_ACK,
     FLAG_ONEWAY,
     PROGRESS,
     RESULT,
@@ -189,11 +190,14 @@ class Correlator:
         ttl: float | None = None,
         not_before: float = 0.0,
         time_limit: float = 0.0,
+        ack: bool = False,
     ) -> tuple[str, list[bytes]]:
         """Build the SUBMIT frames and start tracking the id (unless oneway).
 
         The envelope's deadline is the smaller of ``timeout`` and ``ttl``;
         only ``timeout`` bounds how long a receive waits for the reply.
+        ``ack``: the worker acknowledges the start at once (FLAG_ACK), not
+        only at its next heartbeat.
         """
         if not isinstance(method, str) or not method:
             raise ValueError("method must be a non-empty string")
@@ -225,7 +229,7 @@ class Correlator:
             raise ValueError("method name too long")
         mid = self.next_id()
         env = pack_envelope(
-            FLAG_ONEWAY if oneway else 0,
+            FLAG_ONEWAY if oneway else FLAG_ACK if ack else 0,
             retries,
             prio,
             time.time() + expires if expires else 0.0,
@@ -366,6 +370,10 @@ class Correlator:
             self._beats.clear()
         self._beats[beat] = interval
         return interval
+
+    def slowest_beat(self) -> float:
+        """The longest heartbeat (s) a worker's ACK has named so far (0: none yet)."""
+        return max(self._beats.values(), default=0.0)
 
     def silent_workers(self, now: float, gone: Any) -> list[str]:
         """Started messages whose broker is ``gone(link)`` and whose worker has

@@ -12,7 +12,11 @@ went out on, until a worker acknowledges it (ACK) or it completes. Then:
 
 - a link goes DOWN while another is UP: its DEALER is re-created (dropping
   copies still queued in libzmq) and its messages are re-sent through UP
-  links, same id. A duplicate reply is dropped by the correlator;
+  links, same id. A duplicate reply is dropped by the correlator. A message
+  whose worker acknowledges the start at once (FLAG_ACK) is re-sent at once;
+  any other may have started without a word yet (its worker's first ACK
+  comes with its next heartbeat), so it is held for two heartbeats first
+  and re-sent only if neither an ACK nor its outcome came meanwhile;
 - a link comes back UP: after a grace period (time for the ACCEPTED of
   copies that got through to arrive), messages sent on its previous
   connection that its broker never ACCEPTED are re-sent to it. Those it did
@@ -33,7 +37,7 @@ from typing import Any
 import zmq
 
 from sqm.errors import AuthError
-from sqm.protocol import ACCEPTED
+from sqm.protocol import ACCEPTED, FEATURES, FLAG_ACK, SIGNATURE, SUBMIT
 from sqm.security.handshake import NO_DETAIL_REPEATS, classify
 from sqm.security.keys import KeyPair
 from sqm.sockets import make_socket
@@ -104,7 +108,7 @@ class Link:
     I/O), the monitor socket, and what the sender knows of the connection."""
 
     __slots__ = ("endpoint", "sock", "raw", "monitor", "state", "epoch", "resend_at", "tasks",
-                 "reached", "broken")
+                 "reached", "broken", "batches", "queued")
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
@@ -117,6 +121,10 @@ class Link:
         self.tasks: list[Any] = []  # AsyncSender's reader tasks
         self.reached = False  # a broker answered here at least once (ZMTP handshake)
         self.broken = 0  # handshakes that failed without detail, in a row
+        #: The broker on this connection takes batched SUBMITs (its ACCEPTED said so).
+        self.batches = False
+        #: Submissions waiting for :meth:`Links.flush` (AsyncSender: this loop iteration's).
+        self.queued: list[tuple[str, list[bytes]]] = []
 
     def __repr__(self) -> str:
         return f"<Link {self.endpoint} {('NEW', 'UP', 'DOWN', 'GONE')[self.state]} epoch {self.epoch}>"
@@ -147,6 +155,9 @@ class Links:
         self._open = opener
         self._close = closer
         self.grace = heartbeat
+        #: Messages of a DOWN link that may have started unacknowledged:
+        #: id -> when (monotonic) to re-send it if still unheard of.
+        self.held: dict[str, float] = {}
         self.links: list[Link] = []
         self.up: list[Link] = []
         self._rr = 0
@@ -210,30 +221,94 @@ class Links:
                 return
             link.state = DOWN
             link.epoch += 1
+            link.batches = False  # the broker that comes back may be an older one
         else:
             return
         self.up = [x for x in self.links if x.state == UP]
-        self.rehome()
+        if link.queued:  # never sent: to a live broker now, no need to wait
+            self.flush(link)
+        self.rehome(now)
 
-    def rehome(self) -> None:
-        """Re-send, through UP links, what DOWN links hold that no worker took."""
+    def rehome(self, now: float) -> None:
+        """Re-send, through UP links, what DOWN links hold that no worker took.
+
+        Without FLAG_ACK "no ACK yet" does not mean "not started": such a
+        message is held until :meth:`settle` has passed (see :meth:`due`).
+        """
         if not self.up:
             return
         core = self.core
         stranded: dict[Link, list[str]] = {}
         for mid, (_, link, _) in core.sent.items():
-            if link.state == DOWN:
+            if link.state == DOWN and mid not in self.held:
                 stranded.setdefault(link, []).append(mid)
         for link, mids in stranded.items():
             self.purge(link)
             for mid in mids:
-                self.resend(mid, self.pick())
+                self._resend_or_hold(mid, self.pick(), now)
+
+    def settle(self) -> float:
+        """How long an unacknowledged message of a lost broker may have run
+        unheard of: two heartbeats (the Sender's, or the slowest worker's seen)."""
+        return 2 * max(self.grace, self.core.slowest_beat())
+
+    def _resend_or_hold(self, mid: str, link: Link, now: float) -> None:
+        entry = self.core.sent.get(mid)
+        if entry is None:
+            return  # answered or acknowledged meanwhile
+        if entry[0][2][0] & FLAG_ACK:  # its worker ACKs at the start: none = not started
+            self.resend(mid, link)
+        else:
+            self.held[mid] = now + self.settle()
+
+    def release(self, now: float) -> float:
+        """Re-send the held messages whose time has come and of which nothing
+        was heard (no ACK, no outcome); return when to look again."""
+        core = self.core
+        nxt = float("inf")
+        for mid, at in list(self.held.items()):
+            if now < at:
+                nxt = min(nxt, at)
+                continue
+            del self.held[mid]
+            entry = core.sent.get(mid)
+            if entry is None or mid not in core.outstanding or not _is_down(entry[1]):
+                continue  # acknowledged, answered, or re-sent another way meanwhile
+            self.resend(mid, self.pick())
+        return nxt
 
     def purge(self, link: Link) -> None:
         """Re-create a DOWN link's DEALER so copies queued in it are never delivered."""
         self.read_all(link)  # ACCEPTED / errors that made it first
         self._close(link, 0)
         self._open(link)
+
+    def flush(self, link: Link) -> bool:
+        """Send what is queued on ``link`` as one SUBMIT (one message: as is).
+
+        Messages of a link that went DOWN, or whose send queue is full, go
+        through :meth:`resend` one by one (another live broker, else the
+        retry list); True when some await a retry (:meth:`due`).
+        """
+        queued = link.queued
+        if not queued:
+            return False
+        link.queued = []
+        if link.state != DOWN and link.raw is not None:
+            if len(queued) == 1:
+                frames = queued[0][1]
+            else:
+                frames = [SIGNATURE, SUBMIT]
+                for _, one in queued:
+                    frames += one[2:]
+            try:
+                send_frames(link.raw, frames)
+                return False
+            except zmq.Again:
+                pass
+        for mid, _ in queued:  # never oneway: those are sent at once (AsyncSender)
+            self.resend(mid, self.pick() if link.state == DOWN else link)
+        return bool(self.retry)
 
     def read_all(self, link: Link) -> int:
         """Feed everything waiting on ``link``'s DEALER to the correlator.
@@ -256,6 +331,8 @@ class Links:
                     wake(mid)
             elif len(frames) < 2 or frames[1] != ACCEPTED:
                 n += 1
+            elif len(frames) > 3 and not link.batches:
+                link.batches = FEATURES in frames[3]
 
     def due(self, now: float) -> float:
         """Do re-sends whose time has come; return when to look again (inf: nothing to do)."""
@@ -274,6 +351,8 @@ class Links:
                     if x is link and epoch < link.epoch and mid not in core.accepted]
             for mid in lost:
                 self.resend(mid, link)
+        if self.held:
+            nxt = min(nxt, self.release(now))
         if core.stopping:
             self.rescue()
         if core.running and len(self.up) < len(self.links) and self.lost_workers(now):
@@ -345,7 +424,7 @@ class Links:
 
     # ------------------------------------------------------------ membership
 
-    def replace(self, endpoints: Iterable[str]) -> list[Link]:
+    def replace(self, endpoints: Iterable[str], now: float) -> list[Link]:
         """Use exactly ``endpoints`` (in order) from now on; return the new links."""
         old = {link.endpoint: link for link in self.links}
         links: list[Link] = []
@@ -371,14 +450,19 @@ class Links:
                 for mid in kept:
                     del core.sent[mid]  # nowhere to re-send it to any more
                 mids = [m for m in mids if m not in core.accepted]
-            else:
-                self._close(gone, 0)
+                gone.state = GONE
+                for mid in mids:
+                    self.resend(mid, self.pick())
+                continue
+            self._close(gone, 0)
             gone.state = GONE
-            for mid in mids:
-                self.resend(mid, self.pick())
+            for mid in mids:  # a lost broker: maybe started unacknowledged (rehome)
+                if mid not in self.held:
+                    self._resend_or_hold(mid, self.pick(), now)
         return added
 
     def close(self, linger: int) -> None:
         for link in self.links:
             if link.sock is not None:
+                self.flush(link)
                 self._close(link, linger)

@@ -14,6 +14,7 @@ import zmq.asyncio
 
 from sqm import protocol
 from sqm.errors import SQMError
+from sqm.protocol import ACCEPTED, FEATURES, MAX_SUBMIT_BATCH
 from sqm.zmqfast import recv_frames, send_frames
 
 from ._batch import DONE, EMIT, NEED, Batch
@@ -92,7 +93,7 @@ class AsyncSender(SenderBase):
         loop = self._loop
         assert loop is not None
         link.tasks = [
-            loop.create_task(self._read(link.sock, link.raw, True, BROKER_CHECK_S)),
+            loop.create_task(self._read(link.sock, link.raw, True, BROKER_CHECK_S, link)),
             loop.create_task(self._watch(link, link.monitor)),
         ]
 
@@ -131,7 +132,7 @@ class AsyncSender(SenderBase):
                 self._start_link(link)
 
     async def _read(self, sock: zmq.asyncio.Socket, raw: zmq.Socket, from_broker: bool,
-                    pause: float = 0.0) -> None:
+                    pause: float = 0.0, link: Link | None = None) -> None:
         """Wait until ``sock`` is readable, then read everything it holds without blocking.
 
         A broker's DEALER carries one ACCEPTED per message and rarely
@@ -152,6 +153,9 @@ class AsyncSender(SenderBase):
                 mid = feed(frames, from_broker)
                 if mid is not None:
                     wake(mid)
+                elif (link is not None and not link.batches and len(frames) > 3
+                      and frames[1] == ACCEPTED):
+                    link.batches = FEATURES in frames[3]  # this broker takes batches
             if core.calls:
                 run_calls(core, self._spawn)
             if pause:
@@ -224,6 +228,7 @@ class AsyncSender(SenderBase):
         delay: float | None = None,
         not_before: float | None = None,
         time_limit: float | None = None,
+        ack: bool = False,
         on_start: OnStart | None = None,
         on_status: OnStatus | None = None,
         on_complete: OnComplete | None = None,
@@ -238,23 +243,37 @@ class AsyncSender(SenderBase):
         if on_start is not None or on_status is not None or on_complete is not None \
                 or on_fail is not None:  # checked here first: no call on the hot path
             hooks = self._hooks(oneway, on_start, on_status, on_complete, on_fail)
-        if delay is None and not_before is None and time_limit is None:
+            ack = ack or on_start is not None  # on_start wants the start at once
+        if delay is None and not_before is None and time_limit is None and not ack:
             return await self._submit(method, payload, oneway, timeout, retries, priority, ttl, hooks)
         return await self._submit(method, payload, oneway, timeout, retries, priority, ttl, hooks,
-                                  timing(delay, not_before, time_limit))
+                                  timing(delay, not_before, time_limit), ack)
 
     async def _submit(self, method: str, payload: Any, oneway: bool, timeout: float | None,
                       retries: int, priority: str, ttl: float | None, hooks: Any,
-                      extra: tuple[float, float] = NO_TIMING) -> str:
+                      extra: tuple[float, float] = NO_TIMING, ack: bool = False) -> str:
         self._start()
         core = self._core
         mid, frames = core.encode_submit(
             method, payload, oneway=oneway, timeout=timeout, retries=retries,
-            priority=priority, ttl=ttl, not_before=extra[0], time_limit=extra[1],
+            priority=priority, ttl=ttl, not_before=extra[0], time_limit=extra[1], ack=ack,
         )
         if hooks is not None:
             core.watch(mid, hooks)
         link = self._one or self._links.pick()  # inline, not a base method: the hot path
+        if link.batches and not oneway:
+            # Batched: everything submitted in this loop iteration leaves as one
+            # SUBMIT when the loop comes round (a lone message is not delayed).
+            queued = link.queued
+            queued.append((mid, frames))
+            core.sent[mid] = (frames, link, link.epoch)
+            if len(queued) == 1:
+                self._loop.call_soon(self._flush, link)  # type: ignore[union-attr]
+            elif len(queued) >= MAX_SUBMIT_BATCH:
+                self._flush(link)
+            return mid
+        if link.queued:
+            self._flush(link)  # a oneway message keeps its place behind them
         try:
             send_frames(link.raw, frames)
         except zmq.Again:  # the queue towards sqm is full (sqm down or slow)
@@ -262,6 +281,11 @@ class AsyncSender(SenderBase):
         if not oneway:
             core.sent[mid] = (frames, link, link.epoch)
         return mid
+
+    def _flush(self, link: Link) -> None:
+        """Send ``link``'s queued submissions; a full queue leaves them to the re-send rules."""
+        if self._links.flush(link):
+            self._after_links()
 
     async def _send_slow(self, mid: str, frames: list[bytes], timeout: float | None,
                          link: Link) -> Link:
@@ -422,7 +446,9 @@ class AsyncSender(SenderBase):
             batch.close()
 
     def started(self, id: str) -> bool:  # noqa: A002
-        """True once a worker has acknowledged message ``id`` ("working"), before its reply."""
+        """True once a worker has acknowledged message ``id`` ("working"), before its
+        reply: at once with ``submit(ack=True)`` / ``on_start``, else from the
+        worker's next heartbeat while the callback runs (see Sender.started)."""
         return id in self._core.started
 
     def accepted(self, id: str) -> bool:  # noqa: A002

@@ -12,6 +12,7 @@ there is a measurable share of a submit.
 from __future__ import annotations
 
 import os
+import time
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -302,7 +303,7 @@ class SenderBase:
         self._check()
         eps = split_endpoints(endpoints if isinstance(endpoints, str) else list(endpoints))
         try:
-            self._links.replace(eps)
+            self._links.replace(eps, time.monotonic())
         except zmq.ZMQError as exc:
             raise SQMError(f"cannot connect to {eps}: {exc}") from None
         self.settings = replace(self.settings, endpoint=eps[0], endpoints=eps)
@@ -315,6 +316,8 @@ class SenderBase:
             return False
         frames = [protocol.SIGNATURE, protocol.CANCEL, mid.encode("ascii")]
         for link in self._links.links:
+            if link.queued:
+                self._links.flush(link)  # the message goes first: sqm cancels what it knows
             if link.raw is not None:
                 try:
                     send_frames(link.raw, frames)

@@ -13,6 +13,7 @@ import zmq.asyncio
 
 from sqm import protocol
 from sqm.errors import SQMError
+from sqm.protocol import MAX_SUBMIT_BATCH
 from sqm.zmqfast import RCVTIMEO, recv_frames, send_frames, set_option
 
 from ._batch import DONE, EMIT, NEED, Batch
@@ -64,6 +65,7 @@ class Sender(SenderBase):
         self._next_broker_check = 0.0
         self._next_due = float("inf")  # the next re-send or watch the links asked for
         self._unchecked = 0
+        self._rcvtimeo = -2  # the mailbox's RCVTIMEO as last set (_recv_within)
         super().__init__(queue, endpoint=endpoint, config=config, serializer=serializer,
                          timeout=timeout, allow_pickle=allow_pickle,
                          max_message_size=max_message_size, heartbeat=heartbeat,
@@ -115,6 +117,7 @@ class Sender(SenderBase):
         delay: float | None = None,
         not_before: float | None = None,
         time_limit: float | None = None,
+        ack: bool = False,
         on_start: OnStart | None = None,
         on_status: OnStatus | None = None,
         on_complete: OnComplete | None = None,
@@ -129,8 +132,13 @@ class Sender(SenderBase):
         ``retries`` is how many more workers may be tried if the one holding
         the message dies. ``oneway`` messages get no reply.
 
+        ``ack=True`` asks the worker to acknowledge the start at once
+        ("working": :meth:`started`, ``on_start``); without it a worker says
+        so only at its next heartbeat, and only if the callback still runs
+        then (one message less per task on the hot path).
+
         Callbacks run inside this Sender's receive/rpc/map/poll calls:
-        ``on_start()`` when a worker acknowledges the message,
+        ``on_start()`` when a worker acknowledges the message (it sets ``ack``),
         ``on_status(done, total)`` per progress report (in order),
         ``on_complete(result)`` / ``on_fail(exc)`` with the outcome. A message
         given on_complete or on_fail is consumed by them: receive() never
@@ -140,23 +148,33 @@ class Sender(SenderBase):
         if on_start is not None or on_status is not None or on_complete is not None \
                 or on_fail is not None:  # checked here first: no call on the hot path
             hooks = self._hooks(oneway, on_start, on_status, on_complete, on_fail)
-        if delay is None and not_before is None and time_limit is None:
+            ack = ack or on_start is not None  # on_start wants the start at once
+        if delay is None and not_before is None and time_limit is None and not ack:
             return self._submit(method, payload, oneway, timeout, retries, priority, ttl, hooks)
         return self._submit(method, payload, oneway, timeout, retries, priority, ttl, hooks,
-                                  timing(delay, not_before, time_limit))
+                                  timing(delay, not_before, time_limit), ack)
 
     def _submit(self, method: str, payload: Any, oneway: bool, timeout: float | None,
                 retries: int, priority: str, ttl: float | None, hooks: Any,
-                extra: tuple[float, float] = NO_TIMING) -> str:
+                extra: tuple[float, float] = NO_TIMING, ack: bool = False,
+                defer: bool = False) -> str:
         self._check()
         core = self._core
         mid, frames = core.encode_submit(
             method, payload, oneway=oneway, timeout=timeout, retries=retries,
-            priority=priority, ttl=ttl, not_before=extra[0], time_limit=extra[1],
+            priority=priority, ttl=ttl, not_before=extra[0], time_limit=extra[1], ack=ack,
         )
         if hooks is not None:
             core.watch(mid, hooks)
         link = self._one or self._links.pick()  # inline, not a base method: the hot path
+        if defer and link.batches:
+            # map(): queued until it waits or hands out items (_flush), then one SUBMIT.
+            queued = link.queued
+            queued.append((mid, frames))
+            core.sent[mid] = (frames, link, link.epoch)
+            if len(queued) >= MAX_SUBMIT_BATCH:
+                self._links.flush(link)
+            return mid
         try:
             send_frames(link.raw, frames)
         except zmq.Again:
@@ -266,9 +284,8 @@ class Sender(SenderBase):
                     continue
             else:
                 wait = min(remaining, self._next_broker_check - now)
-                set_option(mailbox, RCVTIMEO, max(1, int(wait * 1000)))
                 try:
-                    frames = recv_frames(mailbox, 0)
+                    frames = self._recv_within(mailbox, wait)
                 except zmq.Again:
                     quiet = True
                     continue
@@ -279,6 +296,18 @@ class Sender(SenderBase):
                 outcome = core.take(mid)
                 if outcome is not None:
                     return outcome
+
+    def _recv_within(self, mailbox: zmq.Socket, wait: float) -> list[bytes]:
+        """One message from the mailbox, waiting at most ``wait`` s (zmq.Again if none).
+
+        The receive timeout is set only when its whole milliseconds change:
+        a setsockopt costs ~2 µs, and receives under load come many per ms.
+        """
+        ms = max(1, int(wait * 1000))
+        if ms != self._rcvtimeo:
+            set_option(mailbox, RCVTIMEO, ms)
+            self._rcvtimeo = ms
+        return recv_frames(mailbox, 0)
 
     def _sleep(self, timeout: float) -> None:
         """Sleep until the mailbox, a broker's socket or its monitor has
@@ -359,9 +388,8 @@ class Sender(SenderBase):
                 if n:
                     break
             wait = min(deadline, self._next_broker_check) - now
-            set_option(mailbox, RCVTIMEO, max(1, int(wait * 1000)))
             try:
-                frames = recv_frames(mailbox, 0)
+                frames = self._recv_within(mailbox, wait)
             except zmq.Again:
                 continue
             core.feed(frames, False)
@@ -406,12 +434,14 @@ class Sender(SenderBase):
                         continue
                     try:
                         mid = self._submit(method, payload, False, limit, retries, "normal",
-                                           None, batch.sink)
+                                           None, batch.sink, defer=True)
                     except SQMError as exc:
                         batch.failed(exc)
                     else:
                         batch.sent(mid)
-                elif step == EMIT:
+                    continue
+                self._flush()  # what this round of NEED queued: one SUBMIT per broker
+                if step == EMIT:
                     out = batch.out
                     while out:
                         yield out.popleft()
@@ -420,12 +450,25 @@ class Sender(SenderBase):
                 else:
                     self._poll_until(batch.next_deadline())
         finally:
+            for link in self._links.links:  # stopped early: what was never sent stays unsent
+                link.queued.clear()
             batch.close()
+
+    def _flush(self) -> None:
+        """Send the submissions map() queued (see Links.flush)."""
+        links = self._links
+        for link in links.links:
+            if link.queued and links.flush(link):
+                self._next_due = time.monotonic()  # re-send the ones a full queue refused
 
     # ------------------------------------------------------------ state
 
     def started(self, id: str) -> bool:  # noqa: A002
-        """True once a worker has acknowledged message ``id`` ("working"), before its reply."""
+        """True once a worker has acknowledged message ``id`` ("working"), before its reply.
+
+        At once for a message submitted with ``ack=True`` (or ``on_start``);
+        else from the worker's next heartbeat while the callback runs.
+        """
         self._check()
         read_all(self._mailbox, self._core, False)
         return id in self._core.started

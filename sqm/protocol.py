@@ -22,7 +22,10 @@ SUBMIT = b"S"
 STATUS = b"?"
 CONTROL = b"!"  # admin request/reply: [SIG, !, json] both ways
 # broker -> client
-ACCEPTED = b"K"  # [SIG, K, packed ids]: sqm took these messages (journaled, with --journal)
+ACCEPTED = b"K"  # [SIG, K, packed ids, features]: sqm took these messages (journaled, with --journal)
+#: ACCEPTED's 4th frame: what this sqm takes besides the basics. ``B``: SUBMIT
+#: may carry several messages (a Sender batches only towards such a broker).
+FEATURES = b"B"
 # worker -> broker
 HELLO = b"W"
 DONE = b"R"
@@ -51,8 +54,11 @@ RESULT = b"Y"
 
 # A SUBMIT/DISPATCH message is [SIGNATURE, command, envelope, payload]: the
 # envelope is one frame (fewer frames = less per-message work on every hop);
-# the payload frame stays apart and is never decoded by sqm.
+# the payload frame stays apart and is never decoded by sqm. A batched
+# SUBMIT carries several: [SIGNATURE, S, env1, payload1, env2, payload2, ...].
 SUBMIT_FRAMES = 4
+#: The most messages a Sender puts in one SUBMIT.
+MAX_SUBMIT_BATCH = 64
 
 # Envelope: a fixed head, then message id, mailbox, method and serializer tag.
 #   flags u8, retries u8, priority u8, hops u8, deadline f64 (unix s, 0 = none),
@@ -69,6 +75,11 @@ FLAG_ONEWAY = 0x01
 #   not_before f64 (unix s, 0 = now), time_limit f32 (s, 0 = none),
 #   attempts u8 (Retry rounds done so far; sqm rewrites it on a retry)
 FLAG_EXTRA = 0x02
+# The caller wants to hear at once that a worker started the message (ACK):
+# ``submit(ack=True)`` or ``on_start``. Without it the worker's first ACK
+# comes with its next heartbeat, and only if the callback still runs then
+# (one mailbox message less per message). sqm never reads it.
+FLAG_ACK = 0x04
 EXTRA = struct.Struct("!dfB")
 PRIORITY_HIGH, PRIORITY_NORMAL, PRIORITY_LOW = 0, 1, 2
 PRIORITIES = {"high": PRIORITY_HIGH, "normal": PRIORITY_NORMAL, "low": PRIORITY_LOW}

@@ -28,7 +28,7 @@ import zmq
 from sqm import procinfo, protocol
 from sqm.config import client_key_paths, resolve
 from sqm.errors import HopLimitExceeded, SQMError
-from sqm.protocol import ACK, SIGNATURE, MailboxPolicy
+from sqm.protocol import ACK, FLAG_ACK, SIGNATURE, MailboxPolicy
 from sqm.security.keys import client_keys
 from sqm.taskpool.fleet import Limits, recycle_due
 
@@ -435,22 +435,27 @@ class Worker:
                             self._reports, self._execution.running,
                             lambda: selfreport.encode(self), self._ack_again, new_acks)
 
-    def _ack_again(self, acks: MailboxPool, running: dict[bytes, bytes],
+    def _ack_again(self, acks: MailboxPool, running: dict[bytes, Originator],
                    before: set[bytes]) -> set[bytes]:
-        """Re-send ACK ("still working") for each message running since the last beat.
+        """Send ACK ("working") for each message running now, except one that
+        started since the last beat with its ACK sent at the start (FLAG_ACK).
 
-        Its caller watches these when the broker that dispatched it is gone:
-        silence for 3 beats then means the worker died too (WorkerLost).
-        Returns the ids running now, for the next beat.
+        Without FLAG_ACK this is the message's first ACK: a caller learns of a
+        start within one beat, not at once. Its caller watches these when the
+        broker that dispatched it is gone: silence for 3 beats then means the
+        worker died too (WorkerLost). Returns the ids running now, for the next beat.
         """
         beat = self._execution.beat_ms
         now = set(running)
-        for msg_id in now & before:
-            mailbox = running.get(msg_id)
-            if mailbox is None:
-                continue
+        for msg_id in now:
+            orig = running.get(msg_id)
+            if orig is None:
+                continue  # answered meanwhile
+            env = orig.env
+            if msg_id not in before and env is not None and env.flags & FLAG_ACK:
+                continue  # acknowledged at its start, a moment ago
             try:
-                acks.send(mailbox, [SIGNATURE, ACK, msg_id, beat])
+                acks.send(orig.mailbox, [SIGNATURE, ACK, msg_id, beat])
             except (ValueError, zmq.ZMQError):
                 pass  # refused, unreachable or not keeping up: the next beat tries again
         acks.expire(time.monotonic())

@@ -28,6 +28,7 @@ from sqm.errors import SQMError
 from sqm.protocol import (
     ACK,
     ERROR,
+    FLAG_ACK,
     PROGRESS,
     RESULT,
     RETRY,
@@ -195,10 +196,11 @@ class Execution:
         #: The worker's heartbeat (ms, ASCII) as ACK's last frame; empty: plain
         #: 3-frame ACKs and no ``running`` record (an Execution without a Worker).
         self.beat_ms = b""
-        #: Messages acknowledged and not yet answered: id -> mailbox. The
-        #: heartbeat thread re-sends their ACK each beat, so a caller whose
-        #: broker died still learns whether the worker lives.
-        self.running: dict[bytes, bytes] = {}
+        #: Messages started and not yet answered. The heartbeat thread sends
+        #: their ACK each beat (the first one too, unless the envelope's
+        #: FLAG_ACK had it sent at the start), so a caller whose broker died
+        #: still learns whether the worker lives.
+        self.running: dict[bytes, Originator] = {}
         #: Messages with a caller being run: id -> originator (CANCEL finds them here).
         self.active: dict[bytes, Originator] = {}
         self.retry_policy = RetryPolicy()
@@ -233,10 +235,10 @@ class Execution:
         if not orig.oneway:
             beat = self.beat_ms
             if beat:
-                self.running[msg_id] = orig.mailbox
-                self.send(orig, [SIGNATURE, ACK, msg_id, beat])
-            else:
-                self.send(orig, [SIGNATURE, ACK, msg_id])
+                self.running[msg_id] = orig
+            if env.flags & FLAG_ACK:  # asked for at once; else the heartbeat thread sends it
+                self.send(orig, [SIGNATURE, ACK, msg_id, beat] if beat
+                          else [SIGNATURE, ACK, msg_id])
         self.active[msg_id] = orig  # CANCEL finds it here (oneway ones too: sqm cancel)
         orig.pump = self.pump
         if env.time_limit or self.time_limit:
@@ -289,10 +291,10 @@ class Execution:
         if not orig.oneway:
             beat = self.beat_ms
             if beat:
-                self.running[msg_id] = orig.mailbox
-                self.send(orig, [SIGNATURE, ACK, msg_id, beat])
-            else:
-                self.send(orig, [SIGNATURE, ACK, msg_id])
+                self.running[msg_id] = orig
+            if env.flags & FLAG_ACK:  # asked for at once; else the heartbeat thread sends it
+                self.send(orig, [SIGNATURE, ACK, msg_id, beat] if beat
+                          else [SIGNATURE, ACK, msg_id])
         self.active[msg_id] = orig  # CANCEL finds it here (oneway ones too: sqm cancel)
         orig.pump = self.pump
         if env.time_limit or self.time_limit:

@@ -157,6 +157,7 @@ class Broker:
         tick_every = max(0.01, self.opts.heartbeat / 4)
         next_tick = time.time() + tick_every
         core = q.core
+        timeout_ms = -2  # the socket's RCVTIMEO as last set: set again only when it changes
         while not self._stopping:
             if core.timer_at < next_tick:  # a scheduled message or a time limit comes first
                 next_tick = core.timer_at
@@ -165,7 +166,9 @@ class Broker:
                 wait_ms = max(1, int((next_tick - now) * 1000))
                 if q.acks_pending:
                     wait_ms = min(wait_ms, ACK_IDLE_MS)
-                set_option(sock, RCVTIMEO, wait_ms)
+                if wait_ms != timeout_ms:  # under load mostly ACK_IDLE_MS: no setsockopt
+                    set_option(sock, RCVTIMEO, wait_ms)
+                    timeout_ms = wait_ms
                 try:
                     first = recv_frame(sock, 0)
                 except zmq.Again:

@@ -49,9 +49,11 @@ from ..protocol import (
     DONE,
     DONE_FAILED,
     ERROR,
+    FEATURES,
     FORWARD,
     HEARTBEAT,
     HELLO,
+    MAX_SUBMIT_BATCH,
     NACK,
     PACKED_BEATS,
     RETRY,
@@ -59,6 +61,7 @@ from ..protocol import (
     STATUS,
     STOP,
     SUBMIT,
+    SUBMIT_FRAMES,
     MailboxPolicy,
     envelope_id,
 )
@@ -252,6 +255,9 @@ class QueueServer:
         self.handle(rid_frame, frames, now)
 
     def _on_submit(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
+        if len(frames) != SUBMIT_FRAMES:
+            self._on_submits(rid_frame, frames, now)
+            return
         msg = self.read_submit(rid_frame, rid_frame.bytes, frames)
         if self.core.submit(now, msg):
             if self._accepted_hooks:
@@ -267,6 +273,23 @@ class QueueServer:
                 self.acks_pending += 1
                 if self.acks_pending >= ACK_BATCH and not self.acks_after_hooks:
                     self.send_acks()
+
+    def _on_submits(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
+        """A batched SUBMIT: ``[SIG, S, env1, payload1, env2, payload2, ...]``.
+
+        Each message is taken (or refused) on its own, as if it had come alone:
+        a malformed one is answered and dropped, the others go on.
+        """
+        n = len(frames)
+        if n < SUBMIT_FRAMES or n % 2 or n > 2 + 2 * MAX_SUBMIT_BATCH:
+            raise Malformed(f"submit needs 4 frames, or an even number up to "
+                            f"{2 + 2 * MAX_SUBMIT_BATCH} for a batch; got {n}")
+        for i in range(2, n, 2):
+            one = [SIGNATURE, SUBMIT, frames[i], frames[i + 1]]
+            try:
+                self._on_submit(rid_frame, one, now)
+            except Malformed as exc:
+                self._malformed(rid_frame.bytes, one, exc.reason)
 
     def _on_done(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
         if not self.core.done(now, rid_frame.bytes, read_message_id(frames, "done"), True):
@@ -482,7 +505,7 @@ class QueueServer:
     def send_acks(self) -> None:
         """Tell each sender which of its messages sqm has accepted (one message each)."""
         for rid, ids in self._acks.items():
-            self._send(rid, [SIGNATURE, ACCEPTED, protocol.pack_ids(ids)])
+            self._send(rid, [SIGNATURE, ACCEPTED, protocol.pack_ids(ids), FEATURES])
         self._acks.clear()
         self.acks_pending = 0
 
@@ -551,7 +574,7 @@ class QueueServer:
             send_more(self.sock, rid)
         except zmq.ZMQError:
             return False
-        send_frames(self.sock, [SIGNATURE, ACCEPTED, protocol.pack_ids(ids)])
+        send_frames(self.sock, [SIGNATURE, ACCEPTED, protocol.pack_ids(ids), FEATURES])
         return True
 
     def resubmit(self, now: float, msg: Message) -> bool:

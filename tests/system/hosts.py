@@ -487,7 +487,7 @@ def sender_main() -> None:
             })
         elif mode == "one":
             mid = s.submit("work", {"i": 0, "s": seconds}, retries=opts.get("retries", 0),
-                           timeout=opts.get("timeout"))
+                           timeout=opts.get("timeout"), ack=True)
             while not s.started(mid) and mid not in s._core.ready:
                 s.poll(0.02)
             _say(started=time.time())

@@ -137,7 +137,8 @@ def test_a_broker_killed_mid_load_and_restarted_on_its_journal_answers_everythin
     report("journal", killed_after=killed_at, **result, executions=len(executions))
     assert result["errors"] == {}, f"{result}\n{failures(sender, *pair.brokers, *pair.workers)}"
     assert result["replies"] == MESSAGES
-    assert result["resent"] > 0, result
+    # No "resent > 0" here: what A held unacknowledged waits two heartbeats
+    # (a worker may be running it), and A is back by then with its journal.
     assert {entry["i"] for entry in executions} == set(range(MESSAGES))
     # The restarted broker ran what its journal held to the end: nothing is left.
     wait_for(lambda: (st := c.status("q", pair.endpoints[0])) is not None

@@ -261,7 +261,7 @@ def test_cancel_running_flags_the_callback_and_fails_at_once(cluster):
     cluster.worker("q", target=f"{APPS}:callbacks")
     with Sender("q", timeout=20) as s:
         results = spy_results(s)
-        mid = s.submit("slow", 10)
+        mid = s.submit("slow", 10, ack=True)
         wait_for(lambda: s.started(mid), 5, "the callback running")
         t0 = time.monotonic()
         assert s.cancel(mid) is True
@@ -355,7 +355,7 @@ def test_retry_and_cancel_in_the_asyncio_runner(cluster):
     cluster.worker("q", "--concurrency", "2", target=f"{APPS}:callbacks")
     with Sender("q", timeout=20) as s:
         assert s.rpc("flaky", {"fail": 1, "delay": 0.2}) == {"attempts": 1}
-        mid = s.submit("slow", 10)
+        mid = s.submit("slow", 10, ack=True)
         wait_for(lambda: s.started(mid), 5, "the callback running")
         assert s.cancel(mid) is True
         with pytest.raises(Cancelled):

@@ -107,13 +107,25 @@ def test_receive_timeout_keeps_message_outstanding(cluster):
 def test_working_acknowledgement_arrives_before_the_reply(cluster):
     cluster.serve("q")
     with Sender("q") as s:
-        mid = s.submit("sleep", {"s": 0.5}, timeout=30)
+        mid = s.submit("sleep", {"s": 0.5}, timeout=30, ack=True)
         assert not s.started(mid)  # no worker yet: still pending in sqm
         cluster.worker("q")
         wait_for(lambda: s.started(mid), 10, "the worker's working acknowledgement")
         assert s.outstanding == 1  # acknowledged, not answered yet
         assert s.receive(id=mid)["slept"] == 0.5
         assert not s.started(mid)  # answered: no longer tracked
+
+
+def test_without_ack_a_long_callback_is_acknowledged_by_the_worker_s_next_beat(cluster):
+    """No ACK at the start unless asked for (one mailbox message less per task):
+    the heartbeat thread sends the first one while the callback runs."""
+    cluster.serve("q")
+    cluster.worker("q", "--heartbeat", "0.5")
+    with Sender("q") as s:
+        mid = s.submit("sleep", {"s": 3}, timeout=30)
+        wait_for(lambda: s.started(mid), 2.5, "the worker's first beat-time ACK")
+        assert s.outstanding == 1  # acknowledged, not answered yet
+        assert s.receive(id=mid)["slept"] == 3
 
 
 @pytest.mark.parametrize("name", ["cbor", "json", "yaml", "pickle"])

@@ -82,3 +82,24 @@ def test_closed_sender_refuses(cluster):
             await s.submit("add", {})
 
     run(main())
+
+
+def test_async_ack_true_reports_the_start_before_the_reply(cluster):
+    """``submit(ack=True)``: the worker acknowledges at the start (flag ACK), so
+    ``started()`` turns true while a 1 s callback runs, well before its reply."""
+    cluster.serve("q")
+    cluster.worker("q", "--heartbeat", "5")  # a beat-time ACK could not come in time
+
+    async def main():
+        async with AsyncSender("q", timeout=30) as s:
+            mid = await s.submit("sleep", {"s": 1.0}, ack=True)
+            reply = asyncio.ensure_future(s.receive(id=mid))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while not s.started(mid):
+                assert loop.time() < deadline, "no ACK"
+                assert not reply.done(), "the reply came first"
+                await asyncio.sleep(0.01)  # yields to the sender's reader task
+            assert (await reply)["slept"] == 1.0
+
+    run(main())

@@ -211,8 +211,13 @@ def test_resend_rules_on_inproc_sockets(rundir):
         core.feed([SIGNATURE, ACK, on_a[0].encode()], False)  # a worker has it
         core.feed([SIGNATURE, ACCEPTED, pack_ids([on_a[1].encode()])], True)  # A has it
 
-        # A dies while B is up: all that no worker took moves to B, K or not.
+        # A dies while B is up: all that no worker took moves to B, K or not;
+        # without FLAG_ACK only after two heartbeats without a worker's ACK
+        # (a worker may run it and say so at its next beat).
         links.event(a, int(zmq.EVENT_DISCONNECTED), 1.0)
+        assert received(b.endpoint) == []
+        assert links.due(1.9) == 2.0 and received(b.endpoint) == []
+        links.due(2.0)
         assert received(b.endpoint) == on_a[1:]
         assert opened.count(a.endpoint) == 2  # A's DEALER re-created: stale copies dropped
         assert links.resent == 2

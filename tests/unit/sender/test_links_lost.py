@@ -12,7 +12,7 @@ import pytest
 from sender._correlator import Correlator
 from sender._links import DOWN, UP, Link, Links
 from sqm.config import QueueSettings
-from sqm.protocol import ACK, ERROR, SIGNATURE
+from sqm.protocol import ACK, ERROR, RESULT, SIGNATURE
 
 
 class FakeSock:
@@ -130,3 +130,61 @@ def test_a_single_broker_sender_passes_broker_shutdown_on_at_once() -> None:
     mid = submit(core, links.links[0])
     error = [SIGNATURE, ERROR, mid.encode(), b"BrokerShutdown", b"sqm stopped", b"{}"]
     assert core.feed(error, True) == mid
+
+
+# --- a broker lost while its messages may have started unacknowledged ------------
+
+
+def submit_ack(core: Correlator, link: Link, ack: bool) -> str:
+    mid, frames = core.encode_submit("work", None, oneway=False, timeout=30, retries=0, ack=ack)
+    core.sent[mid] = (frames, link, link.epoch)
+    return mid
+
+
+def lose(links: Links, link: Link, now: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``link``'s broker is gone while another is up (its DEALER is not re-created here)."""
+    monkeypatch.setattr(links, "purge", lambda link: None)
+    down(links, link)
+    links.rehome(now)
+
+
+@pytest.mark.parametrize("ack", [True, False])
+def test_an_unacknowledged_message_is_re_sent_at_once_only_if_its_worker_acks_at_the_start(
+        ack: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    core, links = make(("tcp://10.0.0.2:5555", "tcp://10.0.0.3:5555"))
+    a, b = links.links
+    mid = submit_ack(core, a, ack)
+    now = 100.0
+    lose(links, a, now, monkeypatch)
+    # FLAG_ACK: no ACK means no worker started it, so another broker gets it now.
+    # Without it a worker may run it and say so only at its next beat: held.
+    assert len(b.raw.sent) == (1 if ack else 0)
+    assert links.due(now + 1.9) == (float("inf") if ack else now + 2.0)  # 2 beats of 1 s
+    assert len(b.raw.sent) == (1 if ack else 0)
+    links.due(now + 2.0)  # heard nothing for two beats: nobody runs it
+    assert len(b.raw.sent) == 1 and b.raw.sent[0][2] == core.sent[mid][0][2]
+    assert core.sent[mid][1] is b and not links.held
+
+
+@pytest.mark.parametrize("heard", ["ack", "result"])
+def test_a_held_message_that_turns_out_started_or_answered_is_not_re_sent(
+        heard: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    core, links = make(("tcp://10.0.0.2:5555", "tcp://10.0.0.3:5555"))
+    a, b = links.links
+    mid = submit_ack(core, a, False)
+    lose(links, a, 100.0, monkeypatch)
+    if heard == "ack":  # the worker's beat: it runs it
+        ack(core, mid)
+        assert mid in core.running
+    else:
+        assert core.feed([SIGNATURE, RESULT, mid.encode(), b"\xf6"], False) == mid
+    links.due(102.5)
+    assert b.raw.sent == [] and not links.held
+
+
+def test_the_hold_lasts_two_of_the_slowest_worker_beats_seen() -> None:
+    core, links = make(("tcp://10.0.0.2:5555", "tcp://10.0.0.3:5555"))
+    assert links.settle() == 2.0  # the sender's own heartbeat (1 s)
+    other = submit_ack(core, links.links[0], True)
+    ack(core, other, b"3000")  # a worker beating every 3 s
+    assert links.settle() == 6.0

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from sqm.protocol import ACK, DISPATCH, ERROR, RESULT, SIGNATURE, encode_envelope
+from sqm.protocol import ACK, DISPATCH, ERROR, FLAG_ACK, RESULT, SIGNATURE, encode_envelope
 from worker.execute import Execution, Originator
 
 pytestmark = pytest.mark.timeout(30)
@@ -47,9 +47,12 @@ def make() -> tuple[Execution, list[list[bytes]]]:
     return ex, sent
 
 
-def dispatch(method: str, body: bytes = b'"hi"', *, oneway: bool = False) -> list[bytes]:
+def dispatch(method: str, body: bytes = b'"hi"', *, oneway: bool = False,
+             ack: bool = False) -> list[bytes]:
     env = encode_envelope(b"id:1", b"ipc:///tmp/none.sock", method.encode(), b"json",
                           oneway=oneway)
+    if ack:  # the caller asked to hear of the start at once (submit(ack=True), on_start)
+        env = bytes((env[0] | FLAG_ACK,)) + env[1:]
     return [SIGNATURE, DISPATCH, env, body]
 
 
@@ -74,7 +77,10 @@ def scrub(frames: list[list[bytes]]) -> list[list[bytes]]:
 
 CASES = [
     (dispatch("ok"), (b"id:1", True)),
+    (dispatch("ok", ack=True), (b"id:1", True)),
     (dispatch("mine"), (b"id:1", True)),
+    (dispatch("boom", ack=True), (b"id:1", False)),
+    (dispatch("missing", ack=True), (b"id:1", False)),
     (dispatch("boom"), (b"id:1", False)),
     (dispatch("bad"), (b"id:1", False)),
     (dispatch("missing"), (b"id:1", False)),
@@ -96,13 +102,16 @@ def test_run_and_steps_answer_alike(frames: list[bytes], outcome: tuple[bytes, b
 
 def test_what_the_sender_gets() -> None:
     ex, sent = make()
-    ex.run(dispatch("ok"))
+    ex.run(dispatch("ok"))  # no ACK unless asked for: the reply says it all
+    assert sent == [[SIGNATURE, RESULT, b"id:1", b'{"echo":"hi"}']]
+    sent.clear()
+    ex.run(dispatch("ok", ack=True))
     assert sent == [[SIGNATURE, ACK, b"id:1"],
                     [SIGNATURE, RESULT, b"id:1", b'{"echo":"hi"}']]
     sent.clear()
     ex.run(dispatch("boom"))
-    assert sent[1][:5] == [SIGNATURE, ERROR, b"id:1", b"KeyError", b"'nope'"]
-    assert b"Traceback" in sent[1][5] and b"boom" in sent[1][5]
+    assert sent[0][:5] == [SIGNATURE, ERROR, b"id:1", b"KeyError", b"'nope'"]
+    assert b"Traceback" in sent[0][5] and b"boom" in sent[0][5]
 
 
 @pytest.mark.parametrize("way", ["run", "steps"])
