@@ -113,17 +113,17 @@ def test_a_process_of_20_workers_sends_one_beat_per_interval(cluster: Cluster, r
     finally:
         probe.close()
     assert len(named) == N, named
-    # every worker is named every 0.2 s interval (10 in 2 s; a loaded VM may shift one)
-    assert all(8 <= n <= 12 for n in named.values()), named
+    # every worker is named every 0.2 s interval (10 in 2 s; a loaded VM may shift some)
+    assert all(7 <= n <= 12 for n in named.values()), named
     if packed:
         # one message per interval for all 20, plus the rare self-report (every 5 s each)
-        assert 8 <= kinds["packed"] <= 12, kinds
+        assert 7 <= kinds["packed"] <= 12, kinds
         assert kinds["bare"] == 0, kinds
         assert kinds["report"] <= N, kinds
     else:
         # an older sqm: each worker beats on its own, as before
         assert kinds["packed"] == 0, kinds
-        assert kinds["bare"] + kinds["report"] >= 8 * N, kinds
+        assert kinds["bare"] + kinds["report"] >= 7 * N, kinds
 
 
 def test_a_stopped_process_loses_all_its_workers_and_one_that_leaves_is_not_dropped_late(
