@@ -119,12 +119,20 @@ class Batch:
             index = inflight.pop(mid, None)
             if index is None:
                 continue
+            late = False
             if self._extended:
-                self._extended.pop(mid, None)
-            try:
-                item = core.result(outcome)
-            except SQMError as exc:
-                item = exc
+                # In its verdict grace: only sqm's verdict counts; a worker's
+                # reply is late (see SenderBase._late).
+                late = self._extended.pop(mid, None) is not None and not outcome.from_broker
+            item: Any
+            if late:
+                item = (self.timeout_error(mid) if self.timeout_error is not None
+                        else Timeout(f"no reply for message {mid} in time (map item)"))
+            else:
+                try:
+                    item = core.result(outcome)
+                except SQMError as exc:
+                    item = exc
             self._put(index, item)
         if inflight:
             now = time.monotonic()

@@ -441,6 +441,10 @@ class Links:
         core.brokers = len(links)
         for gone in old.values():
             self.read_all(gone)
+            unsent = {mid for mid, _ in gone.queued}  # queued for a batch, never sent
+            gone.queued = []
+            for mid in unsent:
+                self.resend(mid, self.pick())
             mids = [mid for mid, (_, x, _) in core.sent.items() if x is gone]
             if gone.state == UP:
                 # A live broker keeps what it accepted and answers through its

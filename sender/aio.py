@@ -338,7 +338,7 @@ class AsyncSender(SenderBase):
         while True:
             outcome = core.take(mid)
             if outcome is not None:
-                return outcome
+                return self._late(outcome, mid) if graced else outcome
             if self._links.refused:
                 error = self._unreachable()
                 if error is not None:

@@ -28,7 +28,7 @@ from sqm.sockets import ipc_listener_alive, make_socket, raise_fd_limit
 from sqm.zmqfast import send_frames
 
 from ._batch import Batch, check_map_args
-from ._correlator import Correlator
+from ._correlator import Correlator, Outcome
 from ._hooks import Hooks, OnComplete, OnFail, OnStart, OnStatus
 from ._links import DOWN, Link, Links, open_dealer
 
@@ -243,6 +243,15 @@ class SenderBase:
         if link.state == DOWN or link.epoch != epoch or link.sock is None:
             return 0.0
         return self._verdict_wait
+
+    def _late(self, outcome: Outcome, mid: str | None) -> Outcome:
+        """An outcome that came in the verdict grace (past the caller's deadline):
+        sqm's verdict (Expired) stands; a worker's reply means a worker had
+        started it unacknowledged (no FLAG_ACK), so the caller's time ran out:
+        Timeout, as when a worker's ACK had said so before the deadline."""
+        if outcome.from_broker:
+            return outcome
+        raise self._timeout(mid)
 
     def _timeout(self, mid: str | None) -> Timeout:
         """The Timeout for a wait that ran out, naming unreached brokers."""

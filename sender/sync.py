@@ -259,7 +259,7 @@ class Sender(SenderBase):
             if now >= self._next_broker_check:
                 outcome = self._settle(now, mid)
                 if outcome is not None:
-                    return outcome
+                    return self._late(outcome, mid) if graced else outcome
             if mid is None and not core.receivable():
                 raise SQMError("nothing to receive: no message is outstanding")
             remaining = deadline - now
@@ -269,7 +269,7 @@ class Sender(SenderBase):
                 read_all(mailbox, core, False)
                 outcome = self._settle(now, mid)
                 if outcome is not None:
-                    return outcome
+                    return self._late(outcome, mid) if graced else outcome
                 grace = 0.0 if graced else self._verdict_grace(mid, now)
                 if grace <= 0:
                     raise self._timeout(mid)
@@ -295,7 +295,7 @@ class Sender(SenderBase):
             if done is not None:
                 outcome = core.take(mid)
                 if outcome is not None:
-                    return outcome
+                    return self._late(outcome, mid) if graced else outcome
 
     def _recv_within(self, mailbox: zmq.Socket, wait: float) -> list[bytes]:
         """One message from the mailbox, waiting at most ``wait`` s (zmq.Again if none).

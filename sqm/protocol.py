@@ -29,7 +29,11 @@ FEATURES = b"B"
 # worker -> broker
 HELLO = b"W"
 DONE = b"R"
-HEARTBEAT = b"H"  # [SIG, H] | [SIG, H, wid] | [SIG, H, wid, json self-report]
+HEARTBEAT = b"H"  # [SIG, H] | [SIG, H, wid] | [SIG, H, wid, json self-report] | [SIG, H, "", packed wids]
+#: The 5th frame of sqm's HELLO answer ``[SIG, H, interval-ms, report-ms, PACKED_BEATS]``
+#: to a worker whose HELLO asked (``"packed_beats": true``): this sqm reads the
+#: packed beat ``[SIG, H, "", pack_ids(worker ids)]`` (one per process and broker).
+PACKED_BEATS = b"packed-beats"
 BYE = b"X"
 NACK = b"N"  # [SIG, N, id]: "I am full, give it to someone else"; parks one slot
 CREDIT = b"C"  # [SIG, C, n]: n parked slots are free again

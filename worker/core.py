@@ -4,7 +4,9 @@ How messages are taken and run is a runner's job (:mod:`worker.plain`: one
 broker, one callback at a time, the fastest path; :mod:`worker.aio`: several
 brokers, ``concurrency`` > 1, ``async def`` callbacks), and what a message
 means is :mod:`worker.execute`'s. The Worker picks a runner and hands it a
-:class:`~worker.session.Session`; heartbeats go out from a thread of its own.
+:class:`~worker.session.Session`; heartbeats go out from the process's heartbeat
+thread (:mod:`worker.beats`), one message per interval and broker for all the
+process's Workers.
 """
 
 from __future__ import annotations
@@ -26,15 +28,15 @@ import zmq
 from sqm import procinfo, protocol
 from sqm.config import client_key_paths, resolve
 from sqm.errors import HopLimitExceeded, SQMError
-from sqm.protocol import ACK, FLAG_ACK, HEARTBEAT, SIGNATURE, MailboxPolicy
+from sqm.protocol import ACK, FLAG_ACK, SIGNATURE, MailboxPolicy
 from sqm.security.keys import client_keys
 from sqm.taskpool.fleet import Limits, recycle_due
 
-from . import selfreport
+from . import beats, selfreport
 from .aio import AsyncRunner
 from .execute import Execution, Originator, Workload, is_async_callback
 from .followup import DEFAULT_MAX_HOPS, FollowUps
-from .links import ReportPlan, beat_phase, broker_socket, check_rights, next_beat_in
+from .links import ReportPlan, check_rights
 from .mailboxes import MailboxPool
 from .plain import PlainRunner
 from .retry import DEFAULT_BACKOFF, DEFAULT_MAX_RETRIES, RetryPolicy
@@ -76,10 +78,11 @@ class Worker:
     The callback's return value is the reply unless it called
     :meth:`respond` itself; an exception becomes a ``RemoteError`` at the
     sender and the worker carries on. Heartbeats go out from a background
-    thread, so a long callback does not look like a dead worker, and carry
-    a self-report (memory, nice, busy time) that ``sqm status`` shows. If
-    sqm restarts, the worker registers again by itself. When sqm sends STOP
-    (``sqm stop-worker``) it leaves like :meth:`terminate` and sets
+    thread (one per process, for all its Workers: :mod:`worker.beats`), so a
+    long callback does not look like a dead worker, and carry a self-report
+    (memory, nice, busy time) that ``sqm status`` shows. If sqm restarts,
+    the worker registers again by itself. When sqm sends STOP (``sqm
+    stop-worker``) it leaves like :meth:`terminate` and sets
     ``stop_requested``.
 
     ``max_tasks``/``max_memory_mb``: after a message that brings it to
@@ -176,7 +179,6 @@ class Worker:
             timeout=followup_timeout, max_hops=max_hops)
         self.stop_requested = False  # sqm asked this worker to stop (STOP)
         self._stop = threading.Event()
-        self._hb_stop = threading.Event()
         self._runner: Runner | None = None
         self._running = False
 
@@ -287,7 +289,6 @@ class Worker:
             self._start_brokers()
         self._running = True
         self._stop.clear()
-        self._hb_stop.clear()
         self.stop_requested = False
         self._execution.allow_pickle = self.allow_pickle
         self._execution.beat_ms = b"%d" % max(1, int(self.heartbeat * 1000))
@@ -303,8 +304,8 @@ class Worker:
             idle_s=self.mailbox_idle_s,
             keys=None if self._curve is None else self._curve[0],
         )
-        hb = threading.Thread(target=self._heartbeat_loop, args=(ctx,), daemon=True,
-                              name=f"sqm-heartbeat-{self.id}")
+        member = self._beat_member(ctx)
+        beating = False
         if self.exit_on_time_limit:  # a fleet child: a stuck callback ends the process
             self._execution.watchdog = Watchdog(self.id)
             self._execution.watchdog.start()
@@ -316,16 +317,16 @@ class Worker:
             wait = max(2.0, self.heartbeat)
             for endpoint in self.endpoints:
                 check_rights(ctx, endpoint, self._curve, timeout=wait)
-            hb.start()
+            beats.beater().register(member)
+            beating = True
             runner.run(self._session(ctx, pool))
         finally:
             self._stop.set()
-            self._hb_stop.set()
             if self._execution.watchdog is not None:
                 self._execution.watchdog.stop()
                 self._execution.watchdog = None
-            if hb.ident is not None:  # started (a refused key stops run() before)
-                hb.join(timeout=self.heartbeat * 2)
+            if beating:  # (a refused key stops run() before)
+                beats.beater().unregister(member, timeout=self.heartbeat * 2)
             pool.close()
             self._pool = None
             if self._shared_ctx is None:
@@ -422,47 +423,17 @@ class Worker:
 
     # ------------------------------------------------------------ heartbeats
 
-    def _heartbeat_loop(self, ctx: zmq.Context) -> None:
-        """Own sockets, own thread: keeps beating (with a self-report) while callbacks run."""
-        socks: list[zmq.Socket] = []
-        wid = self.id.encode()
-        # Its own connections to mailboxes: the runner's belong to another thread.
-        acks = MailboxPool(ctx, MailboxPolicy.for_settings(self.settings), max_open=16,
-                           idle_s=10 * self.heartbeat, linger_ms=0,
-                           keys=None if self._curve is None else self._curve[0])
-        running = self._execution.running
-        before: set[bytes] = set()
-        try:
-            for endpoint in self.endpoints:
-                sock = broker_socket(ctx, self._curve, linger_ms=0)
-                socks.append(sock)
-                sock.connect(endpoint)
-            phase = beat_phase(self.id, self.heartbeat)
-            while not self._hb_stop.wait(next_beat_in(time.time(), self.heartbeat, phase)):
-                # Every broker gets a beat every interval (it drops us after 3
-                # silent ones); one watching our connection wants the
-                # self-report only now and then: the other beats are bare.
-                # The beat goes first: re-sent ACKs may have to connect to a
-                # mailbox, which in a busy process can wait long for the GIL.
-                due = self._reports.due(time.monotonic(), bool(running))
-                bare = [SIGNATURE, HEARTBEAT, wid]
-                frames = bare
-                if due:
-                    try:
-                        frames = [SIGNATURE, HEARTBEAT, wid, selfreport.encode(self)]
-                    except Exception:  # never let a report stop the heartbeats
-                        log.exception("worker %s: cannot build its self-report", self.id)
-                for endpoint, sock in zip(self.endpoints, socks, strict=True):
-                    try:
-                        sock.send_multipart(frames if endpoint in due else bare, zmq.NOBLOCK)
-                    except zmq.Again:
-                        pass
-                if running or before:
-                    before = self._ack_again(acks, running, before)
-        finally:
-            for sock in socks:
-                sock.close(0)
-            acks.close()
+    def _beat_member(self, ctx: zmq.Context) -> beats.Member:
+        """This worker as the process's heartbeat thread sees it for one run."""
+        def new_acks() -> MailboxPool:
+            # Its own connections to mailboxes: the runner's belong to another thread.
+            return MailboxPool(ctx, MailboxPolicy.for_settings(self.settings), max_open=16,
+                               idle_s=10 * self.heartbeat, linger_ms=0,
+                               keys=None if self._curve is None else self._curve[0])
+
+        return beats.Member(self.id, ctx, list(self.endpoints), self.heartbeat, self._curve,
+                            self._reports, self._execution.running,
+                            lambda: selfreport.encode(self), self._ack_again, new_acks)
 
     def _ack_again(self, acks: MailboxPool, running: dict[bytes, Originator],
                    before: set[bytes]) -> set[bytes]:

@@ -249,17 +249,18 @@ def next_beat_in(now: float, heartbeat: float, phase: float) -> float:
 
 
 class ReportPlan:
-    """Which brokers get the self-report with the beat the heartbeat thread sends now.
+    """Which brokers get the self-report with the beat sent now, and which read packed beats.
 
     Every broker gets a beat every interval; the others get it bare
-    (``[SQM1, H, worker-id]``). A heartbeated broker (the default, and any
+    (``[SQM1, H, worker-id]``, or this worker's id in its process's packed
+    beat, :mod:`worker.beats`). A heartbeated broker (the default, and any
     older sqm) gets the report every beat, as ever. A broker that watches
     the connection (:meth:`watch`) gets it at every beat while a callback
     runs, once when the worker has just gone idle, and otherwise every
     ``report_s``. The first idle report comes at a random point of the
     interval, so workers that registered together do not all report in the
     same second. The runner's thread calls :meth:`watch`, the heartbeat
-    thread :meth:`due`.
+    thread :meth:`due` / :meth:`due_for` and :meth:`packed`.
     """
 
     def __init__(self, endpoints: list[str], heartbeat: float,
@@ -270,10 +271,13 @@ class ReportPlan:
         self._every: dict[str, float | None] = dict.fromkeys(endpoints)  # None: every beat
         self._sent: dict[str, float] = {}  # monotonic time of the last report sent
         self._busy: dict[str, bool] = {}  # whether a callback ran at the last report sent
+        self._packed: dict[str, bool] = {}  # the broker said it reads packed beats
 
-    def watch(self, endpoint: str, report_s: float | None, now: float) -> None:
+    def watch(self, endpoint: str, report_s: float | None, now: float, *,
+              packed: bool = False) -> None:
         """The broker at ``endpoint`` watches us (report at least every ``report_s``),
-        or heartbeats us (None: a report every beat)."""
+        or heartbeats us (None: a report every beat); ``packed``: it reads packed beats
+        (its answer to our last HELLO said so)."""
         with self._lock:
             if report_s is not None and self._every.get(endpoint) is None:
                 # its HELLO answer just proved us alive: the first report is due at a random
@@ -281,19 +285,29 @@ class ReportPlan:
                 self._sent[endpoint] = now - self._rng() * report_s
                 self._busy[endpoint] = False
             self._every[endpoint] = report_s
+            self._packed[endpoint] = packed
+
+    def packed(self, endpoint: str) -> bool:
+        """Whether the broker at ``endpoint`` reads ``[SQM1, H, "", packed-ids]``."""
+        return self._packed.get(endpoint, False)
 
     def due(self, now: float, busy: bool) -> list[str]:
         """The endpoints whose beat carries the report now (noted as sent); ``busy``: a
         callback runs."""
-        out = []
+        return [endpoint for endpoint in list(self._every) if self.due_for(endpoint, now, busy)]
+
+    def due_for(self, endpoint: str, now: float, busy: bool) -> bool:
+        """Whether the beat to ``endpoint`` carries the report now (noted as sent)."""
         with self._lock:
-            for endpoint, every in self._every.items():
-                if (every is None or busy or self._busy.get(endpoint, True)
-                        or now - self._sent.get(endpoint, -1e18) >= every - self.heartbeat / 2):
-                    self._sent[endpoint] = now
-                    self._busy[endpoint] = busy
-                    out.append(endpoint)
-        return out
+            if endpoint not in self._every:
+                return False
+            every = self._every[endpoint]
+            if (every is None or busy or self._busy.get(endpoint, True)
+                    or now - self._sent.get(endpoint, -1e18) >= every - self.heartbeat / 2):
+                self._sent[endpoint] = now
+                self._busy[endpoint] = busy
+                return True
+            return False
 
 
 class Outage:

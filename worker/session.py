@@ -28,6 +28,7 @@ from sqm.protocol import (
     ERROR,
     HEARTBEAT,
     HELLO,
+    PACKED_BEATS,
     SIGNATURE,
     STOP,
 )
@@ -114,21 +115,26 @@ class Session:
         asks the broker to watch this connection (``watch``); until it
         answers that it does (a HEARTBEAT with a 4th frame), the link is
         judged by heartbeats and reported to every beat, as with an older sqm.
+        ``packed_beats`` asks whether it reads the process's packed beat
+        (:mod:`worker.beats`); until a 5th frame says so, this worker beats
+        to it on its own (``[SQM1, H, worker-id]``).
         """
         self.told = self.execution.abilities
         # batch: it reads multi-message DISPATCHes (an older worker gets one message each).
-        info = dict(self.info, methods=sorted(self.execution.callbacks), watch=True, batch=True)
+        info = dict(self.info, methods=sorted(self.execution.callbacks), watch=True,
+                    packed_beats=True, batch=True)
         link.parked = 0
         link.batch = False  # until this broker shows it batches (it may be an older sqm)
         self._watched(link, None)
         self.said_hello[link.endpoint] = time.monotonic()
         link.send([SIGNATURE, HELLO, protocol.encode_json(info)])
 
-    def _watched(self, link: BrokerLink, report_s: float | None) -> None:
-        """The broker watches ``link`` and wants a report every ``report_s``; None: it heartbeats."""
+    def _watched(self, link: BrokerLink, report_s: float | None, packed: bool = False) -> None:
+        """The broker watches ``link`` and wants a report every ``report_s``; None: it
+        heartbeats. ``packed``: it reads packed beats."""
         link.watch(report_s)
         if self.reports is not None:
-            self.reports.watch(link.endpoint, report_s, time.monotonic())
+            self.reports.watch(link.endpoint, report_s, time.monotonic(), packed=packed)
 
     def announce(self, links: list[BrokerLink]) -> None:
         """Tell every broker the methods served now, if callbacks() changed them (CAN_DO)."""
@@ -148,10 +154,11 @@ class Session:
         cmd = frames[1]
         if cmd == HEARTBEAT:
             n = len(frames)
-            if n in (3, 4) and frames[2].isdigit():
+            if 3 <= n <= 5 and frames[2].isdigit():
                 link.broker_heartbeat = max(0.001, int(frames[2]) / 1000)
-            if n == 4 and frames[3].isdigit():  # it watches our connection (answers HELLO)
-                self._watched(link, max(self.heartbeat, int(frames[3]) / 1000))
+            if n in (4, 5) and frames[3].isdigit():  # it watches our connection (answers HELLO)
+                self._watched(link, max(self.heartbeat, int(frames[3]) / 1000),
+                              packed=n == 5 and frames[4] == PACKED_BEATS)
             elif n == 3 and link.watched:  # it heartbeats us: it does not watch us (any more)
                 self._watched(link, None)
         elif cmd == BYE:

@@ -57,6 +57,7 @@ from ..protocol import (
     HELLO,
     MAX_SUBMIT_BATCH,
     NACK,
+    PACKED_BEATS,
     RETRY,
     SIGNATURE,
     STATUS,
@@ -324,8 +325,12 @@ class QueueServer:
         n = len(frames)
         if n == 3:  # [SIG, H, wid]: a bare beat from a worker's heartbeat thread
             self.core.seen_id(now, frames[2].decode("utf-8", "replace"))
-        elif n == 4:  # [SIG, H, wid, report]
-            self.core.report(now, frames[2].decode("utf-8", "replace"), frames[3])
+        elif n == 4:
+            if frames[2]:  # [SIG, H, wid, report]
+                self.core.report(now, frames[2].decode("utf-8", "replace"), frames[3])
+            else:  # [SIG, H, "", packed wids]: every worker of one process (worker.beats)
+                self.core.seen_ids(now, [w.decode("utf-8", "replace")
+                                         for w in protocol.unpack_ids(frames[3])])
         elif not self.core.seen(now, rid_frame.bytes):
             self._reregister(rid_frame.bytes)
 
@@ -626,8 +631,11 @@ class QueueServer:
             # heartbeats no more; report at least this often (ms).
             w = core.workers.get(entry.rid)
             if w is not None:  # else it is gone already: nothing to tell
-                self._send(entry.rid, [SIGNATURE, HEARTBEAT, self._heartbeat_ms,
-                                       b"%d" % int(w.report_s * 1000)])
+                answer = [SIGNATURE, HEARTBEAT, self._heartbeat_ms,
+                          b"%d" % int(w.report_s * 1000)]
+                if w.info.get("packed_beats") is True:  # it asked: we read packed beats
+                    answer.append(PACKED_BEATS)
+                self._send(entry.rid, answer)
         elif type(entry) is Bye:
             self._send(entry.rid, [SIGNATURE, BYE])
         elif type(entry) is Stop:

@@ -32,6 +32,7 @@ import bisect
 import heapq
 from bisect import bisect_left
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 from ..metrics import BOUNDS, MethodStats
@@ -736,6 +737,20 @@ class QueueCore:
             return False
         w.heard_at = now
         return True
+
+    def seen_ids(self, now: float, wids: Iterable[str]) -> int:
+        """A packed heartbeat: every worker of one process names itself (one message
+        per interval, however many workers the process runs). Unknown ids (a
+        worker gone, or not registered yet) are skipped, as :meth:`seen_id` does.
+        Returns how many were known."""
+        by_id = self._by_id
+        known = 0
+        for wid in wids:
+            w = by_id.get(wid)
+            if w is not None:
+                w.heard_at = now
+                known += 1
+        return known
 
     def unreachable(self, now: float, rid: bytes, msg: Message) -> None:
         """A dispatch of ``msg`` to ``rid`` could not be sent: the connection is gone.

@@ -181,3 +181,17 @@ def test_sender_is_bound_to_its_thread(cluster):
         t.start()
         t.join(10)
         assert errors and "one Sender per thread" in errors[0]
+
+
+def test_a_reply_after_the_deadline_is_a_timeout_even_without_an_ack(cluster):
+    """The message started unacknowledged (no FLAG_ACK) and its deadline passed:
+    the Sender waits briefly for sqm's verdict (Expired), and a worker's reply
+    arriving in that grace is late: Timeout, as when an ACK had said "started"."""
+    cluster.serve("q")
+    cluster.worker("q", "--heartbeat", "5")  # no beat-time ACK while the 0.6 s callback runs
+    with Sender("q") as s:
+        assert s.rpc("add", {"a": 1, "b": 1}) == 2
+        with pytest.raises(Timeout):
+            s.rpc("sleep", {"s": 0.6}, timeout=0.2)
+        items = list(s.map("sleep", [{"s": 0.6}], timeout=0.2))
+        assert len(items) == 1 and isinstance(items[0], Timeout), items

@@ -90,8 +90,23 @@ def test_grace_keeps_an_item_waiting_for_sqms_verdict() -> None:
     assert batch.step() == WAIT and asked == ["a"]
     assert batch.next_deadline() > time.monotonic() + 20  # the grace's end, not the past deadline
     core.outstanding.pop("a")
-    batch.sink.finish(core, "a", Outcome(OK, data=b"Expired-ish"))
-    assert batch.step() == EMIT and list(batch.out) == ["Expired-ish"]
+    batch.sink.finish(core, "a", Outcome(OK, data=b"Expired-ish", from_broker=True))
+    assert batch.step() == EMIT and list(batch.out) == ["Expired-ish"]  # sqm's verdict
+
+
+def test_a_worker_s_reply_in_the_grace_is_late_a_timeout() -> None:
+    """Without FLAG_ACK a started message looks pending: its reply after the
+    caller's deadline must not turn a Timeout into a result."""
+    core = Core()
+    batch = Batch(core, 5, ordered=True, grace=lambda mid, now: 30.0)
+    send(batch, core, "a", time.monotonic() - 1)
+    batch.exhausted = True
+    assert batch.step() == WAIT
+    core.outstanding.pop("a")
+    batch.sink.finish(core, "a", Outcome(OK, data=b"too late"))
+    assert batch.step() == EMIT
+    (item,) = batch.out
+    assert isinstance(item, Timeout)
 
 
 def test_close_forgets_what_is_outstanding() -> None:

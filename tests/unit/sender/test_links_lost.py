@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from sender._correlator import Correlator
-from sender._links import DOWN, UP, Link, Links
+from sender._links import DOWN, DOWN_EVENTS, UP, Link, Links
 from sqm.config import QueueSettings
-from sqm.protocol import ACK, ERROR, RESULT, SIGNATURE
+from sqm.protocol import ACK, ERROR, RESULT, SIGNATURE, SUBMIT
 
 
 class FakeSock:
@@ -188,3 +188,35 @@ def test_the_hold_lasts_two_of_the_slowest_worker_beats_seen() -> None:
     other = submit_ack(core, links.links[0], True)
     ack(core, other, b"3000")  # a worker beating every 3 s
     assert links.settle() == 6.0
+
+
+def test_what_an_async_sender_queued_for_a_removed_broker_goes_to_another_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queued for a batch and never sent: set_endpoints() sends it through a
+    remaining broker now (no two-beat hold, no DEALER that never sent it)."""
+    core, links = make(("tcp://10.0.0.2:5555", "tcp://10.0.0.3:5555"))
+    a, b = links.links
+    monkeypatch.setattr(links, "read_all", lambda link: 0)
+    mid = submit_ack(core, a, False)
+    a.queued.append((mid, core.sent[mid][0]))
+    links.replace([b.endpoint], 100.0)
+    assert [f[2] for f in b.raw.sent] == [core.sent[mid][0][2]] and a.raw.sent == []
+    assert core.sent[mid][1] is b and not links.held and not a.queued
+
+
+def test_a_batch_goes_as_one_submit_and_a_down_link_s_queue_to_a_live_broker(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    core, links = make(("tcp://10.0.0.2:5555", "tcp://10.0.0.3:5555"))
+    a, b = links.links
+    a.batches = True
+    mids = [submit_ack(core, a, False) for _ in range(3)]
+    a.queued = [(m, core.sent[m][0]) for m in mids]
+    assert links.flush(a) is False
+    (one,) = a.raw.sent
+    assert one[:2] == [SIGNATURE, SUBMIT] and one[2::2] == [core.sent[m][0][2] for m in mids]
+    more = [submit_ack(core, a, False) for _ in range(2)]
+    a.queued = [(m, core.sent[m][0]) for m in more]
+    monkeypatch.setattr(links, "purge", lambda link: None)
+    links.event(a, DOWN_EVENTS, 100.0)  # queued, never sent: to B now, one SUBMIT each
+    assert [f[2] for f in b.raw.sent] == [core.sent[m][0][2] for m in more]
+    assert not a.batches and not a.queued

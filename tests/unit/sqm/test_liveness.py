@@ -220,3 +220,20 @@ def test_a_slower_worker_heartbeat_stretches_its_limit() -> None:
     assert take(core) == [(OUT_WATCH, b"w1")]
     w = core.workers[b"w1"]
     assert (w.ttl, w.report_s) == (6.0, REPORT_EVERY * 2.0)
+
+
+def test_a_packed_beat_keeps_every_worker_it_names_alive_and_skips_unknown_ids() -> None:
+    """One process's beat names all its workers (worker/beats.py): each one named is
+    heard, an unknown id (gone, or not registered yet) is skipped as seen_id does,
+    and a worker it no longer names dies after 3 silent intervals."""
+    core = make_core()
+    for rid in (b"w1", b"w2", b"w3"):
+        hello(core, rid)
+    for k in range(1, 6):
+        names = ["w1", "nobody", "w2"] + (["w3"] if k < 3 else [])  # w3 left the list
+        assert core.seen_ids(T0 + k, names) == (3 if k < 3 else 2)
+        core.tick(T0 + k + 0.5)
+    assert alive(core) == {b"w1", b"w2"}  # w3: last named at T0 + 2, dead after T0 + 5
+    assert kinds(take(core), OUT_BYE) == [(OUT_BYE, b"w3")]
+    assert core.seen_ids(T0 + 6, []) == 0
+    assert "nobody" not in {w.id for w in core.workers.values()}

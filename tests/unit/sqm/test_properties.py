@@ -823,6 +823,19 @@ class CoreMachine(RuleBasedStateMachine):
         expect = self.model.seen(rid)
         self._run(f"seen({rid!r})", lambda: self.core.seen(self.now, rid), expect=expect)
 
+    @precondition(lambda self: not self.stopped and self.model.workers)
+    @rule(data=st.data())
+    def seen_packed(self, data) -> None:
+        """One process's packed beat (worker/beats.py): some workers, maybe an unknown id."""
+        self.steps += 1
+        rids = data.draw(st.lists(st.sampled_from(list(self.model.workers)), unique=True),
+                         label="rids")
+        names = [r.decode() for r in rids] + data.draw(
+            st.lists(st.sampled_from(["nobody", "gone:1"]), max_size=2), label="unknown")
+        expect = sum(self.model.seen(r) for r in rids)
+        self._run(f"seen_ids({names!r})", lambda: self.core.seen_ids(self.now, names),
+                  expect=expect)
+
     @precondition(lambda self: not self.stopped)
     @rule(
         dt=st.one_of(
