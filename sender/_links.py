@@ -272,8 +272,12 @@ class Links:
                 continue
             del self.held[mid]
             entry = core.sent.get(mid)
-            if entry is None or mid not in core.outstanding or not _is_down(entry[1]):
-                continue  # acknowledged, answered, or re-sent another way meanwhile
+            if entry is None or mid not in core.outstanding:
+                continue  # acknowledged or answered meanwhile
+            link, epoch = entry[1], entry[2]
+            if link.state != GONE and epoch == link.epoch:
+                continue  # re-sent on a live connection meanwhile (rescue, reconnect)
+            # Its connection is lost (the broker may be back, empty): another copy.
             self.resend(mid, self.pick())
         return nxt
 

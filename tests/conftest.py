@@ -123,14 +123,16 @@ class Cluster:
 
     def worker(self, queue: str = "q", *args: str, target: str = APPS, processes: int = 1,
                endpoint: str | None = None, heartbeat: float = 0.2, wait: bool = True) -> Proc:
-        before = self.status(queue, endpoint=endpoint)["workers_current"] if wait else 0
+        # Counted by workers_ever (distinct workers seen): a worker that died before
+        # this one registers may be removed meanwhile, so the current count can dip.
+        before = self.status(queue, endpoint=endpoint)["workers_ever"] if wait else 0
         argv = ["worker", target, "--queue", queue, "--processes", str(processes),
                 "--heartbeat", str(heartbeat), *args]
         if endpoint:
             argv += ["--endpoint", endpoint]
         proc = self.sqm(*argv, name=f"worker-{queue}")
         if wait:
-            self.wait_workers(queue, before + processes, endpoint=endpoint, proc=proc)
+            self.wait_registered(queue, before + processes, endpoint=endpoint, proc=proc)
         return proc
 
     def status(self, queue: str = "q", endpoint: str | None = None) -> dict[str, Any]:
@@ -157,6 +159,17 @@ class Cluster:
             return st if st["workers_current"] == n else None
 
         return wait_for(enough, timeout, f"{n} worker(s) on {queue}")
+
+    def wait_registered(self, queue: str, ever: int, endpoint: str | None = None,
+                        proc: Proc | None = None, timeout: float = 20.0) -> dict[str, Any]:
+        """Until ``ever`` distinct workers have registered with ``queue`` since it started."""
+        def enough() -> dict[str, Any] | None:
+            if proc is not None and proc.popen.poll() is not None:
+                raise AssertionError(f"{proc.name} exited early:\n{proc.stderr}")
+            st = self.status(queue, endpoint=endpoint)
+            return st if st["workers_ever"] >= ever else None
+
+        return wait_for(enough, timeout, f"{ever} worker(s) ever registered on {queue}")
 
     def close(self) -> None:
         for proc in reversed(self.procs):

@@ -71,6 +71,14 @@ def fan_out(worker, originator, payload):
     return [first, *rest]
 
 
+def fan_out_by_id(worker, originator, payload):
+    """submit several, then receive each by id: safe beside other callbacks of
+    this worker waiting at once (a receive() without an id takes whichever of
+    the worker's follow-up replies comes first, theirs too)."""
+    ids = [worker.submit("inner", n) for n in payload]
+    return [worker.receive(id=i, timeout=10) for i in ids]
+
+
 def other_queue(worker, originator, payload):
     return worker.rpc("inner", payload, queue=os.environ["SQM_OTHER_QUEUE"], timeout=10)
 
@@ -106,7 +114,8 @@ async def a_inner(worker, originator, payload):
 
 followers = {"inner": inner, "outer": outer, "fan_out": fan_out, "other_queue": other_queue,
              "unknown_inner": unknown_inner, "self_wait": self_wait}
-async_followers = {"inner": a_inner, "a_outer": a_outer, "outer": outer, "fan_out": fan_out}
+async_followers = {"inner": a_inner, "a_outer": a_outer, "outer": outer, "fan_out": fan_out,
+                   "fan_out_by_id": fan_out_by_id}
 inner_only = {"inner": inner}
 
 # ----------------------------------------------------------------- forward chains

@@ -51,7 +51,7 @@ def test_sub_rpc_and_submit_receive_from_async_and_threaded_callbacks(cluster):
         assert s.rpc("a_outer", 1) == [2, 4]  # await worker.rpc / submit / receive
         assert s.rpc("outer", 5)["inner"] == 10  # a plain callback in the thread pool
         # two callbacks wait at once; the third slot runs their inner messages
-        ids = [s.submit("fan_out", [n, n + 1]) for n in range(2)]
+        ids = [s.submit("fan_out_by_id", [n, n + 1]) for n in range(2)]
         assert sorted(tuple(s.receive(id=i)) for i in ids) == [(0, 2), (2, 4)]
     assert {r["pid"] for r in ran(cluster, "inner")} == {w.pid}  # it served itself
 

@@ -46,7 +46,9 @@ def test_never_more_than_concurrency_at_once_and_extra_slots_wait(cluster):
         # sqm hands it 5 (its slots), of which 3 run and 2 wait their turn
         st = wait_for(lambda: (x := cluster.status("q"))["in_flight"] == 5 and x, 10,
                       "5 messages held by the worker")
-        assert st["workers"][0]["slots"] == 5 and st["pending"] == 7
+        # (a status taken late, on a loaded machine, may find a first round done)
+        assert st["workers"][0]["slots"] == 5
+        assert st["pending"] == 12 - 5 - st["completed_total"]
         results = [s.receive(id=mid) for mid in ids]
     assert {r["pid"] for r in results} == {w.pid}
     log = starts(cluster)

@@ -17,6 +17,7 @@ from sender import Sender
 from sqm.config import resolve
 from sqm.protocol import (
     ACK,
+    FLAG_ACK,
     PROGRESS,
     RESULT,
     SIGNATURE,
@@ -42,9 +43,12 @@ class RawClient:
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.connect(resolve(queue).endpoint)
 
-    def submit(self, mid: str, method: str, payload: object, *, oneway: bool = False) -> None:
+    def submit(self, mid: str, method: str, payload: object, *, oneway: bool = False,
+               ack: bool = True) -> None:
         env = encode_envelope(mid.encode(), self.mailbox.encode(), method.encode(), b"json",
                               oneway=oneway)
+        if ack and not oneway:  # FLAG_ACK: the worker acknowledges the start at once
+            env = bytes((env[0] | FLAG_ACK,)) + env[1:]
         self.dealer.send_multipart([SIGNATURE, SUBMIT, env, json.dumps(payload).encode()])
 
     def next(self, timeout_s: float = 10.0) -> list[bytes]:

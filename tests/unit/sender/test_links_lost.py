@@ -145,6 +145,7 @@ def lose(links: Links, link: Link, now: float, monkeypatch: pytest.MonkeyPatch) 
     """``link``'s broker is gone while another is up (its DEALER is not re-created here)."""
     monkeypatch.setattr(links, "purge", lambda link: None)
     down(links, link)
+    link.epoch += 1  # its connection is lost (as Links.event counts it)
     links.rehome(now)
 
 
@@ -220,3 +221,20 @@ def test_a_batch_goes_as_one_submit_and_a_down_link_s_queue_to_a_live_broker(
     links.event(a, DOWN_EVENTS, 100.0)  # queued, never sent: to B now, one SUBMIT each
     assert [f[2] for f in b.raw.sent] == [core.sent[m][0][2] for m in more]
     assert not a.batches and not a.queued
+
+
+def test_a_held_message_is_re_sent_even_if_its_broker_came_back_empty(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restarted broker (memory mode) no longer has what it ACCEPTED before:
+    the reconnect rule re-sends only what it never accepted, so the hold must
+    not leave an accepted message to it."""
+    core, links = make(("tcp://10.0.0.2:5555", "tcp://10.0.0.3:5555"))
+    a, b = links.links
+    mid = submit_ack(core, a, False)
+    core.accepted.add(mid)  # sqm had it (pending there) when it stopped
+    lose(links, a, 100.0, monkeypatch)
+    a.state = UP  # back, empty, before the hold is over
+    links.up = [a, b]
+    links.due(102.0)
+    sent = a.raw.sent + b.raw.sent  # through whichever broker is picked: both are up
+    assert links.resent == 1 and [f[2] for f in sent] == [core.sent[mid][0][2]]
