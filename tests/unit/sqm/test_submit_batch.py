@@ -6,14 +6,16 @@ dropping the others, and tells senders in ACCEPTED that it takes batches."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import zmq
 
-from sender import AsyncSender
+from sender import AsyncSender, Sender
 from sqm.broker.server import QueueServer
 from sqm.protocol import (
     ACCEPTED,
@@ -105,65 +107,57 @@ def test_a_batch_of_the_wrong_shape_is_malformed_and_sqm_goes_on(frames: list[by
             sock.close(0)
 
 
-def test_async_sender_batches_what_one_loop_iteration_submits(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def batch_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many messages each batched SUBMIT that sqm reads carries (a spy)."""
+    sizes: list[int] = []
+    real = QueueServer._on_submits
+
+    def spy(self: QueueServer, rid_frame: Any, frames: list[bytes], now: float) -> None:
+        sizes.append((len(frames) - 2) // 2)
+        real(self, rid_frame, frames, now)
+
+    monkeypatch.setattr(QueueServer, "_on_submits", spy)
+    return sizes
+
+
+@contextlib.contextmanager
+def served() -> Iterator[InProcessBroker]:
+    """An in-process broker with one worker answering ``add`` (payload + 1)."""
+    with InProcessBroker("q") as b:
+        w = Worker("q", endpoint=b.endpoint, context=b.context,
+                   callbacks={"add": lambda _w, _o, p: p + 1})
+        t = threading.Thread(target=w.run, daemon=True)
+        t.start()
+        try:
+            yield b
+        finally:
+            w.terminate()
+            t.join(10)
+
+
+def test_async_sender_batches_what_one_loop_iteration_submits(batch_sizes: list[int]) -> None:
     """The first message goes alone (no broker has said it takes batches yet);
     after its ACCEPTED, 100 concurrent rpcs leave as a few SUBMITs of many."""
-    sizes: list[int] = []
-    real = QueueServer._on_submits
+    with served() as b:
+        async def main() -> list[int]:
+            async with AsyncSender("q", endpoint=b.endpoint, context=b.context,
+                                   timeout=20) as s:
+                assert await s.rpc("add", 0) == 1
+                while not s._links.links[0].batches:  # its ACCEPTED comes within 2 ms
+                    await asyncio.sleep(0.01)
+                return list(await asyncio.gather(*(s.rpc("add", i) for i in range(100))))
 
-    def spy(self: QueueServer, rid_frame: Any, frames: list[bytes], now: float) -> None:
-        sizes.append((len(frames) - 2) // 2)
-        real(self, rid_frame, frames, now)
-
-    monkeypatch.setattr(QueueServer, "_on_submits", spy)
-    with InProcessBroker("q") as b:
-        w = Worker("q", endpoint=b.endpoint, context=b.context,
-                   callbacks={"add": lambda _w, _o, p: p + 1})
-        t = threading.Thread(target=w.run, daemon=True)
-        t.start()
-        try:
-            async def main() -> list[int]:
-                async with AsyncSender("q", endpoint=b.endpoint, context=b.context,
-                                       timeout=20) as s:
-                    assert await s.rpc("add", 0) == 1
-                    while not s._links.links[0].batches:  # its ACCEPTED comes within 2 ms
-                        await asyncio.sleep(0.01)
-                    return list(await asyncio.gather(*(s.rpc("add", i) for i in range(100))))
-
-            assert asyncio.run(asyncio.wait_for(main(), 20)) == [i + 1 for i in range(100)]
-        finally:
-            w.terminate()
-            t.join(10)
-    assert sizes and sum(sizes) == 100 and max(sizes) >= 50, sizes
+        assert asyncio.run(asyncio.wait_for(main(), 20)) == [i + 1 for i in range(100)]
+    assert batch_sizes and sum(batch_sizes) == 100 and max(batch_sizes) >= 50, batch_sizes
 
 
-def test_sync_map_sends_each_round_of_submissions_as_one_batch(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sync_map_sends_each_round_of_submissions_as_one_batch(batch_sizes: list[int]) -> None:
     """map() queues what one round of free window slots submits and sends it
     before it waits or hands out items: the first round is the whole window."""
-    from sender import Sender
-
-    sizes: list[int] = []
-    real = QueueServer._on_submits
-
-    def spy(self: QueueServer, rid_frame: Any, frames: list[bytes], now: float) -> None:
-        sizes.append((len(frames) - 2) // 2)
-        real(self, rid_frame, frames, now)
-
-    monkeypatch.setattr(QueueServer, "_on_submits", spy)
-    with InProcessBroker("q") as b:
-        w = Worker("q", endpoint=b.endpoint, context=b.context,
-                   callbacks={"add": lambda _w, _o, p: p + 1})
-        t = threading.Thread(target=w.run, daemon=True)
-        t.start()
-        try:
-            with Sender("q", endpoint=b.endpoint, context=b.context, timeout=20) as s:
-                assert s.rpc("add", 0) == 1
-                while not s._links.links[0].batches:  # read with its ACCEPTED
-                    s.poll(0.01)
-                assert list(s.map("add", range(200), max_concurrent=40)) == list(range(1, 201))
-        finally:
-            w.terminate()
-            t.join(10)
-    assert sizes and sizes[0] == 40 and sum(sizes) <= 200, sizes
+    with served() as b, Sender("q", endpoint=b.endpoint, context=b.context, timeout=20) as s:
+        assert s.rpc("add", 0) == 1
+        while not s._links.links[0].batches:  # read with its ACCEPTED
+            s.poll(0.01)
+        assert list(s.map("add", range(200), max_concurrent=40)) == list(range(1, 201))
+    assert batch_sizes and batch_sizes[0] == 40 and sum(batch_sizes) <= 200, batch_sizes
