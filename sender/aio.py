@@ -261,9 +261,10 @@ class AsyncSender(SenderBase):
         if hooks is not None:
             core.watch(mid, hooks)
         link = self._one or self._links.pick()  # inline, not a base method: the hot path
-        if link.batches and not oneway:
-            # Batched: everything submitted in this loop iteration leaves as one
-            # SUBMIT when the loop comes round (a lone message is not delayed).
+        if link.batches and not oneway and len(core.outstanding) > 1:
+            # Batched under load (others outstanding): everything submitted in
+            # this loop iteration leaves as one SUBMIT when the loop comes round.
+            # A lone message (sequential rpc) goes at once: that round costs latency.
             queued = link.queued
             queued.append((mid, frames))
             core.sent[mid] = (frames, link, link.epoch)
