@@ -45,6 +45,7 @@ def fake_status(queue: str = "q", workers: int = 3, completed: int = 40, **over:
         "assigned_total": completed + 5, "completed_total": completed, "failed_total": 3,
         "expired_total": 4, "rejected_total": 5, "redelivered_total": 6, "malformed_total": 8,
         "send_dropped_total": 9, "utilization": 0.25,
+        "dispatch_batches_total": 10, "dispatch_batched_total": 11,
         "latency": {
             "queue_wait": hist(43, 0.5, [[0.001, 10], [0.01, 30], [0.1, 43], [INF, 43]]),
             "service": hist(40, 2.0, [[0.01, 5], [0.1, 39], [1.0, 40], [INF, 40]]),
@@ -137,7 +138,8 @@ def test_collector_exposes_every_figure_with_a_queue_label():
         "sqm_messages_completed_total": 40, "sqm_messages_failed_total": 3,
         "sqm_messages_expired_total": 4, "sqm_messages_rejected_total": 5,
         "sqm_messages_redelivered_total": 6, "sqm_messages_malformed_total": 8,
-        "sqm_sends_dropped_total": 9,
+        "sqm_sends_dropped_total": 9, "sqm_dispatch_batches_total": 10,
+        "sqm_dispatch_batched_messages_total": 11,
     }
     for name, value in expect.items():
         assert m[(name, q(queue="q"))] == value, name
