@@ -37,6 +37,10 @@ PACKED_BEATS = b"packed-beats"
 BYE = b"X"
 NACK = b"N"  # [SIG, N, id]: "I am full, give it to someone else"; parks one slot
 CREDIT = b"C"  # [SIG, C, n]: n parked slots are free again
+#: [SIG, G, id, id, ...] (zero ids or more): "my callback runs long: these never
+#: started, give them to someone else, and park them and my free slots until
+#: CREDIT" (prefetch reclaim). Sent only to a broker whose BATCHES names it.
+GIVE_BACK = b"G"
 ABILITIES = b"M"  # [SIG, M, json {"methods": [...]}]: the methods it serves from now on
 FORWARD = b"V"  # [SIG, V, envelope, payload]: hand the message it holds on (worker.forward)
 RETRY = b"T"  # [SIG, T, id, delay_ms, max_retries, json {"type","message"}]: run it again later
@@ -45,8 +49,10 @@ CANCEL = b"Z"  # [SIG, Z, id]: the sender cancels its message; sqm tells the wor
 # broker -> worker
 DISPATCH = b"D"
 STOP = b"Q"  # [SIG, Q]: finish the message in hand and exit (sqm stop-worker)
-# [SIG, L]: the answer to a HELLO with "batch": this broker reads multi-id DONEs
-# (and may send multi-message DISPATCHes). An older worker ignores it.
+# [SIG, L, commands]: the answer to a HELLO with "batch": this broker reads
+# multi-id DONEs (and may send multi-message DISPATCHes); the 3rd frame lists
+# the worker commands it reads besides the basics (GIVE_BACK). An older
+# worker ignores it; an older broker sends [SIG, L] alone.
 BATCHES = b"L"
 # broker -> client, and worker -> mailbox
 ERROR = b"E"

@@ -36,6 +36,7 @@ from .protocol import (
     HEAD,
     HEARTBEAT,
     HELLO,
+    MAX_ID,
     NACK,
     RETRY,
     SIGNATURE,
@@ -183,6 +184,15 @@ def read_message_ids(frames: list[bytes], what: str) -> list[bytes]:
     if len(frames) < 3:
         raise Malformed(f"{what} needs at least 3 frames")
     return frames[2:]
+
+
+def read_given_back(frames: list[bytes]) -> list[bytes]:
+    """GIVE_BACK: ``[SIG, G, id, ...]``, zero ids or more, each a message id."""
+    ids = frames[2:]
+    for msg_id in ids:
+        if not 0 < len(msg_id) <= MAX_ID:
+            raise Malformed(f"give-back ids must be 1 to {MAX_ID} bytes")
+    return ids
 
 
 def read_credit(frames: list[bytes]) -> int:

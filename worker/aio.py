@@ -13,6 +13,12 @@ the worker already holds ``slots`` messages goes straight back (NACK); that
 broker parks the slot until the worker sends CREDIT, which it does as soon
 as it has room again.
 
+Reclaim: when messages wait a turn and no callback has started for
+``RECLAIM_AFTER_S`` (every one of the ``concurrency`` running ones runs
+long), the waiting ones go back (GIVE_BACK) to a broker that reads it:
+sqm gives them to another worker and parks this one's slots until the next
+callback ends (CREDIT), as the plain runner does (:mod:`worker.reclaim`).
+
 DONE batching: a message that ends while others wait their turn holds its
 DONE back; the held DONEs of a broker go as one multi-id DONE (to a broker
 that batches) once nothing waits, half the slots have ended, or the first
@@ -39,6 +45,7 @@ from sqm.protocol import (
     DISPATCH,
     DONE,
     DONE_FAILED,
+    GIVE_BACK,
     NACK,
     SIGNATURE,
     SUBMIT_FRAMES,
@@ -50,6 +57,7 @@ from sqm.zmqfast import recv_frames
 
 from .execute import Originator, is_async_callback
 from .links import BrokerLink
+from .reclaim import RECLAIM_AFTER_S
 from .session import Session
 
 log = logging.getLogger("sqm.worker")
@@ -73,6 +81,8 @@ class AsyncRunner:
         # DONEs held back, per link: (ok ids, failed ids, when the first ended).
         self._held: dict[BrokerLink, tuple[list[bytes], list[bytes], float]] = {}
         self._hold_max = 1
+        self._last_start = 0.0  # when the latest callback started (monotonic)
+        self._reclaim_timer: asyncio.TimerHandle | None = None
 
     def run(self, session: Session) -> None:
         """Serve on a fresh event loop in this thread until the worker stops."""
@@ -296,6 +306,36 @@ class AsyncRunner:
             task = loop.create_task(self._serve(link, frames))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        if self._waiting and self._reclaim_timer is None:
+            self._reclaim_timer = loop.call_at(
+                loop.time() + RECLAIM_AFTER_S - (time.monotonic() - self._last_start),
+                self._reclaim)
+
+    def _reclaim(self) -> None:
+        """Messages wait a turn: give them back if no callback started for a while."""
+        self._reclaim_timer = None
+        if not self._waiting:
+            return
+        since = time.monotonic() - self._last_start
+        if since < RECLAIM_AFTER_S or self._stopping.is_set():
+            self._start_next()  # things move (or we leave): look again later
+            return
+        back: dict[BrokerLink, list[bytes]] = {}
+        for link, frames in self._waiting:
+            if link.gives_back and link.sock is not None:  # not to an older sqm
+                back.setdefault(link, []).append(envelope_id(frames[2]))
+        gone: set[BrokerLink] = set()
+        for link, ids in back.items():
+            if link in self._held:  # their slots are free, not parked
+                self._send_done(link)
+            if link.send([SIGNATURE, GIVE_BACK, *ids]):
+                gone.add(link)
+                self.held -= len(ids)
+                link.parked = self.session.slots  # CREDIT all when a callback ends
+                self._kick(link)
+                log.debug("worker: gave back %d message(s) waiting for a turn", len(ids))
+        if gone:
+            self._waiting = deque(item for item in self._waiting if item[0] not in gone)
 
     async def _serve(self, link: BrokerLink, frames: list[bytes]) -> None:
         """Run one message; report DONE to the broker it came from."""
@@ -389,6 +429,7 @@ class AsyncRunner:
                     self._kick(link)
 
     def _started(self) -> None:
+        self._last_start = time.monotonic()
         self.running += 1
         if self.running == 1:
             self.session.workload.begin()

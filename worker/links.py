@@ -103,7 +103,7 @@ class BrokerLink:
     __slots__ = ("endpoint", "routing_id", "sock", "monitor", "last_heard", "opened_at",
                  "broker_heartbeat", "connected", "was_disconnected", "parked", "bye_sent",
                  "bye_acked", "outage", "curve", "heartbeat", "liveness", "watched",
-                 "report_s", "down_at", "batch")
+                 "report_s", "down_at", "batch", "gives_back")
 
     def __init__(self, endpoint: str, routing_id: bytes,
                  curve: tuple[KeyPair, bytes] | None = None, *,
@@ -129,6 +129,9 @@ class BrokerLink:
         # The broker said it batches (BATCHES, or a multi-message DISPATCH) since
         # our last HELLO: it reads multi-id DONEs (an older sqm would drop them).
         self.batch = False
+        # ... and it reads GIVE_BACK (its BATCHES names it): the plain runner may
+        # hand back what waits behind a long callback (worker.reclaim).
+        self.gives_back = False
 
     def open(self, ctx: zmq.Context) -> zmq.Socket:
         """Connect a fresh socket (a new registration: nothing is parked any more)."""
@@ -143,7 +146,7 @@ class BrokerLink:
         self.watched = False
         self.down_at = None
         self.parked = 0
-        self.batch = False
+        self.batch = self.gives_back = False
         return sock
 
     def close(self, linger_ms: int = 0) -> None:

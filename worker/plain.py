@@ -3,6 +3,11 @@
 The fastest path: no event loop, no poll of several sockets, the GIL
 released while it waits. Used unless the worker needs the asyncio runner
 (several brokers, ``concurrency`` > 1, ``async def`` callbacks).
+
+With several slots (``prefetch``), the messages it holds but has not
+started wait in its inbox or its socket; the runner holds a lock at every
+moment but while a callback runs, so the process's reclaimer
+(:mod:`worker.reclaim`) can give them back when a callback runs long.
 """
 
 from __future__ import annotations
@@ -17,12 +22,23 @@ from time import monotonic
 import zmq
 
 from sqm import protocol
-from sqm.protocol import DISPATCH, DONE, DONE_FAILED, SIGNATURE, is_multi_dispatch, split_dispatch
+from sqm.protocol import (
+    CREDIT,
+    DISPATCH,
+    DONE,
+    DONE_FAILED,
+    GIVE_BACK,
+    SIGNATURE,
+    envelope_id,
+    is_multi_dispatch,
+    split_dispatch,
+)
 from sqm.zmqfast import NOBLOCK, RCVTIMEO, recv_frames, send_frames
 from sqm.zmqfast import set_option as _set_option
 
 from .execute import Workload
 from .links import BrokerLink
+from .reclaim import Reclaimer, reclaimer
 from .session import Session
 
 log = logging.getLogger("sqm.worker")
@@ -50,9 +66,19 @@ class PlainRunner:
         self._execute: Callable[[list[bytes]], tuple[bytes, bool | None]] = (
             lambda frames: (b"", False))
         self._link: BrokerLink | None = None
-        # Dispatches read while a callback waited for a follow-up reply (the
-        # pump reads the link then): run after it, in order.
-        self._stash: deque[list[bytes]] = deque()
+        # Frames read but not handled yet, in arrival order, handled before the
+        # socket is read again: the rest of a multi-message DISPATCH (one
+        # 4-frame DISPATCH each), and what the pump (a callback waiting for a
+        # follow-up reply) or the reclaimer read while a callback ran.
+        self._inbox: deque[list[bytes]] = deque()
+        # Held by the runner at every moment but while a callback runs: the
+        # reclaimer takes it then to read the link and give back what waits.
+        # Reentrant: the pump and follow-ups take it from inside the callback,
+        # or from the runner itself (then it is held already).
+        self._lock = threading.RLock()
+        self._reclaimer: Reclaimer | None = None  # watching us (several slots)
+        self._slots = 1
+        self._gave_back = False  # sqm parked our slots (GIVE_BACK): CREDIT when the callback ends
         # DONEs held back while more work is there to read (sent as one multi-id
         # DONE each); never with one slot: a prefetch-1 worker reports at once.
         self._ok: list[bytes] = []
@@ -86,11 +112,69 @@ class PlainRunner:
         return True
 
     def run(self, session: Session) -> None:
+        with self._lock:
+            self._serve(session)
+
+    # The reclaimer's view (worker.reclaim.Holder), from its thread.
+
+    def started(self) -> float:
+        return self._work.busy[1]
+
+    def progress(self) -> int:
+        return self._work.tasks_done
+
+    def give_back(self, started: float) -> None:
+        """Give back the messages not started while the callback from ``started`` runs.
+
+        Reads what arrived meanwhile, and sends GIVE_BACK with the ids of every
+        dispatched message in the inbox (none the first time is fine: sqm then
+        parks the free slots, so nothing new comes); the runner sends CREDIT
+        when the callback ends. Does nothing between callbacks.
+        """
+        lock = self._lock
+        if not lock.acquire(blocking=False):
+            return  # the runner holds it: no callback runs
+        try:
+            link = self._link
+            sock = link.sock if link is not None else None
+            if sock is None or link is None or not link.gives_back or self.started() != started:
+                return
+            inbox = self._inbox
+            while True:
+                try:
+                    inbox.append(recv_frames(sock, NOBLOCK))
+                except zmq.Again:
+                    break
+                link.last_heard = monotonic()
+            ids = [envelope_id(frames[i]) for frames in inbox if _dispatch(frames)
+                   for i in range(2, len(frames) - 1, 2)]
+            if not ids and self._gave_back:
+                return  # parked already, and nothing new came
+            if self._held:  # the DONEs before it: their slots are free, not parked
+                self._send_done(link)
+            try:
+                send_frames(sock, [SIGNATURE, GIVE_BACK, *ids])
+            except zmq.ZMQError:
+                return
+            if ids:
+                keep = [frames for frames in inbox if not _dispatch(frames)]
+                inbox.clear()
+                inbox.extend(keep)
+            self._gave_back = True
+            log.debug("worker: gave back %d message(s) waiting behind a long callback", len(ids))
+        finally:
+            lock.release()
+
+    def _serve(self, session: Session) -> None:
         self._session = s = session
         self._stop = stop = s.stop
         self._work = s.workload
         self._execute = s.execution.run  # looked up once, not per message
         self._hold_max = max(1, s.slots // 2)
+        self._slots = s.slots
+        if s.slots > 1:
+            self._reclaimer = reclaimer()
+            self._reclaimer.watch(self)
         link = self._link = BrokerLink(s.endpoints[0], s.routing_id, s.curve,
                                        heartbeat=s.heartbeat, liveness=s.liveness)
         sock = self._open(link)
@@ -103,10 +187,13 @@ class PlainRunner:
         chore_s = s.heartbeat / 2
         next_chores = 0.0
         idle = False  # nothing came for WAKE_S: wait in poll until something does
+        inbox = self._inbox
         try:
             while not stop.is_set():
                 frames = None
-                if idle:
+                if inbox:
+                    frames = inbox.popleft()
+                elif idle:
                     idle = not self._idle_wait(sock, next_chores - monotonic())
                 else:
                     if self._held:  # DONEs held back: more work there, or send them now
@@ -125,12 +212,9 @@ class PlainRunner:
                     if (len(frames) == protocol.SUBMIT_FRAMES and frames[1] == DISPATCH
                             and frames[0] == SIGNATURE):
                         self._handle(link, frames)
-                        while self._stash:  # read while a callback waited on a follow-up
-                            self._handle_any(link, self._stash.popleft())
                     elif is_multi_dispatch(frames):
-                        self._handle_many(link, frames)
-                        while self._stash:
-                            self._handle_any(link, self._stash.popleft())
+                        link.batch = True  # this broker batches: it reads multi-id DONEs
+                        inbox.extendleft(reversed(split_dispatch(frames)))
                     else:
                         if self._held:  # anything else goes after the DONEs before it
                             self._send_done(link)
@@ -149,6 +233,9 @@ class PlainRunner:
                 s.mailboxes.expire(now)
             self._leave(link)
         finally:
+            if self._reclaimer is not None:
+                self._reclaimer.forget(self)
+                self._reclaimer = None
             if self._held:
                 self._send_done(link)
             if s.followups is not None:
@@ -160,15 +247,20 @@ class PlainRunner:
 
     def _send_link(self, frames: list[bytes], via: object) -> bool:
         """Follow-up SUBMIT or FORWARD on the broker link (callbacks run in this thread)."""
-        link = self._link
-        return link is not None and link.send(frames)
+        with self._lock:
+            link = self._link
+            return link is not None and link.send(frames)
 
     def _pump(self) -> None:
         """While a callback waits on a follow-up: read the link without blocking.
 
         sqm's answers about follow-ups go to them; a dispatch waits in the
-        stash for the callback to return; anything else is handled as usual.
+        inbox for the callback to return; anything else is handled as usual.
         """
+        with self._lock:
+            self._pump_locked()
+
+    def _pump_locked(self) -> None:
         link = self._link
         s = self._session
         if link is None or link.sock is None or s is None:
@@ -180,10 +272,10 @@ class PlainRunner:
                 return
             link.last_heard = monotonic()
             if len(frames) == protocol.SUBMIT_FRAMES and frames[1] == DISPATCH:
-                self._stash.append(frames)
+                self._inbox.append(frames)
             elif is_multi_dispatch(frames):
                 link.batch = True
-                self._stash.append(frames)
+                self._inbox.append(frames)
             else:
                 if self._held:
                     self._send_done(link)
@@ -198,17 +290,17 @@ class PlainRunner:
         return sock
 
     def _handle_any(self, link: BrokerLink, frames: list[bytes]) -> None:
-        """Run a dispatch of one message or several (stashed ones are either)."""
-        if len(frames) == protocol.SUBMIT_FRAMES:
+        """Handle what the inbox holds: a dispatch of one message or several, or anything else."""
+        if len(frames) == protocol.SUBMIT_FRAMES and frames[1] == DISPATCH:
             self._handle(link, frames)
+        elif is_multi_dispatch(frames):
+            link.batch = True
+            for one in split_dispatch(frames):
+                self._handle(link, one)
         else:
-            self._handle_many(link, frames)
-
-    def _handle_many(self, link: BrokerLink, frames: list[bytes]) -> None:
-        """Run a multi-message dispatch's messages in order (their DONEs go together)."""
-        link.batch = True  # this broker batches: it reads multi-id DONEs
-        for one in split_dispatch(frames):
-            self._handle(link, one)
+            s = self._session
+            assert s is not None
+            s.on_control(link, frames)
 
     def _send_done(self, link: BrokerLink) -> None:
         """Send the DONEs held back: one R and/or one F (one per id to an older sqm)."""
@@ -238,13 +330,27 @@ class PlainRunner:
         started = monotonic()
         before = work.busy[0]
         work.busy = (before, started)
+        rec = self._reclaimer
+        if rec is not None and not rec.armed:
+            rec.arm()
         msg_id = b""
         ok: bool | None = False
+        lock = self._lock
+        lock.release()  # the reclaimer may give back what waits while this runs
         try:
             msg_id, ok = self._execute(frames)
         finally:
+            lock.acquire()
             ended = monotonic()
             work.busy = (before + ended - started, 0.0)
+            if self._gave_back:  # the callback that made sqm park our slots has ended
+                self._gave_back = False
+                sock = link.sock
+                if sock is not None:
+                    try:
+                        send_frames(sock, [SIGNATURE, CREDIT, b"%d" % self._slots])
+                    except zmq.ZMQError:
+                        pass
             if msg_id:
                 work.tasks_done += 1
                 if self._stop.is_set():
@@ -277,8 +383,8 @@ class PlainRunner:
         """Tell sqm we go; finish whatever it dispatched before it acknowledged."""
         s = self._session
         assert s is not None
-        while self._stash:  # taken while a callback waited on a follow-up: run them
-            self._handle_any(link, self._stash.popleft())
+        while self._inbox:  # read before: run them
+            self._handle_any(link, self._inbox.popleft())
         bye = link.send_bye()
         if self._held:  # after BYE: the slots they free take no new work
             self._send_done(link)
@@ -295,9 +401,15 @@ class PlainRunner:
             if (len(frames) == protocol.SUBMIT_FRAMES and frames[1] == DISPATCH
                     or is_multi_dispatch(frames)):
                 self._handle_any(link, frames)
-                while self._stash:  # read while that callback waited on a follow-up
-                    self._handle_any(link, self._stash.popleft())
+                while self._inbox:  # the rest of it, or read while that callback ran
+                    self._handle_any(link, self._inbox.popleft())
             else:
                 s.on_control(link, frames)
             if self._held:  # BYE is sent: nothing to hold them for
                 self._send_done(link)
+
+
+def _dispatch(frames: list[bytes]) -> bool:
+    """A DISPATCH of one message or several."""
+    return (len(frames) >= protocol.SUBMIT_FRAMES and frames[1] == DISPATCH
+            and frames[0] == SIGNATURE)

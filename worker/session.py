@@ -26,6 +26,7 @@ from sqm.protocol import (
     BYE,
     CANCEL,
     ERROR,
+    GIVE_BACK,
     HEARTBEAT,
     HELLO,
     PACKED_BEATS,
@@ -124,7 +125,7 @@ class Session:
         info = dict(self.info, methods=sorted(self.execution.callbacks), watch=True,
                     packed_beats=True, batch=True)
         link.parked = 0
-        link.batch = False  # until this broker shows it batches (it may be an older sqm)
+        link.batch = link.gives_back = False  # until this broker shows it batches (it may be older)
         self._watched(link, None)
         self.said_hello[link.endpoint] = time.monotonic()
         link.send([SIGNATURE, HELLO, protocol.encode_json(info)])
@@ -174,6 +175,8 @@ class Session:
                 self.followups.feed_broker(frames)
         elif cmd == BATCHES:  # it reads multi-id DONEs (it answers our HELLO's "batch")
             link.batch = True
+            # ... and GIVE_BACK, if it names it (an older sqm sends [SIG, L] alone)
+            link.gives_back = len(frames) > 2 and GIVE_BACK in frames[2]
         elif cmd == CANCEL and len(frames) == 3:  # the sender cancelled a message we run
             self.execution.cancel(frames[2])
         elif cmd == STOP:

@@ -53,6 +53,7 @@ from ..protocol import (
     ERROR,
     FEATURES,
     FORWARD,
+    GIVE_BACK,
     HEARTBEAT,
     HELLO,
     MAX_SUBMIT_BATCH,
@@ -76,6 +77,7 @@ from ..wire import (
     read_control,
     read_credit,
     read_forward,
+    read_given_back,
     read_hello,
     read_message_id,
     read_message_ids,
@@ -207,6 +209,7 @@ class QueueServer:
             BYE: self._on_bye,
             NACK: self._on_nack,
             CREDIT: self._on_credit,
+            GIVE_BACK: self._on_give_back,
             ABILITIES: self._on_abilities,
             FORWARD: self._on_forward,
             RETRY: self._on_retry,
@@ -357,7 +360,7 @@ class QueueServer:
             self.connections.bind(rid, fd)
         if info.get("batch") is True:
             # Before the dispatches this HELLO may bring: its DONEs may name several ids.
-            self._send(rid, [SIGNATURE, BATCHES])
+            self._send(rid, [SIGNATURE, BATCHES, GIVE_BACK])
         log.info(
             "queue %s: worker %s registered (host %s pid %s, %d slot(s)%s)",
             self.name, w.id, info.get("host"), info.get("pid"), w.slots,
@@ -399,6 +402,10 @@ class QueueServer:
 
     def _on_credit(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
         if not self.core.credit(now, rid_frame.bytes, read_credit(frames)):
+            self._reregister(rid_frame.bytes)
+
+    def _on_give_back(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
+        if not self.core.give_back(now, rid_frame.bytes, read_given_back(frames)):
             self._reregister(rid_frame.bytes)
 
     def _on_abilities(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:

@@ -627,11 +627,15 @@ class QueueCore:
         return True
 
     def nack(self, now: float, rid: bytes, msg_id: bytes) -> bool:
-        """The worker was full when ``msg_id`` arrived (it serves several brokers).
+        """The worker hands ``msg_id`` back unstarted: it was full when the message
+        arrived (it serves several brokers), or the message waited in its local
+        queue behind a callback that runs long (prefetch reclaim).
 
         The message goes back to the queue in its place without using a
         delivery, and the slot that carried it is parked until the worker
-        gives it back with :meth:`credit`. Returns False if the worker is unknown.
+        gives it back with :meth:`credit`. A message sqm already gave up on
+        (time limit, cancel) only parks its slot: it never ran and has ended.
+        Returns False if the worker is unknown.
         """
         w = self.workers.get(rid)
         if w is None:
@@ -639,6 +643,10 @@ class QueueCore:
         w.heard_at = now
         msg = w.in_flight.pop(msg_id, None)
         if msg is None:
+            if w.abandoned and w.abandoned.pop(msg_id, None) is not None:
+                w.parked += 1  # free stays as it was: the slot waits for CREDIT
+                if w.state == LEAVING and not w.in_flight and not w.abandoned:
+                    self._remove_worker(now, w, "worker left")
             return True
         self.nacked_total += 1
         self.in_flight -= 1
@@ -654,6 +662,36 @@ class QueueCore:
             self._remove_worker(now, w, "worker left")
         else:
             self._assign(now)
+        return True
+
+    def give_back(self, now: float, rid: bytes, ids: list[bytes]) -> bool:
+        """Prefetch reclaim: the worker's callback runs long, so it hands back the
+        messages it holds unstarted (each as :meth:`nack`: back in its place, no
+        delivery used) and parks its free slots with them, so no new work waits
+        behind that callback; its CREDIT after the callback gives them back.
+
+        Ids it no longer holds in sqm's view (a time limit or cancel crossed
+        the give-back) change nothing but their slot. False if the worker is unknown.
+        """
+        w = self.workers.get(rid)
+        if w is None:
+            return False
+        w.heard_at = now
+        if w.free > 0:  # before the requeues below: they must not come straight back
+            w.parked += w.free
+            w.free = 0
+            # Its idle entries go (not left stale): CREDIT puts its slots at the
+            # back of the line, as if they had just become free.
+            if w.methods is None:
+                if w in self._idle:
+                    self._idle = deque(x for x in self._idle if x is not w)
+            else:
+                for mq in w.queues:
+                    mq.forget(w)
+        nack = self.nack
+        for msg_id in ids:
+            if not nack(now, rid, msg_id):
+                break  # removed (it was leaving and held nothing more)
         return True
 
     def credit(self, now: float, rid: bytes, n: int) -> bool:

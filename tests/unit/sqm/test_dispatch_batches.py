@@ -24,6 +24,7 @@ from sqm.protocol import (
     DISPATCH,
     DONE,
     DONE_FAILED,
+    GIVE_BACK,
     HELLO,
     SIGNATURE,
     SUBMIT,
@@ -96,7 +97,7 @@ class Setup:
 
     def told_batches(self, sock: zmq.Socket) -> None:
         """sqm's answer to a HELLO with ``batch``: it reads multi-id DONEs."""
-        assert self.received(sock) == [SIGNATURE, BATCHES]
+        assert self.received(sock) == [SIGNATURE, BATCHES, GIVE_BACK]
 
     def received(self, sock: zmq.Socket, timeout: float = 5.0) -> list[bytes]:
         assert sock.poll(int(timeout * 1000)), "nothing received"

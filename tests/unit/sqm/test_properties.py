@@ -346,6 +346,22 @@ class Model:
             self.assign()
         return True
 
+    def give_back(self, rid: bytes, msgs: list[Message]) -> bool:
+        """Prefetch reclaim: the free slots park first, then each message as NACK."""
+        w = self.workers.get(rid)
+        if w is None:
+            return False
+        w.heard = self.now
+        if w.free > 0:
+            w.parked += w.free
+            w.free = 0
+            self.idle = [x for x in self.idle if x is not w]
+        for msg in msgs:
+            if rid not in self.workers:
+                break
+            self.nack(rid, msg)
+        return True
+
     def credit(self, rid: bytes, n: int) -> bool:
         w = self.workers.get(rid)
         if w is None:
@@ -521,7 +537,7 @@ class CoreMachine(RuleBasedStateMachine):
 
     @_marks_failure
     def _run(self, label: str, call, *, dying: frozenset[bytes] = frozenset(), expect=None,
-             released: Message | None = None,
+             released: Message | list[Message] | None = None,
              ending: Message | set[Message] | None = None):
         """Call the core, then check its outbox against the model's expectation.
 
@@ -530,7 +546,8 @@ class CoreMachine(RuleBasedStateMachine):
         caller already recorded as ended by this call (a worker's DONE).
         """
         before = self._holders()
-        before.pop(released, None)
+        for m in released if isinstance(released, list) else [released]:
+            before.pop(m, None)
         endings = ending if isinstance(ending, (set, frozenset)) else {ending}
         result = call()
         actual_raw = [as_tuple(e) for e in self.core.outbox]
@@ -801,6 +818,24 @@ class CoreMachine(RuleBasedStateMachine):
         self.dispatches -= 1  # a NACKed hand-over is not an assignment
         self._run(f"nack({rid!r}, {msg.id!r})", lambda: self.core.nack(self.now, rid, msg.id),
                   expect=expect, released=msg)
+
+    @precondition(lambda self: not self.stopped and self.model.workers)
+    @rule(data=st.data())
+    def give_back(self, data) -> None:
+        """GIVE_BACK: a worker's callback runs long; it hands back some of what it holds
+        (maybe nothing, maybe ids it does not hold: another worker's, ended, pending)."""
+        self.steps += 1
+        rid = data.draw(st.sampled_from(sorted(self.model.workers)), label="rid")
+        w = self.model.workers[rid]
+        pool = list(w.inflight) + [m for m in self.submitted if m not in w.inflight][:4]
+        msgs = data.draw(st.lists(st.sampled_from(pool), unique_by=id, max_size=3)
+                         if pool else st.just([]), label="given back")
+        held = [m for m in msgs if m in w.inflight]
+        expect = self.model.give_back(rid, msgs)
+        self.dispatches -= len(held)  # a given-back hand-over is not an assignment
+        self._run(f"give_back({rid!r}, {[m.id for m in msgs]!r})",
+                  lambda: self.core.give_back(self.now, rid, [m.id for m in msgs]),
+                  expect=expect, released=held)
 
     @precondition(
         lambda self: not self.stopped and any(w.parked for w in self.model.workers.values())

@@ -5,7 +5,8 @@ with submits that may be scheduled (``not_before``), time-limited or carry
 a deadline, worker hellos (some with a time limit of their own), dones
 (also late ones, for messages sqm gave up on), retries (a worker's
 ``Retry``, with a random limit), cancels (of live, ended and unknown ids),
-NACKs, heartbeats and ticks with time advancing; a shutdown ends each run.
+NACKs (also give-backs that cross sqm's own decision about the message:
+prefetch reclaim), heartbeats and ticks with time advancing; a shutdown ends each run.
 It checks, after every step:
 
 - every accepted message ends exactly once (done, or one Fail: now also
@@ -195,6 +196,46 @@ class FailureMachine(RuleBasedStateMachine):
         self.core.nack(self.now, rid, msg.id)
         self.core.credit(self.now, rid, 1)
         self._drain("nack")
+
+    @precondition(lambda self: not self.stopped and bool(self.core.workers))
+    @rule(data=st.data())
+    def give_back(self, data: st.DataObject) -> None:
+        """Prefetch reclaim: a worker whose callback runs long hands back messages
+        unstarted (GIVE_BACK), and sqm parks them and its free slots until CREDIT.
+        An id may be one sqm gave up on meanwhile (time limit, cancel: the give-back
+        crossed sqm's decision) or one the worker does not hold (a stale id)."""
+        rid = data.draw(st.sampled_from(sorted(self.core.workers)))
+        w = self.core.workers[rid]
+        known = [*w.in_flight, *w.abandoned, *(m.id for m in self.accepted)]
+        ids = data.draw(st.lists(st.sampled_from(known), unique=True, max_size=3)
+                        if known else st.just([]))
+        held = [mid for mid in ids if mid in w.in_flight]
+        abandoned = [mid for mid in ids if mid in w.abandoned]
+        parked, free = w.parked, w.free
+        ended = {mid: list(self.ends.get(mid, [])) for mid in ids}
+        assert self.core.give_back(self.now, rid, ids)
+        self._drain("give back")
+        for mid in ids:
+            assert mid not in w.in_flight and mid not in w.abandoned, "given back, still held"
+            if mid not in held:  # nothing about the message changed: ended, or where it was
+                assert self.ends.get(mid, []) == ended[mid]
+        if w.alive:
+            # its free slots and the given-back ones wait for CREDIT: nothing new came
+            assert w.parked == parked + free + len(held) + len(abandoned)
+            assert w.free == 0
+        for m in self.accepted:  # what it gave back went to another worker, or waits
+            if m.id in held:
+                assert m.worker is not w and m.state in (PENDING, INFLIGHT, FINISHED)
+
+    @precondition(lambda self: not self.stopped and any(
+        w.parked for w in self.core.workers.values()))
+    @rule(data=st.data(), n=st.integers(1, 3))
+    def credit_back(self, data: st.DataObject, n: int) -> None:
+        """The long callback ended: the worker gives its parked slots back."""
+        rid = data.draw(st.sampled_from(sorted(r for r, w in self.core.workers.items()
+                                               if w.parked)))
+        assert self.core.credit(self.now, rid, n)
+        self._drain("credit back")
 
     @precondition(lambda self: not self.stopped)
     @rule(dt=st.sampled_from([0.0, 0.2, 0.5, 1.0, 2.0]))
