@@ -190,6 +190,7 @@ def worker_host(
     on the way out. ``queue`` is unused (one broker serves one queue).
     """
     del queue
+    prefetch = prefetch or 1  # 0: "the system's default", for the baseline credit 1
     stop = _Stop()
     stop.install()
     ctx = zmq.Context()

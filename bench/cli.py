@@ -529,7 +529,7 @@ def _status_reader(system: System, endpoint: str, wl: Workload) -> Callable[[], 
 
     def read_baseline() -> dict[str, int]:
         st = baseline.query_status(endpoint, 5.0)
-        return {"workers": st["credits"] // wl.prefetch, "pending": st["pending"]}
+        return {"workers": st["credits"] // (wl.prefetch or 1), "pending": st["pending"]}
 
     return read_baseline
 

@@ -43,10 +43,11 @@ class Workload:
     waits until every worker is registered and measures the broker's CPU for
     ``idle_s`` seconds before the sender starts. ``systems`` limits the
     systems the workload runs on (empty: all); ``base`` names the workload
-    whose figures the derived ratios refer to. ``prefetch`` 0 means the
-    sqm Worker's own default. ``rate`` (W8): submissions per second, paced
-    (open loop). ``senders`` over ``sender_procs`` processes (W9): that many
-    concurrent senders, each doing sequential rpcs.
+    whose figures the derived ratios refer to. ``prefetch`` 0 (the default)
+    means the sqm Worker's own default, and credit 1 for the baseline.
+    ``rate`` (W8): submissions per second, paced (open loop). ``senders``
+    over ``sender_procs`` processes (W9): that many concurrent senders,
+    each doing sequential rpcs.
     """
 
     name: str
@@ -57,7 +58,7 @@ class Workload:
     threads: int
     window: int
     title: str
-    prefetch: int = 1
+    prefetch: int = 0
     idle_s: float = 0.0
     systems: tuple[str, ...] = ()
     base: str = ""

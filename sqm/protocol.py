@@ -17,6 +17,13 @@ from typing import Any
 
 SIGNATURE = b"SQM1"
 
+#: Messages sqm may hand a Worker at once by default (its ``prefetch``). Above 1,
+#: messages flow in batches (one DISPATCH, one DONE for several); what waits
+#: behind a callback that runs long goes back to sqm for another worker
+#: (worker.reclaim), so a slow message does not hold the others up.
+#: Chosen from W2, W3 and W8 (BENCHMARKS.md, "Prefetch that gives work back").
+DEFAULT_PREFETCH = 16
+
 # client (Sender) -> broker
 SUBMIT = b"S"
 STATUS = b"?"

@@ -154,6 +154,9 @@ class AsyncRunner:
                 link.send_bye()
                 self._send_done(link)  # after BYE: the slots they free take no new work
                 self._kick(link)
+        self._give_back()  # we run nothing more than what has started
+        if not self.held:
+            self._idle.set()
         self._check_acked()
 
     async def _leave(self) -> None:
@@ -283,7 +286,11 @@ class AsyncRunner:
     # ------------------------------------------------------------ messages
 
     def _take(self, link: BrokerLink, frames: list[bytes]) -> None:
-        """Accept a dispatch, or hand it straight back when full."""
+        """Accept a dispatch, or hand it straight back when full (or leaving)."""
+        if self._stopping.is_set() and link.gives_back:  # sent before sqm read our BYE
+            if link.send([SIGNATURE, GIVE_BACK, envelope_id(frames[2])]):
+                self._kick(link)
+                return
         if self.held >= self.session.slots:
             msg_id = envelope_id(frames[2])
             if msg_id and link.send([SIGNATURE, NACK, msg_id]):
@@ -317,9 +324,14 @@ class AsyncRunner:
         if not self._waiting:
             return
         since = time.monotonic() - self._last_start
-        if since < RECLAIM_AFTER_S or self._stopping.is_set():
-            self._start_next()  # things move (or we leave): look again later
+        if since < RECLAIM_AFTER_S:
+            self._start_next()  # things move: look again later
             return
+        self._give_back()
+
+    def _give_back(self) -> None:
+        """Hand the messages waiting a turn back to their brokers (those that read
+        GIVE_BACK): sqm gives them to another worker and parks our slots."""
         back: dict[BrokerLink, list[bytes]] = {}
         for link, frames in self._waiting:
             if link.gives_back and link.sock is not None:  # not to an older sqm
@@ -331,7 +343,8 @@ class AsyncRunner:
             if link.send([SIGNATURE, GIVE_BACK, *ids]):
                 gone.add(link)
                 self.held -= len(ids)
-                link.parked = self.session.slots  # CREDIT all when a callback ends
+                if not link.bye_sent:
+                    link.parked = self.session.slots  # CREDIT all when a callback ends
                 self._kick(link)
                 log.debug("worker: gave back %d message(s) waiting for a turn", len(ids))
         if gone:

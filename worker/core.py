@@ -28,7 +28,7 @@ import zmq
 from sqm import procinfo, protocol
 from sqm.config import client_key_paths, resolve
 from sqm.errors import HopLimitExceeded, SQMError
-from sqm.protocol import ACK, FLAG_ACK, SIGNATURE, MailboxPolicy
+from sqm.protocol import ACK, DEFAULT_PREFETCH, FLAG_ACK, SIGNATURE, MailboxPolicy
 from sqm.security.keys import client_keys
 from sqm.taskpool.fleet import Limits, recycle_due
 
@@ -49,6 +49,7 @@ log = logging.getLogger("sqm.worker")
 
 Callback = Callable[["Worker", Originator, Any], Any]
 _counter = itertools.count(1)
+
 
 
 class Worker:
@@ -116,7 +117,7 @@ class Worker:
         allow_pickle: bool = False,
         max_mailboxes: int = 4096,
         mailbox_idle_s: float = 60.0,
-        prefetch: int = 1,
+        prefetch: int = DEFAULT_PREFETCH,
         concurrency: int = 1,
         context: zmq.Context | None = None,
         autostart: bool = False,

@@ -380,14 +380,19 @@ class PlainRunner:
                         self._send_done(link)  # credit flows back before the pipeline drains
 
     def _leave(self, link: BrokerLink) -> None:
-        """Tell sqm we go; finish whatever it dispatched before it acknowledged."""
+        """Tell sqm we go. What it handed us and we have not started goes back to it
+        (GIVE_BACK) for another worker; an older sqm's we run before we go."""
         s = self._session
         assert s is not None
-        while self._inbox:  # read before: run them
-            self._handle_any(link, self._inbox.popleft())
+        gives_back = link.gives_back
+        if not gives_back:
+            while self._inbox:  # read before: run them
+                self._handle_any(link, self._inbox.popleft())
         bye = link.send_bye()
         if self._held:  # after BYE: the slots they free take no new work
             self._send_done(link)
+        if gives_back:
+            self._return_unstarted(link)
         if not bye or not link.reachable():
             return  # nobody to wait for: no broker connected
         sock = link.sock
@@ -398,8 +403,10 @@ class PlainRunner:
             if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
                 return  # sqm is gone: nothing more can arrive
             frames = recv_frames(sock, 0)
-            if (len(frames) == protocol.SUBMIT_FRAMES and frames[1] == DISPATCH
-                    or is_multi_dispatch(frames)):
+            if gives_back and _dispatch(frames):  # sent before sqm read our BYE
+                self._inbox.append(frames)
+                self._return_unstarted(link)
+            elif _dispatch(frames):
                 self._handle_any(link, frames)
                 while self._inbox:  # the rest of it, or read while that callback ran
                     self._handle_any(link, self._inbox.popleft())
@@ -408,6 +415,22 @@ class PlainRunner:
             if self._held:  # BYE is sent: nothing to hold them for
                 self._send_done(link)
 
+    def _return_unstarted(self, link: BrokerLink) -> None:
+        """Leaving: give back every dispatched message in the inbox; handle the rest."""
+        s = self._session
+        assert s is not None
+        ids: list[bytes] = []
+        while self._inbox:
+            frames = self._inbox.popleft()
+            if _dispatch(frames):
+                ids.extend(envelope_id(frames[i]) for i in range(2, len(frames) - 1, 2))
+            else:
+                s.on_control(link, frames)
+        if ids and link.sock is not None:
+            try:
+                send_frames(link.sock, [SIGNATURE, GIVE_BACK, *ids])
+            except zmq.ZMQError:
+                pass
 
 def _dispatch(frames: list[bytes]) -> bool:
     """A DISPATCH of one message or several."""

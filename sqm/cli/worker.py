@@ -15,6 +15,7 @@ import click
 from .. import logs, pool
 from ..config import resolve
 from ..errors import SQMError
+from ..protocol import DEFAULT_PREFETCH
 from ..taskpool.autoscale import parse_autoscale
 from ..taskpool.autostart import autostart_broker, is_local
 from ..taskpool.fleet import FLEET_ENV, RECYCLED
@@ -94,9 +95,11 @@ def parse_autoscale_option(_ctx: click.Context, _param: click.Parameter,
 @key_options
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle payloads (runs code!).")
 @click.option("--heartbeat", type=float, default=None, help="Seconds between heartbeats [1.0].")
-@click.option("--prefetch", type=click.IntRange(1, 10_000), default=1, show_default=True,
-              help="Messages sqm may hand each worker at once (more throughput, "
-              "head-of-line blocking).")
+@click.option("--prefetch", type=click.IntRange(1, 10_000), default=DEFAULT_PREFETCH,
+              show_default=True,
+              help="Messages sqm may hand each worker at once: they flow in batches; "
+              "the ones waiting behind a callback that runs long go back to sqm for "
+              "another worker. 1: one at a time.")
 @click.option("--concurrency", "-c", type=click.IntRange(1, 10_000), default=None,
               help="Callbacks each worker runs at once: async def ones as asyncio tasks, "
               "plain ones in threads [1, or the Worker's own].")
@@ -136,7 +139,7 @@ def worker(target: str, queue: str | None, processes: int, endpoint: str | None,
     limits = max_tasks_per_child is not None or max_memory_per_child is not None
     fleet = not pool_child and (processes > 1 or autoscale is not None or limits
                                 or pool_path is not None)
-    overrides = (queue or endpoint or config or heartbeat or allow_pickle or prefetch != 1
+    overrides = (queue or endpoint or config or heartbeat or allow_pickle or prefetch != DEFAULT_PREFETCH
                  or concurrency is not None or limits or autostart or fleet)
     callbacks: dict[str, Callable[..., Any]]
     failure: dict[str, Any] = {}  # a Worker's retry and time-limit settings, kept
