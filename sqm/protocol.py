@@ -23,6 +23,12 @@ SIGNATURE = b"SQM1"
 #: (worker.reclaim), so a slow message does not hold the others up.
 #: Chosen from W2, W3 and W8 (BENCHMARKS.md, "Prefetch that gives work back").
 DEFAULT_PREFETCH = 16
+#: Prefetch reclaim: a worker that holds messages beyond what it runs at once
+#: and ends none for this long (s) is asked to give back the ones waiting
+#: behind its callback; a worker gives back only from a callback that has run
+#: at least RECLAIM_MIN_RUN_S (a younger one says it moves: it keeps them).
+RECLAIM_AFTER_S = 0.003
+RECLAIM_MIN_RUN_S = 0.001
 
 # client (Sender) -> broker
 SUBMIT = b"S"

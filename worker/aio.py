@@ -13,11 +13,12 @@ the worker already holds ``slots`` messages goes straight back (NACK); that
 broker parks the slot until the worker sends CREDIT, which it does as soon
 as it has room again.
 
-Reclaim: when messages wait a turn and no callback has started for
-``RECLAIM_AFTER_S`` (every one of the ``concurrency`` running ones runs
-long), the waiting ones go back (GIVE_BACK) to a broker that reads it:
-sqm gives them to another worker and parks this one's slots until the next
-callback ends (CREDIT), as the plain runner does (:mod:`worker.reclaim`).
+Reclaim: when sqm asks (through the heartbeat thread, :mod:`worker.beats`)
+while messages wait a turn and no callback has started for
+``RECLAIM_MIN_RUN_S`` (every one of the ``concurrency`` running ones runs
+long), the waiting ones go back (GIVE_BACK) to their broker: sqm gives
+them to another worker and parks this one's slots; they come back (CREDIT)
+as callbacks end quickly, as with the plain runner.
 
 DONE batching: a message that ends while others wait their turn holds its
 DONE back; the held DONEs of a broker go as one multi-id DONE (to a broker
@@ -47,6 +48,8 @@ from sqm.protocol import (
     DONE_FAILED,
     GIVE_BACK,
     NACK,
+    RECLAIM_AFTER_S,
+    RECLAIM_MIN_RUN_S,
     SIGNATURE,
     SUBMIT_FRAMES,
     envelope_id,
@@ -57,7 +60,6 @@ from sqm.zmqfast import recv_frames
 
 from .execute import Originator, is_async_callback
 from .links import BrokerLink
-from .reclaim import RECLAIM_AFTER_S
 from .session import Session
 
 log = logging.getLogger("sqm.worker")
@@ -82,7 +84,6 @@ class AsyncRunner:
         self._held: dict[BrokerLink, tuple[list[bytes], list[bytes], float]] = {}
         self._hold_max = 1
         self._last_start = 0.0  # when the latest callback started (monotonic)
-        self._reclaim_timer: asyncio.TimerHandle | None = None
 
     def run(self, session: Session) -> None:
         """Serve on a fresh event loop in this thread until the worker stops."""
@@ -313,21 +314,20 @@ class AsyncRunner:
             task = loop.create_task(self._serve(link, frames))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        if self._waiting and self._reclaim_timer is None:
-            self._reclaim_timer = loop.call_at(
-                loop.time() + RECLAIM_AFTER_S - (time.monotonic() - self._last_start),
-                self._reclaim)
+
+    def reclaim(self) -> None:
+        """sqm asks (from the heartbeat thread): give back what waits a turn."""
+        loop = self._loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._reclaim)
+            except RuntimeError:  # the loop has just closed
+                pass
 
     def _reclaim(self) -> None:
         """Messages wait a turn: give them back if no callback started for a while."""
-        self._reclaim_timer = None
-        if not self._waiting:
-            return
-        since = time.monotonic() - self._last_start
-        if since < RECLAIM_AFTER_S:
-            self._start_next()  # things move: look again later
-            return
-        self._give_back()
+        if self._waiting and time.monotonic() - self._last_start >= RECLAIM_MIN_RUN_S:
+            self._give_back()
 
     def _give_back(self) -> None:
         """Hand the messages waiting a turn back to their brokers (those that read
@@ -343,8 +343,9 @@ class AsyncRunner:
             if link.send([SIGNATURE, GIVE_BACK, *ids]):
                 gone.add(link)
                 self.held -= len(ids)
-                if not link.bye_sent:
-                    link.parked = self.session.slots  # CREDIT all when a callback ends
+                if not link.bye_sent:  # all but the running ones' slots may be parked
+                    link.withheld = self.session.slots - self.running
+                    link.credit_step = 1
                 self._kick(link)
                 log.debug("worker: gave back %d message(s) waiting for a turn", len(ids))
         if gone:
@@ -354,12 +355,20 @@ class AsyncRunner:
         """Run one message; report DONE to the broker it came from."""
         msg_id = b""
         ok: bool | None = False
+        started = time.monotonic()
         try:
             msg_id, ok = await self._call(link, frames)
         finally:
             self._finished()
             self.held -= 1
             self._credit()
+            if link.withheld and (not self.held
+                                  or time.monotonic() - started < RECLAIM_AFTER_S):
+                # a quick one (or nothing waits): some of what a give-back parked comes back
+                n = link.withheld if not self.held else min(link.credit_step, link.withheld)
+                if link.sock is not None and link.send([SIGNATURE, CREDIT, b"%d" % n]):
+                    link.withheld -= n
+                    link.credit_step = n * 2
             if msg_id:
                 self.session.workload.tasks_done += 1
                 if link.sock is not None and ok is not None:  # None: forwarded, sqm knows

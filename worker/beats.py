@@ -15,6 +15,14 @@ goes alone as before (``[SQM1, H, worker-id]``). Self-reports, when due
 (:class:`~worker.links.ReportPlan`), go as each worker's own
 ``[SQM1, H, worker-id, report]`` in the same instant instead.
 
+The thread also reads those sockets: sqm sends ``[SQM1, G, worker-id]`` on
+it when a worker holds messages beyond what it runs at once and has ended
+none for a while (prefetch reclaim). The worker's runner is then inside a
+callback and reads nothing, so this thread asks the runner to give back
+what waits behind it (:meth:`Member.reclaim`). Between beats the thread
+sleeps in a poll of those sockets: it wakes for a beat, an ask, or a
+change of members, never on a timer of its own.
+
 After the beats, the thread re-sends the ACK of each Worker's running
 messages (:meth:`Worker._ack_again`, once per interval, with a mailbox pool
 of that Worker's that only this thread uses): the beats go first, since a
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -37,7 +46,7 @@ from typing import Any
 
 import zmq
 
-from sqm.protocol import HEARTBEAT, SIGNATURE, pack_ids
+from sqm.protocol import GIVE_BACK, HEARTBEAT, SIGNATURE, pack_ids
 from sqm.security.keys import KeyPair
 
 from .links import ReportPlan, beat_phase, broker_socket, next_beat_in
@@ -57,7 +66,8 @@ class Member:
     """One serving Worker as the beater sees it (made by ``Worker.run``)."""
 
     __slots__ = ("worker_id", "wid", "ctx", "endpoints", "heartbeat", "curve", "reports",
-                 "running", "report", "ack_again", "new_acks", "acks", "before", "left")
+                 "running", "report", "ack_again", "new_acks", "acks", "before", "left",
+                 "reclaim")
 
     def __init__(self, worker_id: str, ctx: zmq.Context, endpoints: list[str], heartbeat: float,
                  curve: tuple[KeyPair, bytes] | None, reports: ReportPlan,
@@ -77,6 +87,9 @@ class Member:
         self.acks: MailboxPool | None = None
         self.before: set[bytes] = set()  # ids running at the last beat
         self.left = threading.Event()  # the beat thread let go of it (its sockets are closed)
+        # sqm asks it to give back what waits behind its running callback (its
+        # runner's reclaim(); called from the beat thread).
+        self.reclaim: Callable[[], None] = _nothing
 
     def keys(self, endpoint: str) -> GroupKey:
         curve = None if self.curve is None else (self.curve[0].public, self.curve[1])
@@ -150,8 +163,14 @@ class Beater:
         self._closing: list[Group] = []  # emptied groups whose socket the thread closes
         self._leaving: list[Member] = []  # members whose pool the thread closes
         self._thread: threading.Thread | None = None
+        # register/unregister write a byte here to wake the thread's poll.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         #: Messages sent (every beat, report and packed beat), for tests and curiosity.
         self.sent = 0
+        #: Reclaim asks received from sqm, for tests and curiosity.
+        self.reclaims = 0
 
     # ------------------------------------------------------------ any thread
 
@@ -171,6 +190,7 @@ class Beater:
                                                 name="sqm-heartbeat")
                 self._thread.start()
             self._cond.notify()
+        self._wake()
 
     def unregister(self, member: Member, timeout: float) -> bool:
         """Stop beating for ``member``; True once its sockets (and an emptied group's)
@@ -186,7 +206,14 @@ class Beater:
                     self._closing.append(group)
             self._leaving.append(member)
             self._cond.notify()
+        self._wake()
         return member.left.wait(timeout)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:  # already woken (buffer full)
+            pass
 
     def groups(self) -> list[tuple[str, list[str]]]:
         """(endpoint, worker ids) of each group now (for tests and debugging)."""
@@ -222,8 +249,47 @@ class Beater:
                 if self._closing or self._leaving or not self._groups:
                     continue
                 wait = min(g.next_at for g in self._groups.values()) - self._clock()
-                if wait > 0:
-                    self._cond.wait(wait)
+                groups = [g for g in self._groups.values() if g.sock is not None]
+            if wait > 0:
+                self._wait(groups, wait)
+
+    def _wait(self, groups: list[Group], seconds: float) -> None:
+        """Sleep up to ``seconds`` in a poll of the groups' sockets; act on sqm's asks."""
+        items: list[tuple[Any, int]] = [(g.sock, zmq.POLLIN) for g in groups]
+        items.append((self._wake_r, zmq.POLLIN))
+        try:
+            ready = zmq.zmq_poll(items, max(0, int(seconds * 1000)) + 1)
+        except zmq.ZMQError:  # a socket closed under us: the next round rebuilds the list
+            return
+        for item, _ev in ready:
+            if item is self._wake_r:
+                try:
+                    while self._wake_r.recv(64):
+                        pass
+                except OSError:  # drained
+                    pass
+                continue
+            for g in groups:
+                if g.sock is item:
+                    self._read(g)
+
+    def _read(self, group: Group) -> None:
+        """What sqm sent on a group's socket: ``[SQM1, G, worker-id]`` asks a reclaim."""
+        sock = group.sock
+        while sock is not None:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.ZMQError:  # Again: drained
+                return
+            if len(frames) != 3 or frames[0] != SIGNATURE or frames[1] != GIVE_BACK:
+                continue
+            for m in list(group.members):
+                if m.wid == frames[2]:
+                    self.reclaims += 1
+                    try:
+                        m.reclaim()
+                    except Exception:  # the thread must go on beating for the others
+                        log.exception("worker %s: cannot give back its messages", m.worker_id)
 
     def _beat(self, due: list[tuple[Group, list[Member]]]) -> None:
         """Send the due groups' beats, then re-send their workers' ACKs."""
@@ -252,6 +318,10 @@ class Beater:
                     m.before = m.ack_again(m.acks, m.running, m.before)
                 except Exception:
                     log.exception("worker %s: cannot re-send its ACKs", m.worker_id)
+
+
+def _nothing() -> None:
+    """A Member's reclaim() until its runner sets one."""
 
 
 #: The process's beater (a forked child starts with a fresh one: threads do not survive fork).

@@ -306,6 +306,7 @@ class Worker:
             keys=None if self._curve is None else self._curve[0],
         )
         member = self._beat_member(ctx)
+        member.reclaim = runner.reclaim  # sqm's reclaim asks reach the runner this way
         beating = False
         if self.exit_on_time_limit:  # a fleet child: a stuck callback ends the process
             self._execution.watchdog = Watchdog(self.id)

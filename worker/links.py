@@ -103,7 +103,8 @@ class BrokerLink:
     __slots__ = ("endpoint", "routing_id", "sock", "monitor", "last_heard", "opened_at",
                  "broker_heartbeat", "connected", "was_disconnected", "parked", "bye_sent",
                  "bye_acked", "outage", "curve", "heartbeat", "liveness", "watched",
-                 "report_s", "down_at", "batch", "gives_back")
+                 "report_s", "down_at", "batch", "gives_back", "withheld",
+                 "credit_step")
 
     def __init__(self, endpoint: str, routing_id: bytes,
                  curve: tuple[KeyPair, bytes] | None = None, *,
@@ -124,6 +125,10 @@ class BrokerLink:
         self.was_disconnected = False
         self.outage = Outage()
         self.parked = 0  # slots this broker parked because we NACKed its dispatches
+        # Slots it may still hold parked since our GIVE_BACK (asyncio runner): they
+        # come back by CREDIT 1, 2, 4, ... as callbacks end quickly (worker.aio).
+        self.withheld = 0
+        self.credit_step = 1
         self.bye_sent = False
         self.bye_acked = False
         # The broker said it batches (BATCHES, or a multi-message DISPATCH) since
@@ -145,7 +150,7 @@ class BrokerLink:
         self.was_disconnected = False
         self.watched = False
         self.down_at = None
-        self.parked = 0
+        self.parked = self.withheld = 0
         self.batch = self.gives_back = False
         return sock
 

@@ -5,9 +5,10 @@ released while it waits. Used unless the worker needs the asyncio runner
 (several brokers, ``concurrency`` > 1, ``async def`` callbacks).
 
 With several slots (``prefetch``), the messages it holds but has not
-started wait in its inbox or its socket; the runner holds a lock at every
-moment but while a callback runs, so the process's reclaimer
-(:mod:`worker.reclaim`) can give them back when a callback runs long.
+started wait in its inbox or its socket. When a callback runs long, sqm
+asks the process's heartbeat thread (:mod:`worker.beats`) to have them
+given back; the runner holds a lock at every moment but while a callback
+runs, so that thread can take it then (:meth:`PlainRunner.reclaim`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from sqm.protocol import (
     DONE,
     DONE_FAILED,
     GIVE_BACK,
+    RECLAIM_AFTER_S,
+    RECLAIM_MIN_RUN_S,
     SIGNATURE,
     envelope_id,
     is_multi_dispatch,
@@ -38,7 +41,6 @@ from sqm.zmqfast import set_option as _set_option
 
 from .execute import Workload
 from .links import BrokerLink
-from .reclaim import Reclaimer, reclaimer
 from .session import Session
 
 log = logging.getLogger("sqm.worker")
@@ -72,13 +74,19 @@ class PlainRunner:
         # follow-up reply) or the reclaimer read while a callback ran.
         self._inbox: deque[list[bytes]] = deque()
         # Held by the runner at every moment but while a callback runs: the
-        # reclaimer takes it then to read the link and give back what waits.
-        # Reentrant: the pump and follow-ups take it from inside the callback,
-        # or from the runner itself (then it is held already).
+        # heartbeat thread takes it then to read the link and give back what
+        # waits (reclaim). Reentrant: the pump and follow-ups take it from
+        # inside the callback, or from the runner itself (then it is held already).
         self._lock = threading.RLock()
-        self._reclaimer: Reclaimer | None = None  # watching us (several slots)
         self._slots = 1
-        self._gave_back = False  # sqm parked our slots (GIVE_BACK): CREDIT when the callback ends
+        # The running callback runs long: we sent GIVE_BACK (sqm parked our slots).
+        self._gave_back = False
+        # Slots sqm may still hold parked since a give-back (at most; it frees no
+        # more than it parked): they come back by CREDIT 1, 2, 4, ... after each
+        # quick callback, so a worker whose callbacks run long takes one message
+        # at a time instead of taking and giving back a full prefetch each time.
+        self._withheld = 0
+        self._credit_step = 1
         # DONEs held back while more work is there to read (sent as one multi-id
         # DONE each); never with one slot: a prefetch-1 worker reports at once.
         self._ok: list[bytes] = []
@@ -115,13 +123,12 @@ class PlainRunner:
         with self._lock:
             self._serve(session)
 
-    # The reclaimer's view (worker.reclaim.Holder), from its thread.
-
-    def started(self) -> float:
-        return self._work.busy[1]
-
-    def progress(self) -> int:
-        return self._work.tasks_done
+    def reclaim(self) -> None:
+        """sqm asks (through the heartbeat thread): give back what waits behind the
+        running callback, if one runs and has run a while; else it moves: keep all."""
+        started = self._work.busy[1]
+        if self._slots > 1 and started and monotonic() - started >= RECLAIM_MIN_RUN_S:
+            self.give_back(started)
 
     def give_back(self, started: float) -> None:
         """Give back the messages not started while the callback from ``started`` runs.
@@ -137,7 +144,8 @@ class PlainRunner:
         try:
             link = self._link
             sock = link.sock if link is not None else None
-            if sock is None or link is None or not link.gives_back or self.started() != started:
+            if (sock is None or link is None or not link.gives_back
+                    or self._work.busy[1] != started):
                 return
             inbox = self._inbox
             while True:
@@ -161,9 +169,22 @@ class PlainRunner:
                 inbox.clear()
                 inbox.extend(keep)
             self._gave_back = True
+            self._withheld = self._slots - 1  # all but the running one's
+            self._credit_step = 1
             log.debug("worker: gave back %d message(s) waiting behind a long callback", len(ids))
         finally:
             lock.release()
+
+    def _credit_back(self, link: BrokerLink, n: int) -> None:
+        """CREDIT ``n`` of the slots withheld since a give-back (the next step doubles)."""
+        self._withheld -= n
+        self._credit_step = n * 2
+        sock = link.sock
+        if sock is not None:
+            try:
+                send_frames(sock, [SIGNATURE, CREDIT, b"%d" % n])
+            except zmq.ZMQError:
+                pass
 
     def _serve(self, session: Session) -> None:
         self._session = s = session
@@ -172,9 +193,6 @@ class PlainRunner:
         self._execute = s.execution.run  # looked up once, not per message
         self._hold_max = max(1, s.slots // 2)
         self._slots = s.slots
-        if s.slots > 1:
-            self._reclaimer = reclaimer()
-            self._reclaimer.watch(self)
         link = self._link = BrokerLink(s.endpoints[0], s.routing_id, s.curve,
                                        heartbeat=s.heartbeat, liveness=s.liveness)
         sock = self._open(link)
@@ -206,6 +224,8 @@ class PlainRunner:
                             frames = recv_frames(sock, 0)
                         except zmq.Again:  # receive timeout: idle now
                             idle = True
+                            if self._withheld:  # nothing waits: every slot back
+                                self._credit_back(link, self._withheld)
                 now = monotonic()
                 if frames is not None:
                     link.last_heard = now
@@ -233,9 +253,6 @@ class PlainRunner:
                 s.mailboxes.expire(now)
             self._leave(link)
         finally:
-            if self._reclaimer is not None:
-                self._reclaimer.forget(self)
-                self._reclaimer = None
             if self._held:
                 self._send_done(link)
             if s.followups is not None:
@@ -285,6 +302,8 @@ class PlainRunner:
         s = self._session
         assert s is not None
         sock = link.open(s.ctx)
+        self._gave_back = False  # a new registration: nothing is parked
+        self._withheld = 0
         _set_option(sock, RCVTIMEO, max(1, int(min(s.heartbeat / 2, WAKE_S) * 1000)))
         s.hello(link)
         return sock
@@ -330,27 +349,20 @@ class PlainRunner:
         started = monotonic()
         before = work.busy[0]
         work.busy = (before, started)
-        rec = self._reclaimer
-        if rec is not None and not rec.armed:
-            rec.arm()
         msg_id = b""
         ok: bool | None = False
         lock = self._lock
-        lock.release()  # the reclaimer may give back what waits while this runs
+        lock.release()  # the heartbeat thread may give back what waits while this runs
         try:
             msg_id, ok = self._execute(frames)
         finally:
             lock.acquire()
             ended = monotonic()
             work.busy = (before + ended - started, 0.0)
-            if self._gave_back:  # the callback that made sqm park our slots has ended
+            if self._gave_back:  # it ran long: its DONE frees one slot, the rest stay parked
                 self._gave_back = False
-                sock = link.sock
-                if sock is not None:
-                    try:
-                        send_frames(sock, [SIGNATURE, CREDIT, b"%d" % self._slots])
-                    except zmq.ZMQError:
-                        pass
+            elif self._withheld and ended - started < RECLAIM_AFTER_S:
+                self._credit_back(link, min(self._credit_step, self._withheld))  # a quick one
             if msg_id:
                 work.tasks_done += 1
                 if self._stop.is_set():

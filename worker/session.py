@@ -78,6 +78,10 @@ class Runner(Protocol):
     def stop(self) -> None:
         """Wake :meth:`run` to notice ``session.stop`` (any thread, even a signal handler)."""
 
+    def reclaim(self) -> None:
+        """sqm asks (from the heartbeat thread) for the messages waiting behind a
+        callback that runs long: give them back (GIVE_BACK), or keep them if it moves."""
+
 
 @dataclass(eq=False)
 class Session:

@@ -33,6 +33,7 @@ from ..core import (
     Message,
     OutboxEntry,
     QueueCore,
+    Reclaim,
     Stop,
     Watch,
 )
@@ -326,14 +327,18 @@ class QueueServer:
         # Every worker beats every interval: this runs ~1,000 times a second
         # for 1,000 workers, so no JSON parse here (a status decodes the report).
         n = len(frames)
+        # The connection these come from is the process's heartbeat thread's: a
+        # Reclaim for those workers goes there (their runners are in callbacks).
         if n == 3:  # [SIG, H, wid]: a bare beat from a worker's heartbeat thread
-            self.core.seen_id(now, frames[2].decode("utf-8", "replace"))
+            self.core.seen_id(now, frames[2].decode("utf-8", "replace"), rid_frame.bytes)
         elif n == 4:
             if frames[2]:  # [SIG, H, wid, report]
-                self.core.report(now, frames[2].decode("utf-8", "replace"), frames[3])
+                self.core.report(now, frames[2].decode("utf-8", "replace"), frames[3],
+                                 rid_frame.bytes)
             else:  # [SIG, H, "", packed wids]: every worker of one process (worker.beats)
                 self.core.seen_ids(now, [w.decode("utf-8", "replace")
-                                         for w in protocol.unpack_ids(frames[3])])
+                                         for w in protocol.unpack_ids(frames[3])],
+                                   rid_frame.bytes)
         elif not self.core.seen(now, rid_frame.bytes):
             self._reregister(rid_frame.bytes)
 
@@ -649,6 +654,8 @@ class QueueServer:
             self._send(entry.rid, [SIGNATURE, STOP])
         elif type(entry) is Cancel:
             self._send(entry.rid, [SIGNATURE, CANCEL, entry.msg.id])
+        elif type(entry) is Reclaim:
+            self._send(entry.rid, [SIGNATURE, GIVE_BACK, entry.wid.encode()])
 
     def _failed_back(self, msg: Message, error: str) -> None:
         for hook in self.hooks.failed_back:

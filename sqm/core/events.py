@@ -22,6 +22,7 @@ OUT_STOP = 5
 OUT_ENDED = 6
 OUT_CANCEL = 7
 OUT_WATCH = 8
+OUT_RECLAIM = 9
 
 # Outcomes carried by Ended besides a Fail's error type.
 COMPLETED = "completed"  # the worker replied with a result
@@ -75,6 +76,15 @@ class Cancel(NamedTuple):
     msg: Message
 
 
+class Reclaim(NamedTuple):
+    """Ask worker ``wid`` (on ``rid``, its heartbeat connection) to give back the
+    messages waiting behind its callback: it holds more than it runs at once and
+    has ended nothing for :attr:`QueueCore.reclaim_after` seconds."""
+
+    rid: bytes
+    wid: str
+
+
 class Ended(NamedTuple):
     """An accepted message has ended, exactly once: how is ``outcome``.
 
@@ -89,7 +99,7 @@ class Ended(NamedTuple):
     outcome: str
 
 
-OutboxEntry = Dispatch | Fail | Heartbeat | Watch | Bye | Stop | Ended | Cancel
+OutboxEntry = Dispatch | Fail | Heartbeat | Watch | Bye | Stop | Ended | Cancel | Reclaim
 
 KINDS: dict[type, int] = {
     Dispatch: OUT_DISPATCH,
@@ -100,6 +110,7 @@ KINDS: dict[type, int] = {
     Ended: OUT_ENDED,
     Cancel: OUT_CANCEL,
     Watch: OUT_WATCH,
+    Reclaim: OUT_RECLAIM,
 }
 
 

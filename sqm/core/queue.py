@@ -36,6 +36,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..metrics import BOUNDS, MethodStats
+from ..protocol import RECLAIM_AFTER_S
 from .events import (
     COMPLETED,
     FAILED,
@@ -46,6 +47,7 @@ from .events import (
     Fail,
     Heartbeat,
     OutboxEntry,
+    Reclaim,
     Stop,
     Watch,
 )
@@ -223,6 +225,14 @@ class QueueCore:
         self.scheduled = 0
         self._due: list[tuple[float, int, Message]] = []
         self._limits: list[tuple[float, int, Message, float]] = []
+        # Workers that hold more than they run at once, by when sqm checks they
+        # still end messages (prefetch reclaim; one entry per worker at most).
+        self._stalls: list[tuple[float, int, WorkerState]] = []
+        #: Seconds a worker holding messages beyond its ``concurrency`` may go
+        #: without ending one before sqm asks it to give back those waiting
+        #: behind its callback (:class:`Reclaim`).
+        self.reclaim_after = RECLAIM_AFTER_S
+        self.reclaims_total = 0  # Reclaim asks sent
         self.timer_at = NEVER
         self._timer_n = 0  # tie-breaker of heap entries
         self.retried_total = 0
@@ -300,6 +310,8 @@ class QueueCore:
                 if not w.in_flight:
                     w.busy_since = now
                 w.in_flight[mid] = msg
+                if len(w.in_flight) > w.concurrency and not w.watch_at:
+                    self._watch(w, now + self.reclaim_after)  # it waits there: watch the worker
                 w.free -= 1
                 w.last_sent = now
                 self.in_flight += 1
@@ -566,6 +578,7 @@ class QueueCore:
             self.outbox.append(Ended(msg, COMPLETED if ok else FAILED))
         self.in_flight -= 1
         w.tasks_done += 1
+        w.done_at = now
         stats = msg.stats
         h = stats.service  # Histogram.record, inlined: this runs once per message
         d = now - msg.dispatched_at
@@ -707,7 +720,7 @@ class QueueCore:
         self._offer(now, w, n)
         return True
 
-    def report(self, now: float, wid: str, raw: bytes) -> bool:
+    def report(self, now: float, wid: str, raw: bytes, rid: bytes = b"") -> bool:
         """A heartbeat that carries the worker's self-report (rss, nice, busy_s...).
 
         Kept as it came (JSON bytes): only a status decodes it.
@@ -718,6 +731,8 @@ class QueueCore:
         w.heard_at = now
         w.report = raw
         w.report_at = now
+        if rid:
+            w.beat_rid = rid
         return True
 
     def seen(self, now: float, rid: bytes) -> bool:
@@ -768,15 +783,18 @@ class QueueCore:
         elif w.state == DETACHED:
             self.outbox.append(Bye(w.rid))
 
-    def seen_id(self, now: float, wid: str) -> bool:
-        """A heartbeat naming the worker by id (sent from its heartbeat thread)."""
+    def seen_id(self, now: float, wid: str, rid: bytes = b"") -> bool:
+        """A heartbeat naming the worker by id, sent from its process's heartbeat
+        thread on connection ``rid`` (where a :class:`Reclaim` for it goes)."""
         w = self._by_id.get(wid)
         if w is None:
             return False
         w.heard_at = now
+        if rid:
+            w.beat_rid = rid
         return True
 
-    def seen_ids(self, now: float, wids: Iterable[str]) -> int:
+    def seen_ids(self, now: float, wids: Iterable[str], rid: bytes = b"") -> int:
         """A packed heartbeat: every worker of one process names itself (one message
         per interval, however many workers the process runs). Unknown ids (a
         worker gone, or not registered yet) are skipped, as :meth:`seen_id` does.
@@ -787,6 +805,7 @@ class QueueCore:
             w = by_id.get(wid)
             if w is not None:
                 w.heard_at = now
+                w.beat_rid = rid
                 known += 1
         return known
 
@@ -1026,9 +1045,37 @@ class QueueCore:
             self._abandon(w, msg)
             self._finish_failed(msg, TIME_LIMIT,
                                 f"still running after its time limit of {_at - started:g} s")
-        self.timer_at = min(due[0][0] if due else NEVER, limits[0][0] if limits else NEVER)
+        stalls = self._stalls
+        while stalls and stalls[0][0] <= now:
+            at, _n, w = heapq.heappop(stalls)
+            if w.watch_at != at:
+                continue  # rescheduled since
+            w.watch_at = 0.0
+            if len(w.in_flight) <= w.concurrency or (w.state != READY and w.state != STOPPING):
+                continue  # nothing waits there (any more), or it takes no work: no watch
+            after = self.reclaim_after
+            if w.done_at > at - after:  # it ended one since the watch began: it moves
+                self._watch(w, max(w.done_at, now - after / 2) + after)
+                continue
+            # Ended nothing for `after` while messages wait behind its callback:
+            # ask it (on its heartbeat connection: its runner is in the callback) to
+            # give them back; again every `after` while it still holds them.
+            if w.beat_rid:
+                self.reclaims_total += 1
+                self.outbox.append(Reclaim(w.beat_rid, w.id))
+            self._watch(w, now + after)
+        self.timer_at = min(due[0][0] if due else NEVER, limits[0][0] if limits else NEVER,
+                            stalls[0][0] if stalls else NEVER)
         if released and self.pending:
             self._assign(now)
+
+    def _watch(self, w: WorkerState, at: float) -> None:
+        """Check at ``at`` that ``w``, holding more than it runs at once, still ends messages."""
+        w.watch_at = at
+        self._timer_n += 1
+        heapq.heappush(self._stalls, (at, self._timer_n, w))
+        if at < self.timer_at:
+            self.timer_at = at
 
     def _abandon(self, w: WorkerState, msg: Message) -> None:
         """``w`` keeps running ``msg`` but sqm no longer waits for it: its slot
@@ -1131,7 +1178,8 @@ class QueueCore:
                 self._finish_failed(msg, kind, text)
         self._due.clear()
         self.scheduled = 0
-        self.timer_at = self._limits[0][0] if self._limits else NEVER
+        self.timer_at = min(self._limits[0][0] if self._limits else NEVER,
+                            self._stalls[0][0] if self._stalls else NEVER)
         return n
 
     # ------------------------------------------------------------------ internals
@@ -1152,6 +1200,8 @@ class QueueCore:
         if not w.in_flight:
             w.busy_since = now
         w.in_flight[msg.id] = msg
+        if len(w.in_flight) > w.concurrency and not w.watch_at:
+            self._watch(w, now + self.reclaim_after)  # it waits there: watch the worker
         w.free -= 1
         w.last_sent = now
         self.in_flight += 1

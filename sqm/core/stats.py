@@ -100,6 +100,7 @@ def queue_status(core: QueueCore, now: float) -> dict[str, Any]:
         "redelivered_total": core.redelivered_total,
         "malformed_total": core.malformed_total,
         "nacked_total": core.nacked_total,
+        "reclaims_total": core.reclaims_total,
         "utilization": min(1.0, busy / lifetime) if lifetime > 0 else 0.0,
         "draining": not core.dispatching,
         "max_pending": core.max_pending,

@@ -74,6 +74,10 @@ class WorkerState:
         "abandoned",
         "time_limit",
         "batch",
+        "concurrency",
+        "done_at",
+        "watch_at",
+        "beat_rid",
     )
 
     def __init__(self, rid: bytes, wid: str, info: dict[str, Any], slots: int, now: float) -> None:
@@ -114,6 +118,15 @@ class WorkerState:
         # sqm may send it several messages in one DISPATCH: it says it reads them
         # (HELLO ``batch``; older workers don't) and it has more than one slot.
         self.batch = slots > 1 and info.get("batch") is True
+        # How many it runs at once: what it holds beyond that waits its turn there.
+        conc = info.get("concurrency")
+        self.concurrency = (conc if isinstance(conc, int) and not isinstance(conc, bool)
+                            and conc >= 1 else 1)
+        self.done_at = now  # when it last ended a message (DONE): it moves
+        self.watch_at = 0.0  # when sqm checks that it still moves (0: no check due)
+        # The connection its heartbeats come from (its process's heartbeat
+        # thread, which answers a reclaim while a callback runs); b"" until one comes.
+        self.beat_rid = b""
         own = info.get("time_limit")  # Worker(time_limit=): its own limit per callback
         self.time_limit = (float(own) if isinstance(own, (int, float)) and 0 < own < 1e9
                            else 0.0)

@@ -23,6 +23,7 @@ from ..protocol import (
     CREDIT,
     DONE,
     DONE_FAILED,
+    GIVE_BACK,
     HEARTBEAT,
     HELLO,
     NACK,
@@ -44,8 +45,8 @@ _SUBMITTING = frozenset({SUBMIT, STATUS, b"Z"})
 #: b"M" (ABILITIES: the methods a worker serves) and b"V" (FORWARD: hand the
 #: message held on) are worker commands too; spelled here so this table does
 #: not depend on when they join sqm.protocol.
-_SERVING = frozenset({HELLO, DONE, DONE_FAILED, HEARTBEAT, NACK, CREDIT, BYE, b"M", b"V",
-                      b"T"})
+_SERVING = frozenset({HELLO, DONE, DONE_FAILED, HEARTBEAT, NACK, CREDIT, GIVE_BACK, BYE,
+                      b"M", b"V", b"T"})
 
 #: Commands a peer may send to sqm, by role. Anything not listed (including a
 #: command added to the protocol later) is refused: fail closed.

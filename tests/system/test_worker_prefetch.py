@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sender import Sender
+from sqm.protocol import DEFAULT_PREFETCH
 from tests.conftest import read_log, wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -39,14 +40,20 @@ def test_prefetch_holds_up_to_n_and_counts_them_in_flight(cluster):
     assert starts == list(range(7))
 
 
-def test_default_credit_is_one(cluster):
+def test_default_prefetch_and_prefetch_1(cluster):
+    """A worker takes DEFAULT_PREFETCH messages at once unless told otherwise;
+    --prefetch 1 gives sqm's first behaviour, one message at a time."""
     cluster.serve("q")
     cluster.worker("q")
-    with Sender("q", timeout=30) as s:
+    wait_for(lambda: cluster.status("q")["workers"], 10, "registered")
+    assert cluster.status("q")["workers"][0]["slots"] == DEFAULT_PREFETCH == 16
+    cluster.serve("p")
+    cluster.worker("p", "--prefetch", "1")
+    with Sender("p", timeout=30) as s:
         ids = [s.submit("sleep", {"s": 0.3, "i": i}) for i in range(3)]
         st = wait_for(
-            lambda: (x := cluster.status("q"))["in_flight"] == 1 and x["pending"] == 2 and x,
+            lambda: (x := cluster.status("p"))["in_flight"] == 1 and x["pending"] == 2 and x,
             10, "1 in flight, 2 pending",
         )
-        assert st["workers"][0]["slots"] == 1
+        assert st["workers"][0]["slots"] == 1 and st["reclaims_total"] == 0
         assert [s.receive(id=m)["slept"] for m in ids] == [0.3] * 3

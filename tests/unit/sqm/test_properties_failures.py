@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -44,6 +44,7 @@ from sqm.core import (
     Fail,
     Message,
     QueueCore,
+    Reclaim,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -67,6 +68,7 @@ class FailureMachine(RuleBasedStateMachine):
         self.limits: dict[bytes, int] = {}  # id -> the max_retries its retries name
         self.worker_limits: dict[bytes, float] = {}
         self.stopped = False
+        self.reclaims = 0
 
     # ------------------------------------------------------------ plumbing
 
@@ -90,6 +92,15 @@ class FailureMachine(RuleBasedStateMachine):
                 prev.append(entry.outcome)
             elif type(entry) is Cancel:
                 assert entry.msg.id in self.cancelled
+            elif type(entry) is Reclaim:
+                # asked only while messages wait behind its callback, and it ended
+                # none for reclaim_after; on its heartbeat connection
+                w = self.core._by_id[entry.wid]
+                assert len(w.in_flight) > w.concurrency, f"{label}: reclaim, nothing waits"
+                assert self.now - w.done_at >= self.core.reclaim_after, f"{label}: it moves"
+                assert entry.rid == b"beat-" + w.rid
+                self.reclaims += 1
+                event("a reclaim asked")
         self.core.outbox.clear()
 
     def _end(self, msg: Message, how: str) -> None:
@@ -128,6 +139,7 @@ class FailureMachine(RuleBasedStateMachine):
         info = {"slots": slots, "id": rid.decode(), **({"time_limit": limit} if limit else {})}
         self.worker_limits[rid] = limit
         self.core.hello(self.now, rid, info)
+        self.core.seen_id(self.now, rid.decode(), b"beat-" + rid)  # its heartbeat connection
         self._drain("hello")
 
     @precondition(lambda self: not self.stopped and bool(self.core.workers))
@@ -226,6 +238,15 @@ class FailureMachine(RuleBasedStateMachine):
         for m in self.accepted:  # what it gave back went to another worker, or waits
             if m.id in held:
                 assert m.worker is not w and m.state in (PENDING, INFLIGHT, FINISHED)
+
+    @precondition(lambda self: not self.stopped and any(
+        len(w.in_flight) > w.concurrency for w in self.core.workers.values()))
+    @rule()
+    def stall(self) -> None:
+        """Messages wait behind a callback and time passes with no DONE: sqm asks."""
+        self.now += self.core.reclaim_after
+        self.core.tick(self.now)
+        self._drain("stall")
 
     @precondition(lambda self: not self.stopped and any(
         w.parked for w in self.core.workers.values()))

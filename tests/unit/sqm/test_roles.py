@@ -23,7 +23,7 @@ from sqm.security.roles import (
 
 SUBMITTER = {protocol.SUBMIT, protocol.STATUS, protocol.CANCEL}  # CANCEL: its own messages
 SERVER = {protocol.HELLO, protocol.DONE, protocol.DONE_FAILED, protocol.HEARTBEAT,
-          protocol.NACK, protocol.CREDIT, protocol.BYE,
+          protocol.NACK, protocol.CREDIT, protocol.GIVE_BACK, protocol.BYE,
           b"M", b"V", protocol.RETRY}  # ABILITIES, FORWARD (spelled in roles.py), RETRY
 EXPECTED = {
     SENDER: SUBMITTER,

@@ -1,0 +1,92 @@
+"""The core's prefetch reclaim (pure, no I/O): when it asks a worker to give back, and
+what a give-back does to the queue and the worker's slots."""
+
+from __future__ import annotations
+
+import pytest
+
+from sqm.core import Dispatch, Message, QueueCore, Reclaim
+
+pytestmark = pytest.mark.timeout(30)
+
+T0 = 1_700_000_000.0
+
+
+def msg(mid: str) -> Message:
+    return Message(mid.encode(), b"origin", [mid.encode()])
+
+
+def setup(slots: int = 4, concurrency: int = 1, beat: bool = True) -> QueueCore:
+    core = QueueCore("q", T0)
+    core.hello(T0, b"w1", {"slots": slots, "id": "w1", "concurrency": concurrency})
+    if beat:
+        core.seen_id(T0, "w1", b"beat-1")  # its process's heartbeat connection
+    core.outbox.clear()
+    return core
+
+
+def asks(core: QueueCore, now: float) -> list[Reclaim]:
+    core.tick(now)
+    out = [e for e in core.outbox if type(e) is Reclaim]
+    core.outbox.clear()
+    return out
+
+
+def test_a_worker_that_ends_nothing_while_messages_wait_behind_it_is_asked():
+    core = setup()
+    for i in range(3):
+        core.submit(T0, msg(f"m{i}"))  # 1 runs, 2 wait there
+    T = core.reclaim_after
+    assert core.timer_at == T0 + T
+    assert asks(core, T0 + T / 2) == []
+    assert asks(core, T0 + T) == [Reclaim(b"beat-1", "w1")]  # on its heartbeat connection
+    assert core.reclaims_total == 1
+    assert asks(core, T0 + 1.5 * T) == []  # once per `after`
+    assert asks(core, T0 + 2 * T) == [Reclaim(b"beat-1", "w1")]  # still stuck: again
+
+
+def test_a_worker_that_ends_messages_is_not_asked():
+    core = setup()
+    for i in range(3):
+        core.submit(T0, msg(f"m{i}"))
+    T = core.reclaim_after
+    core.done(T0 + 0.9 * T, b"w1", b"m0")  # it moves (m3 fills the slot: still surplus)
+    core.submit(T0 + 0.9 * T, msg("m3"))
+    assert asks(core, T0 + T) == []
+    assert asks(core, T0 + 1.8 * T) == []
+    assert asks(core, T0 + 1.9 * T) == [Reclaim(b"beat-1", "w1")]  # silent since 0.9 T
+
+
+def test_no_ask_while_a_worker_holds_no_more_than_it_runs_at_once():
+    core = setup(slots=4, concurrency=2)
+    core.submit(T0, msg("a"))
+    core.submit(T0, msg("b"))  # both run: nothing waits
+    assert asks(core, T0 + 10) == []
+    core = setup(slots=4, concurrency=1, beat=False)
+    core.submit(T0, msg("a"))
+    core.submit(T0, msg("b"))
+    assert asks(core, T0 + 10) == []  # no heartbeat connection known yet: nobody to ask
+    assert core.reclaims_total == 0
+
+
+def test_a_give_back_requeues_at_the_head_parks_the_slots_and_stops_the_asks():
+    core = setup(slots=4)
+    core.hello(T0, b"w2", {"slots": 1, "id": "w2"})
+    for i in range(6):
+        core.submit(T0, msg(f"m{i}"))
+    sent = [(e.rid, e.msg.id) for e in core.outbox if type(e) is Dispatch]
+    assert sent[:4] == [(b"w1", b"m0"), (b"w1", b"m1"), (b"w1", b"m2"), (b"w1", b"m3")]
+    core.outbox.clear()
+    # w1 runs m0 for long; it gives back m1..m3 (w2 is busy with m4; m5 pending)
+    assert core.give_back(T0 + 0.01, b"w1", [b"m1", b"m2", b"m3"])
+    w1 = core.workers[b"w1"]
+    assert list(w1.in_flight) == [b"m0"] and w1.parked == 3 and w1.free == 0
+    assert core.pending == 4 and core.nacked_total == 3
+    assert asks(core, T0 + 1) == []  # nothing waits behind m0 any more
+    core.done(T0 + 1, b"w2", b"m4")  # w2 takes the head of the queue: m1, in order
+    assert [(e.rid, e.msg.id) for e in core.outbox if type(e) is Dispatch] == [(b"w2", b"m1")]
+    core.outbox.clear()
+    core.done(T0 + 2, b"w1", b"m0")  # its DONE frees one slot: one message, not four
+    assert [(e.rid, e.msg.id) for e in core.outbox if type(e) is Dispatch] == [(b"w1", b"m2")]
+    core.credit(T0 + 2, b"w1", 99)  # CREDIT frees at most what was parked
+    assert w1.parked == 0 and w1.free + len(w1.in_flight) == 4
