@@ -169,8 +169,9 @@ class Beater:
         self._wake_w.setblocking(False)
         #: Messages sent (every beat, report and packed beat), for tests and curiosity.
         self.sent = 0
-        #: Reclaim asks received from sqm, for tests and curiosity.
+        #: Reclaim asks received from sqm, and the thread's wake-ups, for tests and curiosity.
         self.reclaims = 0
+        self.wakes = 0
 
     # ------------------------------------------------------------ any thread
 
@@ -261,14 +262,15 @@ class Beater:
             ready = zmq.zmq_poll(items, max(0, int(seconds * 1000)) + 1)
         except zmq.ZMQError:  # a socket closed under us: the next round rebuilds the list
             return
+        self.wakes += 1
+        if not ready:
+            return
+        try:  # (zmq_poll names a plain socket by its fd: drain it whatever came)
+            while self._wake_r.recv(64):
+                pass
+        except OSError:  # drained
+            pass
         for item, _ev in ready:
-            if item is self._wake_r:
-                try:
-                    while self._wake_r.recv(64):
-                        pass
-                except OSError:  # drained
-                    pass
-                continue
             for g in groups:
                 if g.sock is item:
                     self._read(g)

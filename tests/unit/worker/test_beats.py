@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import zmq
 
-from sqm.protocol import HEARTBEAT, SIGNATURE, MailboxPolicy, pack_ids, unpack_ids
+from sqm.protocol import GIVE_BACK, HEARTBEAT, SIGNATURE, MailboxPolicy, pack_ids, unpack_ids
 from sqm.security.keys import KeyPair
 from tests.conftest import wait_for
 from worker.beats import Beater, Group, Member
@@ -120,6 +120,46 @@ def test_the_thread_beats_for_all_then_without_one_that_left_and_acks_running_on
         wait_for(lambda: len(acks) >= 2, 5, "two ACK rounds for m0")
         assert {a[0] for a in acks} == {"m0"}
         assert acks[1] == ("m0", {b"id:1": b"mbox"}, {b"id:1"})
+    finally:
+        for m in ms:
+            beater.unregister(m, timeout=5)
+        router.close(0)
+        ctx.term()
+
+
+def test_sqm_asks_a_reclaim_on_the_heartbeat_connection_and_the_thread_sleeps_between() -> None:
+    """sqm's ``[SQM1, G, worker-id]`` on a group's socket reaches that member's reclaim()
+    (its runner is in a callback: only this thread reads); between beats and asks the
+    thread sleeps in its poll (a handful of wake-ups, not a spin)."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    router.bind("tcp://127.0.0.1:*")
+    e = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+    beater = Beater()
+    ms = [member(f"m{i}", ctx, [e], hb=0.2) for i in range(2)]
+    asked: list[str] = []
+    for m in ms:
+        m.reclaim = lambda name=m.worker_id: asked.append(name)
+    try:
+        for m in ms:
+            beater.register(m)
+        rid: list[bytes] = []
+
+        def beats(n: int) -> bool:
+            while router.poll(50):
+                frames = router.recv_multipart()
+                rid.append(frames[0])  # the heartbeat connection, as sqm learns it
+            return len(rid) >= n
+
+        wait_for(lambda: beats(1), 5, "a beat")
+        router.send_multipart([rid[-1], SIGNATURE, GIVE_BACK, b"m1"])
+        router.send_multipart([rid[-1], SIGNATURE, GIVE_BACK, b"stranger"])  # not ours: ignored
+        wait_for(lambda: asked == ["m1"], 5, "m1's reclaim called")
+        assert beater.reclaims == 1
+        wakes, seen = beater.wakes, len(rid)
+        wait_for(lambda: beats(seen + 3), 5, "three more beats (0.2 s apart)")
+        assert beater.wakes - wakes <= 10, f"{beater.wakes - wakes} wake-ups in ~0.6 s: a spin"
     finally:
         for m in ms:
             beater.unregister(m, timeout=5)
