@@ -159,11 +159,12 @@ class Broker:
         core = q.core
         timeout_ms = -2  # the socket's RCVTIMEO as last set: set again only when it changes
         while not self._stopping:
-            if core.timer_at < next_tick:  # a scheduled message or a time limit comes first
-                next_tick = core.timer_at
+            # A core timer (a scheduled message, a time limit, a reclaim check) may
+            # come first: it runs alone, without the periodic tick's walk over workers.
+            wake = core.timer_at if core.timer_at < next_tick else next_tick
             now = time.time()
-            if now < next_tick:
-                wait_ms = max(1, int((next_tick - now) * 1000))
+            if now < wake:
+                wait_ms = max(1, int((wake - now) * 1000))
                 if q.acks_pending:
                     wait_ms = min(wait_ms, ACK_IDLE_MS)
                 if wait_ms != timeout_ms:  # under load mostly ACK_IDLE_MS: no setsockopt
@@ -184,6 +185,13 @@ class Broker:
             if now >= next_tick:
                 self._tick(now)
                 next_tick = now + tick_every
+            elif core.timer_at <= now:
+                self._timers(q, now)
+
+    def _timers(self, q: QueueServer, now: float) -> None:
+        """Run ``q``'s core timers now due, between ticks."""
+        q.core.timers(now)
+        q.flush(now)
 
     def _run_many(self) -> None:
         """Several queues, or a batching plugin: poll the sockets (and the signal
@@ -200,10 +208,11 @@ class Broker:
         poll = poller.poll
         queues = self.queues
         while not self._stopping:
+            wake = next_tick
             for q in queues:
-                if q.core.timer_at < next_tick:  # a scheduled message or a time limit
-                    next_tick = q.core.timer_at
-            timeout = next_tick - time.time()
+                if q.core.timer_at < wake:  # a scheduled message, a time limit, a reclaim
+                    wake = q.core.timer_at
+            timeout = wake - time.time()
             events = poll(max(0, int(timeout * 1000) + 1)) if timeout > 0 else poll(0)
             now = time.time()
             for sock, _ in events:
@@ -215,6 +224,10 @@ class Broker:
             if now >= next_tick:
                 self._tick(now)
                 next_tick = now + tick_every
+            else:
+                for q in queues:
+                    if q.core.timer_at <= now:
+                        self._timers(q, now)
 
     def close(self) -> None:
         for q in self.queues:

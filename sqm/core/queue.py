@@ -53,7 +53,16 @@ from .events import (
 )
 from .methods import LEVELS, PENDING, MethodQueue, read_methods
 from .stats import queue_status
-from .workers import DETACHED, GONE, LEAVING, READY, REPORT_EVERY, STOPPING, WorkerState
+from .workers import (
+    DETACHED,
+    GONE,
+    LEAVING,
+    READY,
+    REPORT_EVERY,
+    STOPPING,
+    WorkerState,
+    concurrency_of,
+)
 
 _new_tuple = tuple.__new__  # builds a Dispatch without NamedTuple.__new__'s Python frame
 
@@ -310,8 +319,8 @@ class QueueCore:
                 if not w.in_flight:
                     w.busy_since = now
                 w.in_flight[mid] = msg
-                if len(w.in_flight) > w.concurrency and not w.watch_at:
-                    self._watch(w, now + self.reclaim_after)  # it waits there: watch the worker
+                if len(w.in_flight) >= w.concurrency and w.prefetches and not w.watch_at:
+                    self._watch(w, now + self.reclaim_after)  # busy, with room for more: watch
                 w.free -= 1
                 w.last_sent = now
                 self.in_flight += 1
@@ -495,6 +504,8 @@ class QueueCore:
         held = len(w.in_flight) + len(w.abandoned)  # abandoned: still running there
         w.slots = max(slots, held)  # it holds more: its DONEs free none
         w.batch = w.slots > 1 and info.get("batch") is True
+        w.concurrency = concurrency_of(info)
+        w.prefetches = w.slots > w.concurrency
         w.parked = 0
         self._set_liveness(now, w, info, watchable)
         self._serve(w, read_methods(info))
@@ -690,6 +701,7 @@ class QueueCore:
         if w is None:
             return False
         w.heard_at = now
+        w.asked_at = now  # it answered (asked or not): no ask while it runs that callback
         if w.free > 0:  # before the requeues below: they must not come straight back
             w.parked += w.free
             w.free = 0
@@ -1051,16 +1063,20 @@ class QueueCore:
             if w.watch_at != at:
                 continue  # rescheduled since
             w.watch_at = 0.0
-            if len(w.in_flight) <= w.concurrency or (w.state != READY and w.state != STOPPING):
-                continue  # nothing waits there (any more), or it takes no work: no watch
+            held = len(w.in_flight)
+            if (held < w.concurrency or not w.prefetches
+                    or (w.state != READY and w.state != STOPPING)):
+                continue  # a free turn, no room for more, or it takes no work: no watch
             after = self.reclaim_after
             if w.done_at > at - after:  # it ended one since the watch began: it moves
                 self._watch(w, max(w.done_at, now - after / 2) + after)
                 continue
-            # Ended nothing for `after` while messages wait behind its callback:
-            # ask it (on its heartbeat connection: its runner is in the callback) to
-            # give them back; again every `after` while it still holds them.
-            if w.beat_rid:
+            # Busy and ended nothing for `after`: its callback runs long. Ask it (on
+            # its heartbeat connection: its runner is in the callback) to give back
+            # what waits behind it and to park its free slots, so nothing more
+            # queues there; again every `after` while messages still wait there.
+            if w.beat_rid and (held > w.concurrency or w.asked_at <= w.done_at):
+                w.asked_at = now
                 self.reclaims_total += 1
                 self.outbox.append(Reclaim(w.beat_rid, w.id))
             self._watch(w, now + after)
@@ -1200,8 +1216,8 @@ class QueueCore:
         if not w.in_flight:
             w.busy_since = now
         w.in_flight[msg.id] = msg
-        if len(w.in_flight) > w.concurrency and not w.watch_at:
-            self._watch(w, now + self.reclaim_after)  # it waits there: watch the worker
+        if len(w.in_flight) >= w.concurrency and w.prefetches and not w.watch_at:
+            self._watch(w, now + self.reclaim_after)  # busy, with room for more: watch
         w.free -= 1
         w.last_sent = now
         self.in_flight += 1

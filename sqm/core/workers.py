@@ -44,6 +44,12 @@ MOVES: dict[int, frozenset[int]] = {
 }
 
 
+def concurrency_of(info: dict[str, Any]) -> int:
+    """How many messages a worker runs at once, from its HELLO (1 if it does not say)."""
+    conc = info.get("concurrency")
+    return conc if isinstance(conc, int) and not isinstance(conc, bool) and conc >= 1 else 1
+
+
 class WorkerState:
     """A registered worker connection and its bookkeeping."""
 
@@ -77,6 +83,8 @@ class WorkerState:
         "concurrency",
         "done_at",
         "watch_at",
+        "asked_at",
+        "prefetches",
         "beat_rid",
     )
 
@@ -119,11 +127,14 @@ class WorkerState:
         # (HELLO ``batch``; older workers don't) and it has more than one slot.
         self.batch = slots > 1 and info.get("batch") is True
         # How many it runs at once: what it holds beyond that waits its turn there.
-        conc = info.get("concurrency")
-        self.concurrency = (conc if isinstance(conc, int) and not isinstance(conc, bool)
-                            and conc >= 1 else 1)
+        self.concurrency = concurrency_of(info)
         self.done_at = now  # when it last ended a message (DONE): it moves
-        self.watch_at = 0.0  # when sqm checks that it still moves (0: no check due)
+        # It may hold more than it runs at once (prefetch): sqm watches that it
+        # moves while it is busy (prefetch reclaim); when it checks next (0: no
+        # check due); when sqm last asked it to give back.
+        self.prefetches = slots > self.concurrency
+        self.watch_at = 0.0
+        self.asked_at = 0.0
         # The connection its heartbeats come from (its process's heartbeat
         # thread, which answers a reclaim while a callback runs); b"" until one comes.
         self.beat_rid = b""

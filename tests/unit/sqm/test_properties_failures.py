@@ -96,7 +96,8 @@ class FailureMachine(RuleBasedStateMachine):
                 # asked only while messages wait behind its callback, and it ended
                 # none for reclaim_after; on its heartbeat connection
                 w = self.core._by_id[entry.wid]
-                assert len(w.in_flight) > w.concurrency, f"{label}: reclaim, nothing waits"
+                assert w.slots > w.concurrency, f"{label}: reclaim of a worker without prefetch"
+                assert len(w.in_flight) >= w.concurrency, f"{label}: reclaim, it has a free turn"
                 assert self.now - w.done_at >= self.core.reclaim_after, f"{label}: it moves"
                 assert entry.rid == b"beat-" + w.rid
                 self.reclaims += 1
@@ -240,7 +241,7 @@ class FailureMachine(RuleBasedStateMachine):
                 assert m.worker is not w and m.state in (PENDING, INFLIGHT, FINISHED)
 
     @precondition(lambda self: not self.stopped and any(
-        len(w.in_flight) > w.concurrency for w in self.core.workers.values()))
+        len(w.in_flight) >= w.concurrency for w in self.core.workers.values()))
     @rule()
     def stall(self) -> None:
         """Messages wait behind a callback and time passes with no DONE: sqm asks."""

@@ -57,10 +57,28 @@ def test_a_worker_that_ends_messages_is_not_asked():
     assert asks(core, T0 + 1.9 * T) == [Reclaim(b"beat-1", "w1")]  # silent since 0.9 T
 
 
-def test_no_ask_while_a_worker_holds_no_more_than_it_runs_at_once():
+def test_a_busy_worker_with_room_for_more_is_asked_once_to_park_its_slots():
+    """Nothing waits behind its long callback yet, but sqm would queue more there:
+    one ask (the worker answers with a GIVE_BACK of no ids, which parks its free slots)."""
     core = setup(slots=4, concurrency=2)
     core.submit(T0, msg("a"))
-    core.submit(T0, msg("b"))  # both run: nothing waits
+    core.submit(T0, msg("b"))  # both run, 2 free slots
+    T = core.reclaim_after
+    assert asks(core, T0 + T) == [Reclaim(b"beat-1", "w1")]
+    assert asks(core, T0 + 5 * T) == []  # once: nothing waits there
+    core.done(T0 + 6 * T, b"w1", b"a")
+    core.submit(T0 + 6 * T, msg("c"))  # busy again: a new stall, a new ask
+    assert asks(core, T0 + 7 * T) == []  # it moved at 6 T: the check moves on
+    assert asks(core, T0 + 8 * T) == [Reclaim(b"beat-1", "w1")]
+
+
+def test_no_ask_with_a_free_turn_without_prefetch_or_without_a_heartbeat_connection():
+    core = setup(slots=4, concurrency=2)
+    core.submit(T0, msg("a"))  # one runs, one turn free: nothing can wait
+    assert asks(core, T0 + 10) == []
+    core = setup(slots=2, concurrency=2)  # no prefetch beyond its turns: nothing can queue
+    core.submit(T0, msg("a"))
+    core.submit(T0, msg("b"))
     assert asks(core, T0 + 10) == []
     core = setup(slots=4, concurrency=1, beat=False)
     core.submit(T0, msg("a"))

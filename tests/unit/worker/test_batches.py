@@ -152,7 +152,12 @@ def test_plain_runner_batches_its_dones(sqm_for: Callable[..., FakeSqm]) -> None
     fake.dispatch(IDS, batch=True)
     fake.serve_until(lambda: len(fake.done_ids()) == 8)
     assert fake.ran == IDS
-    assert fake.dones() == [[DONE, *IDS[:4]], [DONE, *IDS[4:]]]
+    # In order, 4 at most (half its slots) and together: m1..m7 came while m0 ran
+    # (m0's own DONE may go alone if they had not reached its socket when it ended).
+    dones = fake.dones()
+    assert [i for d in dones for i in d[1:]] == IDS and {d[0] for d in dones} == {DONE}
+    sizes = [len(d) - 1 for d in dones]
+    assert max(sizes) == 4 and len(dones) <= 3, dones
 
 
 def test_plain_runner_sends_single_dones_to_an_older_sqm(sqm_for: Callable[..., FakeSqm]) -> None:
@@ -220,4 +225,9 @@ def test_a_broker_that_says_it_batches_gets_multi_id_dones(
     sent.set()
     fake.serve_until(lambda: len(fake.done_ids()) == 8)
     assert fake.ran == IDS
-    assert fake.dones() == [[DONE, *IDS[:4]], [DONE, *IDS[4:]]]
+    # In order, 4 at most (half its slots) and together: m1..m7 came while m0 ran
+    # (m0's own DONE may go alone if they had not reached its socket when it ended).
+    dones = fake.dones()
+    assert [i for d in dones for i in d[1:]] == IDS and {d[0] for d in dones} == {DONE}
+    sizes = [len(d) - 1 for d in dones]
+    assert max(sizes) == 4 and len(dones) <= 3, dones
