@@ -105,7 +105,7 @@ class Group:
     """The Workers beating to one broker through one socket, at one phase of the interval."""
 
     __slots__ = ("key", "ctx", "endpoint", "curve", "heartbeat", "phase", "members", "sock",
-                 "next_at")
+                 "next_at", "rid")
 
     def __init__(self, key: GroupKey, member: Member, endpoint: str, now: float) -> None:
         self.key = key
@@ -118,6 +118,9 @@ class Group:
         self.phase = beat_phase(f"{os.getpid()}|{endpoint}", self.heartbeat)
         self.members: dict[Member, None] = {}  # in order of joining
         self.sock: zmq.Socket | None = None  # made and used by the beat thread only
+        # Its socket's routing id, which its members' HELLO names (``beat_id``): sqm
+        # knows where to ask them for a reclaim before their first beat comes.
+        self.rid = b"B" + os.urandom(15)
         self.next_at = now + next_beat_in(now, self.heartbeat, self.phase)
 
     def frames(self, members: list[Member], mono: float) -> list[list[bytes]]:
@@ -216,6 +219,12 @@ class Beater:
         except OSError:  # already woken (buffer full)
             pass
 
+    def beat_id(self, member: Member, endpoint: str) -> bytes | None:
+        """The routing id of the socket ``member`` beats through to ``endpoint``."""
+        with self._cond:
+            group = self._groups.get(member.keys(endpoint))
+            return group.rid if group is not None and member in group.members else None
+
     def groups(self) -> list[tuple[str, list[str]]]:
         """(endpoint, worker ids) of each group now (for tests and debugging)."""
         with self._cond:
@@ -300,7 +309,7 @@ class Beater:
         for g, members in due:
             try:
                 if g.sock is None:
-                    g.sock = broker_socket(g.ctx, g.curve, linger_ms=0)
+                    g.sock = broker_socket(g.ctx, g.curve, routing_id=g.rid, linger_ms=0)
                     g.sock.connect(g.endpoint)
                 for frames in g.frames(members, mono):
                     try:

@@ -181,6 +181,7 @@ class Worker:
         self.stop_requested = False  # sqm asked this worker to stop (STOP)
         self._stop = threading.Event()
         self._runner: Runner | None = None
+        self._member: beats.Member | None = None  # as the heartbeat thread sees it, while running
         self._running = False
 
     # ------------------------------------------------------------ public API
@@ -307,6 +308,7 @@ class Worker:
         )
         member = self._beat_member(ctx)
         member.reclaim = runner.reclaim  # sqm's reclaim asks reach the runner this way
+        self._member = member
         beating = False
         if self.exit_on_time_limit:  # a fleet child: a stuck callback ends the process
             self._execution.watchdog = Watchdog(self.id)
@@ -335,6 +337,7 @@ class Worker:
                 ctx.term()
             restore()
             self._runner = None
+            self._member = None
             self._running = False
             log.info("worker %s stopped after %d task(s)", self.id, self.tasks_done)
 
@@ -374,7 +377,12 @@ class Worker:
             curve=self._curve,
             followups=self._followups,
             reports=self._reports,
+            beat_id=self._beat_id,
         )
+
+    def _beat_id(self, endpoint: str) -> bytes | None:
+        member = self._member
+        return None if member is None else beats.beater().beat_id(member, endpoint)
 
     def _start_brokers(self) -> None:
         """autostart: an sqm for this queue on each local endpoint where none answers."""

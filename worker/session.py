@@ -112,6 +112,8 @@ class Session:
     said_hello: dict[str, float] = field(default_factory=dict)
     #: Which brokers the heartbeat thread reports to at each beat (watched or not).
     reports: ReportPlan | None = None
+    #: The routing id of the heartbeat socket towards an endpoint (worker.beats), if any.
+    beat_id: Callable[[str], bytes | None] = lambda _endpoint: None
 
     def hello(self, link: BrokerLink) -> None:
         """Register with one broker (again): it forgets what it had parked.
@@ -128,6 +130,9 @@ class Session:
         # batch: it reads multi-message DISPATCHes (an older worker gets one message each).
         info = dict(self.info, methods=sorted(self.execution.callbacks), watch=True,
                     packed_beats=True, batch=True)
+        beat_id = self.beat_id(link.endpoint)
+        if beat_id is not None:  # where sqm asks it to give back (prefetch reclaim)
+            info["beat_id"] = beat_id.hex()
         link.parked = 0
         link.batch = link.gives_back = False  # until this broker shows it batches (it may be older)
         self._watched(link, None)

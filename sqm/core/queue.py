@@ -61,6 +61,7 @@ from .workers import (
     REPORT_EVERY,
     STOPPING,
     WorkerState,
+    beat_id_of,
     concurrency_of,
 )
 
@@ -506,6 +507,7 @@ class QueueCore:
         w.batch = w.slots > 1 and info.get("batch") is True
         w.concurrency = concurrency_of(info)
         w.prefetches = w.slots > w.concurrency
+        w.beat_rid = beat_id_of(info) or w.beat_rid
         w.parked = 0
         self._set_liveness(now, w, info, watchable)
         self._serve(w, read_methods(info))

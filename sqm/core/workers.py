@@ -50,6 +50,17 @@ def concurrency_of(info: dict[str, Any]) -> int:
     return conc if isinstance(conc, int) and not isinstance(conc, bool) and conc >= 1 else 1
 
 
+def beat_id_of(info: dict[str, Any]) -> bytes:
+    """The routing id of its heartbeat socket, from its HELLO's ``beat_id`` (hex); b"" if none."""
+    bid = info.get("beat_id")
+    if isinstance(bid, str) and 0 < len(bid) <= 510:
+        try:
+            return bytes.fromhex(bid)
+        except ValueError:
+            pass
+    return b""
+
+
 class WorkerState:
     """A registered worker connection and its bookkeeping."""
 
@@ -136,8 +147,9 @@ class WorkerState:
         self.watch_at = 0.0
         self.asked_at = 0.0
         # The connection its heartbeats come from (its process's heartbeat
-        # thread, which answers a reclaim while a callback runs); b"" until one comes.
-        self.beat_rid = b""
+        # thread, which answers a reclaim while a callback runs): named by its
+        # HELLO (``beat_id``), else learnt from its beats; b"" until then.
+        self.beat_rid = beat_id_of(info)
         own = info.get("time_limit")  # Worker(time_limit=): its own limit per callback
         self.time_limit = (float(own) if isinstance(own, (int, float)) and 0 < own < 1e9
                            else 0.0)

@@ -108,3 +108,14 @@ def test_a_give_back_requeues_at_the_head_parks_the_slots_and_stops_the_asks():
     assert [(e.rid, e.msg.id) for e in core.outbox if type(e) is Dispatch] == [(b"w1", b"m2")]
     core.credit(T0 + 2, b"w1", 99)  # CREDIT frees at most what was parked
     assert w1.parked == 0 and w1.free + len(w1.in_flight) == 4
+
+
+def test_the_heartbeat_connection_named_in_hello_is_asked_before_any_beat():
+    core = QueueCore("q", T0)
+    core.hello(T0, b"w1", {"slots": 4, "id": "w1", "beat_id": b"B-beat".hex()})
+    core.submit(T0, msg("a"))
+    core.submit(T0, msg("b"))
+    core.outbox.clear()
+    assert asks(core, T0 + core.reclaim_after) == [Reclaim(b"B-beat", "w1")]
+    core.hello(T0 + 1, b"w2", {"slots": 4, "id": "w2", "beat_id": "not hex"})
+    assert core.workers[b"w2"].beat_rid == b""  # a bad one is ignored: learnt from beats
