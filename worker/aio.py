@@ -300,6 +300,7 @@ class AsyncRunner:
             log.warning("worker %s: cannot hand back %r; holding it",
                         self.session.worker_id, msg_id)
         self.held += 1
+        link.holding += 1
         self._idle.clear()
         self._waiting.append((link, frames))
         self._start_next()
@@ -343,8 +344,9 @@ class AsyncRunner:
             if link.send([SIGNATURE, GIVE_BACK, *ids]):
                 gone.add(link)
                 self.held -= len(ids)
-                if not link.bye_sent:  # all but the running ones' slots may be parked
-                    link.withheld = self.session.slots - self.running
+                link.holding -= len(ids)
+                if not link.bye_sent:  # as much as sqm may have parked (it frees no more)
+                    link.withheld = self.session.slots
                     link.credit_step = 1
                 self._kick(link)
                 log.debug("worker: gave back %d message(s) waiting for a turn", len(ids))
@@ -361,14 +363,21 @@ class AsyncRunner:
         finally:
             self._finished()
             self.held -= 1
+            link.holding -= 1
             self._credit()
-            if link.withheld and (not self.held
-                                  or time.monotonic() - started < RECLAIM_AFTER_S):
-                # a quick one (or nothing waits): some of what a give-back parked comes back
-                n = link.withheld if not self.held else min(link.credit_step, link.withheld)
-                if link.sock is not None and link.send([SIGNATURE, CREDIT, b"%d" % n]):
-                    link.withheld -= n
-                    link.credit_step = n * 2
+            # What give-backs parked comes back: all once nothing is left here, else
+            # 1, 2, 4, ... slots per quick callback; and one to a broker that has
+            # nothing here (its messages all went back), whose DONE would free none
+            # while another broker's keep this worker busy.
+            quick = time.monotonic() - started < RECLAIM_AFTER_S
+            for lk in self.links:
+                if lk.withheld and lk.sock is not None and (quick or not lk.holding
+                                                            or not self.held):
+                    n = min(lk.credit_step if quick else 1, lk.withheld) if self.held else lk.withheld
+                    if lk.send([SIGNATURE, CREDIT, b"%d" % n]):
+                        lk.withheld -= n
+                        lk.credit_step = n * 2 if quick else lk.credit_step
+                        self._kick(lk)
             if msg_id:
                 self.session.workload.tasks_done += 1
                 if link.sock is not None and ok is not None:  # None: forwarded, sqm knows

@@ -104,7 +104,7 @@ class BrokerLink:
                  "broker_heartbeat", "connected", "was_disconnected", "parked", "bye_sent",
                  "bye_acked", "outage", "curve", "heartbeat", "liveness", "watched",
                  "report_s", "down_at", "batch", "gives_back", "withheld",
-                 "credit_step")
+                 "credit_step", "holding")
 
     def __init__(self, endpoint: str, routing_id: bytes,
                  curve: tuple[KeyPair, bytes] | None = None, *,
@@ -129,6 +129,7 @@ class BrokerLink:
         # come back by CREDIT 1, 2, 4, ... as callbacks end quickly (worker.aio).
         self.withheld = 0
         self.credit_step = 1
+        self.holding = 0  # its messages this worker holds (running or waiting a turn)
         self.bye_sent = False
         self.bye_acked = False
         # The broker said it batches (BATCHES, or a multi-message DISPATCH) since

@@ -282,6 +282,18 @@ class PlainRunner:
         s = self._session
         if link is None or link.sock is None or s is None:
             return
+        inbox = self._inbox
+        if inbox and not all(_dispatch(frames) for frames in inbox):
+            # What a give-back read meanwhile (worker.beats): sqm's answers about
+            # follow-ups, a CANCEL... are for this callback too, before anything newer.
+            waiting = [frames for frames in inbox if _dispatch(frames)]
+            others = [frames for frames in inbox if not _dispatch(frames)]
+            inbox.clear()
+            inbox.extend(waiting)
+            for frames in others:
+                if self._held:
+                    self._send_done(link)
+                s.on_control(link, frames)
         while True:
             try:
                 frames = recv_frames(link.sock, zmq.NOBLOCK)

@@ -42,6 +42,7 @@ def worker_status(w: WorkerState, now: float) -> dict[str, Any]:
         "tasks_done": w.tasks_done,
         "in_flight": len(w.in_flight),
         "slots": w.slots,
+        "concurrency": w.concurrency,
         "parked": w.parked,
         # busy_s: the worker's own count (time inside callbacks) when
         # it reports one, else what sqm saw (time holding messages).

@@ -33,7 +33,8 @@ def ran(cluster, method: str | None = None) -> list[dict]:
 
 def test_sub_rpc_and_submit_receive_from_a_sync_callback(cluster):
     cluster.serve("q")
-    outer = cluster.worker("q", target=f"{APPS}:followers")  # plain runner, one slot
+    # plain runner; what sqm queues behind its waiting callback it gives back
+    outer = cluster.worker("q", target=f"{APPS}:followers")
     cluster.worker("q", target=f"{APPS}:inner_only")
     with Sender("q", timeout=20) as s:
         # outer is busy waiting: its "inner" must run on the other worker

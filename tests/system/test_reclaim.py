@@ -98,3 +98,26 @@ def test_the_asyncio_runner_gives_back_what_waits_for_a_turn(cluster):
     assert sorted(i for _p, i in _starts(cluster)) == [0, 1, 2, 3], "each message ran exactly once"
     wait_for(lambda: all(w["parked"] == 0 for w in cluster.status("q")["workers"]), 10,
              "no slot parked")
+
+
+def test_a_worker_of_two_brokers_gives_back_to_each_and_none_starves(cluster, rundir):
+    """One worker (the asyncio runner) serves brokers A and B, callbacks of 20 ms, a
+    Sender spreads over both: what waits goes back to its broker, and a broker whose
+    messages all went back gets a slot again as callbacks end (its own DONEs would
+    free none while the other's messages keep the worker busy): nothing expires."""
+    a, b = f"ipc://{rundir}/a.sock", f"ipc://{rundir}/b.sock"
+    cluster.serve("q", endpoint=a)
+    cluster.serve("q", endpoint=b)
+    w = cluster.worker("q", endpoint=f"{a},{b}", wait=False)
+    for ep in (a, b):
+        cluster.wait_workers("q", 1, endpoint=ep, proc=w)
+    with Sender("q", endpoint=[a, b], timeout=8) as s:
+        out = list(s.map("sleep", [{"s": 0.02, "i": i} for i in range(60)], max_concurrent=10))
+    assert [r["slept"] if isinstance(r, dict) else r for r in out] == [0.02] * 60
+    sts = [cluster.status("q", endpoint=ep) for ep in (a, b)]
+    assert sum(st["completed_total"] for st in sts) == 60
+    assert all(st["completed_total"] > 0 and st["nacked_total"] > 0 for st in sts), sts
+    assert sorted(i for _p, i in _starts(cluster)) == list(range(60)), "each ran once"
+    wait_for(lambda: all(x["parked"] == 0 for ep in (a, b)
+                         for x in cluster.status("q", endpoint=ep)["workers"]), 10,
+             "idle: every parked slot given back to both brokers")

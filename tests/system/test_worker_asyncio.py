@@ -10,6 +10,7 @@ import time
 import pytest
 
 from sender import RemoteError, Sender
+from sqm.protocol import DEFAULT_PREFETCH
 from tests.conftest import Proc, read_log, wait_for
 from tests.system.test_readme import readme_file
 
@@ -27,7 +28,8 @@ def test_concurrency_8_finishes_8_sleeps_in_about_the_time_of_one(cluster):
     cluster.serve("q")
     cluster.worker("q", "--concurrency", "8", target=APPS)
     st = cluster.status("q")
-    assert [w["slots"] for w in st["workers"]] == [8]  # HELLO announced 8 slots
+    # HELLO announced 8 at once, and room for DEFAULT_PREFETCH (16) messages
+    assert [(w["concurrency"], w["slots"]) for w in st["workers"]] == [(8, DEFAULT_PREFETCH)]
     with Sender("q", timeout=30) as s:
         t0 = time.monotonic()
         ids = [s.submit("nap", {"s": 1.0, "i": i}) for i in range(8)]
@@ -39,17 +41,24 @@ def test_concurrency_8_finishes_8_sleeps_in_about_the_time_of_one(cluster):
 
 
 def test_never_more_than_concurrency_at_once_and_extra_slots_wait(cluster):
+    """3 run at once; sqm may hand it 5, but the 2 waiting behind 3 long naps go
+    back when sqm asks (prefetch reclaim), and come again in their turn."""
     cluster.serve("q")
     w = cluster.worker("q", "--concurrency", "3", "--prefetch", "5", target=APPS)
+    held: list[int] = []
+
+    def running_3_rest_back() -> bool:
+        x = cluster.status("q")
+        held.append(x["in_flight"])
+        return (x["in_flight"] == 3 and x["workers"][0]["parked"] == 2
+                and x["pending"] == 9 and x["nacked_total"] >= 2)
+
     with Sender("q", timeout=30) as s:
         ids = [s.submit("nap", {"s": 0.3, "i": i}) for i in range(12)]
-        # sqm hands it 5 (its slots), of which 3 run and 2 wait their turn
-        st = wait_for(lambda: (x := cluster.status("q"))["in_flight"] == 5 and x, 10,
-                      "5 messages held by the worker")
-        # (a status taken late, on a loaded machine, may find a first round done)
-        assert st["workers"][0]["slots"] == 5
-        assert st["pending"] == 12 - 5 - st["completed_total"]
+        wait_for(running_3_rest_back, 10, "3 running, 2 given back, 9 pending")
+        assert cluster.status("q")["workers"][0]["slots"] == 5
         results = [s.receive(id=mid) for mid in ids]
+    assert max(held) <= 5
     assert {r["pid"] for r in results} == {w.pid}
     log = starts(cluster)
     assert sorted(e["payload"]["i"] for e in log) == list(range(12))  # each ran once
@@ -112,7 +121,7 @@ def test_readme_async_example_runs_as_printed(cluster, rundir):
     worker = Proc([sys.executable, str(rundir / "async_worker.py")], cluster.env, rundir, "w")
     cluster.procs.append(worker)
     st = cluster.wait_workers("myqueue", 1, proc=worker)
-    assert st["workers"][0]["slots"] == 8
+    assert (st["workers"][0]["concurrency"], st["workers"][0]["slots"]) == (8, DEFAULT_PREFETCH)
     out = subprocess.run([sys.executable, str(rundir / "progress_sender.py")], env=cluster.env,
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
@@ -123,7 +132,7 @@ def test_processes_pass_concurrency_to_every_child(cluster):
     cluster.serve("q")
     cluster.worker("q", "--concurrency", "3", target=APPS, processes=2)
     st = cluster.status("q")
-    assert [w["slots"] for w in st["workers"]] == [3, 3]
+    assert [(w["concurrency"], w["slots"]) for w in st["workers"]] == [(3, DEFAULT_PREFETCH)] * 2
     with Sender("q", timeout=30) as s:
         ids = [s.submit("nap", {"s": 0.5, "i": i}) for i in range(6)]
         t0 = time.monotonic()

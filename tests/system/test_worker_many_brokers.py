@@ -26,10 +26,11 @@ def two_brokers(cluster, rundir):
     a, b = f"ipc://{rundir}/a.sock", f"ipc://{rundir}/b.sock"
     cluster.serve("q", endpoint=a)
     cluster.serve("q", endpoint=b)
-    w1 = cluster.worker("q", target=APPS, endpoint=f"{a},{b}", wait=False)
+    # 1 slot each (--prefetch 1): a second message finds W1 full (NACK), not waiting
+    w1 = cluster.worker("q", "--prefetch", "1", target=APPS, endpoint=f"{a},{b}", wait=False)
     for ep in (a, b):  # W1 first, so it holds B's longest-idle slot
         cluster.wait_workers("q", 1, endpoint=ep, proc=w1)
-    w2 = cluster.worker("q", target=APPS, endpoint=b)
+    w2 = cluster.worker("q", "--prefetch", "1", target=APPS, endpoint=b)
     return a, b, w1, w2
 
 
