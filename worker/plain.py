@@ -71,7 +71,7 @@ class PlainRunner:
         # Frames read but not handled yet, in arrival order, handled before the
         # socket is read again: the rest of a multi-message DISPATCH (one
         # 4-frame DISPATCH each), and what the pump (a callback waiting for a
-        # follow-up reply) or the reclaimer read while a callback ran.
+        # follow-up reply) or a give-back (worker.beats) read while a callback ran.
         self._inbox: deque[list[bytes]] = deque()
         # Held by the runner at every moment but while a callback runs: the
         # heartbeat thread takes it then to read the link and give back what

@@ -29,7 +29,9 @@ def sqm_json(cluster, *args):
 def test_counts_after_100_rpcs_to_3_workers(cluster):
     before = time.time()
     sqm = cluster.serve("q")
-    cluster.worker("q", processes=3)
+    # one slot each: sqm spreads sequential rpcs longest idle first (with prefetch,
+    # a worker's slots are taken in turn: it serves up to 16 in a row)
+    cluster.worker("q", "--prefetch", "1", processes=3)
     with Sender("q", timeout=10) as s:
         for i in range(100):
             assert s.rpc("sleep", {"s": 0.01, "i": i})["slept"] == 0.01
