@@ -36,6 +36,15 @@ def member(name: str, ctx: zmq.Context, endpoints: list[str], hb: float = 30.0, 
                   lambda: MailboxPool(ctx, MailboxPolicy(), linger_ms=0))
 
 
+def fake_broker() -> tuple[zmq.Context, zmq.Socket, str]:
+    """A context, and a ROUTER standing for sqm on a free local port (and its endpoint)."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    router.bind("tcp://127.0.0.1:*")
+    return ctx, router, router.getsockopt(zmq.LAST_ENDPOINT).decode()
+
+
 def test_workers_sharing_context_endpoint_keys_and_interval_form_one_group() -> None:
     ctx, other_ctx = zmq.Context(), zmq.Context()
     beater = Beater()
@@ -85,11 +94,7 @@ def test_one_beat_lists_every_worker_reports_and_older_brokers_go_alone() -> Non
 
 
 def test_the_thread_beats_for_all_then_without_one_that_left_and_acks_running_ones() -> None:
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.linger = 0
-    router.bind("tcp://127.0.0.1:*")
-    e = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+    ctx, router, e = fake_broker()
     beater = Beater()
     acks: list[Any] = []
     ms = [member(f"m{i}", ctx, [e], hb=0.1, acks=acks) for i in range(3)]
@@ -131,11 +136,7 @@ def test_sqm_asks_a_reclaim_on_the_heartbeat_connection_and_the_thread_sleeps_be
     """sqm's ``[SQM1, G, worker-id]`` on a group's socket reaches that member's reclaim()
     (its runner is in a callback: only this thread reads); between beats and asks the
     thread sleeps in its poll (a handful of wake-ups, not a spin)."""
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.linger = 0
-    router.bind("tcp://127.0.0.1:*")
-    e = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+    ctx, router, e = fake_broker()
     beater = Beater()
     ms = [member(f"m{i}", ctx, [e], hb=0.2) for i in range(2)]
     asked: list[str] = []
