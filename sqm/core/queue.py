@@ -235,12 +235,12 @@ class QueueCore:
         self.scheduled = 0
         self._due: list[tuple[float, int, Message]] = []
         self._limits: list[tuple[float, int, Message, float]] = []
-        # Workers that hold more than they run at once, by when sqm checks they
-        # still end messages (prefetch reclaim; one entry per worker at most).
+        # Busy workers with room for more, by when sqm checks they still end
+        # messages (prefetch reclaim; one live entry per worker at most).
         self._stalls: list[tuple[float, int, WorkerState]] = []
-        #: Seconds a worker holding messages beyond its ``concurrency`` may go
-        #: without ending one before sqm asks it to give back those waiting
-        #: behind its callback (:class:`Reclaim`).
+        #: Seconds a busy worker with room for more may go without ending a
+        #: message before sqm asks it to give back what waits behind its
+        #: callback and park its free slots (:class:`Reclaim`).
         self.reclaim_after = RECLAIM_AFTER_S
         self.reclaims_total = 0  # Reclaim asks sent
         self.timer_at = NEVER
@@ -722,7 +722,7 @@ class QueueCore:
         return True
 
     def credit(self, now: float, rid: bytes, n: int) -> bool:
-        """The worker has room again for ``n`` of the slots it parked with NACK."""
+        """The worker has room again for ``n`` of the slots it parked (NACK, GIVE_BACK)."""
         w = self.workers.get(rid)
         if w is None:
             return False
@@ -1088,7 +1088,7 @@ class QueueCore:
             self._assign(now)
 
     def _watch(self, w: WorkerState, at: float) -> None:
-        """Check at ``at`` that ``w``, holding more than it runs at once, still ends messages."""
+        """Check at ``at`` that ``w``, busy with room for more, still ends messages."""
         w.watch_at = at
         self._timer_n += 1
         heapq.heappush(self._stalls, (at, self._timer_n, w))
