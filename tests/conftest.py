@@ -152,24 +152,28 @@ class Cluster:
 
     def wait_workers(self, queue: str, n: int, endpoint: str | None = None,
                      proc: Proc | None = None, timeout: float = 20.0) -> dict[str, Any]:
-        def enough() -> dict[str, Any] | None:
-            if proc is not None and proc.popen.poll() is not None:
-                raise AssertionError(f"{proc.name} exited early:\n{proc.stderr}")
-            st = self.status(queue, endpoint=endpoint)
-            return st if st["workers_current"] == n else None
-
-        return wait_for(enough, timeout, f"{n} worker(s) on {queue}")
+        return self._wait_status(queue, endpoint, proc, timeout,
+                                 lambda st: st["workers_current"] == n,
+                                 f"{n} worker(s) on {queue}")
 
     def wait_registered(self, queue: str, ever: int, endpoint: str | None = None,
                         proc: Proc | None = None, timeout: float = 20.0) -> dict[str, Any]:
         """Until ``ever`` distinct workers have registered with ``queue`` since it started."""
+        return self._wait_status(queue, endpoint, proc, timeout,
+                                 lambda st: st["workers_ever"] >= ever,
+                                 f"{ever} worker(s) ever registered on {queue}")
+
+    def _wait_status(self, queue: str, endpoint: str | None, proc: Proc | None,
+                     timeout: float, ok: Callable[[dict[str, Any]], bool],
+                     what: str) -> dict[str, Any]:
+        """Until ``queue``'s status passes ``ok`` (failing at once if ``proc`` exits)."""
         def enough() -> dict[str, Any] | None:
             if proc is not None and proc.popen.poll() is not None:
                 raise AssertionError(f"{proc.name} exited early:\n{proc.stderr}")
             st = self.status(queue, endpoint=endpoint)
-            return st if st["workers_ever"] >= ever else None
+            return st if ok(st) else None
 
-        return wait_for(enough, timeout, f"{ever} worker(s) ever registered on {queue}")
+        return wait_for(enough, timeout, what)
 
     def close(self) -> None:
         for proc in reversed(self.procs):
