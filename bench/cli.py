@@ -132,6 +132,11 @@ METRICS: dict[str, list[Metric]] = {
         _x_base("W1", "rpc_per_s", "rpc/s"),
         _x_base("W1", "p99_us", "p99"),
     ],
+    "W1-p1": [
+        Metric("rpc_per_s", "rpc/s", True),
+        Metric("p50_us", "p50 us", False),
+        Metric("p99_us", "p99 us", False),
+    ],
     "W2": [
         _TASKS,
         _x_nats("W2"),

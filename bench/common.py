@@ -85,6 +85,7 @@ PREFETCH_VARIANTS = (2, 8, 32)
 #: Workload names in run and table order.
 WORKLOAD_ORDER = (
     "W1",
+    "W1-p1",
     "W2",
     *(f"W2-p{p}" for p in PREFETCH_VARIANTS),
     "W3",
@@ -197,6 +198,11 @@ def make_workloads(
     out = {
         "W1": Workload(
             "W1", "rpc", 1000 if quick else 5000, 200, 1, 1, 1, "sequential rpc, 1 sender, 1 worker"
+        ),
+        "W1-p1": Workload(
+            "W1-p1", "rpc", 1000 if quick else 5000, 200, 1, 1, 1,
+            "W1 with a worker of one slot (prefetch=1): what the default prefetch costs a lone rpc",
+            prefetch=1, base="W1",
         ),
         "W2": Workload(
             "W2", "pipelined", n2, 200, 2, 1, 200, "pipelined (200 outstanding), 1 sender, 2 workers"

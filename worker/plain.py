@@ -36,7 +36,7 @@ from sqm.protocol import (
     is_multi_dispatch,
     split_dispatch,
 )
-from sqm.zmqfast import NOBLOCK, RCVTIMEO, recv_frames, send_frames
+from sqm.zmqfast import NOBLOCK, RCVTIMEO, readable, recv_frames, send_frames
 from sqm.zmqfast import set_option as _set_option
 
 from .execute import Workload
@@ -214,18 +214,14 @@ class PlainRunner:
                 elif idle:
                     idle = not self._idle_wait(sock, next_chores - monotonic())
                 else:
-                    if self._held:  # DONEs held back: more work there, or send them now
-                        try:
-                            frames = recv_frames(sock, NOBLOCK)
-                        except zmq.Again:
-                            self._send_done(link)
-                    if frames is None:
-                        try:
-                            frames = recv_frames(sock, 0)
-                        except zmq.Again:  # receive timeout: idle now
-                            idle = True
-                            if self._withheld:  # nothing waits: every slot back
-                                self._credit_back(link, self._withheld)
+                    if self._held and not readable(sock):  # DONEs held back: send
+                        self._send_done(link)  # them unless more work is there to read
+                    try:
+                        frames = recv_frames(sock, 0)
+                    except zmq.Again:  # receive timeout: idle now
+                        idle = True
+                        if self._withheld:  # nothing waits: every slot back
+                            self._credit_back(link, self._withheld)
                 now = monotonic()
                 if frames is not None:
                     link.last_heard = now

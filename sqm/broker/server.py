@@ -567,7 +567,10 @@ class QueueServer:
                 if type(entry) is Dispatch:
                     rid, msg = entry
                     w = workers.get(rid)
-                    if w is not None and w.batch or groups and rid in groups:
+                    # (the outbox's last entry goes at once unless gathered ones for
+                    # its worker go first: a lone dispatch pays nothing for batching)
+                    if (w is not None and w.batch and i < len(out)
+                            or groups and rid in groups):
                         if groups is None:
                             groups = {rid: [msg]}
                         elif rid in groups:
