@@ -174,8 +174,11 @@ class Broker:
                     first = recv_frame(sock, 0)
                 except zmq.Again:
                     first = None
-                    if q.acks_pending:
-                        q.send_acks()  # nothing to read: a good moment to tell senders
+                    # Nothing came for ACK_IDLE_MS: a good moment to tell senders. (A
+                    # wake-up for a core timer is not: under a sequential load it would
+                    # put an ACCEPTED between every few rpcs and their replies.)
+                    if q.acks_pending and timeout_ms == ACK_IDLE_MS:
+                        q.send_acks()
                 now = time.time()
                 if first is not None:
                     # One message per wake-up: the next blocking recv returns at

@@ -51,7 +51,7 @@ from .events import (
     Stop,
     Watch,
 )
-from .methods import LEVELS, PENDING, MethodQueue, read_methods
+from .methods import LEVELS, PENDING, MethodQueue, read_methods, take_startable
 from .stats import queue_status
 from .workers import (
     DETACHED,
@@ -207,6 +207,9 @@ class QueueCore:
         self._waiting: dict[MethodQueue, None] = {}  # the method queues with pending messages
         # Free slots of workers that serve every method (advertised none).
         self._idle: deque[WorkerState] = deque()
+        # An entry of ``_idle`` may be a worker that can start a message at once
+        # (it is taken before busy workers' spare slots); False once a look found none.
+        self._startable = False
         self._universal = 0  # registered workers that serve every method
         self.workers: dict[bytes, WorkerState] = {}
         self._by_id: dict[str, WorkerState] = {}
@@ -296,10 +299,7 @@ class QueueCore:
             own = mq.idle
             w: WorkerState | None
             if own and not self._idle:  # only specialised workers: the usual case
-                head = own.popleft()
-                while head.free <= 0 and own:  # stale: took work elsewhere, or left
-                    head = own.popleft()
-                w = head if head.free > 0 else None
+                w = self._method_slot(mq)
             else:
                 w = self._idle_worker(mq)
             if w is not None:
@@ -443,7 +443,7 @@ class QueueCore:
             w.free += 1
             taken = self._take(now, w) if self.pending else None
             if taken is None:
-                self._idle.append(w)
+                self._rest(w)
             else:
                 self._dispatch(now, w, taken)
         else:
@@ -542,6 +542,8 @@ class QueueCore:
         if w.methods is None:
             w.free += n
             self._idle.extend([w] * n)
+            if len(w.in_flight) < w.concurrency:
+                self._startable = True
             if self.pending:
                 self._assign(now)
         else:
@@ -620,7 +622,9 @@ class QueueCore:
                 else:
                     nxt = self._take(now, w)
             if nxt is None:
-                self._idle.append(w)
+                self._idle.append(w)  # _rest, inlined
+                if len(w.in_flight) < w.concurrency:
+                    self._startable = True
             else:
                 self._dispatch(now, w, nxt)
         else:  # _freed, inlined for a worker that serves one method
@@ -683,6 +687,7 @@ class QueueCore:
             w.busy_s += now - w.busy_since
             w.idle_since = now
         w.parked += 1
+        self._may_start(w)
         self._requeue(msg)
         if w.state == LEAVING and not w.in_flight:
             self._remove_worker(now, w, "worker left")
@@ -1101,6 +1106,7 @@ class QueueCore:
         del w.in_flight[msg.id]
         self.in_flight -= 1
         w.abandoned[msg.id] = msg
+        self._may_start(w)
 
     def _slot_back(self, now: float, w: WorkerState) -> None:
         """A slot of ``w`` that held no live message (retried, abandoned) is free again."""
@@ -1113,7 +1119,7 @@ class QueueCore:
             w.free += 1
             nxt = self._take(now, w) if self.pending else None
             if nxt is None:
-                self._idle.append(w)
+                self._rest(w)
             else:
                 self._dispatch(now, w, nxt)
         else:
@@ -1273,13 +1279,62 @@ class QueueCore:
         if nxt is not None:
             self._dispatch(now, w, nxt)
         elif w.methods is None:
-            self._idle.append(w)
+            self._rest(w)
         else:
             for mq in w.queues:
                 mq.park(w)
 
+    def _rest(self, w: WorkerState) -> None:
+        """A free slot of ``w`` (it serves every method) waits in the idle deque."""
+        self._idle.append(w)
+        if len(w.in_flight) < w.concurrency:
+            self._startable = True
+
+    def _may_start(self, w: WorkerState) -> None:
+        """``w`` has fewer in flight, its slots staying as they were (a NACK, a
+        time limit): its idle entries may now be a worker that can start at once."""
+        if w.free > 0 and len(w.in_flight) < w.concurrency:
+            if w.methods is None:
+                self._startable = True
+            else:
+                for mq in w.queues:
+                    mq.startable = True
+
+    def _universal_slot(self) -> WorkerState | None:
+        """Take the free slot of a worker serving every method that the next message
+        gets: a worker that can start it at once first, then the longest idle."""
+        idle = self._idle
+        if self._startable:
+            w = take_startable(idle)
+            if w is not None:
+                return w
+            self._startable = False
+        while idle:
+            w = idle.popleft()
+            if w.free > 0:
+                return w
+        return None
+
+    def _method_slot(self, mq: MethodQueue) -> WorkerState | None:
+        """:meth:`_universal_slot` for the workers that serve ``mq``'s method."""
+        own = mq.idle
+        if mq.startable:
+            w = take_startable(own)
+            if w is not None:
+                return w
+            mq.startable = False
+        while own:
+            w = own.popleft()
+            if w.free > 0:
+                return w
+        return None
+
     def _idle_worker(self, mq: MethodQueue) -> WorkerState | None:
-        """Take the longest idle free slot able to serve ``mq`` (None if there is none)."""
+        """Take a free slot able to serve ``mq`` (None if there is none): one of a
+        worker that can start at once first, then the longest idle.
+
+        With both kinds of worker free (some serve every method, some name
+        theirs), the longest idle of the two heads, as they come."""
         own = mq.idle
         while own and own[0].free <= 0:
             own.popleft()  # stale: the worker took work through another method, or left
@@ -1287,11 +1342,13 @@ class QueueCore:
         while anyone and anyone[0].free <= 0:
             anyone.popleft()
         if own:
-            if anyone and anyone[0].idle_since < own[0].idle_since:
-                return anyone.popleft()
-            return own.popleft()
+            if anyone:
+                if anyone[0].idle_since < own[0].idle_since:
+                    return anyone.popleft()
+                return own.popleft()
+            return self._method_slot(mq)
         if anyone:
-            return anyone.popleft()
+            return self._universal_slot()
         return None
 
     def _take(self, now: float, w: WorkerState) -> Message | None:
@@ -1363,9 +1420,9 @@ class QueueCore:
         """Hand pending messages to every idle worker that can take one (rare paths)."""
         idle = self._idle
         while self.pending and idle:
-            w = idle.popleft()
-            if w.free <= 0:
-                continue  # stale slot of a gone or leaving worker
+            w = self._universal_slot()
+            if w is None:
+                break
             msg = self._take(now, w)
             if msg is None:
                 idle.appendleft(w)

@@ -22,8 +22,10 @@ the model, and the core's state and counters are compared with it:
 - no live worker has a free slot while a message is pending;
 - FIFO: each dispatch is of the oldest pending message (submission order,
   redeliveries keep their place) of the highest non-empty priority level;
-- longest idle first: a message goes to the free slot that became free
-  earliest;
+- a worker that can start at once first: a message goes to the free slot
+  that became free earliest of a worker holding nothing, and only when there
+  is none to the earliest free slot (a busy worker's spare slot); the spare
+  slots passed over move to the back, in order;
 - a worker found dead by a tick never receives a message in that tick;
 - liveness: any worker (heartbeated or watched, idle or busy) dies
   ``heartbeat * liveness`` after it was last heard, and is told BYE; a
@@ -175,11 +177,15 @@ class Model:
         return None
 
     def next_idle(self) -> MWorker | None:
-        while self.idle:
-            w = self.idle.pop(0)
-            if w.alive and w.rid not in self.dying:
+        """The first free slot of a worker holding nothing (concurrency 1); busy
+        workers' spare slots before it go to the back, in order. If there is
+        none, the first free slot. Dead entries go."""
+        self.idle = [w for w in self.idle if w.alive and w.rid not in self.dying]
+        for i, w in enumerate(self.idle):
+            if not w.inflight:
+                self.idle = self.idle[i + 1:] + self.idle[:i]
                 return w
-        return None
+        return self.idle.pop(0) if self.idle else None
 
     def assign(self) -> None:
         if not self.dispatching:
@@ -827,8 +833,10 @@ class CoreMachine(RuleBasedStateMachine):
         self.steps += 1
         rid = data.draw(st.sampled_from(sorted(self.model.workers)), label="rid")
         w = self.model.workers[rid]
-        pool = list(w.inflight) + [m for m in self.submitted if m not in w.inflight][:4]
-        msgs = data.draw(st.lists(st.sampled_from(pool), unique_by=id, max_size=3)
+        # (by message id: a refused duplicate shares the id of the message held)
+        held_ids = {m.id for m in w.inflight}
+        pool = list(w.inflight) + [m for m in self.submitted if m.id not in held_ids][:4]
+        msgs = data.draw(st.lists(st.sampled_from(pool), unique_by=lambda m: m.id, max_size=3)
                          if pool else st.just([]), label="given back")
         held = [m for m in msgs if m in w.inflight]
         expect = self.model.give_back(rid, msgs)
@@ -971,6 +979,9 @@ class CoreMachine(RuleBasedStateMachine):
         assert core.in_flight == n_inflight, (core.in_flight, n_inflight)
         assert list(core.workers) == list(model.workers)
         assert core.watched == sum(w.watched for w in model.workers.values())
+        if not core._startable:  # sound: a look for a worker that can start at once is skipped
+            ready = [w.id for w in core._idle if w.free > 0 and len(w.in_flight) < w.concurrency]
+            assert not ready, f"_startable is False, yet {ready} can start at once"
         seen_msgs: dict[bytes, bytes] = {}
         for rid, w in core.workers.items():
             mw = model.workers[rid]
