@@ -9,6 +9,8 @@ Cython backend directly with plain-int flags: an 8-frame send drops from
 
 from __future__ import annotations
 
+from typing import cast
+
 import zmq
 from zmq.backend import Socket as _Backend
 
@@ -65,7 +67,7 @@ def recv_rest(sock: zmq.Socket, first: zmq.Frame, flags: int = NOBLOCK) -> list[
 def readable(sock: zmq.Socket) -> bool:
     """A message is waiting on ``sock`` (~2.5 µs, where a failing NOBLOCK
     recv costs ~7 µs: pyzmq builds and raises zmq.Again)."""
-    return bool(get_option(sock, EVENTS) & POLLIN)
+    return bool(cast(int, get_option(sock, EVENTS)) & POLLIN)
 
 
 def recv_frame(sock: zmq.Socket, flags: int = NOBLOCK) -> zmq.Frame:
