@@ -22,10 +22,10 @@ the model, and the core's state and counters are compared with it:
 - no live worker has a free slot while a message is pending;
 - FIFO: each dispatch is of the oldest pending message (submission order,
   redeliveries keep their place) of the highest non-empty priority level;
-- a worker that can start at once first: a message goes to the free slot
-  that became free earliest of a worker holding nothing, and only when there
-  is none to the earliest free slot (a busy worker's spare slot); the spare
-  slots passed over move to the back, in order;
+- longest idle first: a message goes to the free slot that became free
+  earliest, unless that is a spare slot of a stalled worker (busy, no DONE
+  for ``RECLAIM_AFTER_S``): then to the earliest of a worker holding
+  nothing, if any, the spare slots passed over moving to the back, in order;
 - a worker found dead by a tick never receives a message in that tick;
 - liveness: any worker (heartbeated or watched, idle or busy) dies
   ``heartbeat * liveness`` after it was last heard, and is told BYE; a
@@ -83,6 +83,7 @@ from sqm.core import (
     QueueCore,
     as_tuple,
 )
+from sqm.protocol import RECLAIM_AFTER_S
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -115,6 +116,7 @@ class MWorker:
         self.leaving = False
         self.tasks_done = 0
         self.parked = 0  # slots handed back with NACK, until CREDIT
+        self.done_at = now  # its last DONE (registration until one)
 
 
 class MMsg:
@@ -177,15 +179,20 @@ class Model:
         return None
 
     def next_idle(self) -> MWorker | None:
-        """The first free slot of a worker holding nothing (concurrency 1); busy
-        workers' spare slots before it go to the back, in order. If there is
-        none, the first free slot. Dead entries go."""
+        """The first free slot; but if it is a spare slot of a stalled worker
+        (busy, concurrency 1, no DONE for RECLAIM_AFTER_S), the first of a
+        worker holding nothing, if any: the busy workers' spare slots before
+        it go to the back, in order. Dead entries go."""
         self.idle = [w for w in self.idle if w.alive and w.rid not in self.dying]
-        for i, w in enumerate(self.idle):
-            if not w.inflight:
-                self.idle = self.idle[i + 1:] + self.idle[:i]
-                return w
-        return self.idle.pop(0) if self.idle else None
+        if not self.idle:
+            return None
+        head = self.idle[0]
+        if head.inflight and head.done_at <= self.now - RECLAIM_AFTER_S:
+            for i, w in enumerate(self.idle):
+                if not w.inflight:
+                    self.idle = self.idle[i + 1:] + self.idle[:i]
+                    return w
+        return self.idle.pop(0)
 
     def assign(self) -> None:
         if not self.dispatching:
@@ -295,6 +302,7 @@ class Model:
         if msg not in w.inflight:
             return True
         del w.inflight[msg]
+        w.done_at = self.now
         mm = self.info[msg]
         mm.state = "ended"
         mm.worker = None
