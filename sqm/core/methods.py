@@ -37,7 +37,7 @@ class MethodQueue:
     through another of its methods, or left) is stale and skipped.
     """
 
-    __slots__ = ("name", "levels", "pending", "idle", "workers", "slots", "startable")
+    __slots__ = ("name", "levels", "pending", "idle", "workers", "slots")
 
     def __init__(self, name: bytes) -> None:
         self.name = name
@@ -46,16 +46,11 @@ class MethodQueue:
         self.idle: deque[WorkerState] = deque()
         self.workers = 0  # registered workers that advertise this method
         self.slots = 0  # their slots: bounds the idle deque (stale entries)
-        # An entry of ``idle`` may belong to a worker that can start a message at
-        # once (see :func:`take_startable`); False once a look found none.
-        self.startable = False
 
     def park(self, w: WorkerState) -> None:
         """Add a free slot of ``w``; drop stale entries once they outnumber the slots."""
         idle = self.idle
         idle.append(w)
-        if len(w.in_flight) < w.concurrency:
-            self.startable = True
         if len(idle) > 2 * self.slots + 8:
             self.compact()
 
@@ -101,24 +96,3 @@ def read_methods(info: dict[str, Any]) -> tuple[bytes, ...] | None:
             if 0 < len(b) <= MAX_METHOD:
                 names[b] = None
     return tuple(names)
-
-
-def take_startable(idle: deque[WorkerState]) -> WorkerState | None:
-    """Take from ``idle`` the longest-idle free slot of a worker that can start
-    a message at once (fewer in flight than its concurrency); None if none can.
-
-    With prefetch, a busy worker's spare slots sit in the idle deque too; a
-    message that goes to one waits behind the running callback while another
-    worker may be idle (head-of-line blocking, W8). The spare slots looked at
-    first move to the back, in order, so the next look starts past them; a
-    look that finds none leaves the order as it was. Stale entries go.
-    """
-    for _ in range(len(idle)):
-        w = idle[0]
-        if w.free <= 0:
-            idle.popleft()
-        elif len(w.in_flight) < w.concurrency:
-            return idle.popleft()
-        else:
-            idle.rotate(-1)
-    return None

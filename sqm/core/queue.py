@@ -51,7 +51,7 @@ from .events import (
     Stop,
     Watch,
 )
-from .methods import LEVELS, PENDING, MethodQueue, read_methods, take_startable
+from .methods import LEVELS, PENDING, MethodQueue, read_methods
 from .stats import queue_status
 from .workers import (
     DETACHED,
@@ -207,9 +207,6 @@ class QueueCore:
         self._waiting: dict[MethodQueue, None] = {}  # the method queues with pending messages
         # Free slots of workers that serve every method (advertised none).
         self._idle: deque[WorkerState] = deque()
-        # An entry of ``_idle`` may be a worker that can start a message at once
-        # (it is taken before busy workers' spare slots); False once a look found none.
-        self._startable = False
         self._universal = 0  # registered workers that serve every method
         self.workers: dict[bytes, WorkerState] = {}
         self._by_id: dict[str, WorkerState] = {}
@@ -299,9 +296,12 @@ class QueueCore:
             own = mq.idle
             w: WorkerState | None
             if own and not self._idle:  # only specialised workers: the usual case
-                w = self._method_slot(now, mq)
+                head = own.popleft()
+                while head.free <= 0 and own:  # stale: took work elsewhere, or left
+                    head = own.popleft()
+                w = head if head.free > 0 else None
             else:
-                w = self._idle_worker(now, mq)
+                w = self._idle_worker(mq)
             if w is not None:
                 # _dispatch, inlined and specialised for the hot path: the
                 # message waited 0 s (the first bucket of the wait histogram).
@@ -443,7 +443,7 @@ class QueueCore:
             w.free += 1
             taken = self._take(now, w) if self.pending else None
             if taken is None:
-                self._rest(w)
+                self._idle.append(w)
             else:
                 self._dispatch(now, w, taken)
         else:
@@ -542,8 +542,6 @@ class QueueCore:
         if w.methods is None:
             w.free += n
             self._idle.extend([w] * n)
-            if len(w.in_flight) < w.concurrency:
-                self._startable = True
             if self.pending:
                 self._assign(now)
         else:
@@ -622,9 +620,7 @@ class QueueCore:
                 else:
                     nxt = self._take(now, w)
             if nxt is None:
-                self._idle.append(w)  # _rest, inlined
-                if len(w.in_flight) < w.concurrency:
-                    self._startable = True
+                self._idle.append(w)
             else:
                 self._dispatch(now, w, nxt)
         else:  # _freed, inlined for a worker that serves one method
@@ -687,7 +683,6 @@ class QueueCore:
             w.busy_s += now - w.busy_since
             w.idle_since = now
         w.parked += 1
-        self._may_start(w)
         self._requeue(msg)
         if w.state == LEAVING and not w.in_flight:
             self._remove_worker(now, w, "worker left")
@@ -1106,7 +1101,6 @@ class QueueCore:
         del w.in_flight[msg.id]
         self.in_flight -= 1
         w.abandoned[msg.id] = msg
-        self._may_start(w)
 
     def _slot_back(self, now: float, w: WorkerState) -> None:
         """A slot of ``w`` that held no live message (retried, abandoned) is free again."""
@@ -1119,7 +1113,7 @@ class QueueCore:
             w.free += 1
             nxt = self._take(now, w) if self.pending else None
             if nxt is None:
-                self._rest(w)
+                self._idle.append(w)
             else:
                 self._dispatch(now, w, nxt)
         else:
@@ -1279,72 +1273,13 @@ class QueueCore:
         if nxt is not None:
             self._dispatch(now, w, nxt)
         elif w.methods is None:
-            self._rest(w)
+            self._idle.append(w)
         else:
             for mq in w.queues:
                 mq.park(w)
 
-    def _rest(self, w: WorkerState) -> None:
-        """A free slot of ``w`` (it serves every method) waits in the idle deque."""
-        self._idle.append(w)
-        if len(w.in_flight) < w.concurrency:
-            self._startable = True
-
-    def _may_start(self, w: WorkerState) -> None:
-        """``w`` has fewer in flight, its slots staying as they were (a NACK, a
-        time limit): its idle entries may now be a worker that can start at once."""
-        if w.free > 0 and len(w.in_flight) < w.concurrency:
-            if w.methods is None:
-                self._startable = True
-            else:
-                for mq in w.queues:
-                    mq.startable = True
-
-    def _universal_slot(self, now: float) -> WorkerState | None:
-        """Take the free slot of a worker serving every method that the next message
-        gets: the longest idle, unless that is a spare slot of a worker that may
-        run a long callback (:meth:`_stalled`) and another can start at once."""
-        idle = self._idle
-        while idle and idle[0].free <= 0:
-            idle.popleft()  # stale: a gone or leaving worker's
-        if not idle:
-            return None
-        if self._startable and self._stalled(now, idle[0]):
-            w = take_startable(idle)
-            if w is not None:
-                return w
-            self._startable = False
-        return idle.popleft()
-
-    def _method_slot(self, now: float, mq: MethodQueue) -> WorkerState | None:
-        """:meth:`_universal_slot` for the workers that serve ``mq``'s method."""
-        own = mq.idle
-        while own and own[0].free <= 0:
-            own.popleft()  # stale: it took work through another method, or left
-        if not own:
-            return None
-        if mq.startable and self._stalled(now, own[0]):
-            w = take_startable(own)
-            if w is not None:
-                return w
-            mq.startable = False
-        return own.popleft()
-
-    def _stalled(self, now: float, w: WorkerState) -> bool:
-        """``w`` is busy and has ended nothing for ``reclaim_after``: its callback
-        may run long, so a message in its spare slot may wait (head-of-line).
-
-        A busy worker that ends messages keeps its spare slots' turn: passing
-        them over for idle workers would hand those one message at a time,
-        and lose the batches that make prefetch fast (W3: -32 %)."""
-        return len(w.in_flight) >= w.concurrency and w.done_at <= now - self.reclaim_after
-
-    def _idle_worker(self, now: float, mq: MethodQueue) -> WorkerState | None:
-        """Take a free slot able to serve ``mq`` (None if there is none): one of a
-        worker that can start at once first, then the longest idle.
-
-        With both kinds of worker free (some serve every method, some name
-        theirs), the longest idle of the two heads, as they come."""
+    def _idle_worker(self, mq: MethodQueue) -> WorkerState | None:
+        """Take the longest idle free slot able to serve ``mq`` (None if there is none)."""
         own = mq.idle
         while own and own[0].free <= 0:
             own.popleft()  # stale: the worker took work through another method, or left
@@ -1352,13 +1287,11 @@ class QueueCore:
         while anyone and anyone[0].free <= 0:
             anyone.popleft()
         if own:
-            if anyone:
-                if anyone[0].idle_since < own[0].idle_since:
-                    return anyone.popleft()
-                return own.popleft()
-            return self._method_slot(now, mq)
+            if anyone and anyone[0].idle_since < own[0].idle_since:
+                return anyone.popleft()
+            return own.popleft()
         if anyone:
-            return self._universal_slot(now)
+            return anyone.popleft()
         return None
 
     def _take(self, now: float, w: WorkerState) -> Message | None:
@@ -1417,7 +1350,7 @@ class QueueCore:
     def _place(self, now: float, mq: MethodQueue) -> None:
         """Hand ``mq``'s pending messages to idle workers able to serve them."""
         while mq.pending and (mq.idle or self._idle):
-            w = self._idle_worker(now, mq)
+            w = self._idle_worker(mq)
             if w is None:
                 return
             msg = self._take(now, w)
@@ -1430,9 +1363,9 @@ class QueueCore:
         """Hand pending messages to every idle worker that can take one (rare paths)."""
         idle = self._idle
         while self.pending and idle:
-            w = self._universal_slot(now)
-            if w is None:
-                break
+            w = idle.popleft()
+            if w.free <= 0:
+                continue  # stale slot of a gone or leaving worker
             msg = self._take(now, w)
             if msg is None:
                 idle.appendleft(w)

@@ -23,9 +23,7 @@ the model, and the core's state and counters are compared with it:
 - FIFO: each dispatch is of the oldest pending message (submission order,
   redeliveries keep their place) of the highest non-empty priority level;
 - longest idle first: a message goes to the free slot that became free
-  earliest, unless that is a spare slot of a stalled worker (busy, no DONE
-  for ``RECLAIM_AFTER_S``): then to the earliest of a worker holding
-  nothing, if any, the spare slots passed over moving to the back, in order;
+  earliest;
 - a worker found dead by a tick never receives a message in that tick;
 - liveness: any worker (heartbeated or watched, idle or busy) dies
   ``heartbeat * liveness`` after it was last heard, and is told BYE; a
@@ -83,7 +81,6 @@ from sqm.core import (
     QueueCore,
     as_tuple,
 )
-from sqm.protocol import RECLAIM_AFTER_S
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -116,7 +113,6 @@ class MWorker:
         self.leaving = False
         self.tasks_done = 0
         self.parked = 0  # slots handed back with NACK, until CREDIT
-        self.done_at = now  # its last DONE (registration until one)
 
 
 class MMsg:
@@ -179,20 +175,11 @@ class Model:
         return None
 
     def next_idle(self) -> MWorker | None:
-        """The first free slot; but if it is a spare slot of a stalled worker
-        (busy, concurrency 1, no DONE for RECLAIM_AFTER_S), the first of a
-        worker holding nothing, if any: the busy workers' spare slots before
-        it go to the back, in order. Dead entries go."""
-        self.idle = [w for w in self.idle if w.alive and w.rid not in self.dying]
-        if not self.idle:
-            return None
-        head = self.idle[0]
-        if head.inflight and head.done_at <= self.now - RECLAIM_AFTER_S:
-            for i, w in enumerate(self.idle):
-                if not w.inflight:
-                    self.idle = self.idle[i + 1:] + self.idle[:i]
-                    return w
-        return self.idle.pop(0)
+        while self.idle:
+            w = self.idle.pop(0)
+            if w.alive and w.rid not in self.dying:
+                return w
+        return None
 
     def assign(self) -> None:
         if not self.dispatching:
@@ -302,7 +289,6 @@ class Model:
         if msg not in w.inflight:
             return True
         del w.inflight[msg]
-        w.done_at = self.now
         mm = self.info[msg]
         mm.state = "ended"
         mm.worker = None
@@ -987,9 +973,6 @@ class CoreMachine(RuleBasedStateMachine):
         assert core.in_flight == n_inflight, (core.in_flight, n_inflight)
         assert list(core.workers) == list(model.workers)
         assert core.watched == sum(w.watched for w in model.workers.values())
-        if not core._startable:  # sound: a look for a worker that can start at once is skipped
-            ready = [w.id for w in core._idle if w.free > 0 and len(w.in_flight) < w.concurrency]
-            assert not ready, f"_startable is False, yet {ready} can start at once"
         seen_msgs: dict[bytes, bytes] = {}
         for rid, w in core.workers.items():
             mw = model.workers[rid]

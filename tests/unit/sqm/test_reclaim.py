@@ -89,14 +89,11 @@ def test_no_ask_with_a_free_turn_without_prefetch_or_without_a_heartbeat_connect
 
 def test_a_give_back_requeues_at_the_head_parks_the_slots_and_stops_the_asks():
     core = setup(slots=4)
-    for i in range(4):
-        core.submit(T0, msg(f"m{i}"))
-    core.hello(T0, b"w2", {"slots": 1, "id": "w2"})  # (before it, m1 would have gone there)
-    for i in range(4, 6):
+    core.hello(T0, b"w2", {"slots": 1, "id": "w2"})
+    for i in range(6):
         core.submit(T0, msg(f"m{i}"))
     sent = [(e.rid, e.msg.id) for e in core.outbox if type(e) is Dispatch]
-    assert sent == [(b"w1", b"m0"), (b"w1", b"m1"), (b"w1", b"m2"), (b"w1", b"m3"),
-                    (b"w2", b"m4")]
+    assert sent[:4] == [(b"w1", b"m0"), (b"w1", b"m1"), (b"w1", b"m2"), (b"w1", b"m3")]
     core.outbox.clear()
     # w1 runs m0 for long; it gives back m1..m3 (w2 is busy with m4; m5 pending)
     assert core.give_back(T0 + 0.01, b"w1", [b"m1", b"m2", b"m3"])
@@ -111,50 +108,6 @@ def test_a_give_back_requeues_at_the_head_parks_the_slots_and_stops_the_asks():
     assert [(e.rid, e.msg.id) for e in core.outbox if type(e) is Dispatch] == [(b"w1", b"m2")]
     core.credit(T0 + 2, b"w1", 99)  # CREDIT frees at most what was parked
     assert w1.parked == 0 and w1.free + len(w1.in_flight) == 4
-
-
-def test_a_stalled_workers_spare_slot_gives_way_to_a_worker_that_can_start_at_once():
-    """Head-of-line (W8): with prefetch, a busy worker's spare slots wait in the
-    idle deque. A worker that has ended nothing for ``reclaim_after`` may run a
-    long callback: a new message goes to a worker holding nothing instead."""
-    core = setup(slots=4)  # w1: 4 slots, concurrency 1
-    core.hello(T0, b"w2", {"slots": 4, "id": "w2"})
-    later = T0 + core.reclaim_after
-    core.submit(T0, msg("a"))  # w1 (the longest idle)
-    core.submit(T0, msg("b"))  # w1 ended a message "just now" (registered): it moves
-    core.submit(later, msg("c"))  # w1 now stalled: w2, which holds nothing
-    # Both busy: a spare slot, the longest idle. w1's, passed over for c, went
-    # to the back: w2's comes first.
-    core.submit(later, msg("d"))
-    sent = [(e.rid, e.msg.id) for e in core.outbox if type(e) is Dispatch]
-    assert sent == [(b"w1", b"a"), (b"w1", b"b"), (b"w2", b"c"), (b"w2", b"d")]
-
-
-def test_a_worker_that_holds_nothing_again_comes_before_a_stalled_spare_slot_at_the_head():
-    core = QueueCore("q", T0)
-    core.hello(T0, b"w1", {"slots": 3, "id": "w1"})
-    core.hello(T0, b"w2", {"slots": 1, "id": "w2"})
-    later = T0 + core.reclaim_after
-    for m in "abc":
-        core.submit(later, msg(m))
-    assert [(e.rid, e.msg.id) for e in core.outbox if type(e) is Dispatch] == [
-        (b"w1", b"a"), (b"w2", b"b"), (b"w1", b"c")]
-    core.outbox.clear()
-    core.done(later, b"w2", b"b")  # behind w1's spare slot in the idle deque
-    core.submit(later, msg("d"))
-    assert [(e.rid, e.msg.id) for e in core.outbox if type(e) is Dispatch] == [(b"w2", b"d")]
-
-
-def test_a_busy_worker_that_ends_messages_keeps_its_spare_slots_turn():
-    """No stall, no passing over: idle workers would get one message at a time
-    and the batches that make prefetch fast would be lost (W3)."""
-    core = QueueCore("q", T0)
-    core.hello(T0, b"w1", {"slots": 3, "id": "w1"})
-    core.hello(T0, b"w2", {"slots": 1, "id": "w2"})
-    for m in "ab":
-        core.submit(T0, msg(m))
-    assert [(e.rid, e.msg.id) for e in core.outbox if type(e) is Dispatch] == [
-        (b"w1", b"a"), (b"w1", b"b")]
 
 
 def test_the_heartbeat_connection_named_in_hello_is_asked_before_any_beat():
