@@ -371,13 +371,21 @@ class AsyncRunner:
             # while another broker's keep this worker busy.
             quick = time.monotonic() - started < RECLAIM_AFTER_S
             for lk in self.links:
-                if lk.withheld and lk.sock is not None and (quick or not lk.holding
-                                                            or not self.held):
-                    n = min(lk.credit_step if quick else 1, lk.withheld) if self.held else lk.withheld
-                    if lk.send([SIGNATURE, CREDIT, b"%d" % n]):
-                        lk.withheld -= n
-                        lk.credit_step = n * 2 if quick else lk.credit_step
-                        self._kick(lk)
+                if not lk.withheld or lk.sock is None:
+                    continue
+                if not self.held:
+                    n = lk.withheld
+                elif quick:
+                    n = min(lk.credit_step, lk.withheld)
+                elif not lk.holding:
+                    n = 1
+                else:
+                    continue
+                if lk.send([SIGNATURE, CREDIT, b"%d" % n]):
+                    lk.withheld -= n
+                    if quick:
+                        lk.credit_step = n * 2
+                    self._kick(lk)
             if msg_id:
                 self.session.workload.tasks_done += 1
                 if link.sock is not None and ok is not None:  # None: forwarded, sqm knows

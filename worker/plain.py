@@ -293,11 +293,11 @@ class PlainRunner:
         if link is None or link.sock is None or s is None:
             return
         inbox = self._inbox
-        if inbox and not all(_dispatch(frames) for frames in inbox):
-            # What a give-back read meanwhile (worker.beats): sqm's answers about
-            # follow-ups, a CANCEL... are for this callback too, before anything newer.
+        # What a give-back read meanwhile (worker.beats): sqm's answers about
+        # follow-ups, a CANCEL... are for this callback too, before anything newer.
+        others = [frames for frames in inbox if not _dispatch(frames)] if inbox else None
+        if others:
             waiting = [frames for frames in inbox if _dispatch(frames)]
-            others = [frames for frames in inbox if not _dispatch(frames)]
             inbox.clear()
             inbox.extend(waiting)
             for frames in others:
