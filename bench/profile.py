@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 #: Process kinds, told apart by a frame or the command line in the stack.
-KINDS = (("broker", " serve bench"), ("workers", "worker_host"), ("sender", "sender_main"))
+KINDS = (("broker", " serve bench"), ("broker", "broker_main"), ("workers", "worker_host"), ("sender", "sender_main"))
 OWN = ("sqm/", "sender/", "worker/")
 
 

@@ -1,9 +1,10 @@
 """The broker process: one thread serving one or more queues until stopped.
 
-Two loops: a single queue with no batching plugin blocks in ``recv`` and
-handles one message per wake-up (fewest system calls, lowest latency);
-several queues, or a plugin that wants batches (the journal: one commit per
-batch), poll the sockets and read a batch per wake-up.
+Two loops: a single queue with no batching plugin blocks in ``recv``
+(fewest system calls, lowest latency) and reads on while what it read has
+something to send (:meth:`QueueServer.handle_burst`); several queues, or a
+plugin that wants batches (the journal: one commit per batch), poll the
+sockets and read a batch per wake-up.
 """
 
 from __future__ import annotations
@@ -181,10 +182,7 @@ class Broker:
                         q.send_acks()
                 now = time.time()
                 if first is not None:
-                    # One message per wake-up: the next blocking recv returns at
-                    # once if more are queued, without a failing NOBLOCK recv.
-                    q.handle_one(first, now)
-                    q.flush(now)
+                    q.handle_burst(first, now)
             if now >= next_tick:
                 self._tick(now)
                 next_tick = now + tick_every

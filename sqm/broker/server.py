@@ -84,14 +84,14 @@ from ..wire import (
     read_message_ids,
     read_retry,
 )
-from ..zmqfast import recv_frame, recv_rest, send_frames, send_more
+from ..zmqfast import NOBLOCK, readable, recv_frame, recv_rest, send_frames, send_more
 from .control import CONTROL as BUILTIN_CONTROL
 from .control import READ_ONLY
 from .watch import Connections, handed_over, source_fd
 
 log = logging.getLogger("sqm.broker")
 
-BATCH = 256  # messages read from one socket per poll wake-up
+BATCH = 256  # messages read from one socket per wake-up, at most
 # ACCEPTED notices are batched per sender: one [SIG, K, packed ids] message
 # per ACK_BATCH accepted messages, or as soon as sqm has nothing to read for
 # ACK_IDLE_MS (and after every journal commit). One send per message would
@@ -234,6 +234,26 @@ class QueueServer:
             except zmq.Again:
                 break
             self.handle_one(rid_frame, now)
+        self.flush(now)
+
+    def handle_burst(self, first: zmq.Frame, now: float) -> None:
+        """Handle the message that starts with ``first`` and, while that leaves
+        something to send, what else is queued (up to BATCH); then flush.
+
+        One worker's dispatches of the burst then go as one DISPATCH: at 32
+        workers this cut the workers' CPU per task by 40 % (BENCHMARKS.md).
+        Whether more is queued costs a look at the socket's events (~2.5 µs;
+        a failing NOBLOCK recv costs ~7), paid only when there is something
+        to send: a wake-up that sends nothing (a DONE) returns to the
+        blocking recv, which reads what is queued at no extra cost.
+        """
+        self.handle_one(first, now)
+        sock = self.sock
+        outbox = self.core.outbox
+        n = 1
+        while outbox and n < BATCH and readable(sock):
+            self.handle_one(recv_frame(sock, NOBLOCK), now)
+            n += 1
         self.flush(now)
 
     def handle_one(self, rid_frame: zmq.Frame, now: float) -> None:

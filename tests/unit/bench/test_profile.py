@@ -15,6 +15,9 @@ def test_kinds_and_deepest_own_line() -> None:
     assert kind_of(BROKER) == "broker"
     assert kind_of(WORKER) == "workers"
     assert kind_of('process 1:"python -m bench";main (bench/cli.py:1)') == "other"
+    # the baseline's broker is told apart by its function (it runs in a spawned process)
+    assert kind_of('process 1:"python -m bench";process 5:"python -c spawn_main";'
+                   'broker_main (bench/baseline.py:98)') == "broker"
     totals, where = split([f"{BROKER} 7\n", f"{WORKER} 5\n", f"{WORKER} 2\n", f"{IMPORT} 9\n"])
     assert totals == {"broker": 7, "workers": 7}  # the import's 9 samples are start-up: left out
     assert where["broker"] == {"recv_rest (sqm/zmqfast.py:57)": 7}

@@ -218,3 +218,58 @@ def test_a_cancel_follows_the_batch_it_cancels(setup: Setup) -> None:
     first = setup.received(w)
     assert dispatched_ids(first) == ids
     assert setup.received(w) == [SIGNATURE, CANCEL, ids[0]]
+
+
+def test_what_one_wake_up_finds_queued_goes_as_one_dispatch() -> None:
+    """handle_burst, the one-queue loop's read: eight SUBMITs queued at one wake-up
+    reach a batching worker as one DISPATCH; a wake-up that leaves nothing to send
+    (a DONE) reads no further, and the blocking recv picks up the rest.
+
+    inproc: a send is readable on the broker's socket once it returns, so the
+    test knows exactly what is queued when the broker reads."""
+    ctx = zmq.Context()
+    endpoint = "inproc://burst"
+    server = QueueServer(ctx, resolve("q", endpoint=endpoint), BrokerOptions(heartbeat=1.0),
+                         time.time())
+    socks: list[zmq.Socket] = []
+    try:
+        def peer(rid: bytes) -> zmq.Socket:
+            sock = ctx.socket(zmq.DEALER)
+            socks.append(sock)
+            sock.routing_id = rid
+            sock.linger = 0
+            sock.connect(endpoint)
+            return sock
+
+        def wake_up() -> None:  # what the loop does when its blocking recv returns
+            server.handle_burst(recv_frame(server.sock, zmq.NOBLOCK), time.time())
+
+        w, sender = peer(b"Wburst"), peer(b"Ssender")
+        w.send_multipart([SIGNATURE, HELLO, encode_json({"id": "burst", "slots": 16,
+                                                         "heartbeat": 1.0, "batch": True})])
+        wake_up()
+        assert w.recv_multipart() == [SIGNATURE, BATCHES, GIVE_BACK]
+        mailbox = b"inproc://burst-mailbox"
+        ids = [b"b%d" % i for i in range(8)]
+        for mid in ids:
+            env = encode_envelope(mid, mailbox, b"work", b"json", oneway=True)
+            sender.send_multipart([SIGNATURE, SUBMIT, env, b"{}"])
+        wake_up()
+        frames = w.recv_multipart()
+        assert dispatched_ids(frames) == ids  # one DISPATCH, in order
+        assert not w.poll(50), "one DISPATCH only"
+        assert server.core.in_flight == 8
+
+        w.send_multipart([SIGNATURE, DONE, *ids[:4]])
+        late = encode_envelope(b"late", mailbox, b"work", b"json", oneway=True)
+        sender.send_multipart([SIGNATURE, SUBMIT, late, b"{}"])
+        wake_up()  # the DONE: nothing to send, so the SUBMIT behind it stays queued
+        assert server.core.in_flight == 4 and server.core.completed_total == 4
+        assert server.sock.poll(0), "the SUBMIT waits for the next recv"
+        wake_up()
+        assert dispatched_ids(w.recv_multipart()) == [b"late"]
+    finally:
+        for sock in socks:
+            sock.close(0)
+        server.close()
+        ctx.term()
