@@ -245,6 +245,7 @@ class Beater:
                 due = [(g, list(g.members)) for g in self._groups.values() if g.next_at <= now]
                 for g, _ in due:
                     g.next_at = now + next_beat_in(now, g.heartbeat, g.phase)
+                fresh = [g for g in self._groups.values() if g.sock is None]
             items: list[Group | Member] = [*closing, *leaving]
             for item in items:
                 try:
@@ -253,6 +254,14 @@ class Beater:
                     log.exception("heartbeats: cannot close a socket")
             for m in leaving:
                 m.left.set()
+            for g in fresh:
+                # Connected at once, not at its first beat (up to an interval away):
+                # sqm asks a reclaim on it from the members' HELLO on, and a ROUTER
+                # drops what it sends to a peer that has not connected yet.
+                try:
+                    self._connect(g)
+                except Exception:  # the thread must go on beating for the others
+                    log.exception("heartbeats: cannot connect to %s", g.endpoint)
             if due:
                 self._beat(due)
             with self._cond:
@@ -302,15 +311,21 @@ class Beater:
                     except Exception:  # the thread must go on beating for the others
                         log.exception("worker %s: cannot give back its messages", m.worker_id)
 
+    @staticmethod
+    def _connect(g: Group) -> None:
+        """Make and connect ``g``'s socket, unless it has one (the beat thread only)."""
+        if g.sock is None:
+            g.sock = broker_socket(g.ctx, g.curve, routing_id=g.rid, linger_ms=0)
+            g.sock.connect(g.endpoint)
+
     def _beat(self, due: list[tuple[Group, list[Member]]]) -> None:
         """Send the due groups' beats, then re-send their workers' ACKs."""
         mono = time.monotonic()
         acked: list[Member] = []
         for g, members in due:
             try:
-                if g.sock is None:
-                    g.sock = broker_socket(g.ctx, g.curve, routing_id=g.rid, linger_ms=0)
-                    g.sock.connect(g.endpoint)
+                self._connect(g)
+                assert g.sock is not None
                 for frames in g.frames(members, mono):
                     try:
                         g.sock.send_multipart(frames, zmq.NOBLOCK)

@@ -1077,7 +1077,10 @@ class QueueCore:
             # its heartbeat connection: its runner is in the callback) to give back
             # what waits behind it and to park its free slots, so nothing more
             # queues there; again every `after` while messages still wait there.
-            if w.beat_rid and (held > w.concurrency or w.asked_at <= w.done_at):
+            # Only while another worker could run them sooner: alone, or beside
+            # workers as stuck, a give-back only moves the wait into sqm.
+            if (w.beat_rid and (held > w.concurrency or w.asked_at <= w.done_at)
+                    and self._room_elsewhere(w, now)):
                 w.asked_at = now
                 self.reclaims_total += 1
                 self.outbox.append(Reclaim(w.beat_rid, w.id))
@@ -1086,6 +1089,27 @@ class QueueCore:
                             stalls[0][0] if stalls else NEVER)
         if released and self.pending:
             self._assign(now)
+
+    def _room_elsewhere(self, w: WorkerState, now: float) -> bool:
+        """Whether another worker that serves what ``w`` holds has a free slot and
+        moves (a free turn, or it ended a message within ``reclaim_after``); ``w``
+        itself, stalled, never does.
+
+        Only a stall check asks (at most once per ``reclaim_after`` per stuck
+        worker), so a look along the idle deques, stopping at the first, is cheap.
+        """
+        soon = now - self.reclaim_after
+        deques = [self._idle]
+        mqs = self._mq
+        for method in {m.method for m in w.in_flight.values()}:
+            mq = mqs.get(method)
+            if mq is not None:
+                deques.append(mq.idle)
+        for idle in deques:
+            for v in idle:
+                if v.free > 0 and (len(v.in_flight) < v.concurrency or v.done_at > soon):
+                    return True
+        return False
 
     def _watch(self, w: WorkerState, at: float) -> None:
         """Check at ``at`` that ``w``, busy with room for more, still ends messages."""

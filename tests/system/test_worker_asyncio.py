@@ -41,21 +41,22 @@ def test_concurrency_8_finishes_8_sleeps_in_about_the_time_of_one(cluster):
 
 
 def test_never_more_than_concurrency_at_once_and_extra_slots_wait(cluster):
-    """3 run at once; sqm may hand it 5, but the 2 waiting behind 3 long naps go
-    back when sqm asks (prefetch reclaim), and come again in their turn."""
+    """3 run at once; sqm hands it 5, and the 2 behind 3 long naps wait in the worker
+    (alone, it is not asked to give them back), and start in their turn."""
     cluster.serve("q")
     w = cluster.worker("q", "--concurrency", "3", "--prefetch", "5", target=APPS)
     held: list[int] = []
 
-    def running_3_rest_back() -> bool:
+    def running_3_rest_wait() -> bool:
         x = cluster.status("q")
         held.append(x["in_flight"])
-        return (x["in_flight"] == 3 and x["workers"][0]["parked"] == 2
-                and x["pending"] == 9 and x["nacked_total"] >= 2)
+        return (x["in_flight"] == 5 and x["workers"][0]["parked"] == 0
+                and x["pending"] == 7 and x["nacked_total"] == 0)
 
     with Sender("q", timeout=30) as s:
         ids = [s.submit("nap", {"s": 0.3, "i": i}) for i in range(12)]
-        wait_for(running_3_rest_back, 10, "3 running, 2 given back, 9 pending")
+        wait_for(running_3_rest_wait, 10, "5 held (3 running), 7 pending")
+        wait_for(lambda: len(starts(cluster)) == 3, 10, "3 started, the other 2 wait a turn")
         assert cluster.status("q")["workers"][0]["slots"] == 5
         results = [s.receive(id=mid) for mid in ids]
     assert max(held) <= 5

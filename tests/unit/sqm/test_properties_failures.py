@@ -100,6 +100,11 @@ class FailureMachine(RuleBasedStateMachine):
                 assert len(w.in_flight) >= w.concurrency, f"{label}: reclaim, it has a free turn"
                 assert self.now - w.done_at >= self.core.reclaim_after, f"{label}: it moves"
                 assert entry.rid == b"beat-" + w.rid
+                # and only while another worker could take what it gives back (one
+                # still registered, or one this very tick removed after the ask)
+                assert any(v is not w for v in self.core.workers.values()) or any(
+                    wid != entry.wid for wid, *_ in self.core.expired), (
+                    f"{label}: reclaim of a worker alone")
                 self.reclaims += 1
                 event("a reclaim asked")
         self.core.outbox.clear()

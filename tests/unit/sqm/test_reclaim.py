@@ -16,11 +16,17 @@ def msg(mid: str) -> Message:
     return Message(mid.encode(), b"origin", [mid.encode()])
 
 
-def setup(slots: int = 4, concurrency: int = 1, beat: bool = True) -> QueueCore:
+def setup(slots: int = 4, concurrency: int = 1, beat: bool = True,
+          other: bool = True) -> QueueCore:
+    """w1 under test; with ``other``, an idle w2 (one slot) after it in the line, so a
+    give-back has somewhere to go (w1's slots come first: w2 gets nothing until they
+    are taken)."""
     core = QueueCore("q", T0)
     core.hello(T0, b"w1", {"slots": slots, "id": "w1", "concurrency": concurrency})
     if beat:
         core.seen_id(T0, "w1", b"beat-1")  # its process's heartbeat connection
+    if other:
+        core.hello(T0, b"w2", {"slots": 1, "id": "w2"})
     core.outbox.clear()
     return core
 
@@ -89,7 +95,6 @@ def test_no_ask_with_a_free_turn_without_prefetch_or_without_a_heartbeat_connect
 
 def test_a_give_back_requeues_at_the_head_parks_the_slots_and_stops_the_asks():
     core = setup(slots=4)
-    core.hello(T0, b"w2", {"slots": 1, "id": "w2"})
     for i in range(6):
         core.submit(T0, msg(f"m{i}"))
     sent = [(e.rid, e.msg.id) for e in core.outbox if type(e) is Dispatch]
@@ -113,9 +118,56 @@ def test_a_give_back_requeues_at_the_head_parks_the_slots_and_stops_the_asks():
 def test_the_heartbeat_connection_named_in_hello_is_asked_before_any_beat():
     core = QueueCore("q", T0)
     core.hello(T0, b"w1", {"slots": 4, "id": "w1", "beat_id": b"B-beat".hex()})
+    core.hello(T0, b"w0", {"slots": 1, "id": "w0"})  # somewhere for a give-back to go
     core.submit(T0, msg("a"))
     core.submit(T0, msg("b"))
     core.outbox.clear()
     assert asks(core, T0 + core.reclaim_after) == [Reclaim(b"B-beat", "w1")]
     core.hello(T0 + 1, b"w2", {"slots": 4, "id": "w2", "beat_id": "not hex"})
     assert core.workers[b"w2"].beat_rid == b""  # a bad one is ignored: learnt from beats
+
+
+def test_alone_it_is_not_asked_until_another_worker_has_room():
+    """A give-back only helps if another worker could run the messages sooner: a
+    worker alone is left alone (under CPU load a quick callback can end nothing for
+    3 ms), and is asked at its next check once another worker joins."""
+    core = setup(other=False)
+    for i in range(3):
+        core.submit(T0, msg(f"m{i}"))
+    T = core.reclaim_after
+    for k in range(1, 6):
+        assert asks(core, T0 + k * T) == []
+    assert core.reclaims_total == 0
+    core.hello(T0 + 5.5 * T, b"w2", {"slots": 1, "id": "w2"})
+    assert asks(core, T0 + 6.5 * T) == [Reclaim(b"beat-1", "w1")]  # its next check
+
+
+def test_not_asked_while_the_others_are_as_stuck():
+    """Another worker's free slot counts only if it moves: a free turn, or a message
+    ended within ``reclaim_after``. A spare slot behind its own long callback does not."""
+    core = setup(other=False)
+    core.hello(T0, b"w2", {"slots": 2, "id": "w2"})  # after w1 in the line
+    for i in range(5):
+        core.submit(T0, msg(f"m{i}"))  # w1: m0..m3 (m0 runs); w2: m4 runs, one spare slot
+    w2 = core.workers[b"w2"]
+    assert list(w2.in_flight) == [b"m4"] and w2.free == 1
+    T = core.reclaim_after
+    assert asks(core, T0 + T) == []
+    assert asks(core, T0 + 2 * T) == []
+    core.done(T0 + 2.5 * T, b"w2", b"m4")  # w2 moves (and is idle): w1 is asked
+    assert asks(core, T0 + 3 * T) == [Reclaim(b"beat-1", "w1")]
+
+
+def test_only_a_worker_that_serves_what_it_holds_counts():
+    """A free worker of another method is no room for w1's messages."""
+    core = QueueCore("q", T0)
+    core.hello(T0, b"w1", {"slots": 4, "id": "w1", "methods": ["a"]})
+    core.seen_id(T0, "w1", b"beat-1")
+    core.hello(T0, b"w2", {"slots": 1, "id": "w2", "methods": ["b"]})
+    for i in range(3):
+        core.submit(T0, Message(b"m%d" % i, b"origin", [b"x"], method=b"a"))
+    core.outbox.clear()
+    T = core.reclaim_after
+    assert asks(core, T0 + T) == []
+    core.hello(T0 + 1.5 * T, b"w3", {"slots": 1, "id": "w3", "methods": ["b", "a"]})
+    assert asks(core, T0 + 2 * T) == [Reclaim(b"beat-1", "w1")]

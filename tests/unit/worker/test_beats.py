@@ -166,3 +166,39 @@ def test_sqm_asks_a_reclaim_on_the_heartbeat_connection_and_the_thread_sleeps_be
             beater.unregister(m, timeout=5)
         router.close(0)
         ctx.term()
+
+
+def test_the_heartbeat_connection_is_up_for_reclaim_asks_before_the_first_beat() -> None:
+    """sqm asks a reclaim on the heartbeat connection from the worker's HELLO on (it
+    names the connection's routing id), and a ROUTER drops what it sends to a peer
+    not connected yet: the thread connects a group at once, not at its first beat.
+
+    The interval is 600 s, so the first beat is at least 60 s away (a tenth of an
+    interval), past this test's timeout: what reaches reclaim() came before any beat.
+    """
+    ctx, router, e = fake_broker()
+    router.router_mandatory = True  # a send to a peer not connected raises, not drops
+    beater = Beater()
+    m = member("early", ctx, [e], hb=600.0)
+    asked: list[str] = []
+    m.reclaim = lambda: asked.append("early")
+    try:
+        beater.register(m)
+        rid = beater.beat_id(m, e)
+        assert rid is not None
+
+        def ask() -> bool:
+            try:
+                router.send_multipart([rid, SIGNATURE, GIVE_BACK, b"early"])
+            except zmq.ZMQError as exc:  # EHOSTUNREACH: not connected (yet)
+                assert exc.errno == zmq.EHOSTUNREACH
+                return False
+            return True
+
+        wait_for(ask, 10, "the heartbeat connection up")
+        wait_for(lambda: asked == ["early"], 5, "reclaim called")
+        assert beater.sent == 0, "no beat was sent: the connection came up on its own"
+    finally:
+        beater.unregister(m, timeout=5)
+        router.close(0)
+        ctx.term()
