@@ -65,6 +65,7 @@ class Workload:
     rate: float = 0.0
     senders: int = 0
     sender_procs: int = 0
+    via: str = ""  # "map": sqm's sync Sender pipelines with Sender.map(), not submit()
 
     @property
     def workers(self) -> int:
@@ -82,12 +83,15 @@ class Workload:
 
 #: Credits per worker of the throughput-mode variants of W2.
 PREFETCH_VARIANTS = (2, 8, 32)
+#: The documented throughput setting's Worker prefetch (W2-map; README, Throughput mode).
+DOCUMENTED_PREFETCH = 32
 #: Workload names in run and table order.
 WORKLOAD_ORDER = (
     "W1",
     "W1-p1",
     "W2",
     *(f"W2-p{p}" for p in PREFETCH_VARIANTS),
+    "W2-map",
     "W3",
     "W4",
     "W5",
@@ -222,6 +226,21 @@ def make_workloads(
             prefetch=p,
             base="W2",
         )
+    out["W2-map"] = Workload(
+        "W2-map",
+        "pipelined",
+        n2,
+        200,
+        2,
+        1,
+        200,
+        f"W2, the documented throughput setting: sqm's sync Sender pipelines with "
+        f"map(max_concurrent=200), workers prefetch={DOCUMENTED_PREFETCH}",
+        prefetch=DOCUMENTED_PREFETCH,
+        systems=("baseline", "sqm"),
+        base="W2",
+        via="map",
+    )
     out["W3"] = Workload(
         "W3",
         "pipelined",

@@ -73,6 +73,25 @@ def test_w8_and_w9_on_sqm() -> None:
 
 
 @pytest.mark.timeout(240)
+def test_w2_map_the_throughput_setting_on_sqm() -> None:
+    """W2-map pipelines through Sender.map() to workers of prefetch 32, and its
+    target is the one against NATS's W2."""
+    wl = dataclasses.replace(WORKLOADS["W2-map"], n=600, warmup=50)
+    assert wl.via == "map" and wl.prefetch == 32
+    row = _run("sqm", wl)
+    assert row["metrics"]["tasks_per_s"] > 0 and row["details"]["via"] == "map"
+    per_worker = row["details"]["per_worker_measured"]
+    assert len(per_worker) == 2 and sum(per_worker.values()) == 600
+    nats_w2: dict[str, Any] = {"system": "nats", "workload": "W2", "status": "ok",
+                               "metrics": {"tasks_per_s": row["metrics"]["tasks_per_s"] / 2}}
+    rows = [row, nats_w2]
+    cli.add_ratios(rows)
+    assert row["metrics"]["x_nats_tasks_per_s"] == pytest.approx(2.0)
+    checked = {(t["workload"], t["metric"]) for t in cli.check_targets(rows)}
+    assert ("W2-map", "x_nats_tasks_per_s") in checked
+
+
+@pytest.mark.timeout(240)
 def test_nats_peer() -> None:
     assert nats_peer.unavailable() is None, "bash .ci/install-test-deps; pip install -e '.[test]'"
     rows = [
