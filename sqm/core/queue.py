@@ -320,7 +320,8 @@ class QueueCore:
                 if not w.in_flight:
                     w.busy_since = now
                 w.in_flight[mid] = msg
-                if len(w.in_flight) >= w.concurrency and w.prefetches and not w.watch_at:
+                if (len(w.in_flight) >= w.concurrency and w.prefetches and not w.watch_at
+                        and len(self.workers) > 1):
                     self._watch(w, now + self.reclaim_after)  # busy, with room for more: watch
                 w.free -= 1
                 w.last_sent = now
@@ -476,10 +477,25 @@ class QueueCore:
         self.workers[rid] = w
         self._by_id[wid] = w
         self.ever.add(wid)
+        if len(self.workers) == 2:
+            self._watch_alone(now)
         self._serve(w, read_methods(info))
         w.free = 0
         self._offer(now, w, slots)
         return w
+
+    def _watch_alone(self, now: float) -> None:
+        """A second worker joined: the first, unwatched while alone, is watched if it
+        is busy with room for more (a give-back can help now)."""
+        for v in self.workers.values():
+            self._watch_if_busy(now, v)
+
+    def _watch_if_busy(self, now: float, w: WorkerState) -> None:
+        """Watch ``w`` if it is busy with room for more and not alone (what
+        :meth:`_dispatch` checks inline, for the paths that change it otherwise)."""
+        if (len(w.in_flight) >= w.concurrency and w.prefetches and not w.watch_at
+                and (w.state == READY or w.state == STOPPING) and len(self.workers) > 1):
+            self._watch(w, now + self.reclaim_after)
 
     def _hello_again(self, now: float, w: WorkerState, info: dict[str, Any],
                      watchable: bool) -> WorkerState:
@@ -512,6 +528,7 @@ class QueueCore:
         self._set_liveness(now, w, info, watchable)
         self._serve(w, read_methods(info))
         w.free = 0
+        self._watch_if_busy(now, w)  # its concurrency or slots may have changed
         self._offer(now, w, w.slots - held)
         return w
 
@@ -1069,6 +1086,8 @@ class QueueCore:
             if (held < w.concurrency or not w.prefetches
                     or (w.state != READY and w.state != STOPPING)):
                 continue  # a free turn, no room for more, or it takes no work: no watch
+            if len(self.workers) < 2:
+                continue  # alone: nobody to give back to (watched again when one joins)
             after = self.reclaim_after
             if w.done_at > at - after:  # it ended one since the watch began: it moves
                 self._watch(w, max(w.done_at, now - after / 2) + after)
@@ -1242,7 +1261,8 @@ class QueueCore:
         if not w.in_flight:
             w.busy_since = now
         w.in_flight[msg.id] = msg
-        if len(w.in_flight) >= w.concurrency and w.prefetches and not w.watch_at:
+        if (len(w.in_flight) >= w.concurrency and w.prefetches and not w.watch_at
+                and len(self.workers) > 1):  # alone: no give-back could help (no timer)
             self._watch(w, now + self.reclaim_after)  # busy, with room for more: watch
         w.free -= 1
         w.last_sent = now

@@ -46,6 +46,7 @@ from sqm.core import (
     QueueCore,
     Reclaim,
 )
+from sqm.core.workers import READY, STOPPING
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -108,6 +109,16 @@ class FailureMachine(RuleBasedStateMachine):
                 self.reclaims += 1
                 event("a reclaim asked")
         self.core.outbox.clear()
+
+    def _busy_unwatched(self) -> list[bytes]:
+        """Workers busy with room for more, not alone, that no stall check watches."""
+        core = self.core
+        if len(core.workers) < 2:
+            return []
+        return [rid for rid, w in core.workers.items()
+                if w.state in (READY, STOPPING) and w.prefetches
+                and len(w.in_flight) >= w.concurrency
+                and not w.watch_at]
 
     def _end(self, msg: Message, how: str) -> None:
         prev = self.ends.setdefault(msg.id, [])
@@ -284,6 +295,12 @@ class FailureMachine(RuleBasedStateMachine):
             "a due message left held"
 
     # ------------------------------------------------------------ invariants
+
+    @invariant()
+    def stuck_workers_can_be_found(self) -> None:
+        """Not alone, a busy worker with room for more is always watched: a stall
+        check will see it if it stops ending messages (none is armed for one alone)."""
+        assert self._busy_unwatched() == [], "busy with room for more, not watched"
 
     @invariant()
     def counts(self) -> None:

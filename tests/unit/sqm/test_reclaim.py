@@ -3,6 +3,8 @@ what a give-back does to the queue and the worker's slots."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from sqm.core import Dispatch, Message, QueueCore, Reclaim
@@ -134,12 +136,14 @@ def test_alone_it_is_not_asked_until_another_worker_has_room():
     core = setup(other=False)
     for i in range(3):
         core.submit(T0, msg(f"m{i}"))
+    assert core.timer_at == math.inf, "alone, it is not even watched: no timer wakes sqm"
     T = core.reclaim_after
     for k in range(1, 6):
         assert asks(core, T0 + k * T) == []
     assert core.reclaims_total == 0
-    core.hello(T0 + 5.5 * T, b"w2", {"slots": 1, "id": "w2"})
-    assert asks(core, T0 + 6.5 * T) == [Reclaim(b"beat-1", "w1")]  # its next check
+    core.hello(T0 + 5.5 * T, b"w2", {"slots": 1, "id": "w2"})  # watched from now on
+    assert core.timer_at == pytest.approx(T0 + 6.5 * T)
+    assert asks(core, T0 + 6.6 * T) == [Reclaim(b"beat-1", "w1")]
 
 
 def test_not_asked_while_the_others_are_as_stuck():
@@ -171,3 +175,16 @@ def test_only_a_worker_that_serves_what_it_holds_counts():
     assert asks(core, T0 + T) == []
     core.hello(T0 + 1.5 * T, b"w3", {"slots": 1, "id": "w3", "methods": ["b", "a"]})
     assert asks(core, T0 + 2 * T) == [Reclaim(b"beat-1", "w1")]
+
+
+def test_once_alone_again_the_watch_stops():
+    """The other worker leaves: the next check finds the stuck one alone, asks
+    nothing and arms no further check (no timer wakes sqm every 3 ms for nothing)."""
+    core = setup()
+    for i in range(3):
+        core.submit(T0, msg(f"m{i}"))
+    T = core.reclaim_after
+    assert core.timer_at == pytest.approx(T0 + T)
+    core.bye(T0 + 0.5 * T, b"w2")
+    assert asks(core, T0 + 1.1 * T) == []
+    assert core.timer_at == math.inf
