@@ -232,7 +232,7 @@ def is_number(x: Any) -> bool:
 def test_status_json_keys_types_and_values(cluster):
     before = time.time()
     cluster.serve("q")
-    w = cluster.worker("q")
+    w = cluster.worker("q", "--prefetch", "1")  # below, the second message waits in sqm
     k = 3
     with Sender("q") as s:
         for i in range(k):

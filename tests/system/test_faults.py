@@ -176,7 +176,7 @@ def test_worker_lost_when_every_retry_is_used_up(cluster):
 
 def test_graceful_worker_sigterm_mid_task_loses_nothing(cluster):
     cluster.serve("gq", heartbeat=0.2)
-    w = cluster.worker("gq", heartbeat=0.2)
+    w = cluster.worker("gq", "--prefetch", "1", heartbeat=0.2)  # the second waits in sqm
     with Sender("gq") as s:
         busy = s.submit("sleep", {"s": 1.5}, timeout=20)
         assert started(cluster.log)[0]["pid"] == w.pid
@@ -209,7 +209,7 @@ def test_sigterm_worker_takes_no_new_message(cluster):
     not be handed to it: it stays pending for another worker.
     """
     cluster.serve("tq", heartbeat=0.2)
-    w = cluster.worker("tq", heartbeat=0.2)
+    w = cluster.worker("tq", "--prefetch", "1", heartbeat=0.2)  # the second waits in sqm
     with Sender("tq") as s:
         busy = s.submit("sleep", {"s": 1.0}, timeout=20)
         started(cluster.log)

@@ -72,7 +72,8 @@ def test_rpc_to_another_queue_of_the_same_sqm(cluster):
 
 def test_every_worker_waiting_on_its_own_queue_times_out_and_keeps_heartbeating(cluster):
     cluster.serve("q")  # heartbeat 0.2 s: silent for 0.6 s means dead
-    cluster.worker("q", target=f"{APPS}:followers")  # one slot: nobody left for "inner"
+    cluster.worker("q", "--prefetch", "1", target=f"{APPS}:followers")  # one slot: nobody
+    # left for "inner" (with more, it would wait in that worker's own queue, alone)
     with Sender("q", timeout=20) as s:
         assert s.rpc("self_wait", 1) == "Timeout"  # the documented deadlock, bounded
     st = wait_for(lambda: (x := cluster.status("q"))["completed_total"] == 1 and x, 10,
