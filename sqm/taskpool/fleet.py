@@ -94,6 +94,15 @@ def plan_fleet(desired: int, members: Sequence[Member], limits: Limits) -> Plan:
     return plan
 
 
+def waiting(status: dict[str, Any]) -> int:
+    """Messages waiting for a turn, as a queue's status shows them: pending in sqm,
+    and held by a worker beyond what it runs at once (its prefetch). A worker
+    alone keeps what it prefetched, so pending alone would hide that backlog."""
+    held = sum(max(0, int(w.get("in_flight", 0)) - int(w.get("concurrency", 1)))
+               for w in status.get("workers", []))
+    return int(status.get("pending", 0)) + held
+
+
 def worker_argv(target: str, queue: str, worker_args: Sequence[str] = ()) -> list[str]:
     """The command of one fleet worker: a single-process ``sqm worker`` (see sqm_command)."""
     return sqm_command("worker", target, "--queue", queue, "--processes", "1", *worker_args)
@@ -167,10 +176,11 @@ class WorkerFleet:
         members = self.members(tasks, status)
         if self.autoscaler is not None and status is not None:
             serving = {m.child_pid for m in members if not m.retiring}
-            idle = sum(1 for w in status.get("workers", [])
+            workers = status.get("workers", [])
+            idle = sum(1 for w in workers
                        if w.get("pid") in serving and w.get("state") == "idle")
             self.desired = self.autoscaler.decide(
-                now, len(serving), int(status.get("pending", 0)), idle)
+                now, len(serving), waiting(status), idle)
         plan = plan_fleet(self.desired, members, self.limits)
         for pid in plan.retire:
             self.retiring.add(pid)

@@ -52,7 +52,8 @@ def brokers(cluster):
 
 def test_batch_survives_a_broker_killed_mid_batch(cluster, brokers):
     a, b, pa, pb = brokers
-    cluster.worker("q", target=APPS, endpoint=a, heartbeat=HB)
+    # A's lone worker takes one at a time: what A holds waits in A, where the kill loses it
+    cluster.worker("q", "--prefetch", "1", target=APPS, endpoint=a, heartbeat=HB)
     cluster.worker("q", target=APPS, endpoint=b, processes=2, heartbeat=HB)
     payloads = [{"x": i, "s": 0.05} for i in range(80)]
     with Sender("q", endpoint=[a, b], heartbeat=HB, timeout=30) as s:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqm.taskpool.fleet import Limits, Member, plan_fleet, recycle_due
+from sqm.taskpool.fleet import Limits, Member, plan_fleet, recycle_due, waiting
 
 MB = 1024 * 1024
 
@@ -31,3 +31,15 @@ def test_plan_grows_and_shrinks_idle_first():
     members = [Member(1, 11, busy=True), Member(2, 12), Member(3, 13, busy=True), Member(4, 14)]
     plan = plan_fleet(2, members, Limits())
     assert plan.spawn == 0 and sorted(plan.retire) == [2, 4]
+
+
+def test_waiting_counts_what_workers_prefetched_behind_their_turns():
+    """The autoscaler's backlog: pending in sqm plus what each worker holds beyond
+    what it runs at once (a worker alone keeps what it prefetched)."""
+    status = {"pending": 2, "workers": [
+        {"in_flight": 16, "concurrency": 1},  # one runs, 15 wait there
+        {"in_flight": 3, "concurrency": 4},  # a free turn: nothing waits
+        {"in_flight": 5, "concurrency": 2},
+    ]}
+    assert waiting(status) == 2 + 15 + 0 + 3
+    assert waiting({"pending": 0, "workers": []}) == 0
