@@ -477,18 +477,13 @@ class QueueCore:
         self.workers[rid] = w
         self._by_id[wid] = w
         self.ever.add(wid)
-        if len(self.workers) == 2:
-            self._watch_alone(now)
+        if len(self.workers) == 2:  # no longer alone: the first is watched if busy
+            for v in self.workers.values():
+                self._watch_if_busy(now, v)
         self._serve(w, read_methods(info))
         w.free = 0
         self._offer(now, w, slots)
         return w
-
-    def _watch_alone(self, now: float) -> None:
-        """A second worker joined: the first, unwatched while alone, is watched if it
-        is busy with room for more (a give-back can help now)."""
-        for v in self.workers.values():
-            self._watch_if_busy(now, v)
 
     def _watch_if_busy(self, now: float, w: WorkerState) -> None:
         """Watch ``w`` if it is busy with room for more and not alone (what

@@ -176,8 +176,7 @@ class WorkerFleet:
         members = self.members(tasks, status)
         if self.autoscaler is not None and status is not None:
             serving = {m.child_pid for m in members if not m.retiring}
-            workers = status.get("workers", [])
-            idle = sum(1 for w in workers
+            idle = sum(1 for w in status.get("workers", [])
                        if w.get("pid") in serving and w.get("state") == "idle")
             self.desired = self.autoscaler.decide(
                 now, len(serving), waiting(status), idle)
