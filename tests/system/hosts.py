@@ -181,8 +181,11 @@ class HostProc:
             raise AssertionError(f"{self.name} exited ({self.popen.returncode}):\n{self.stderr}")
 
     def said(self) -> list[dict[str, Any]]:
-        """The JSON lines it has printed so far (what :func:`sender_main` reports)."""
-        return [json.loads(line) for line in self.stdout.splitlines() if line.startswith("{")]
+        """The JSON lines it has printed so far (what :func:`sender_main` reports); a
+        last line still being written (no newline yet) waits for the next look."""
+        out = self.stdout  # read once: the file grows meanwhile
+        done = out[:out.rfind("\n") + 1]
+        return [json.loads(line) for line in done.splitlines() if line.startswith("{")]
 
     def summary(self) -> dict[str, Any] | None:
         """A :func:`sender_main` batch's summary, once printed; raises if it died first."""
