@@ -946,6 +946,48 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+#: Before each run the machine must be this idle (busy fraction of all CPUs over
+#: SETTLE_WINDOW_S), waiting at most SETTLE_MAX_S: the previous run's processes
+#: (512 senders of W9 exiting, a NATS server) must not be measured with the next.
+SETTLE_BUSY = 0.25
+SETTLE_WINDOW_S = 0.25
+SETTLE_MAX_S = 10.0
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs so far, from /proc/stat (None off Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def settle() -> tuple[float, float | None]:
+    """Wait until the machine is nearly idle (at most SETTLE_MAX_S); return
+    (seconds waited, busy fraction of the last window; None off Linux).
+
+    The same for every system, so same-run ratios compare runs that start
+    alike; a sleep is fine here (the harness, never a measured path).
+    """
+    t0 = time.monotonic()
+    busy: float | None = None
+    before = _cpu_times()
+    while before is not None:
+        time.sleep(SETTLE_WINDOW_S)
+        after = _cpu_times()
+        if after is None:
+            break
+        total = after[1] - before[1]
+        busy = (after[0] - before[0]) / total if total > 0 else 0.0
+        if busy < SETTLE_BUSY or time.monotonic() - t0 >= SETTLE_MAX_S:
+            break
+        before = after
+    return time.monotonic() - t0, busy
+
+
 def _loadavg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -975,6 +1017,7 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     failed = [r for r in runs if r["status"] != "ok"]
     row["warnings"] = [w for r in runs for w in r["warnings"]]
     row["runs"] = [r["metrics"] for r in runs]
+    row["settled"] = [r.get("settled") for r in runs]
     row["wall_s"] = sum(r.get("wall_s", 0.0) for r in runs)
     if failed:
         row.update(status="failed", error=failed[0]["error"])
@@ -1328,8 +1371,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         file=sys.stderr,
                         flush=True,
                     )
+                    waited, busy = settle()
                     t0 = time.monotonic()
                     row = run_one(systems[s], wl, args)
+                    row["settled"] = {"waited_s": round(waited, 2),
+                                      "busy": None if busy is None else round(busy, 3)}
+                    if busy is not None and busy >= SETTLE_BUSY:
+                        row["warnings"].append(f"the machine was still {busy:.0%} busy after "
+                                               f"{waited:.1f} s: measured anyway")
                     row["wall_s"] = time.monotonic() - t0
                     print(f"{row['status']} in {row['wall_s']:.1f}s", file=sys.stderr, flush=True)
                     for warning in row["warnings"]:

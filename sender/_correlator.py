@@ -34,13 +34,16 @@ from sqm.errors import (
 from sqm.protocol import (
     ACCEPTED,
     ACK,
+    COMPACT_RESULT,
     ERROR,
     FLAG_ACK,
+    FLAG_COMPACT_REPLY,
     FLAG_ONEWAY,
     PROGRESS,
     RESULT,
     SIGNATURE,
     SUBMIT,
+    classic_result,
     pack_envelope,
     unpack_ids,
 )
@@ -49,6 +52,9 @@ from sqm.zmqfast import recv_frames
 
 OK = 0
 FAILED = 1
+#: The flags of a message whose caller wants the ACK at once (its mailbox reads
+#: compact replies, as every message's of this Sender).
+ACK_COMPACT = FLAG_ACK | FLAG_COMPACT_REPLY
 
 #: What sqm answers to a SUBMIT whose id it already holds. A re-sent copy
 #: (see _links.py) can meet its original: that means "sqm has it", not an error.
@@ -229,7 +235,7 @@ class Correlator:
             raise ValueError("method name too long")
         mid = self.next_id()
         env = pack_envelope(
-            FLAG_ONEWAY if oneway else FLAG_ACK if ack else 0,
+            FLAG_ONEWAY if oneway else ACK_COMPACT if ack else FLAG_COMPACT_REPLY,
             retries,
             prio,
             time.time() + expires if expires else 0.0,
@@ -249,6 +255,8 @@ class Correlator:
 
     def feed(self, frames: list[bytes], from_broker: bool) -> str | None:
         """Take one incoming message; return its id if it made a reply ready for receive()."""
+        if len(frames) == 1 and not from_broker and frames[0].startswith(COMPACT_RESULT):
+            frames = classic_result(frames[0])
         if len(frames) < 3 or frames[0] != SIGNATURE:
             self.dropped += 1
             return None

@@ -37,7 +37,15 @@ from typing import Any
 import zmq
 
 from sqm.errors import AuthError
-from sqm.protocol import ACCEPTED, FEATURES, FLAG_ACK, SIGNATURE, SUBMIT
+from sqm.protocol import (
+    ACCEPTED,
+    COMPACT_SUBMIT,
+    FEATURE_BATCH,
+    FEATURE_COMPACT,
+    FLAG_ACK,
+    SIGNATURE,
+    SUBMIT,
+)
 from sqm.security.handshake import NO_DETAIL_REPEATS, classify
 from sqm.security.keys import KeyPair
 from sqm.sockets import make_socket
@@ -103,12 +111,27 @@ def monitor_event(frames: list[bytes]) -> int:
     return int.from_bytes(frames[0][:2], sys.byteorder)
 
 
+def learn_features(link: Link, features: bytes) -> None:
+    """What the broker on ``link`` takes, from its ACCEPTED's features frame."""
+    link.batches = FEATURE_BATCH in features
+    link.compact = FEATURE_COMPACT in features
+
+
+def compact_submit(frames: list[bytes]) -> bytes:
+    """A 4-frame SUBMIT's frame in compact form (one frame: docs/PROTOCOL.md).
+
+    A payload over COMPACT_MAX is joined too: a batch is all of one form,
+    and a batch of big payloads is rare enough not to matter.
+    """
+    return COMPACT_SUBMIT + frames[2] + frames[3]
+
+
 class Link:
     """One broker: its DEALER (``sock``; ``raw`` is a plain view for NOBLOCK
     I/O), the monitor socket, and what the sender knows of the connection."""
 
     __slots__ = ("endpoint", "sock", "raw", "monitor", "state", "epoch", "resend_at", "tasks",
-                 "reached", "broken", "batches", "queued")
+                 "reached", "broken", "batches", "compact", "queued")
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
@@ -123,6 +146,8 @@ class Link:
         self.broken = 0  # handshakes that failed without detail, in a row
         #: The broker on this connection takes batched SUBMITs (its ACCEPTED said so).
         self.batches = False
+        #: ... and compact SUBMITs (one frame per message: ``FEATURE_COMPACT``).
+        self.compact = False
         #: Submissions waiting for :meth:`Links.flush` (AsyncSender: this loop iteration's).
         self.queued: list[tuple[str, list[bytes]]] = []
 
@@ -221,7 +246,7 @@ class Links:
                 return
             link.state = DOWN
             link.epoch += 1
-            link.batches = False  # the broker that comes back may be an older one
+            link.batches = link.compact = False  # the broker that comes back may be older
         else:
             return
         self.up = [x for x in self.links if x.state == UP]
@@ -299,7 +324,9 @@ class Links:
             return False
         link.queued = []
         if link.state != DOWN and link.raw is not None:
-            if len(queued) == 1:
+            if link.compact:
+                frames = [compact_submit(one) for _, one in queued]
+            elif len(queued) == 1:
                 frames = queued[0][1]
             else:
                 frames = [SIGNATURE, SUBMIT]
@@ -336,7 +363,7 @@ class Links:
             elif len(frames) < 2 or frames[1] != ACCEPTED:
                 n += 1
             elif len(frames) > 3 and not link.batches:
-                link.batches = FEATURES in frames[3]
+                learn_features(link, frames[3])
 
     def due(self, now: float) -> float:
         """Do re-sends whose time has come; return when to look again (inf: nothing to do)."""

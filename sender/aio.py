@@ -14,13 +14,13 @@ import zmq.asyncio
 
 from sqm import protocol
 from sqm.errors import SQMError
-from sqm.protocol import ACCEPTED, FEATURES, MAX_SUBMIT_BATCH
-from sqm.zmqfast import recv_frames, send_frames
+from sqm.protocol import ACCEPTED, COMPACT_MAX, COMPACT_SUBMIT, MAX_SUBMIT_BATCH
+from sqm.zmqfast import NOBLOCK, recv_frames, send_frames, send_raw
 
 from ._batch import DONE, EMIT, NEED, Batch
 from ._correlator import NO_TIMING, Outcome, timing
 from ._hooks import OnComplete, OnFail, OnStart, OnStatus, run_calls
-from ._links import Link, monitor_event
+from ._links import Link, learn_features, monitor_event
 from .base import SenderBase
 
 log = logging.getLogger("sender")
@@ -155,7 +155,7 @@ class AsyncSender(SenderBase):
                     wake(mid)
                 elif (link is not None and not link.batches and len(frames) > 3
                       and frames[1] == ACCEPTED):
-                    link.batches = FEATURES in frames[3]  # this broker takes batches
+                    learn_features(link, frames[3])  # this broker takes batches
             if core.calls:
                 run_calls(core, self._spawn)
             if pause:
@@ -276,7 +276,10 @@ class AsyncSender(SenderBase):
         if link.queued:
             self._flush(link)  # a oneway message keeps its place behind them
         try:
-            send_frames(link.raw, frames)
+            if link.compact and len(frames[3]) <= COMPACT_MAX:
+                send_raw(link.raw, COMPACT_SUBMIT + frames[2] + frames[3], NOBLOCK)
+            else:
+                send_frames(link.raw, frames)
         except zmq.Again:  # the queue towards sqm is full (sqm down or slow)
             link = await self._send_slow(mid, frames, timeout, link)
         if not oneway:

@@ -13,8 +13,8 @@ import zmq.asyncio
 
 from sqm import protocol
 from sqm.errors import SQMError
-from sqm.protocol import MAX_SUBMIT_BATCH
-from sqm.zmqfast import RCVTIMEO, recv_frames, send_frames, set_option
+from sqm.protocol import COMPACT_MAX, COMPACT_SUBMIT, MAX_SUBMIT_BATCH
+from sqm.zmqfast import NOBLOCK, RCVTIMEO, recv_frames, send_frames, send_raw, set_option
 
 from ._batch import DONE, EMIT, NEED, Batch
 from ._correlator import NO_TIMING, Outcome, read_all, timing
@@ -176,7 +176,10 @@ class Sender(SenderBase):
                 self._links.flush(link)
             return mid
         try:
-            send_frames(link.raw, frames)
+            if link.compact and len(frames[3]) <= COMPACT_MAX:  # one frame: docs/PROTOCOL.md
+                send_raw(link.raw, COMPACT_SUBMIT + frames[2] + frames[3], NOBLOCK)
+            else:
+                send_frames(link.raw, frames)
         except zmq.Again:
             link = self._send_slow(mid, frames, timeout, link)
         if not oneway:

@@ -142,9 +142,8 @@ class DeadLetterPlugin(Plugin):
             return
         letters = self.letters(server)
         letters.total += 1
-        frames = msg.frames
-        dead = DeadLetter(msg.id, msg.origin, frames[2], frames[3], error, msg.deliveries,
-                          time.time())
+        env, payload = protocol.message_parts(msg.frames)
+        dead = DeadLetter(msg.id, msg.origin, env, payload, error, msg.deliveries, time.time())
         entries = letters.entries
         entries.pop(msg.id, None)  # the same id again (replayed, failed again): newest wins
         entries[msg.id] = dead

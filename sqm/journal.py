@@ -329,8 +329,8 @@ class JournalPlugin(Plugin):
                      server.name, len(rows), journal.path)
 
     def accepted(self, server: QueueServer, msg: Message) -> None:
-        frames = msg.frames
-        self.journal.add(server.name, msg.id, msg.origin, frames[2], frames[3])
+        env, payload = protocol.message_parts(msg.frames)
+        self.journal.add(server.name, msg.id, msg.origin, env, payload)
 
     def ended(self, server: QueueServer, msg: Message, outcome: str) -> None:
         self.journal.remove(server.name, msg.id)

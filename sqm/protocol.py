@@ -36,12 +36,18 @@ STATUS = b"?"
 CONTROL = b"!"  # admin request/reply: [SIG, !, json] both ways
 # broker -> client
 ACCEPTED = b"K"  # [SIG, K, packed ids, features]: sqm took these messages (journaled, with --journal)
-#: ACCEPTED's 4th frame: what this sqm takes besides the basics. ``B``: SUBMIT
-#: may carry several messages (a Sender batches only towards such a broker).
-FEATURES = b"B"
+#: ACCEPTED's 4th frame: what this sqm takes besides the basics, one letter
+#: each. ``B``: SUBMIT may carry several messages (a Sender batches only
+#: towards such a broker). ``C``: it reads the compact messages below (a
+#: Sender sends compact SUBMITs only to such a broker; for a worker, BATCHES
+#: names the compact DONE's command byte ``r``).
+FEATURE_BATCH = b"B"
+FEATURE_COMPACT = b"C"
+FEATURES = FEATURE_BATCH + FEATURE_COMPACT
 # worker -> broker
 HELLO = b"W"
 DONE = b"R"
+DONE_FAILED = b"F"  # DONE carries its outcome in the command byte
 HEARTBEAT = b"H"  # [SIG, H] | [SIG, H, wid] | [SIG, H, wid, json self-report] | [SIG, H, "", packed wids]
 #: The 5th frame of sqm's HELLO answer ``[SIG, H, interval-ms, report-ms, PACKED_BEATS]``
 #: to a worker whose HELLO asked (``"packed_beats": true``): this sqm reads the
@@ -87,6 +93,35 @@ MAX_SUBMIT_BATCH = 64
 # that sent one may name several ids: [SIGNATURE, R, id1, id2, ...].
 
 
+# Compact messages: the hot ones in one frame each, ``SIGNATURE + command +
+# body`` (docs/PROTOCOL.md, "Compact messages"). Receiving costs about 1 µs
+# per frame in Python (a frame object and its "more" flag) where one frame
+# more in a message costs libzmq almost nothing, so the messages of every
+# rpc (SUBMIT, DISPATCH, RESULT, DONE) travel as one frame where both ends
+# know the form.
+#: SUBMIT in one frame: ``SQM1s`` + envelope + payload. sqm forwards it to a
+#: worker that reads compact messages unchanged: that is the compact DISPATCH
+#: (one such frame per message, several in a batch).
+COMPACT_SUBMIT = b"SQM1s"
+#: RESULT in one frame: ``SQM1y`` + id length (1 byte) + id + payload. Sent
+#: only for a message whose envelope has FLAG_COMPACT_REPLY.
+COMPACT_RESULT = b"SQM1y"
+#: DONE in one frame: ``SQM1r`` (ok) or ``SQM1f`` (failed) + the ids packed as
+#: ACCEPTED packs them (:func:`pack_ids`).
+COMPACT_DONE = b"SQM1r"
+COMPACT_DONE_FAILED = b"SQM1f"
+COMPACT_HEAD = len(COMPACT_SUBMIT)  # 5: where the envelope starts
+#: BATCHES's 3rd frame from this sqm: the worker commands it reads besides the
+#: basics, one byte each: GIVE_BACK, and the compact DONE (``r``, ``f``).
+BATCHES_READS = GIVE_BACK + COMPACT_DONE[4:]
+#: Each compact command as its classic command byte (what a role check reads).
+COMPACT_COMMANDS = {COMPACT_SUBMIT: SUBMIT, COMPACT_DONE: DONE, COMPACT_DONE_FAILED: DONE_FAILED}
+#: The largest payload sent in compact form: joining it to the envelope copies
+#: it, which past this costs more than the frames it saves (libzmq sends big
+#: frames without a copy).
+COMPACT_MAX = 64 * 1024
+
+
 def is_multi_dispatch(frames: list[bytes]) -> bool:
     """True for a DISPATCH of two or more messages (6, 8, ... frames)."""
     n = len(frames)
@@ -119,12 +154,14 @@ FLAG_EXTRA = 0x02
 # comes with its next heartbeat, and only if the callback still runs then
 # (one mailbox message less per message). sqm never reads it.
 FLAG_ACK = 0x04
+# The caller's mailbox reads RESULT in one frame (COMPACT_RESULT): set by
+# Senders of this version, read only by workers (an older one answers in
+# four frames, which the Sender reads too). sqm never reads it.
+FLAG_COMPACT_REPLY = 0x08
 EXTRA = struct.Struct("!dfB")
 PRIORITY_HIGH, PRIORITY_NORMAL, PRIORITY_LOW = 0, 1, 2
 PRIORITIES = {"high": PRIORITY_HIGH, "normal": PRIORITY_NORMAL, "low": PRIORITY_LOW}
 
-# DONE carries its outcome in the command byte.
-DONE_FAILED = b"F"
 
 MAX_ID = 128
 MAX_MAILBOX = 256
@@ -135,6 +172,8 @@ DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
 def pack_ids(ids: list[bytes]) -> bytes:
     """Message ids in one frame, each preceded by its length (1 byte; ids are ≤ 128)."""
+    if len(ids) == 1:
+        return bytes((len(ids[0]),)) + ids[0]
     return b"".join([bytes((len(i),)) + i for i in ids])
 
 
@@ -247,6 +286,80 @@ def read_head(env: bytes) -> tuple[int, int, int, float, int, int, int]:
     id_end = HEAD + il
     mailbox_end = id_end + ml
     return flags, retries, priority, deadline, id_end, mailbox_end, mailbox_end + mtl
+
+
+def read_compact(frame: bytes) -> tuple[int, int, int, float, int, int, int, int]:
+    """:func:`read_head` for a compact SUBMIT frame (``SQM1s`` + envelope + payload).
+
+    Returns (flags, retries, priority, deadline, id_end, mailbox_end,
+    method_end, envelope_end), offsets into ``frame``: the id is
+    ``frame[COMPACT_HEAD + HEAD:id_end]`` and the payload ``frame[envelope_end:]``.
+    Raises ValueError when malformed.
+    """
+    try:
+        flags, retries, priority, deadline, il, ml, mtl, sl = ENVELOPE_HEAD.unpack_from(
+            frame, COMPACT_HEAD)
+    except struct.error:
+        raise ValueError("envelope too short") from None
+    if not il or not mtl or not sl or ml > MAX_MAILBOX or mtl > MAX_METHOD or sl > MAX_SERIALIZER:
+        raise ValueError("envelope field empty or too long")
+    id_end = COMPACT_HEAD + HEAD + il
+    mailbox_end = id_end + ml
+    method_end = mailbox_end + mtl
+    end = method_end + sl + (EXTRA.size if flags & FLAG_EXTRA else 0)
+    if end > len(frame):
+        raise ValueError("envelope lengths do not add up")
+    return flags, retries, priority, deadline, id_end, mailbox_end, method_end, end
+
+
+def compact_parts(frame: bytes) -> tuple[bytes, bytes]:
+    """(envelope, payload) of a compact SUBMIT frame; ValueError when malformed."""
+    end = read_compact(frame)[7]
+    return frame[COMPACT_HEAD:end], frame[end:]
+
+
+def message_parts(frames: list[bytes]) -> tuple[bytes, bytes]:
+    """(envelope, payload) of a message sqm holds: ``[SIG, cmd, env, payload]``
+    or ``[compact SUBMIT frame]`` (valid: sqm read it at its SUBMIT)."""
+    if len(frames) == 1:
+        return compact_parts(frames[0])
+    return frames[2], frames[3]
+
+
+def compact_dispatches(frames: list[bytes]) -> list[bytes] | None:
+    """A compact DISPATCH (one ``SQM1s`` frame per message) as the classic one,
+    ``[SIG, D, env1, payload1, ...]``; None when ``frames`` is not one.
+
+    Workers read it so (the rest of a worker knows one form); a malformed
+    message gets an empty envelope, which the worker refuses as for the
+    classic form.
+    """
+    if not frames[0].startswith(COMPACT_SUBMIT):
+        return None
+    out = [SIGNATURE, DISPATCH]
+    for frame in frames:
+        try:
+            if not frame.startswith(COMPACT_SUBMIT):
+                raise ValueError("not a compact message")
+            end = read_compact(frame)[7]
+        except ValueError:
+            out += (b"", b"")
+            continue
+        out += (frame[COMPACT_HEAD:end], frame[end:])
+    return out
+
+
+def compact_result(msg_id: bytes, body: bytes) -> bytes:
+    """RESULT in one frame (COMPACT_RESULT)."""
+    return COMPACT_RESULT + bytes((len(msg_id),)) + msg_id + body
+
+
+def classic_result(frame: bytes) -> list[bytes]:
+    """A compact RESULT as ``[SIG, RESULT, id, payload]`` (as is when too short to be one)."""
+    if len(frame) < COMPACT_HEAD + 2:
+        return [frame]
+    end = COMPACT_HEAD + 1 + frame[COMPACT_HEAD]
+    return [SIGNATURE, RESULT, frame[COMPACT_HEAD + 1:end], frame[end:]]
 
 
 def envelope_id(env: bytes) -> bytes:

@@ -24,6 +24,7 @@ from .protocol import (
     ABILITIES,
     BYE,
     CANCEL,
+    COMPACT_HEAD,
     CONTROL,
     CREDIT,
     DISPATCH,
@@ -44,6 +45,7 @@ from .protocol import (
     SUBMIT,
     SUBMIT_FRAMES,
     MailboxPolicy,
+    read_compact,
     read_head,
 )
 
@@ -143,6 +145,38 @@ class SubmitReader:
         )
         if flags & FLAG_EXTRA:
             self._read_extra(msg, env)
+        return msg
+
+    def read_compact(self, rid_frame: zmq.Frame, rid: bytes, frames: list[bytes]) -> Message:
+        """:meth:`read` for a compact SUBMIT, ``[SQM1s + envelope + payload]``.
+
+        The frame is kept as it came (``frames``, one frame): it is the
+        compact DISPATCH as it stands.
+        """
+        frame = frames[0]
+        try:
+            (flags, retries, priority, deadline, id_end, mailbox_end, method_end,
+             end) = read_compact(frame)
+        except ValueError:
+            raise Malformed("invalid submit envelope") from None
+        mailbox = frame[id_end:mailbox_end]
+        if self._mailbox_ok.get(rid) != mailbox:
+            reason = self._check_mailbox(rid_frame, rid, mailbox)
+            if reason:
+                raise Malformed(f"mailbox refused: {reason}")
+        msg = Message(
+            frame[COMPACT_HEAD + HEAD:id_end],
+            rid,
+            frames,
+            size=len(frame) - end,
+            oneway=bool(flags & FLAG_ONEWAY),
+            retries=retries,
+            priority=priority,
+            deadline=deadline,
+            method=frame[mailbox_end:method_end],
+        )
+        if flags & FLAG_EXTRA:
+            self._read_extra(msg, frame[:end])
         return msg
 
     @staticmethod

@@ -56,10 +56,9 @@ from sqm.protocol import (
     is_multi_dispatch,
     split_dispatch,
 )
-from sqm.zmqfast import recv_frames
 
 from .execute import Originator, is_async_callback
-from .links import BrokerLink
+from .links import BrokerLink, done_messages, recv_broker
 from .session import Session
 
 log = logging.getLogger("sqm.worker")
@@ -199,7 +198,7 @@ class AsyncRunner:
         s = self.session
         while sock is not None and link.sock is sock:
             try:
-                frames = recv_frames(sock)
+                frames = recv_broker(sock)
             except zmq.ZMQError:  # EAGAIN: all read
                 return
             link.last_heard = time.monotonic()
@@ -443,16 +442,8 @@ class AsyncRunner:
         ok, failed, _since = held
         if link.sock is None:
             return
-        if link.batch:
-            if ok:
-                link.send([SIGNATURE, DONE, *ok])
-            if failed:
-                link.send([SIGNATURE, DONE_FAILED, *failed])
-        else:
-            for msg_id in ok:
-                link.send([SIGNATURE, DONE, msg_id])
-            for msg_id in failed:
-                link.send([SIGNATURE, DONE_FAILED, msg_id])
+        for frames in done_messages(link, ok, failed):
+            link.send(frames)
         self._kick(link)
 
     def _send_all_done(self) -> None:

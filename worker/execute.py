@@ -27,13 +27,16 @@ from sqm import serializers
 from sqm.errors import SQMError
 from sqm.protocol import (
     ACK,
+    COMPACT_MAX,
     ERROR,
     FLAG_ACK,
+    FLAG_COMPACT_REPLY,
     PROGRESS,
     RESULT,
     RETRY,
     SIGNATURE,
     Envelope,
+    compact_result,
     decode_envelope,
     encode_json,
 )
@@ -456,7 +459,11 @@ class Execution:
         self.active.pop(orig.id, None)
         if orig.limit_at:
             self._unwatch(orig)
-        self.send(orig, [SIGNATURE, RESULT, orig.id, body])
+        env = orig.env
+        if env is not None and env.flags & FLAG_COMPACT_REPLY and len(body) <= COMPACT_MAX:
+            self.send(orig, [compact_result(orig.id, body)])  # its mailbox reads one frame
+        else:
+            self.send(orig, [SIGNATURE, RESULT, orig.id, body])
 
     def progress(self, orig: Originator, done: int, total: int) -> None:
         """Send PROGRESS unless the message is oneway or already answered."""

@@ -41,7 +41,7 @@ from sender._correlator import Correlator
 from sqm import protocol
 from sqm.config import QueueSettings, resolve
 from sqm.errors import HopLimitExceeded, SQMError, Timeout
-from sqm.protocol import FLAG_ONEWAY, FORWARD, SIGNATURE, pack_envelope
+from sqm.protocol import FLAG_COMPACT_REPLY, FLAG_ONEWAY, FORWARD, SIGNATURE, pack_envelope
 from sqm.security.keys import KeyPair
 from sqm.sockets import make_socket
 from sqm.zmqfast import recv_frames, send_frames
@@ -203,7 +203,10 @@ class FollowUps:
         method_b = method.encode("utf-8")
         if len(method_b) > protocol.MAX_METHOD:
             raise ValueError("method name too long")
-        env = pack_envelope(FLAG_ONEWAY if orig.oneway else 0, orig.retries, orig.priority,
+        flags = FLAG_ONEWAY if orig.oneway else 0
+        if orig.env is not None:  # the same mailbox: it reads what it read before
+            flags |= orig.env.flags & FLAG_COMPACT_REPLY
+        env = pack_envelope(flags, orig.retries, orig.priority,
                             orig.deadline, orig.id, orig.mailbox, method_b, orig.sertag, hops)
         return [SIGNATURE, FORWARD, env, body]
 

@@ -28,11 +28,23 @@ from zmq.utils.monitor import parse_monitor_message, recv_monitor_message
 
 from sqm.errors import AuthError
 from sqm.liveness import keep_alive
-from sqm.protocol import BYE, ERROR, HEARTBEAT, SIGNATURE
+from sqm.protocol import (
+    BYE,
+    COMPACT_DONE,
+    COMPACT_DONE_FAILED,
+    COMPACT_SUBMIT,
+    DONE,
+    DONE_FAILED,
+    ERROR,
+    HEARTBEAT,
+    SIGNATURE,
+    compact_dispatches,
+    pack_ids,
+)
 from sqm.security.handshake import HANDSHAKE_EVENTS, NO_DETAIL_REPEATS, classify
 from sqm.security.keys import KeyPair
 from sqm.sockets import make_socket
-from sqm.zmqfast import send_frames
+from sqm.zmqfast import NOBLOCK, recv_frames, send_frames
 
 
 def broker_socket(ctx: zmq.Context, curve: tuple[KeyPair, bytes] | None, *,
@@ -97,13 +109,41 @@ def check_rights(ctx: zmq.Context, endpoint: str, curve: tuple[KeyPair, bytes] |
         sock.close(0)
 
 
+def recv_broker(sock: zmq.Socket, flags: int = NOBLOCK) -> list[bytes]:
+    """One message from a broker; a compact DISPATCH comes out as the classic
+    ``[SIG, D, env1, payload1, ...]`` (the rest of a worker reads that form).
+    Raises zmq.Again if none waits (with NOBLOCK, or past the receive timeout)."""
+    frames = recv_frames(sock, flags)
+    if frames[0].startswith(COMPACT_SUBMIT):
+        return compact_dispatches(frames) or frames
+    return frames
+
+
+def done_messages(link: BrokerLink, ok: list[bytes], failed: list[bytes]) -> list[list[bytes]]:
+    """The DONEs for ``ok`` and ``failed`` ids in the form ``link``'s broker reads:
+    compact (one frame each), one per outcome naming every id (it batches), or
+    one per id (an older sqm)."""
+    if link.compact:
+        out = [[COMPACT_DONE + pack_ids(ok)]] if ok else []
+        if failed:
+            out.append([COMPACT_DONE_FAILED + pack_ids(failed)])
+        return out
+    if link.batch:
+        out = [[SIGNATURE, DONE, *ok]] if ok else []
+        if failed:
+            out.append([SIGNATURE, DONE_FAILED, *failed])
+        return out
+    return ([[SIGNATURE, DONE, msg_id] for msg_id in ok]
+            + [[SIGNATURE, DONE_FAILED, msg_id] for msg_id in failed])
+
+
 class BrokerLink:
     """The worker's side of one broker connection (not thread-safe)."""
 
     __slots__ = ("endpoint", "routing_id", "sock", "monitor", "last_heard", "opened_at",
                  "broker_heartbeat", "connected", "was_disconnected", "parked", "bye_sent",
                  "bye_acked", "outage", "curve", "heartbeat", "liveness", "watched",
-                 "report_s", "down_at", "batch", "gives_back", "withheld",
+                 "report_s", "down_at", "batch", "gives_back", "compact", "withheld",
                  "credit_step", "holding")
 
     def __init__(self, endpoint: str, routing_id: bytes,
@@ -138,6 +178,8 @@ class BrokerLink:
         # ... and it reads GIVE_BACK (its BATCHES names it): the plain runner may
         # hand back what waits behind a long callback (worker.reclaim).
         self.gives_back = False
+        # ... and it reads compact DONEs (its BATCHES names COMPACT).
+        self.compact = False
 
     def open(self, ctx: zmq.Context) -> zmq.Socket:
         """Connect a fresh socket (a new registration: nothing is parked any more)."""
@@ -152,7 +194,7 @@ class BrokerLink:
         self.watched = False
         self.down_at = None
         self.parked = self.withheld = 0
-        self.batch = self.gives_back = False
+        self.batch = self.gives_back = self.compact = False
         return sock
 
     def close(self, linger_ms: int = 0) -> None:

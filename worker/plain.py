@@ -26,8 +26,6 @@ from sqm import protocol
 from sqm.protocol import (
     CREDIT,
     DISPATCH,
-    DONE,
-    DONE_FAILED,
     GIVE_BACK,
     RECLAIM_AFTER_S,
     RECLAIM_MIN_RUN_S,
@@ -36,11 +34,11 @@ from sqm.protocol import (
     is_multi_dispatch,
     split_dispatch,
 )
-from sqm.zmqfast import NOBLOCK, RCVTIMEO, readable, recv_frames, send_frames
+from sqm.zmqfast import NOBLOCK, RCVTIMEO, readable, send_frames
 from sqm.zmqfast import set_option as _set_option
 
 from .execute import Workload
-from .links import BrokerLink
+from .links import BrokerLink, done_messages, recv_broker
 from .session import Session
 
 log = logging.getLogger("sqm.worker")
@@ -150,7 +148,7 @@ class PlainRunner:
             inbox = self._inbox
             while True:
                 try:
-                    inbox.append(recv_frames(sock, NOBLOCK))
+                    inbox.append(recv_broker(sock, NOBLOCK))
                 except zmq.Again:
                     break
                 link.last_heard = monotonic()
@@ -221,7 +219,7 @@ class PlainRunner:
                         # find work (under load), look first once one found none.
                         if streaming:
                             try:
-                                frames = recv_frames(sock, NOBLOCK)
+                                frames = recv_broker(sock, NOBLOCK)
                             except zmq.Again:
                                 streaming = False
                                 self._send_done(link)
@@ -231,7 +229,7 @@ class PlainRunner:
                             self._send_done(link)
                     if frames is None:
                         try:
-                            frames = recv_frames(sock, 0)
+                            frames = recv_broker(sock, 0)
                         except zmq.Again:  # receive timeout: idle now
                             idle = True
                             if self._withheld:  # nothing waits: every slot back
@@ -306,7 +304,7 @@ class PlainRunner:
                 s.on_control(link, frames)
         while True:
             try:
-                frames = recv_frames(link.sock, zmq.NOBLOCK)
+                frames = recv_broker(link.sock, NOBLOCK)
             except zmq.Again:
                 return
             link.last_heard = monotonic()
@@ -350,16 +348,8 @@ class PlainRunner:
         sock = link.sock
         try:
             if sock is not None:
-                if link.batch:
-                    if ok:
-                        send_frames(sock, [SIGNATURE, DONE, *ok])
-                    if failed:
-                        send_frames(sock, [SIGNATURE, DONE_FAILED, *failed])
-                else:
-                    for msg_id in ok:
-                        send_frames(sock, [SIGNATURE, DONE, msg_id])
-                    for msg_id in failed:
-                        send_frames(sock, [SIGNATURE, DONE_FAILED, msg_id])
+                for frames in done_messages(link, ok, failed):
+                    send_frames(sock, frames)
         except zmq.ZMQError:
             pass
         ok.clear()
@@ -401,7 +391,8 @@ class PlainRunner:
                     sock = link.sock
                     if sock is not None:
                         try:
-                            send_frames(sock, [SIGNATURE, DONE if ok else DONE_FAILED, msg_id])
+                            send_frames(sock, done_messages(link, [msg_id] if ok else [],
+                                                            [] if ok else [msg_id])[0])
                         except zmq.ZMQError:
                             pass
                 else:
@@ -436,7 +427,7 @@ class PlainRunner:
             remaining = deadline - monotonic()
             if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
                 return  # sqm is gone: nothing more can arrive
-            frames = recv_frames(sock, 0)
+            frames = recv_broker(sock, 0)
             if gives_back and _dispatch(frames):  # sent before sqm read our BYE
                 self._inbox.append(frames)
                 self._return_unstarted(link)

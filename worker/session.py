@@ -25,6 +25,7 @@ from sqm.protocol import (
     BATCHES,
     BYE,
     CANCEL,
+    COMPACT_DONE,
     ERROR,
     GIVE_BACK,
     HEARTBEAT,
@@ -129,12 +130,13 @@ class Session:
         self.told = self.execution.abilities
         # batch: it reads multi-message DISPATCHes (an older worker gets one message each).
         info = dict(self.info, methods=sorted(self.execution.callbacks), watch=True,
-                    packed_beats=True, batch=True)
+                    packed_beats=True, batch=True, compact=True)
         beat_id = self.beat_id(link.endpoint)
         if beat_id is not None:  # where sqm asks it to give back (prefetch reclaim)
             info["beat_id"] = beat_id.hex()
         link.parked = 0
-        link.batch = link.gives_back = False  # until this broker shows it batches (it may be older)
+        # until this broker shows it batches (it may be older)
+        link.batch = link.gives_back = link.compact = False
         self._watched(link, None)
         self.said_hello[link.endpoint] = time.monotonic()
         link.send([SIGNATURE, HELLO, protocol.encode_json(info)])
@@ -186,6 +188,7 @@ class Session:
             link.batch = True
             # ... and GIVE_BACK, if it names it (an older sqm sends [SIG, L] alone)
             link.gives_back = len(frames) > 2 and GIVE_BACK in frames[2]
+            link.compact = len(frames) > 2 and COMPACT_DONE[4:] in frames[2]  # compact DONEs
         elif cmd == CANCEL and len(frames) == 3:  # the sender cancelled a message we run
             self.execution.cancel(frames[2])
         elif cmd == STOP:

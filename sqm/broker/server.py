@@ -44,8 +44,14 @@ from ..protocol import (
     ABILITIES,
     ACCEPTED,
     BATCHES,
+    BATCHES_READS,
     BYE,
     CANCEL,
+    COMPACT_COMMANDS,
+    COMPACT_DONE,
+    COMPACT_DONE_FAILED,
+    COMPACT_HEAD,
+    COMPACT_SUBMIT,
     CONTROL,
     CREDIT,
     DISPATCH,
@@ -67,7 +73,9 @@ from ..protocol import (
     SUBMIT,
     SUBMIT_FRAMES,
     MailboxPolicy,
+    compact_parts,
     envelope_id,
+    message_parts,
 )
 from ..security.keys import KeyPair
 from ..sockets import DEFAULT_IPC_MODE, ensure_ipc_dir, ipc_listener_alive, make_socket
@@ -101,6 +109,13 @@ ACK_IDLE_MS = 2
 
 #: Outbox entries addressed to a worker (their first field is its routing id):
 #: that worker's gathered dispatches go before them (_send_outbox).
+def classic(frames: list[bytes]) -> list[bytes]:
+    """A compact SUBMIT ``[frame]`` as the 4-frame DISPATCH an older worker reads."""
+    env, payload = compact_parts(frames[0])
+    return [SIGNATURE, DISPATCH, env, payload]
+
+
+OK_BYTE = COMPACT_DONE[4]  # the command byte of a compact DONE that succeeded
 _TO_WORKER = frozenset({Cancel, Bye, Stop, Heartbeat, Watch})
 
 #: An input handler: ``(routing-id frame, frames after it, now)``; raises Malformed.
@@ -153,7 +168,9 @@ class QueueServer:
             report_every=opts.report_every,
         )
         self.policy = MailboxPolicy.for_settings(settings)
-        self.read_submit = SubmitReader(self.policy).read
+        reader = SubmitReader(self.policy)
+        self.read_submit = reader.read
+        self.read_compact = reader.read_compact
         self.max_frame = opts.max_message_size + 64 * 1024
         self.bind = settings.bind
         if ipc_listener_alive(self.bind):
@@ -218,6 +235,12 @@ class QueueServer:
             STATUS: self._on_status,
             CONTROL: self._on_control,
         }
+        #: Compact messages (one frame, docs/PROTOCOL.md), by their first 5 bytes.
+        self.compact_handlers: dict[bytes, Handler] = {
+            COMPACT_SUBMIT: self._on_compact_submit,
+            COMPACT_DONE: self._on_compact_done,
+            COMPACT_DONE_FAILED: self._on_compact_done,
+        }
         # The admit checks cost nothing unless a plugin (security) asks for them.
         self._route: Handler = self._handle_admitted if hooks.admit else self.handle
         for recover in hooks.recover:
@@ -268,7 +291,14 @@ class QueueServer:
     def handle(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
         """Dispatch one input to its command's handler (see :attr:`handlers`)."""
         if len(frames) < 2 or frames[0] != SIGNATURE:
-            self._malformed(rid_frame.bytes, frames, "missing sqm signature frame")
+            compact = self.compact_handlers.get(frames[0][:COMPACT_HEAD]) if frames else None
+            if compact is None:
+                self._malformed(rid_frame.bytes, frames, "missing sqm signature frame")
+                return
+            try:
+                compact(rid_frame, frames, now)
+            except Malformed as exc:
+                self._malformed(rid_frame.bytes, frames, exc.reason)
             return
         handler = self.handlers.get(frames[1])
         if handler is None:
@@ -281,9 +311,12 @@ class QueueServer:
 
     def _handle_admitted(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
         """:meth:`handle` behind the plugins' ``admit`` checks (installed only with such a plugin)."""
-        if len(frames) >= 2:
+        cmd = frames[1] if len(frames) >= 2 else None
+        if frames and frames[0] != SIGNATURE:
+            cmd = COMPACT_COMMANDS.get(frames[0][:COMPACT_HEAD])  # as its classic form
+        if cmd is not None:
             for admit in self.hooks.admit:
-                if not admit(self, rid_frame, frames[1]):
+                if not admit(self, rid_frame, cmd):
                     return
         self.handle(rid_frame, frames, now)
 
@@ -291,7 +324,10 @@ class QueueServer:
         if len(frames) != SUBMIT_FRAMES:
             self._on_submits(rid_frame, frames, now)
             return
-        msg = self.read_submit(rid_frame, rid_frame.bytes, frames)
+        self._take(self.read_submit(rid_frame, rid_frame.bytes, frames), now)
+
+    def _take(self, msg: Message, now: float) -> None:
+        """Queue a message read from a SUBMIT; its ACCEPTED goes out with the next ones."""
         if self.core.submit(now, msg):
             if self._accepted_hooks:
                 for accepted in self._accepted_hooks:
@@ -306,6 +342,41 @@ class QueueServer:
                 self.acks_pending += 1
                 if self.acks_pending >= ACK_BATCH and not self.acks_after_hooks:
                     self.send_acks()
+
+    def _on_compact_submit(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
+        """Compact SUBMIT: one ``SQM1s`` frame per message (several: a batch)."""
+        if len(frames) == 1:
+            self._take(self.read_compact(rid_frame, rid_frame.bytes, frames), now)
+            return
+        if len(frames) > MAX_SUBMIT_BATCH:
+            raise Malformed(f"a compact submit carries at most {MAX_SUBMIT_BATCH} messages; "
+                            f"got {len(frames)}")
+        rid = rid_frame.bytes
+        for frame in frames:
+            one = [frame]
+            try:
+                if not frame.startswith(COMPACT_SUBMIT):
+                    raise Malformed("a compact submit batch mixes other frames")
+                self._take(self.read_compact(rid_frame, rid, one), now)
+            except Malformed as exc:
+                self._malformed(rid, one, exc.reason)
+
+    def _on_compact_done(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
+        """Compact DONE: ``SQM1r`` / ``SQM1f`` + packed ids."""
+        if len(frames) != 1:
+            raise Malformed(f"compact done needs 1 frame, got {len(frames)}")
+        frame = frames[0]
+        ok = frame[4] == OK_BYTE
+        rid = rid_frame.bytes
+        if len(frame) > COMPACT_HEAD + 1 and frame[COMPACT_HEAD] == len(frame) - COMPACT_HEAD - 1:
+            if not self.core.done(now, rid, frame[COMPACT_HEAD + 1:], ok):  # one id
+                self._reregister(rid)
+            return
+        ids = protocol.unpack_ids(frame[COMPACT_HEAD:])
+        if not ids or not all(ids):
+            raise Malformed("compact done needs at least one message id")
+        if not self.core.done_many(now, rid, ids, ok):
+            self._reregister(rid)
 
     def _on_submits(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
         """A batched SUBMIT: ``[SIG, S, env1, payload1, env2, payload2, ...]``.
@@ -385,7 +456,7 @@ class QueueServer:
             self.connections.bind(rid, fd)
         if info.get("batch") is True:
             # Before the dispatches this HELLO may bring: its DONEs may name several ids.
-            self._send(rid, [SIGNATURE, BATCHES, GIVE_BACK])
+            self._send(rid, [SIGNATURE, BATCHES, BATCHES_READS])
         log.info(
             "queue %s: worker %s registered (host %s pid %s, %d slot(s)%s)",
             self.name, w.id, info.get("host"), info.get("pid"), w.slots,
@@ -445,9 +516,10 @@ class QueueServer:
         held = w.in_flight.get(fwd.id) if w is not None else None
         if held is None:
             raise Malformed("forward of a message this worker does not hold")
-        if held.frames is not None and len(held.frames) > 2:
-            _f, _r, _p, deadline, id_end, mailbox_end, _m = protocol.read_head(held.frames[2])
-            if (held.frames[2][id_end:mailbox_end] != fwd.mailbox or deadline != fwd.deadline
+        if held.frames is not None and len(held.frames) in (1, SUBMIT_FRAMES):
+            env = message_parts(held.frames)[0]
+            _f, _r, _p, deadline, id_end, mailbox_end, _m = protocol.read_head(env)
+            if (env[id_end:mailbox_end] != fwd.mailbox or deadline != fwd.deadline
                     or held.oneway != bool(fwd.flags & protocol.FLAG_ONEWAY)):
                 raise Malformed("forward changes the mailbox, deadline or oneway flag")
         msg = self.core.forward(now, rid, fwd.id, frames, method=fwd.method,
@@ -468,7 +540,9 @@ class QueueServer:
             return
         # The attempts and due time travel in the envelope (the next worker
         # reads them; the journal keeps the rewritten row for a restart).
-        msg.frames[2] = protocol.with_retry(msg.frames[2], msg.not_before, msg.attempts)
+        env, payload = message_parts(msg.frames)  # a compact one goes on in 4 frames
+        msg.frames = [SIGNATURE, DISPATCH, protocol.with_retry(env, msg.not_before, msg.attempts),
+                      payload]
         for accepted in self._accepted_hooks:
             accepted(self, msg)
 
@@ -519,10 +593,13 @@ class QueueServer:
                 "queue %s: dropped malformed input (%d so far): %s",
                 self.name, self.core.malformed_total, why,
             )
+        msg_id = b""
         if len(frames) >= 3 and frames[0] == SIGNATURE and frames[1] == SUBMIT:
             msg_id = envelope_id(frames[2])
-            if msg_id:
-                self._send(rid, [SIGNATURE, ERROR, msg_id, b"Malformed", why.encode(), b"{}"])
+        elif len(frames) == 1 and frames[0].startswith(COMPACT_SUBMIT):
+            msg_id = envelope_id(frames[0][COMPACT_HEAD:])
+        if msg_id:
+            self._send(rid, [SIGNATURE, ERROR, msg_id, b"Malformed", why.encode(), b"{}"])
 
     def send_error(self, rid: bytes, msg_id: bytes, error: bytes, text: str) -> None:
         """``ERROR`` to one peer (e.g. AuthError for a refused command)."""
@@ -603,7 +680,10 @@ class QueueServer:
                     except zmq.ZMQError:  # EHOSTUNREACH (gone) or EAGAIN (not keeping up)
                         core.unreachable(now, rid, msg)
                         continue
-                    send_frames(sock, msg.frames)
+                    frames = msg.frames
+                    if len(frames) == 1 and (w is None or not w.compact):
+                        frames = classic(frames)  # a compact SUBMIT to an older worker
+                    send_frames(sock, frames)
                     continue
                 if groups and type(entry) in _TO_WORKER:
                     rid = cast(bytes, entry[0])  # these all start with the worker's rid
@@ -623,14 +703,19 @@ class QueueServer:
 
         A send that fails puts every message back (``core.unreachable``), as for one.
         """
+        w = self.core.workers.get(rid)
+        compact = w is not None and w.compact
         if len(msgs) == 1:
             frames = msgs[0].frames
+            if len(frames) == 1 and not compact:
+                frames = classic(frames)
+        elif compact and all(len(msg.frames) == 1 for msg in msgs):
+            frames = [msg.frames[0] for msg in msgs]  # compact SUBMITs, as received
         else:
             frames = [SIGNATURE, DISPATCH]
             for msg in msgs:
-                body = msg.frames
-                frames.append(body[2])  # envelope and payload, as received: never decoded
-                frames.append(body[3])
+                # envelope and payload, as received: never decoded
+                frames += message_parts(msg.frames)
         try:
             send_more(self.sock, rid)
         except zmq.ZMQError:  # EHOSTUNREACH (gone) or EAGAIN (not keeping up)

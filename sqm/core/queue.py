@@ -516,6 +516,7 @@ class QueueCore:
         held = len(w.in_flight) + len(w.abandoned)  # abandoned: still running there
         w.slots = max(slots, held)  # it holds more: its DONEs free none
         w.batch = w.slots > 1 and info.get("batch") is True
+        w.compact = info.get("compact") is True
         w.concurrency = concurrency_of(info)
         w.prefetches = w.slots > w.concurrency
         w.beat_rid = beat_id_of(info) or w.beat_rid

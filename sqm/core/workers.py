@@ -91,6 +91,7 @@ class WorkerState:
         "abandoned",
         "time_limit",
         "batch",
+        "compact",
         "concurrency",
         "done_at",
         "watch_at",
@@ -137,6 +138,9 @@ class WorkerState:
         # sqm may send it several messages in one DISPATCH: it says it reads them
         # (HELLO ``batch``; older workers don't) and it has more than one slot.
         self.batch = slots > 1 and info.get("batch") is True
+        # It reads compact DISPATCHes (HELLO ``compact``): the I/O layer sends it
+        # compact SUBMITs as they came (docs/PROTOCOL.md).
+        self.compact = info.get("compact") is True
         # How many it runs at once: what it holds beyond that waits its turn there.
         self.concurrency = concurrency_of(info)
         self.done_at = now  # when it last ended a message (DONE): it moves

@@ -21,7 +21,7 @@ from sender import Cancelled, Sender, TimeLimitExceeded
 from sqm.admin import AdminClient
 from sqm.config import resolve
 from sqm.errors import RemoteError
-from sqm.protocol import RESULT
+from sqm.protocol import COMPACT_RESULT, RESULT, classic_result
 from tests.conftest import REPO, Cluster, wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -49,8 +49,11 @@ def spy_results(s: Sender) -> list[str]:
     feed = s._core.feed
 
     def spy(frames: list[bytes], from_broker: bool) -> str | None:
-        if len(frames) > 2 and frames[1] == RESULT:
-            seen.append(frames[2].decode())
+        classic = frames
+        if len(frames) == 1 and frames[0].startswith(COMPACT_RESULT):  # the usual form
+            classic = classic_result(frames[0])
+        if len(classic) > 2 and classic[1] == RESULT:
+            seen.append(classic[2].decode())
         return feed(frames, from_broker)
 
     s._core.feed = spy  # type: ignore[method-assign]

@@ -19,12 +19,12 @@ from sqm.broker.server import BrokerOptions, QueueServer
 from sqm.config import resolve
 from sqm.protocol import (
     BATCHES,
+    BATCHES_READS,
     BYE,
     CANCEL,
     DISPATCH,
     DONE,
     DONE_FAILED,
-    GIVE_BACK,
     HELLO,
     SIGNATURE,
     SUBMIT,
@@ -97,7 +97,7 @@ class Setup:
 
     def told_batches(self, sock: zmq.Socket) -> None:
         """sqm's answer to a HELLO with ``batch``: it reads multi-id DONEs."""
-        assert self.received(sock) == [SIGNATURE, BATCHES, GIVE_BACK]
+        assert self.received(sock) == [SIGNATURE, BATCHES, BATCHES_READS]
 
     def received(self, sock: zmq.Socket, timeout: float = 5.0) -> list[bytes]:
         assert sock.poll(int(timeout * 1000)), "nothing received"
@@ -248,7 +248,7 @@ def test_what_one_wake_up_finds_queued_goes_as_one_dispatch() -> None:
         w.send_multipart([SIGNATURE, HELLO, encode_json({"id": "burst", "slots": 16,
                                                          "heartbeat": 1.0, "batch": True})])
         wake_up()
-        assert w.recv_multipart() == [SIGNATURE, BATCHES, GIVE_BACK]
+        assert w.recv_multipart() == [SIGNATURE, BATCHES, BATCHES_READS]
         mailbox = b"inproc://burst-mailbox"
         ids = [b"b%d" % i for i in range(8)]
         for mid in ids:

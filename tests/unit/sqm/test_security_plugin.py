@@ -68,3 +68,17 @@ def test_control_needs_admin_except_reads(server: QueueServer) -> None:
         server.control(1000.0, {"cmd": "resume"}, zmq.Frame(b"Aa"))
         assert server.control(1000.0, {"cmd": "status"}, zmq.Frame(rid))["ok"]
     assert json.dumps(server.status(1000.0))  # status stays JSON with the plugin's fields
+
+
+def test_compact_messages_are_checked_as_their_classic_form(server: QueueServer) -> None:
+    """A compact DONE is DONE to the rights check: a sender's is refused, as the 3-frame one."""
+    assert set(server.compact_handlers) == set(protocol.COMPACT_COMMANDS)
+    done = protocol.COMPACT_DONE + protocol.pack_ids([b"m:1"])
+    denied = server.status(1000.0)["denied_total"]
+    server._route(zmq.Frame(b"Sa"), [done], 1000.0)
+    assert server.status(1000.0)["denied_total"] == denied + 1
+    server._route(zmq.Frame(b"Wa"), [done], 1000.0)  # a worker's passes (unknown: told BYE)
+    assert server.status(1000.0)["denied_total"] == denied + 1
+    env = protocol.encode_envelope(b"m:2", b"inproc://mailbox", b"w", b"json")
+    server._route(zmq.Frame(b"Na"), [protocol.COMPACT_SUBMIT + env + b"{}"], 1000.0)
+    assert server.core.pending == 1  # SUBMIT: anyone admitted

@@ -112,12 +112,19 @@ def batch_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """How many messages each batched SUBMIT that sqm reads carries (a spy)."""
     sizes: list[int] = []
     real = QueueServer._on_submits
+    real_compact = QueueServer._on_compact_submit
 
     def spy(self: QueueServer, rid_frame: Any, frames: list[bytes], now: float) -> None:
         sizes.append((len(frames) - 2) // 2)
         real(self, rid_frame, frames, now)
 
+    def spy_compact(self: QueueServer, rid_frame: Any, frames: list[bytes], now: float) -> None:
+        if len(frames) > 1:  # one compact frame per message: a batch of len(frames)
+            sizes.append(len(frames))
+        real_compact(self, rid_frame, frames, now)
+
     monkeypatch.setattr(QueueServer, "_on_submits", spy)
+    monkeypatch.setattr(QueueServer, "_on_compact_submit", spy_compact)
     return sizes
 
 

@@ -1,0 +1,101 @@
+"""A worker speaks compact (docs/PROTOCOL.md, "Compact messages") only where the
+other end says it reads it: DONE to a broker whose BATCHES names ``r``, RESULT
+to a mailbox whose envelope has FLAG_COMPACT_REPLY; it reads both DISPATCH forms."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from sqm.protocol import (
+    BATCHES,
+    BYE,
+    COMPACT_DONE,
+    COMPACT_RESULT,
+    COMPACT_SUBMIT,
+    DISPATCH,
+    DONE,
+    FLAG_COMPACT_REPLY,
+    GIVE_BACK,
+    HEARTBEAT,
+    HELLO,
+    RESULT,
+    SIGNATURE,
+    pack_envelope,
+)
+from worker import Worker
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.mark.parametrize(("reads", "compact_dispatch", "flags", "want_done", "want_result"), [
+    (GIVE_BACK, False, 0, "classic", "classic"),  # an older sqm and an older Sender
+    (GIVE_BACK + b"r", True, FLAG_COMPACT_REPLY, "compact", "compact"),  # all of this version
+    (GIVE_BACK + b"r", True, 0, "compact", "classic"),  # an older Sender's envelope
+    (GIVE_BACK, False, FLAG_COMPACT_REPLY, "classic", "compact"),  # an older sqm, a new Sender
+], ids=["old-old", "new-new", "old-sender", "old-sqm"])
+def test_the_worker_answers_in_the_form_each_end_reads(
+        tmp_path: Path, reads: bytes, compact_dispatch: bool, flags: int,
+        want_done: str, want_result: str) -> None:
+    ctx = zmq.Context()
+    broker = ctx.socket(zmq.ROUTER)
+    mailbox = ctx.socket(zmq.DEALER)
+    for sock in (broker, mailbox):
+        sock.linger = 0
+    endpoint = f"ipc://{tmp_path}/sqm.sock"
+    mailbox_addr = f"ipc://{tmp_path}/mailbox.sock".encode()
+    broker.bind(endpoint)
+    mailbox.bind(mailbox_addr.decode())
+    w = Worker("q", endpoint=endpoint, heartbeat=5.0,
+               callbacks={"add": lambda _w, _o, p: p + 1})
+    thread = threading.Thread(target=w.run, daemon=True)
+    thread.start()
+    done: list[list[bytes]] = []
+    try:
+        deadline = time.monotonic() + 20
+        sent = False
+        while not done:
+            assert time.monotonic() < deadline, "no DONE came"
+            if not broker.poll(50):
+                continue
+            rid, *frames = broker.recv_multipart()
+            cmd = frames[1] if len(frames) > 1 and frames[0] == SIGNATURE else b""
+            if cmd == HEARTBEAT and len(frames) == 2:  # the rights check before serving
+                broker.send_multipart([rid, SIGNATURE, BYE])
+            elif cmd == HELLO and not sent:
+                broker.send_multipart([rid, SIGNATURE, BATCHES, reads])
+                broker.send_multipart([rid, SIGNATURE, HEARTBEAT, b"5000", b"60000"])
+                env = pack_envelope(flags, 0, 1, 0.0, b"m:1", mailbox_addr, b"add", b"json")
+                if compact_dispatch:
+                    broker.send_multipart([rid, COMPACT_SUBMIT + env + b"41"])
+                else:
+                    broker.send_multipart([rid, SIGNATURE, DISPATCH, env, b"41"])
+                sent = True
+            elif frames[:1] == [SIGNATURE] and cmd == DONE or frames[0].startswith(COMPACT_DONE):
+                done.append(frames)
+        assert mailbox.poll(5000), "no reply came"
+        reply = mailbox.recv_multipart()
+    finally:
+        w.terminate()
+        deadline = time.monotonic() + 10
+        while thread.is_alive() and time.monotonic() < deadline:  # answer its BYE
+            if broker.poll(50):
+                rid, *frames = broker.recv_multipart()
+                if frames[1:2] == [BYE]:
+                    broker.send_multipart([rid, SIGNATURE, BYE])
+        thread.join(10)
+        broker.close(0)
+        mailbox.close(0)
+        ctx.term()
+    if want_done == "compact":
+        assert done == [[COMPACT_DONE + b"\x03m:1"]]
+    else:
+        assert done == [[SIGNATURE, DONE, b"m:1"]]
+    if want_result == "compact":
+        assert reply == [COMPACT_RESULT + b"\x03m:1" + b"42"]
+    else:
+        assert reply == [SIGNATURE, RESULT, b"m:1", b"42"]
