@@ -49,7 +49,7 @@ from sqm.protocol import (
 from sqm.security.handshake import NO_DETAIL_REPEATS, classify
 from sqm.security.keys import KeyPair
 from sqm.sockets import make_socket
-from sqm.zmqfast import recv_frames, send_frames
+from sqm.zmqfast import readable, recv_frames, send_frames
 
 from ._correlator import Correlator
 
@@ -350,11 +350,11 @@ class Links:
         core = self.core
         wake = self.wake
         n = 0
-        while True:
-            try:
-                frames = recv_frames(link.raw)
-            except zmq.Again:
-                return n
+        raw = link.raw
+        # A look at the events (~2.5 µs) ends the loop, not a failing read (~7 µs,
+        # pyzmq raises zmq.Again): a sequential caller looks here every 20 ms.
+        while readable(raw):
+            frames = recv_frames(raw)
             mid = core.feed(frames, True)
             if mid is not None:
                 n += 1
@@ -364,6 +364,7 @@ class Links:
                 n += 1
             elif len(frames) > 3 and not link.batches:
                 learn_features(link, frames[3])
+        return n
 
     def due(self, now: float) -> float:
         """Do re-sends whose time has come; return when to look again (inf: nothing to do)."""

@@ -14,7 +14,7 @@ import zmq.asyncio
 from sqm import protocol
 from sqm.errors import SQMError
 from sqm.protocol import COMPACT_MAX, COMPACT_SUBMIT, MAX_SUBMIT_BATCH
-from sqm.zmqfast import NOBLOCK, RCVTIMEO, recv_frames, send_frames, send_raw, set_option
+from sqm.zmqfast import NOBLOCK, RCVTIMEO, readable, recv_frames, send_frames, send_raw, set_option
 
 from ._batch import DONE, EMIT, NEED, Batch
 from ._correlator import NO_TIMING, Outcome, read_all, timing
@@ -352,12 +352,9 @@ class Sender(SenderBase):
         for link in links.links:
             n += links.read_all(link)
         for link in links.links:
-            while True:
-                try:
-                    frames = recv_frames(link.monitor)
-                except zmq.Again:
-                    break
-                links.event(link, monitor_event(frames), now)
+            # (link.monitor read again each turn: an event may re-create the link's sockets)
+            while link.monitor is not None and readable(link.monitor):  # not a failing read
+                links.event(link, monitor_event(recv_frames(link.monitor)), now)
         self._next_due = links.due(now)
         return n
 
