@@ -66,6 +66,12 @@ class Sender(SenderBase):
         self._next_due = float("inf")  # the next re-send or watch the links asked for
         self._unchecked = 0
         self._rcvtimeo = -2  # the mailbox's RCVTIMEO as last set (_recv_within)
+        # The last wait outlasted BROKER_CHECK_S: the next one sleeps in the poll
+        # at once instead of timing out in recv first (many senders each waiting
+        # longer than that paid a timed-out recv and a poll per reply).
+        self._long_waits = False
+        self._poller: zmq.Poller | None = None  # _sleep's, kept while the sockets stay
+        self._polled: tuple[Any, ...] = ()
         super().__init__(queue, endpoint=endpoint, config=config, serializer=serializer,
                          timeout=timeout, allow_pickle=allow_pickle,
                          max_message_size=max_message_size, heartbeat=heartbeat,
@@ -256,7 +262,8 @@ class Sender(SenderBase):
         core = self._core
         mailbox = self._mailbox
         graced = False
-        quiet = False  # a recv ran out: from now on sleep until something happens
+        # quiet: a recv ran out (or the last wait was long): sleep until something happens
+        quiet = self._long_waits
         while True:
             now = time.monotonic()
             if now >= self._next_broker_check:
@@ -284,14 +291,16 @@ class Sender(SenderBase):
                 try:
                     frames = recv_frames(mailbox)
                 except zmq.Again:
+                    self._long_waits = True
                     continue
             else:
                 wait = min(remaining, self._next_broker_check - now)
                 try:
                     frames = self._recv_within(mailbox, wait)
                 except zmq.Again:
-                    quiet = True
+                    quiet = self._long_waits = True
                     continue
+                self._long_waits = False
             done = core.feed(frames, False)
             if core.calls:
                 run_calls(core)
@@ -320,11 +329,16 @@ class Sender(SenderBase):
         wait look at the brokers at once.
         """
         links = [link for link in self._links.links if link.sock is not None]
-        socks = [self._mailbox, *(link.sock for link in links),
-                 *(link.monitor for link in links)]
-        limit = None if timeout == float("inf") else max(0.001, timeout)
-        ready = zmq.select(socks, [], [], limit)[0]
-        if len(ready) != 1 or ready[0] is not self._mailbox:
+        socks = (self._mailbox, *(link.sock for link in links),
+                 *(link.monitor for link in links))
+        poller = self._poller
+        if poller is None or socks != self._polled:  # a link's sockets were re-created
+            poller = self._poller = zmq.Poller()
+            for sock in socks:
+                poller.register(sock, zmq.POLLIN)
+            self._polled = socks
+        ready = poller.poll(None if timeout == float("inf") else max(1, int(timeout * 1000)))
+        if len(ready) != 1 or ready[0][0] is not self._mailbox:
             self._next_broker_check = 0.0
 
     def _settle(self, now: float, mid: str | None) -> Outcome | None:

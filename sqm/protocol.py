@@ -1,8 +1,10 @@
 """The sqm wire protocol: frame layouts, constants and validation.
 
 See docs/PROTOCOL.md for the prose version. Every message starts with the
-signature frame ``SQM1`` (protocol version 1) and a one-byte command. The
-broker only ever reads the envelope frames; the payload frame is forwarded
+signature frame ``SQM1`` (protocol version 1) and a one-byte command, but
+for the compact forms of the four messages of every rpc (one frame each,
+``SQM1`` + a lower-case command letter + body) between peers that say they
+read them. The broker only ever reads envelopes; a payload is forwarded
 untouched and never decoded.
 """
 

@@ -120,6 +120,8 @@ class Session:
         """Register with one broker (again): it forgets what it had parked.
 
         HELLO says the worker reads multi-message DISPATCHes (``batch``) and
+        compact ones (``compact``: one frame per message, as the Sender sent
+        it; docs/PROTOCOL.md), and
         asks the broker to watch this connection (``watch``); until it
         answers that it does (a HEARTBEAT with a 4th frame), the link is
         judged by heartbeats and reported to every beat, as with an older sqm.
