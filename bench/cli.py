@@ -954,15 +954,28 @@ SETTLE_WINDOW_S = 0.25
 SETTLE_MAX_S = 10.0
 
 
-def _cpu_times() -> tuple[int, int] | None:
-    """(busy, total) jiffies of all CPUs so far, from /proc/stat (None off Linux)."""
+def _cpu_times() -> tuple[int, int, int] | None:
+    """(busy, total, steal) jiffies of all CPUs so far, from /proc/stat (None off Linux).
+
+    Steal is time the hypervisor gave this VM's CPUs to someone else: on a
+    shared VM it is what swings one run against the next.
+    """
     try:
         with open("/proc/stat") as f:
             fields = [int(x) for x in f.readline().split()[1:]]
     except (OSError, ValueError):
         return None
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields) - idle, sum(fields)
+    steal = fields[7] if len(fields) > 7 else 0
+    return sum(fields) - idle, sum(fields), steal
+
+
+def steal_share(before: tuple[int, int, int] | None) -> float | None:
+    """The share of CPU time stolen by the hypervisor since ``before`` (None off Linux)."""
+    after = _cpu_times()
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round((after[2] - before[2]) / (after[1] - before[1]), 3)
 
 
 def settle() -> tuple[float, float | None]:
@@ -1373,9 +1386,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                     waited, busy = settle()
                     t0 = time.monotonic()
+                    cpu0 = _cpu_times()
                     row = run_one(systems[s], wl, args)
                     row["settled"] = {"waited_s": round(waited, 2),
-                                      "busy": None if busy is None else round(busy, 3)}
+                                      "busy": None if busy is None else round(busy, 3),
+                                      "steal": steal_share(cpu0)}
                     if busy is not None and busy >= SETTLE_BUSY:
                         row["warnings"].append(f"the machine was still {busy:.0%} busy after "
                                                f"{waited:.1f} s: measured anyway")
