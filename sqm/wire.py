@@ -127,10 +127,8 @@ class SubmitReader:
         except ValueError:
             raise Malformed("invalid submit envelope") from None
         mailbox = env[id_end:mailbox_end]
-        if self._mailbox_ok.get(rid) != mailbox:
-            reason = self._check_mailbox(rid_frame, rid, mailbox)
-            if reason:
-                raise Malformed(f"mailbox refused: {reason}")
+        if self._mailbox_ok.get(rid) != mailbox:  # checked here: a call less per message
+            self._allow(rid_frame, rid, mailbox)
         frames[1] = DISPATCH  # forwarded as is: only the command changes
         msg = Message(
             env[HEAD:id_end],
@@ -161,9 +159,7 @@ class SubmitReader:
             raise Malformed("invalid submit envelope") from None
         mailbox = frame[id_end:mailbox_end]
         if self._mailbox_ok.get(rid) != mailbox:
-            reason = self._check_mailbox(rid_frame, rid, mailbox)
-            if reason:
-                raise Malformed(f"mailbox refused: {reason}")
+            self._allow(rid_frame, rid, mailbox)
         msg = Message(
             frame[COMPACT_HEAD + HEAD:id_end],
             rid,
@@ -188,6 +184,12 @@ class SubmitReader:
         msg.not_before = not_before
         msg.time_limit = time_limit
         msg.attempts = attempts
+
+    def _allow(self, rid_frame: zmq.Frame, rid: bytes, mailbox: bytes) -> None:
+        """Malformed unless the policy allows ``mailbox`` (remembered for ``rid`` once it does)."""
+        reason = self._check_mailbox(rid_frame, rid, mailbox)
+        if reason:
+            raise Malformed(f"mailbox refused: {reason}")
 
     def _check_mailbox(self, rid_frame: zmq.Frame, rid: bytes, mailbox: bytes) -> str | None:
         try:

@@ -4,7 +4,6 @@ for every peer that does not say it reads them."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,11 +42,10 @@ from sqm.protocol import (
     read_head,
     unpack_ids,
 )
-from sqm.testing import InProcessBroker
 from tests.conftest import wait_for
-from worker import Worker
 
 from .test_dispatch_batches import Setup
+from .test_submit_batch import served
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -202,20 +200,11 @@ def test_sender_and_worker_of_this_version_talk_compact_end_to_end(
         return real_classic(frame)
 
     monkeypatch.setattr(correlator, "classic_result", classic)
-    with InProcessBroker("q") as b:
-        w = Worker("q", endpoint=b.endpoint, context=b.context,
-                   callbacks={"add": lambda _w, _o, p: p + 1})
-        t = threading.Thread(target=w.run, daemon=True)
-        t.start()
-        try:
-            with Sender("q", endpoint=b.endpoint, context=b.context, timeout=10) as sender:
-                for i in range(60):
-                    assert sender.rpc("add", i) == i + 1
-                assert seen["result"] == 60  # every reply in one frame
-                # The first one went in 4 frames: no ACCEPTED had said sqm reads compact ones.
-                assert 0 < seen["submit"] < 60
-                # (the last DONE may reach sqm after its reply reached us)
-                wait_for(lambda: seen["done"] == 60, what="every DONE, compact")
-        finally:
-            w.terminate()
-            t.join(10)
+    with served() as b, Sender("q", endpoint=b.endpoint, context=b.context, timeout=10) as sender:
+        for i in range(60):
+            assert sender.rpc("add", i) == i + 1
+        assert seen["result"] == 60  # every reply in one frame
+        # The first one went in 4 frames: no ACCEPTED had said sqm reads compact ones.
+        assert 0 < seen["submit"] < 60
+        # (the last DONE may reach sqm after its reply reached us)
+        wait_for(lambda: seen["done"] == 60, what="every DONE, compact")
