@@ -48,7 +48,7 @@ from sqm.protocol import (
     unpack_ids,
 )
 from sqm.sockets import local_address_towards
-from sqm.zmqfast import recv_frames
+from sqm.zmqfast import recv_message
 
 OK = 0
 FAILED = 1
@@ -517,7 +517,7 @@ def read_all(sock: zmq.Socket, core: Correlator, from_broker: bool) -> int:
     n = 0
     while True:
         try:
-            frames = recv_frames(sock)
+            frames = recv_message(sock)
         except zmq.Again:
             return n
         n += 1

@@ -14,7 +14,16 @@ import zmq.asyncio
 from sqm import protocol
 from sqm.errors import SQMError
 from sqm.protocol import COMPACT_MAX, COMPACT_SUBMIT, MAX_SUBMIT_BATCH
-from sqm.zmqfast import NOBLOCK, RCVTIMEO, readable, recv_frames, send_frames, send_raw, set_option
+from sqm.zmqfast import (
+    NOBLOCK,
+    RCVTIMEO,
+    readable,
+    recv_frames,
+    recv_message,
+    send_frames,
+    send_raw,
+    set_option,
+)
 
 from ._batch import DONE, EMIT, NEED, Batch
 from ._correlator import NO_TIMING, Outcome, read_all, timing
@@ -264,9 +273,16 @@ class Sender(SenderBase):
         graced = False
         # quiet: a recv ran out (or the last wait was long): sleep until something happens
         quiet = self._long_waits
+        started = 0.0
         while True:
             now = time.monotonic()
-            if now >= self._next_broker_check:
+            if not started:
+                started = now
+            # Sleeping in the poll, a Sender wakes for whatever its brokers send
+            # (_sleep then zeroes _next_broker_check) or for a due re-send: no
+            # look by the clock.
+            if now >= self._next_broker_check and (
+                    not quiet or not self._next_broker_check or now >= self._next_due):
                 outcome = self._settle(now, mid)
                 if outcome is not None:
                     return self._late(outcome, mid) if graced else outcome
@@ -289,16 +305,20 @@ class Sender(SenderBase):
             if quiet:
                 self._sleep(min(remaining, self._next_due - now))
                 try:
-                    frames = recv_frames(mailbox)
+                    frames = recv_message(mailbox)
                 except zmq.Again:
-                    self._long_waits = True
                     continue
+                # A reply within BROKER_CHECK_S: back to blocking in recv.
+                self._long_waits = time.monotonic() - started >= BROKER_CHECK_S
             else:
                 wait = min(remaining, self._next_broker_check - now)
                 try:
                     frames = self._recv_within(mailbox, wait)
                 except zmq.Again:
-                    quiet = self._long_waits = True
+                    # Only a wait that outlasted BROKER_CHECK_S makes the next
+                    # one sleep at once: a recv cut short by a near check does not.
+                    quiet = True
+                    self._long_waits = now + wait - started >= BROKER_CHECK_S
                     continue
                 self._long_waits = False
             done = core.feed(frames, False)
@@ -319,7 +339,7 @@ class Sender(SenderBase):
         if ms != self._rcvtimeo:
             set_option(mailbox, RCVTIMEO, ms)
             self._rcvtimeo = ms
-        return recv_frames(mailbox, 0)
+        return recv_message(mailbox, 0)
 
     def _sleep(self, timeout: float) -> None:
         """Sleep until the mailbox, a broker's socket or its monitor has

@@ -14,6 +14,8 @@ from typing import cast
 import zmq
 from zmq.backend import Socket as _Backend
 
+from sqm.protocol import SIGNATURE as _SIGNATURE
+
 _send = _Backend.send
 _recv = _Backend.recv
 #: One frame, plain-int flags, no Python wrapper: for a routing-id frame with
@@ -27,6 +29,8 @@ NOBLOCK = int(zmq.NOBLOCK)
 SNDMORE = int(zmq.SNDMORE)
 RCVTIMEO = int(zmq.RCVTIMEO)
 EVENTS = int(zmq.EVENTS)
+RCVMORE = int(zmq.RCVMORE)
+_SIGNATURE_LEN = len(_SIGNATURE)
 POLLIN = int(zmq.POLLIN)
 ZERO_COPY_ABOVE = 64 * 1024  # like pyzmq's copy_threshold: big frames are not copied
 
@@ -52,6 +56,26 @@ def recv_frames(sock: zmq.Socket, flags: int = NOBLOCK) -> list[bytes]:
         frame = _recv(sock, flags, False)
         parts.append(frame.bytes)
     return parts
+
+
+def recv_message(sock: zmq.Socket, flags: int = NOBLOCK) -> list[bytes]:
+    """:func:`recv_frames` for a DEALER where most messages are compact.
+
+    A frame longer than the signature that starts with it is a compact
+    message, whole by the protocol (docs/PROTOCOL.md): it comes as bytes, with
+    no Frame object and one release of the GIL where a Frame costs two (its
+    receive and its close). Hot: 0.2 µs against 0.9 µs; with many Senders'
+    threads in one process, each release of the GIL can hand it to another
+    thread. Anything else reads on as :func:`recv_frames`. Never on a ROUTER:
+    there a sender's stray frame after a compact-looking one would be read
+    as the next message's routing id.
+    """
+    first = _recv(sock, flags, True)
+    if len(first) > _SIGNATURE_LEN and first.startswith(_SIGNATURE):
+        return [first]
+    if get_option(sock, RCVMORE):
+        return [first, *recv_frames(sock, flags)]  # the rest of this message
+    return [first]
 
 
 def recv_rest(sock: zmq.Socket, first: zmq.Frame, flags: int = NOBLOCK) -> list[bytes]:

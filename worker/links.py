@@ -44,7 +44,7 @@ from sqm.protocol import (
 from sqm.security.handshake import HANDSHAKE_EVENTS, NO_DETAIL_REPEATS, classify
 from sqm.security.keys import KeyPair
 from sqm.sockets import make_socket
-from sqm.zmqfast import NOBLOCK, recv_frames, send_frames
+from sqm.zmqfast import NOBLOCK, recv_message, send_frames
 
 
 def broker_socket(ctx: zmq.Context, curve: tuple[KeyPair, bytes] | None, *,
@@ -113,7 +113,7 @@ def recv_broker(sock: zmq.Socket, flags: int = NOBLOCK) -> list[bytes]:
     """One message from a broker; a compact DISPATCH comes out as the classic
     ``[SIG, D, env1, payload1, ...]`` (the rest of a worker reads that form).
     Raises zmq.Again if none waits (with NOBLOCK, or past the receive timeout)."""
-    frames = recv_frames(sock, flags)
+    frames = recv_message(sock, flags)
     if frames[0].startswith(COMPACT_SUBMIT):
         return compact_dispatches(frames) or frames
     return frames

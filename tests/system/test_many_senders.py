@@ -145,3 +145,25 @@ def test_a_long_wait_sleeps_instead_of_polling_the_brokers(cluster: Cluster, mon
         monkeypatch.setattr(s, "_check_brokers", lambda now: looks.append(now) or check(now))
         assert s.rpc("sleep", {"s": 1.0})["slept"] == 1.0
     assert len(looks) < 15, len(looks)  # 50 or more when polling every 20 ms
+
+
+def test_a_quick_reply_after_a_long_wait_returns_to_blocking_in_recv(cluster: Cluster, monkeypatch):
+    """After one long wait a Sender sleeps in the poll; once a reply comes
+    within BROKER_CHECK_S it blocks in recv again (one system call per reply,
+    W1's path) instead of polling every socket for every later reply."""
+    cluster.serve("q")
+    cluster.worker("q")
+    with Sender("q", timeout=30) as s:
+        assert s.rpc("pid") > 0  # connected, warm
+        sleeps: list[float] = []
+        sleep = s._sleep
+        monkeypatch.setattr(s, "_sleep", lambda t: sleeps.append(t) or sleep(t))
+        assert s.rpc("sleep", {"s": 0.2})["slept"] == 0.2
+        assert sleeps, "the probe sees a long wait sleep in the poll"
+        s.rpc("pid")  # may still sleep once: the last wait was long
+        sleeps.clear()
+        for _ in range(20):
+            assert s.rpc("pid") > 0
+    # Each of the 20 would sleep in the poll if quick replies did not end poll mode;
+    # a few may outlast BROKER_CHECK_S on a loaded machine.
+    assert len(sleeps) <= 5, len(sleeps)
