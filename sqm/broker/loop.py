@@ -145,7 +145,7 @@ class Broker:
                 q.log_expired()
             q.flush(now)
             if q.acks_pending and not q.acks_after_hooks:
-                q.send_acks()
+                q.age_acks()
         self._refresh_snapshot(now)
 
     def _run_one(self, q: QueueServer) -> None:

@@ -650,6 +650,10 @@ class QueueCore:
                 self._dispatch(now, w, nxt)
         return True
 
+    def holds(self, msg_id: bytes) -> bool:
+        """Message ``msg_id`` was accepted and has not ended (queued, scheduled or running)."""
+        return msg_id in self._live
+
     def done_many(self, now: float, rid: bytes, ids: list[bytes], ok: bool = True) -> bool:
         """A multi-id DONE: :meth:`done` for each id, in order.
 

@@ -1,0 +1,112 @@
+"""When sqm sends ACCEPTED: a sender's first message at once (it lists the
+features), then per sender every ACK_BATCH messages, when sqm is idle, or a
+tick later for what sqm still holds; ended messages are never listed.
+
+A real QueueServer and real DEALER peers (test_dispatch_batches' Setup); the
+test drives input, flushes and ticks by hand. "Nothing came" is checked by
+waiting NOTHING_MS on the peer, after a check that the same wait sees an
+ACCEPTED that was sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from sqm.broker.server import ACK_BATCH
+from sqm.protocol import ACCEPTED, DONE, FEATURES, SIGNATURE, envelope_id, unpack_ids
+from tests.unit.sqm.test_dispatch_batches import Setup
+
+pytestmark = pytest.mark.timeout(30)
+
+NOTHING_MS = 200
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[Setup]:
+    s = Setup(tmp_path)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def accepted(sock: zmq.Socket) -> list[bytes] | None:
+    """The ids of the ACCEPTED waiting on ``sock`` (None: nothing within NOTHING_MS)."""
+    if not sock.poll(NOTHING_MS):
+        return None
+    frames = sock.recv_multipart()
+    assert frames[:2] == [SIGNATURE, ACCEPTED] and frames[3] == FEATURES, frames
+    return unpack_ids(frames[2])
+
+
+def test_the_first_at_once_the_rest_a_tick_later_if_still_held(setup: Setup) -> None:
+    first = setup.submit(1, oneway=False)
+    setup.read_then_flush(1)
+    assert accepted(setup.sender) == first  # the probe sees an ACCEPTED sent in a flush
+    later = setup.submit(2, oneway=False)
+    setup.read_then_flush(2)
+    assert accepted(setup.sender) is None  # not told yet: the next ones wait
+    setup.server.age_acks()  # tick 1: accepted since the last tick, kept
+    assert accepted(setup.sender) is None
+    setup.server.age_acks()  # tick 2: accepted before the previous tick, still queued
+    assert accepted(setup.sender) == later
+    setup.server.age_acks()
+    assert accepted(setup.sender) is None  # each id told once
+    assert setup.server.acks_pending == 0
+
+
+def test_every_ack_batch_of_one_sender_goes_at_once(setup: Setup) -> None:
+    setup.submit(1, oneway=False)
+    setup.read_then_flush(1)
+    assert accepted(setup.sender) is not None
+    ids = setup.submit(ACK_BATCH - 1, oneway=False)
+    setup.read_then_flush(ACK_BATCH - 1)
+    assert accepted(setup.sender) is None
+    ids += setup.submit(1, oneway=False)
+    setup.read_then_flush(1)
+    assert accepted(setup.sender) == ids
+
+
+def test_many_senders_one_message_each_wait_for_a_tick(setup: Setup) -> None:
+    """The batch counts per sender: 40 sequential senders' messages (each past
+    its first) are not told together after 32 of them, as they were."""
+    senders = [setup.peer(b"S%d" % i) for i in range(40)]
+    own = setup.sender
+    try:
+        for sock in senders:  # each sender's first: told at once
+            setup.sender = sock
+            setup.submit(1, oneway=False)
+            setup.read_then_flush(1)
+            assert accepted(sock) is not None
+        second = {}
+        for sock in senders:
+            setup.sender = sock
+            second[sock] = setup.submit(1, oneway=False)
+        setup.read_then_flush(len(senders))
+        assert all(accepted(sock) is None for sock in senders[:3])
+        setup.server.send_acks()  # what sqm does after ACK_IDLE_MS with nothing to read
+        assert all(accepted(sock) == second[sock] for sock in senders)
+    finally:
+        setup.sender = own
+
+
+def test_ended_messages_are_left_out(setup: Setup) -> None:
+    setup.submit(1, oneway=False)
+    setup.read_then_flush(1)
+    assert accepted(setup.sender) is not None
+    ids = setup.submit(2, oneway=False)
+    setup.read_then_flush(2)
+    w = setup.peer(b"Wacks")
+    setup.hello(w, "wa", slots=2)  # takes the first message and ids[0]
+    setup.read_then_flush(1)
+    setup.told_batches(w)
+    dispatched = setup.received(w)
+    assert ids[0] in [envelope_id(env) for env in dispatched[2::2]]
+    w.send_multipart([SIGNATURE, DONE, ids[0]])
+    setup.read_then_flush(1)  # ids[0] ended before sqm told its sender
+    setup.server.send_acks()
+    assert accepted(setup.sender) == [ids[1]]
