@@ -653,9 +653,17 @@ class QueueServer:
 
     def send_acks(self) -> None:
         """Tell each sender which of its messages sqm holds (one message each)."""
-        if self._acks_aged:
-            self._send_acks(self._acks_aged)
-        self._send_acks(self._acks)
+        aged, acks = self._acks_aged, self._acks
+        if aged:
+            for rid, ids in acks.items():
+                older = aged.get(rid)
+                if older is None:
+                    aged[rid] = ids
+                else:
+                    older.extend(ids)
+            acks.clear()
+            acks = aged
+        self._send_acks(acks)
         self.acks_pending = 0
         self._acks_due = False
 

@@ -59,6 +59,20 @@ def test_the_first_at_once_the_rest_a_tick_later_if_still_held(setup: Setup) -> 
     assert setup.server.acks_pending == 0
 
 
+def test_an_idle_sqm_tells_both_ticks_ids_in_one_message(setup: Setup) -> None:
+    setup.submit(1, oneway=False)
+    setup.read_then_flush(1)
+    assert accepted(setup.sender) is not None
+    older = setup.submit(1, oneway=False)
+    setup.read_then_flush(1)
+    setup.server.age_acks()
+    newer = setup.submit(1, oneway=False)
+    setup.read_then_flush(1)
+    setup.server.send_acks()  # what sqm does after ACK_IDLE_MS with nothing to read
+    assert accepted(setup.sender) == older + newer
+    assert accepted(setup.sender) is None
+
+
 def test_every_ack_batch_of_one_sender_goes_at_once(setup: Setup) -> None:
     setup.submit(1, oneway=False)
     setup.read_then_flush(1)
