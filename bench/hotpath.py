@@ -1,7 +1,8 @@
 """Per-message Python cost of the worker's and the sender's hot paths, no broker.
 
 ``python -m bench.hotpath`` times, in this process, with the socket sends
-stubbed out (so only our own code is measured):
+stubbed out (so only our own code is measured; it stubs them module-wide, so run it in
+a process of its own):
 
 - ``worker handle``: one DISPATCH through the plain runner's handling
   (decode, ACK, callback, RESULT, DONE), the same steps in every tree;
@@ -14,6 +15,7 @@ where the API differs a small adapter drives the same steps.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import threading
 import time
@@ -31,6 +33,8 @@ class _Link:
     """A broker link whose socket is never written (send_frames is stubbed)."""
 
     sock: Any = object()
+    compact = True  # its broker reads compact DONEs (trees after 1e39fe3)
+    batch = True
 
     def send_bye(self) -> bool:
         return True
@@ -108,6 +112,9 @@ def _worker_steps(beat_ms: bytes) -> tuple[Callable[[list[bytes]], Any], Any]:
     ex.beat_ms = beat_ms
     runner = plain.PlainRunner()
     runner._execute = ex.run
+    lock = getattr(runner, "_lock", None)
+    if lock is not None:  # held by run() around each message (trees after the give-backs)
+        lock.acquire()
     link = _Link()
     handle = runner._handle
     return (lambda frames: handle(link, frames)), ex.run  # type: ignore[arg-type]
@@ -153,7 +160,14 @@ def sender_figures(beat: bytes | None = b"5000") -> float:
     return best / N * 1e6
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    global N, ROUNDS
+    ap = argparse.ArgumentParser(prog="python -m bench.hotpath",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=N, help=f"messages per round [{N}]")
+    ap.add_argument("--rounds", type=int, default=ROUNDS, help=f"rounds, best kept [{ROUNDS}]")
+    args = ap.parse_args(argv)
+    N, ROUNDS = args.n, args.rounds
     figures = worker_figures()
     figures["sender feed (4-frame ACK)"] = sender_figures()
     figures["sender feed (3-frame ACK)"] = sender_figures(None)
