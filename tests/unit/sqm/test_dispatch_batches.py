@@ -222,7 +222,8 @@ def test_a_cancel_follows_the_batch_it_cancels(setup: Setup) -> None:
 
 def test_what_one_wake_up_finds_queued_goes_as_one_dispatch() -> None:
     """handle_burst, the one-queue loop's read: eight SUBMITs queued at one wake-up
-    reach a batching worker as one DISPATCH; a wake-up that leaves nothing to send
+    reach a batching worker as one DISPATCH (after a wake-up that found nothing
+    queued, the first goes ahead alone); a wake-up that leaves nothing to send
     (a DONE) reads no further, and the blocking recv picks up the rest.
 
     inproc: a send is readable on the broker's socket once it returns, so the
@@ -255,16 +256,26 @@ def test_what_one_wake_up_finds_queued_goes_as_one_dispatch() -> None:
             env = encode_envelope(mid, mailbox, b"work", b"json", oneway=True)
             sender.send_multipart([SIGNATURE, SUBMIT, env, b"{}"])
         wake_up()
-        frames = w.recv_multipart()
-        assert dispatched_ids(frames) == ids  # one DISPATCH, in order
+        # The wake-up before found nothing queued: the first goes at once (a lone
+        # rpc's dispatch waits for no look), the seven found behind it together.
+        assert dispatched_ids(w.recv_multipart()) == ids[:1]
+        assert dispatched_ids(w.recv_multipart()) == ids[1:]  # one DISPATCH, in order
+        assert not w.poll(50), "two DISPATCHes only"
+        more = [b"c%d" % i for i in range(8)]
+        for mid in more:
+            env = encode_envelope(mid, mailbox, b"work", b"json", oneway=True)
+            sender.send_multipart([SIGNATURE, SUBMIT, env, b"{}"])
+        wake_up()  # the last look found more: streaming, all eight in one DISPATCH
+        assert dispatched_ids(w.recv_multipart()) == more
         assert not w.poll(50), "one DISPATCH only"
-        assert server.core.in_flight == 8
+        assert server.core.in_flight == 16
+        ids += more
 
         w.send_multipart([SIGNATURE, DONE, *ids[:4]])
         late = encode_envelope(b"late", mailbox, b"work", b"json", oneway=True)
         sender.send_multipart([SIGNATURE, SUBMIT, late, b"{}"])
         wake_up()  # the DONE: nothing to send, so the SUBMIT behind it stays queued
-        assert server.core.in_flight == 4 and server.core.completed_total == 4
+        assert server.core.in_flight == 12 and server.core.completed_total == 4
         assert server.sock.poll(0), "the SUBMIT waits for the next recv"
         wake_up()
         assert dispatched_ids(w.recv_multipart()) == [b"late"]
