@@ -2,16 +2,13 @@
 features), then per sender every ACK_BATCH messages, when sqm is idle, or a
 tick later for what sqm still holds; ended messages are never listed.
 
-A real QueueServer and real DEALER peers (test_dispatch_batches' Setup); the
-test drives input, flushes and ticks by hand. "Nothing came" is checked by
-waiting NOTHING_MS on the peer, after a check that the same wait sees an
-ACCEPTED that was sent.
+A real QueueServer and real DEALER peers (test_dispatch_batches' Setup, the
+``setup`` fixture of conftest.py); the test drives input, flushes and ticks
+by hand. "Nothing came" is checked by waiting NOTHING_MS on the peer, after
+a check that the same wait sees an ACCEPTED that was sent.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import zmq
@@ -25,15 +22,6 @@ pytestmark = pytest.mark.timeout(30)
 NOTHING_MS = 200
 
 
-@pytest.fixture
-def setup(tmp_path: Path) -> Iterator[Setup]:
-    s = Setup(tmp_path)
-    try:
-        yield s
-    finally:
-        s.close()
-
-
 def accepted(sock: zmq.Socket) -> list[bytes] | None:
     """The ids of the ACCEPTED waiting on ``sock`` (None: nothing within NOTHING_MS)."""
     if not sock.poll(NOTHING_MS):
@@ -43,10 +31,16 @@ def accepted(sock: zmq.Socket) -> list[bytes] | None:
     return unpack_ids(frames[2])
 
 
-def test_the_first_at_once_the_rest_a_tick_later_if_still_held(setup: Setup) -> None:
-    first = setup.submit(1, oneway=False)
+def first_told(setup: Setup) -> list[bytes]:
+    """Submit the sender's first message: told at once (the features it lists)."""
+    ids = setup.submit(1, oneway=False)
     setup.read_then_flush(1)
-    assert accepted(setup.sender) == first  # the probe sees an ACCEPTED sent in a flush
+    assert accepted(setup.sender) == ids
+    return ids
+
+
+def test_the_first_at_once_the_rest_a_tick_later_if_still_held(setup: Setup) -> None:
+    first_told(setup)  # the probe sees an ACCEPTED sent in a flush
     later = setup.submit(2, oneway=False)
     setup.read_then_flush(2)
     assert accepted(setup.sender) is None  # not told yet: the next ones wait
@@ -60,9 +54,7 @@ def test_the_first_at_once_the_rest_a_tick_later_if_still_held(setup: Setup) -> 
 
 
 def test_an_idle_sqm_tells_both_ticks_ids_in_one_message(setup: Setup) -> None:
-    setup.submit(1, oneway=False)
-    setup.read_then_flush(1)
-    assert accepted(setup.sender) is not None
+    first_told(setup)
     older = setup.submit(1, oneway=False)
     setup.read_then_flush(1)
     setup.server.age_acks()
@@ -74,9 +66,7 @@ def test_an_idle_sqm_tells_both_ticks_ids_in_one_message(setup: Setup) -> None:
 
 
 def test_every_ack_batch_of_one_sender_goes_at_once(setup: Setup) -> None:
-    setup.submit(1, oneway=False)
-    setup.read_then_flush(1)
-    assert accepted(setup.sender) is not None
+    first_told(setup)
     ids = setup.submit(ACK_BATCH - 1, oneway=False)
     setup.read_then_flush(ACK_BATCH - 1)
     assert accepted(setup.sender) is None
@@ -93,9 +83,7 @@ def test_many_senders_one_message_each_wait_for_a_tick(setup: Setup) -> None:
     try:
         for sock in senders:  # each sender's first: told at once
             setup.sender = sock
-            setup.submit(1, oneway=False)
-            setup.read_then_flush(1)
-            assert accepted(sock) is not None
+            first_told(setup)
         second = {}
         for sock in senders:
             setup.sender = sock
@@ -109,9 +97,7 @@ def test_many_senders_one_message_each_wait_for_a_tick(setup: Setup) -> None:
 
 
 def test_ended_messages_are_left_out(setup: Setup) -> None:
-    setup.submit(1, oneway=False)
-    setup.read_then_flush(1)
-    assert accepted(setup.sender) is not None
+    first_told(setup)
     ids = setup.submit(2, oneway=False)
     setup.read_then_flush(2)
     w = setup.peer(b"Wacks")

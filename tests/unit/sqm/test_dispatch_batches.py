@@ -8,7 +8,7 @@ the server's input and outbox by hand, so it chooses what one flush holds
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,13 +111,6 @@ class Setup:
         self.ctx.term()
 
 
-@pytest.fixture
-def setup(tmp_path: Path) -> Iterator[Setup]:
-    s = Setup(tmp_path)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def dispatched_ids(frames: list[bytes]) -> list[bytes]:
