@@ -4,8 +4,6 @@ for every peer that does not say it reads them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -89,15 +87,6 @@ def test_malformed_compact_frames_read_as_nothing_valid() -> None:
         SIGNATURE, DISPATCH, env, b"p", b"", b"", b"", b""]
     assert compact_dispatches([SIGNATURE, DISPATCH, env, b"p"]) is None  # the classic form
     assert classic_result(COMPACT_RESULT) == [COMPACT_RESULT]  # too short: dropped as unknown
-
-
-@pytest.fixture
-def setup(tmp_path: Path) -> Iterator[Setup]:
-    s = Setup(tmp_path)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def compact_frame(s: Setup, mid: bytes, payload: bytes = b"{}", *, oneway: bool = False) -> bytes:
