@@ -7,7 +7,11 @@ a process of its own):
 - ``worker handle``: one DISPATCH through the plain runner's handling
   (decode, ACK, callback, RESULT, DONE), the same steps in every tree;
 - ``worker run``: :meth:`Execution.run` alone (trees that have it);
-- ``sender feed``: :meth:`Correlator.feed` of an ACK and a RESULT.
+- ``worker handle (compact)``: the same for a compact one-message DISPATCH
+  (one ``SQM1s`` frame, as sqm sends it), read as the tree reads it;
+- ``sender feed``: :meth:`Correlator.feed` of an ACK and a RESULT;
+- ``sender feed (compact RESULT)``: of a one-frame RESULT alone (W1's reply:
+  no ACK unless asked for).
 
 It runs against older trees too (``PYTHONPATH=/tmp/base``, cwd there):
 where the API differs a small adapter drives the same steps.
@@ -16,6 +20,7 @@ where the API differs a small adapter drives the same steps.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import threading
 import time
@@ -24,6 +29,8 @@ from typing import Any
 
 from sqm.config import QueueSettings
 from sqm.protocol import ACK, DISPATCH, RESULT, SIGNATURE
+
+COMPACT_SUBMIT = b"SQM1s"  # protocol.COMPACT_SUBMIT (older trees lack the name)
 
 N = 50_000
 ROUNDS = 9
@@ -83,8 +90,12 @@ def _dispatches(n: int) -> tuple[Any, list[str], list[list[bytes]]]:
     return core, ids, frames
 
 
-def _worker_steps(beat_ms: bytes) -> tuple[Callable[[list[bytes]], Any], Any]:
-    """(handle one DISPATCH, Execution.run or None) for this tree."""
+Step = Callable[[Any], Any]
+
+
+def _worker_steps(beat_ms: bytes) -> tuple[Step, Any, Step | None]:
+    """(handle one DISPATCH, Execution.run or None, handle one compact
+    DISPATCH frame or None) for this tree."""
     try:
         from worker import execute, plain
     except ImportError:  # before the worker was split (b9fc0d6)
@@ -102,7 +113,7 @@ def _worker_steps(beat_ms: bytes) -> tuple[Callable[[list[bytes]], Any], Any]:
         w._stop = threading.Event()
         w.id = "w1"
         link = _Link()
-        return (lambda frames: w._handle(link, frames)), None
+        return (lambda frames: w._handle(link, frames)), None, None
     execute.send_frames = _sent
     if hasattr(execute, "send_raw"):  # a reply's routing-id frame (trees after 2cafb6d)
         execute.send_raw = _sent  # type: ignore[assignment]
@@ -116,11 +127,18 @@ def _worker_steps(beat_ms: bytes) -> tuple[Callable[[list[bytes]], Any], Any]:
     if lock is not None:  # held by run() around each message (trees after the give-backs)
         lock.acquire()
     link = _Link()
-    handle = runner._handle
-    return (lambda frames: handle(link, frames)), ex.run  # type: ignore[arg-type]
+    handle: Any = runner._handle
+    if len(inspect.signature(handle).parameters) >= 3:  # trees with Execution.run_compact
+        return ((lambda frames: handle(link, frames, ex.run)), ex.run,
+                (lambda frame: handle(link, frame, ex.run_compact)))
+    from sqm import protocol  # before: the frame was rebuilt as the classic frames first
+
+    rebuild = getattr(protocol, "compact_dispatches", None)
+    compact = None if rebuild is None else (lambda frame: handle(link, rebuild([frame])))
+    return (lambda frames: handle(link, frames)), ex.run, compact
 
 
-def _time(step: Callable[[list[bytes]], Any], batch: list[list[bytes]]) -> float:
+def _time(step: Step, batch: list[Any]) -> float:
     """Best of ROUNDS: µs per call."""
     best = float("inf")
     for _ in range(ROUNDS):
@@ -133,10 +151,13 @@ def _time(step: Callable[[list[bytes]], Any], batch: list[list[bytes]]) -> float
 
 def worker_figures(beat_ms: bytes = b"5000") -> dict[str, float]:
     _, _, batch = _dispatches(N)
-    handle, run = _worker_steps(beat_ms)
+    handle, run, compact = _worker_steps(beat_ms)
     out = {"worker handle": _time(handle, batch)}
     if run is not None:
         out["worker run"] = _time(run, batch)
+    if compact is not None:
+        frames = [COMPACT_SUBMIT + f[2] + f[3] for f in batch]
+        out["worker handle (compact)"] = _time(compact, frames)
     return out
 
 
@@ -160,6 +181,25 @@ def sender_figures(beat: bytes | None = b"5000") -> float:
     return best / N * 1e6
 
 
+def sender_compact_figures() -> float | None:
+    """µs per message for feed(compact RESULT) + the outcome taken (None: no compact replies)."""
+    from sqm import protocol
+
+    pack = getattr(protocol, "compact_result", None)
+    if pack is None:
+        return None
+    best = float("inf")
+    for _ in range(ROUNDS):
+        core, ids, _ = _dispatches(N)
+        replies = [[pack(mid.encode(), b"\xa0")] for mid in ids]
+        feed, take = core.feed, core.take
+        t0 = time.perf_counter()
+        for res in replies:
+            take(feed(res, False))
+        best = min(best, time.perf_counter() - t0)
+    return best / N * 1e6
+
+
 def main(argv: list[str] | None = None) -> None:
     global N, ROUNDS
     ap = argparse.ArgumentParser(prog="python -m bench.hotpath",
@@ -171,6 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     figures = worker_figures()
     figures["sender feed (4-frame ACK)"] = sender_figures()
     figures["sender feed (3-frame ACK)"] = sender_figures(None)
+    compact = sender_compact_figures()
+    if compact is not None:
+        figures["sender feed (compact RESULT)"] = compact
     print(f"python {sys.version.split()[0]}, {N} messages, best of {ROUNDS}")
     for name, us in figures.items():
         print(f"  {name:28s} {us:6.2f} µs/msg")

@@ -375,12 +375,29 @@ def envelope_id(env: bytes) -> bytes:
 def decode_envelope(env: bytes) -> Envelope:
     """Unpack and validate an envelope; raises ValueError when malformed."""
     flags, retries, priority, deadline, a, b, c = read_head(env)
+    return _envelope(env, 0, len(env), flags, retries, priority, deadline, a, b, c)
+
+
+def decode_compact(frame: bytes) -> tuple[Envelope, int]:
+    """A compact DISPATCH's envelope and where its payload starts; ValueError when malformed.
+
+    What a worker reads of a one-message dispatch: the frame is validated
+    and sliced once, not rebuilt as the classic frames first.
+    """
+    flags, retries, priority, deadline, a, b, c, end = read_compact(frame)
+    return _envelope(frame, COMPACT_HEAD, end, flags, retries, priority, deadline, a, b, c), end
+
+
+def _envelope(buf: bytes, start: int, end: int, flags: int, retries: int, priority: int,
+              deadline: float, a: int, b: int, c: int) -> Envelope:
+    """The Envelope of the validated envelope at ``buf[start:end]`` (field ends a, b, c)."""
     if not flags & FLAG_EXTRA:
-        return Envelope(flags, retries, priority, deadline, env[HEAD:a], env[a:b], env[b:c],
-                        env[c:], env[HOPS_OFFSET])
-    e = Envelope(flags, retries, priority, deadline, env[HEAD:a], env[a:b], env[b:c],
-                 env[c:-EXTRA.size], env[HOPS_OFFSET])
-    e.not_before, e.time_limit, e.attempts = read_extra(env)
+        return Envelope(flags, retries, priority, deadline, buf[start + HEAD:a], buf[a:b],
+                        buf[b:c], buf[c:end], buf[start + HOPS_OFFSET])
+    tail = end - EXTRA.size
+    e = Envelope(flags, retries, priority, deadline, buf[start + HEAD:a], buf[a:b], buf[b:c],
+                 buf[c:tail], buf[start + HOPS_OFFSET])
+    e.not_before, e.time_limit, e.attempts = EXTRA.unpack_from(buf, tail)
     return e
 
 

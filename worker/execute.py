@@ -37,6 +37,7 @@ from sqm.protocol import (
     SIGNATURE,
     Envelope,
     compact_result,
+    decode_compact,
     decode_envelope,
     encode_json,
 )
@@ -225,13 +226,26 @@ class Execution:
         Succeeded is None when the callback handed the message on
         (:meth:`forward`): the FORWARD told sqm, no DONE is due.
         """
-        # prepare() and settle(), inlined: the plain runner's hot path, where
-        # two calls and a tuple cost 4 % (tests/unit/worker/test_execute.py
-        # checks that both ways answer alike).
         try:
             env = decode_envelope(frames[2])
         except ValueError as exc:
             return self._undecodable(exc)
+        return self.run_decoded(env, frames[3])
+
+    def run_compact(self, frame: bytes) -> tuple[bytes, bool | None]:
+        """:meth:`run` for a compact one-message DISPATCH (one ``SQM1s`` frame):
+        its envelope is read in place, not rebuilt as the classic frames first."""
+        try:
+            env, start = decode_compact(frame)
+        except ValueError as exc:
+            return self._undecodable(exc)
+        return self.run_decoded(env, frame[start:])
+
+    def run_decoded(self, env: Envelope, body: bytes) -> tuple[bytes, bool | None]:
+        """:meth:`run` once the envelope is read: ``body`` is the payload."""
+        # prepare() and settle(), inlined: the plain runner's hot path, where
+        # two calls and a tuple cost 4 % (tests/unit/worker/test_execute.py
+        # checks that both ways answer alike).
         msg_id = env.id
         method = env.method.decode("utf-8", "replace")
         orig = Originator(msg_id, env.mailbox, env.serializer, env.oneway, method, env)
@@ -251,7 +265,7 @@ class Execution:
             self.fail(orig, "UnknownMethod", f"no callback for method {method!r} on this worker")
             return msg_id, False
         try:
-            payload = self.codec(env.serializer).loads(frames[3])
+            payload = self.codec(env.serializer).loads(body)
         except Exception as exc:
             self.fail(orig, "SerializerError", str(exc))
             return msg_id, False

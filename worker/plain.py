@@ -19,11 +19,13 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from time import monotonic
+from typing import Any
 
 import zmq
 
 from sqm import protocol
 from sqm.protocol import (
+    COMPACT_SUBMIT,
     CREDIT,
     DISPATCH,
     GIVE_BACK,
@@ -34,7 +36,7 @@ from sqm.protocol import (
     is_multi_dispatch,
     split_dispatch,
 )
-from sqm.zmqfast import NOBLOCK, RCVTIMEO, readable, send_frames
+from sqm.zmqfast import NOBLOCK, RCVTIMEO, readable, recv_message, send_frames
 from sqm.zmqfast import set_option as _set_option
 
 from .execute import Workload
@@ -42,6 +44,9 @@ from .links import BrokerLink, done_messages, recv_broker
 from .session import Session
 
 log = logging.getLogger("sqm.worker")
+
+#: Runs one dispatch (its classic frames, or one compact frame): (message id, succeeded).
+Execute = Callable[[Any], tuple[bytes, "bool | None"]]
 
 # How long recv blocks for the next message before the runner counts itself
 # idle. Idle, it waits in one poll for a message, a stop (:meth:`PlainRunner.stop`
@@ -63,7 +68,7 @@ class PlainRunner:
         self._session: Session | None = None
         self._stop = threading.Event()
         self._work = Workload()
-        self._execute: Callable[[list[bytes]], tuple[bytes, bool | None]] = (
+        self._execute: Execute = (
             lambda frames: (b"", False))
         self._link: BrokerLink | None = None
         # Frames read but not handled yet, in arrival order, handled before the
@@ -189,6 +194,7 @@ class PlainRunner:
         self._stop = stop = s.stop
         self._work = s.workload
         self._execute = s.execution.run  # looked up once, not per message
+        run_compact = s.execution.run_compact
         self._hold_max = max(1, s.slots // 2)
         self._slots = s.slots
         link = self._link = BrokerLink(s.endpoints[0], s.routing_id, s.curve,
@@ -219,7 +225,7 @@ class PlainRunner:
                         # find work (under load), look first once one found none.
                         if streaming:
                             try:
-                                frames = recv_broker(sock, NOBLOCK)
+                                frames = recv_message(sock, NOBLOCK)
                             except zmq.Again:
                                 streaming = False
                                 self._send_done(link)
@@ -229,7 +235,7 @@ class PlainRunner:
                             self._send_done(link)
                     if frames is None:
                         try:
-                            frames = recv_broker(sock, 0)
+                            frames = recv_message(sock, 0)
                         except zmq.Again:  # receive timeout: idle now
                             idle = True
                             if self._withheld:  # nothing waits: every slot back
@@ -237,9 +243,13 @@ class PlainRunner:
                 now = monotonic()
                 if frames is not None:
                     link.last_heard = now
-                    if (len(frames) == protocol.SUBMIT_FRAMES and frames[1] == DISPATCH
+                    if frames[0].startswith(COMPACT_SUBMIT):
+                        # A compact DISPATCH: recv_message reads each of its frames
+                        # (one message each) on its own; run_compact reads it in place.
+                        self._handle(link, frames[0], run_compact)
+                    elif (len(frames) == protocol.SUBMIT_FRAMES and frames[1] == DISPATCH
                             and frames[0] == SIGNATURE):
-                        self._handle(link, frames)
+                        self._handle(link, frames, self._execute)
                     elif is_multi_dispatch(frames):
                         link.batch = True  # this broker batches: it reads multi-id DONEs
                         inbox.extendleft(reversed(split_dispatch(frames)))
@@ -331,11 +341,11 @@ class PlainRunner:
     def _handle_any(self, link: BrokerLink, frames: list[bytes]) -> None:
         """Handle what the inbox holds: a dispatch of one message or several, or anything else."""
         if len(frames) == protocol.SUBMIT_FRAMES and frames[1] == DISPATCH:
-            self._handle(link, frames)
+            self._handle(link, frames, self._execute)
         elif is_multi_dispatch(frames):
             link.batch = True
             for one in split_dispatch(frames):
-                self._handle(link, one)
+                self._handle(link, one, self._execute)
         else:
             s = self._session
             assert s is not None
@@ -355,8 +365,9 @@ class PlainRunner:
         ok.clear()
         failed.clear()
 
-    def _handle(self, link: BrokerLink, frames: list[bytes]) -> None:
-        """Run one dispatch, then tell the broker it is done (now, or with the next ones)."""
+    def _handle(self, link: BrokerLink, dispatch: Any, execute: Execute) -> None:
+        """Run one dispatch (``execute(dispatch)``: classic frames, or a compact
+        frame), then tell the broker it is done (now, or with the next ones)."""
         work = self._work
         started = monotonic()
         before = work.busy[0]
@@ -366,7 +377,7 @@ class PlainRunner:
         lock = self._lock
         lock.release()  # the heartbeat thread may give back what waits while this runs
         try:
-            msg_id, ok = self._execute(frames)
+            msg_id, ok = execute(dispatch)
         finally:
             lock.acquire()
             ended = monotonic()

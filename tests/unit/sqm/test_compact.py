@@ -32,6 +32,8 @@ from sqm.protocol import (
     compact_dispatches,
     compact_parts,
     compact_result,
+    decode_compact,
+    decode_envelope,
     encode_envelope,
     encode_json,
     pack_envelope,
@@ -67,6 +69,24 @@ def test_a_compact_submit_reads_as_its_envelope_and_payload(
     assert got[7] == COMPACT_HEAD + len(env)
     # A worker reads the compact DISPATCH (the same frames) as the classic one.
     assert compact_dispatches([frame, frame]) == [SIGNATURE, DISPATCH, env, payload, env, payload]
+
+
+@given(ids, st.binary(max_size=256), texts, st.binary(min_size=1, max_size=32),
+       st.binary(max_size=300), st.floats(0, 1e10), st.integers(0, 255), st.booleans())
+def test_a_worker_reads_a_compact_dispatch_in_place_as_its_envelope(
+        mid: bytes, mailbox: bytes, method: bytes, ser: bytes, payload: bytes,
+        not_before: float, hops: int, extra: bool) -> None:
+    env = pack_envelope(FLAG_COMPACT_REPLY, 3, 1, 12.5, mid, mailbox, method, ser, hops,
+                        not_before=not_before if extra else 0.0, attempts=2 if extra else 0)
+    frame = COMPACT_SUBMIT + env + payload
+    got, start = decode_compact(frame)
+    assert frame[start:] == payload
+    want = decode_envelope(env)
+    assert {k: getattr(got, k) for k in got.__slots__} == {
+        k: getattr(want, k) for k in want.__slots__}
+    assert (got.id, got.hops, got.attempts) == (mid, hops, 2 if extra else 0)
+    with pytest.raises(ValueError):
+        decode_compact(frame[:start - 1])  # the envelope cut short
 
 
 @given(ids, st.binary(max_size=500))

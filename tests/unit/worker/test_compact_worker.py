@@ -26,6 +26,7 @@ from sqm.protocol import (
     RESULT,
     SIGNATURE,
     pack_envelope,
+    unpack_ids,
 )
 from worker import Worker
 
@@ -99,3 +100,60 @@ def test_the_worker_answers_in_the_form_each_end_reads(
         assert reply == [COMPACT_RESULT + b"\x03m:1" + b"42"]
     else:
         assert reply == [SIGNATURE, RESULT, b"m:1", b"42"]
+
+
+
+def test_a_compact_dispatch_of_several_runs_each_in_order(tmp_path: Path) -> None:
+    """sqm's compact DISPATCH of k messages is k ``SQM1s`` frames in one message:
+    the plain runner reads each frame as one message and runs it in place."""
+    ctx = zmq.Context()
+    broker, mailbox = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    for sock in (broker, mailbox):
+        sock.linger = 0
+    endpoint = f"ipc://{tmp_path}/sqm.sock"
+    mailbox_addr = f"ipc://{tmp_path}/mailbox.sock".encode()
+    broker.bind(endpoint)
+    mailbox.bind(mailbox_addr.decode())
+    w = Worker("q", endpoint=endpoint, heartbeat=5.0, prefetch=4,
+               callbacks={"add": lambda _w, _o, p: p + 1})
+    thread = threading.Thread(target=w.run, daemon=True)
+    thread.start()
+    ended: list[bytes] = []
+    try:
+        deadline = time.monotonic() + 20
+        while len(ended) < 3:
+            assert time.monotonic() < deadline, f"DONEs so far: {ended}"
+            if not broker.poll(50):
+                continue
+            rid, *frames = broker.recv_multipart()
+            cmd = frames[1] if len(frames) > 1 and frames[0] == SIGNATURE else b""
+            if cmd == HEARTBEAT and len(frames) == 2:  # the rights check before serving
+                broker.send_multipart([rid, SIGNATURE, BYE])
+            elif cmd == HELLO:
+                broker.send_multipart([rid, SIGNATURE, BATCHES, GIVE_BACK + b"r"])
+                broker.send_multipart([rid, SIGNATURE, HEARTBEAT, b"5000", b"60000"])
+                broker.send_multipart([rid, *(
+                    COMPACT_SUBMIT + pack_envelope(FLAG_COMPACT_REPLY, 0, 1, 0.0, b"m:%d" % i,
+                                                   mailbox_addr, b"add", b"json") + b"%d" % n
+                    for i, n in ((1, 41), (2, 9), (3, 99)))])
+            elif frames[0].startswith(COMPACT_DONE):
+                ended += unpack_ids(frames[0][len(COMPACT_DONE):])
+        replies = []
+        while len(replies) < 3:
+            assert mailbox.poll(5000), f"replies so far: {replies}"
+            replies += mailbox.recv_multipart()
+    finally:
+        w.terminate()
+        deadline = time.monotonic() + 10
+        while thread.is_alive() and time.monotonic() < deadline:  # answer its BYE
+            if broker.poll(50):
+                rid, *frames = broker.recv_multipart()
+                if frames[1:2] == [BYE]:
+                    broker.send_multipart([rid, SIGNATURE, BYE])
+        thread.join(10)
+        broker.close(0)
+        mailbox.close(0)
+        ctx.term()
+    assert sorted(ended) == [b"m:1", b"m:2", b"m:3"]
+    assert replies == [COMPACT_RESULT + b"\x03m:1" + b"42", COMPACT_RESULT + b"\x03m:2" + b"10",
+                       COMPACT_RESULT + b"\x03m:3" + b"100"]

@@ -8,7 +8,16 @@ from typing import Any
 
 import pytest
 
-from sqm.protocol import ACK, DISPATCH, ERROR, FLAG_ACK, RESULT, SIGNATURE, encode_envelope
+from sqm.protocol import (
+    ACK,
+    COMPACT_SUBMIT,
+    DISPATCH,
+    ERROR,
+    FLAG_ACK,
+    RESULT,
+    SIGNATURE,
+    encode_envelope,
+)
 from worker.execute import Execution, Originator
 
 pytestmark = pytest.mark.timeout(30)
@@ -98,6 +107,10 @@ def test_run_and_steps_answer_alike(frames: list[bytes], outcome: tuple[bytes, b
     assert ex1.run(frames) == outcome
     assert by_steps(ex2, frames) == outcome
     assert scrub(sent1) == scrub(sent2)
+    # The plain runner's read of a compact one-message DISPATCH (one SQM1s frame).
+    ex3, sent3 = make()
+    assert ex3.run_compact(COMPACT_SUBMIT + frames[2] + frames[3]) == outcome
+    assert scrub(sent3) == scrub(sent1)
 
 
 def test_what_the_sender_gets() -> None:

@@ -28,7 +28,7 @@ class IdleCount:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.n = 0
-        real_recv = plain.recv_broker
+        real_recv = plain.recv_message
         real_wait = plain.PlainRunner._idle_wait
 
         def recv(sock: zmq.Socket, flags: int = 0) -> list[bytes]:
@@ -43,7 +43,7 @@ class IdleCount:
             self.n += not woke
             return woke
 
-        monkeypatch.setattr(plain, "recv_broker", recv)
+        monkeypatch.setattr(plain, "recv_message", recv)
         monkeypatch.setattr(plain.PlainRunner, "_idle_wait", wait)
 
 
