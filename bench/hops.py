@@ -8,6 +8,12 @@ k-th SUBMIT, DISPATCH and RESULT of each process belong to the k-th rpc,
 and the table splits an rpc into the three processes' own time and the
 three hops between them. The patch costs ~0.5 µs per call: compare runs
 of this tool with each other, not with ``python -m bench``.
+
+``--system baseline`` does the same for the raw-pyzmq baseline (bench/baseline.py:
+its client, broker and worker, pyzmq's socket methods patched; a message is
+told by its socket's type and frame count): the request, its dispatch and
+the reply stand for SUBMIT, DISPATCH and RESULT. Alternate the two systems
+(``--system both``) to compare each process's own time on the same path.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import zmq
+
 from bench.common import METHOD, payload, wait_until, write_json_atomic
 
 #: (ns, "s" or "r", the frame's first bytes), per send/receive of this process.
@@ -30,6 +38,23 @@ _HEAD = 6  # bytes kept per frame: enough for "SQM1" + a command letter
 
 SUBMIT_HEAD = b"SQM1s"  # protocol.COMPACT_SUBMIT: also the DISPATCH
 RESULT_HEAD = b"SQM1y"  # protocol.COMPACT_RESULT
+#: Each segment's marks for sqm: (process, "s"/"r", first bytes of the frame).
+SQM_MARKS = (("sender", "s", SUBMIT_HEAD), ("broker", "r", SUBMIT_HEAD),
+             ("broker", "s", SUBMIT_HEAD), ("worker", "r", SUBMIT_HEAD),
+             ("worker", "s", RESULT_HEAD), ("sender", "r", RESULT_HEAD))
+
+
+def _tag(socket_type: int, frames: int) -> bytes:
+    """A baseline record's head: its socket's type and the message's frame count."""
+    return bytes((socket_type, frames))
+
+
+#: The baseline's: the client's request (DEALER, 2 frames), the broker's read of it
+#: and its dispatch (ROUTER, 3 frames each), the worker's read (DEALER, 2) and
+#: reply (PUSH), the client's read of that (PULL).
+BASELINE_MARKS = (("sender", "s", _tag(zmq.DEALER, 2)), ("broker", "r", _tag(zmq.ROUTER, 3)),
+                  ("broker", "s", _tag(zmq.ROUTER, 3)), ("worker", "r", _tag(zmq.DEALER, 2)),
+                  ("worker", "s", _tag(zmq.PUSH, 1)), ("sender", "r", _tag(zmq.PULL, 1)))
 SEGMENTS = (
     "Sender's SUBMIT sent -> sqm has read it",
     "sqm: read -> DISPATCH sent",
@@ -69,6 +94,42 @@ def install() -> None:
     zf._recv = timed_recv  # type: ignore[assignment]
 
 
+def install_baseline() -> None:
+    """Timestamp every outermost send and receive of pyzmq's sockets in this
+    process (the baseline calls their methods; once per process)."""
+    sock_cls: Any = zmq.Socket
+    if getattr(sock_cls.send, "_hops", False):
+        return
+    clock, records = time.perf_counter_ns, _records
+    depth = [0]  # send_multipart calls send: record the outer call only
+
+    def wrap(name: str, kind: str) -> None:
+        call = getattr(sock_cls, name)
+
+        def timed(sock: Any, *args: Any, **kwargs: Any) -> Any:
+            depth[0] += 1
+            try:
+                if kind == "s" and depth[0] == 1:
+                    data = args[0]
+                    records.append((clock(), "s", _tag(
+                        sock.socket_type, len(data) if isinstance(data, list) else 1)))
+                got = call(sock, *args, **kwargs)
+                if kind == "r" and depth[0] == 1:
+                    records.append((clock(), "r", _tag(
+                        sock.socket_type, len(got) if isinstance(got, list) else 1)))
+                return got
+            finally:
+                depth[0] -= 1
+
+        timed._hops = True  # type: ignore[attr-defined]
+        setattr(sock_cls, name, timed)
+
+    for name in ("send_multipart", "recv_multipart"):
+        wrap(name, name[0])
+    wrap("recv", "r")
+    wrap("send", "s")  # last: the guard above looks at send
+
+
 def dump(path: str) -> None:
     """Write this process's records to ``path``, one ``ns kind hex`` line each."""
     with open(path, "w") as f:
@@ -85,16 +146,14 @@ def _times(records: list[Record], kind: str, head: bytes, since: int) -> list[in
 
 
 def segments(sender: list[Record], broker: list[Record], worker: list[Record],
-             since: int) -> dict[str, list[int]]:
-    """Each rpc's six segments (ns) from the three processes' records after ``since``."""
-    t0 = _times(sender, "s", SUBMIT_HEAD, since)
-    t1 = _times(broker, "r", SUBMIT_HEAD, since)
-    t2 = _times(broker, "s", SUBMIT_HEAD, since)
-    t3 = _times(worker, "r", SUBMIT_HEAD, since)
-    t4 = _times(worker, "s", RESULT_HEAD, since)
-    t5 = _times(sender, "r", RESULT_HEAD, since)
-    n = min(map(len, (t0, t1, t2, t3, t4, t5)))
-    marks = (t0, t1, t2, t3, t4, t5)
+             since: int, spec: tuple[tuple[str, str, bytes], ...] = SQM_MARKS,
+             ) -> dict[str, list[int]]:
+    """Each rpc's six segments (ns) from the three processes' records after
+    ``since``; ``spec``: where each mark is (:data:`SQM_MARKS`, :data:`BASELINE_MARKS`)."""
+    by = {"sender": sender, "broker": broker, "worker": worker}
+    marks = [_times(by[proc], kind, head, since) for proc, kind, head in spec]
+    t0, t5 = marks[0], marks[5]
+    n = min(map(len, marks))
     out = {name: [marks[j + 1][i] - marks[j][i] for i in range(n)]
            for j, name in enumerate(SEGMENTS[:-1])}
     out[SEGMENTS[-1]] = [t0[i + 1] - t5[i] for i in range(min(n, len(t0) - 1))]
@@ -114,10 +173,30 @@ def table(segs: dict[str, list[int]]) -> str:
     return "\n".join(lines)
 
 
-def _child(code: str, *argv: str) -> list[str]:
+def _child(code: str, *argv: str, system: str = "sqm") -> list[str]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    pre = f"import sys; sys.path.insert(0, {root!r}); from bench import hops; hops.install(); "
+    patch = "install_baseline" if system == "baseline" else "install"
+    pre = f"import sys; sys.path.insert(0, {root!r}); from bench import hops; hops.{patch}(); "
     return [sys.executable, "-c", pre + code, *argv]
+
+
+def _measure(rpc: Callable[[int], Any], n: int, warmup: int) -> tuple[float, int]:
+    """``warmup`` rpcs, then ``n`` timed: (rpc/s, when the records start counting)."""
+    for i in range(-warmup, 0):
+        rpc(i)
+    _records.clear()
+    since = time.perf_counter_ns()
+    t0 = time.perf_counter()
+    for i in range(n):
+        rpc(i)
+    return n / (time.perf_counter() - t0), since
+
+
+def _stop(*procs: subprocess.Popen[bytes] | None) -> None:
+    for proc in procs:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
 
 
 def run(n: int, warmup: int, tmp: str) -> tuple[float, dict[str, list[int]]]:
@@ -143,20 +222,44 @@ def run(n: int, warmup: int, tmp: str) -> tuple[float, dict[str, list[int]]]:
             f"sqm_adapter.worker_host('hops', {endpoint!r}, 1, {tmp!r} + '/counts.json', 0); "
             f"hops.dump({tmp!r} + '/worker.txt')"))
         with Sender("hops", endpoint=endpoint, timeout=30) as s:
-            for i in range(-warmup, 0):
-                s.rpc(METHOD, payload(i))
-            _records.clear()
-            since = time.perf_counter_ns()
-            t0 = time.perf_counter()
-            for i in range(n):
-                s.rpc(METHOD, payload(i))
-            rate = n / (time.perf_counter() - t0)
+            rate, since = _measure(lambda i: s.rpc(METHOD, payload(i)), n, warmup)
     finally:
-        for proc in (worker, broker):
-            if proc is not None:
-                proc.terminate()
-                proc.wait(30)
+        _stop(worker, broker)
     segs = segments(list(_records), load(f"{tmp}/broker.txt"), load(f"{tmp}/worker.txt"), since)
+    return rate, segs
+
+
+def run_baseline(n: int, warmup: int, tmp: str) -> tuple[float, dict[str, list[int]]]:
+    """:func:`run` for the raw-pyzmq baseline (its client in this process, patched
+    by :func:`install_baseline`)."""
+    install_baseline()
+    from bench import baseline
+
+    endpoint = f"ipc://{tmp}/hops.sock"
+    broker = subprocess.Popen(_child(
+        "import atexit; atexit.register(hops.dump, sys.argv[1]); "
+        "from bench import baseline; baseline.broker_main(sys.argv[2])",
+        f"{tmp}/broker.txt", endpoint, system="baseline"))
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        wait_until(lambda: os.path.exists(f"{tmp}/hops.sock"), 30, "the broker socket")
+        worker = subprocess.Popen(_child(
+            "from bench import baseline; "
+            f"baseline.worker_host('hops', {endpoint!r}, 1, {tmp!r} + '/counts.json', 1); "
+            f"hops.dump({tmp!r} + '/worker.txt')", system="baseline"))
+        client = baseline._Client(endpoint, tmp, 30_000)
+        try:
+            def rpc(i: int) -> None:
+                client.send(i)
+                client.recv()
+
+            rate, since = _measure(rpc, n, warmup)
+        finally:
+            client.close()
+    finally:
+        _stop(worker, broker)
+    segs = segments(list(_records), load(f"{tmp}/broker.txt"), load(f"{tmp}/worker.txt"),
+                    since, BASELINE_MARKS)
     return rate, segs
 
 
@@ -166,14 +269,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=500, help="rpcs before measuring [500]")
     ap.add_argument("--runs", type=int, default=1, help="runs, each its own processes [1]")
     ap.add_argument("--json", metavar="FILE", help="also write each run's rate and segments (ns)")
+    ap.add_argument("--system", choices=("sqm", "baseline", "both"), default="sqm",
+                    help="what to trace; both: alternated, sqm first in each run [sqm]")
     args = ap.parse_args(argv)
     show: Callable[[str], None] = print
+    systems = ("sqm", "baseline") if args.system == "both" else (args.system,)
     results = []
     for k in range(args.runs):
-        with tempfile.TemporaryDirectory(prefix="sqm-hops-") as tmp:
-            rate, segs = run(args.n, args.warmup, tmp)
-        results.append({"rpc_per_s": rate, "segments": segs})
-        show(f"run {k + 1}: {rate:,.0f} rpc/s\n{table(segs)}\n")
+        for system in systems:
+            with tempfile.TemporaryDirectory(prefix="sqm-hops-") as tmp:
+                rate, segs = (run_baseline if system == "baseline" else run)(
+                    args.n, args.warmup, tmp)
+            results.append({"system": system, "rpc_per_s": rate, "segments": segs})
+            show(f"run {k + 1}, {system}: {rate:,.0f} rpc/s\n{table(segs)}\n")
     if args.json:
         write_json_atomic(args.json, results)
 

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import zmq
 
-from bench.hops import RESULT_HEAD, SEGMENTS, SUBMIT_HEAD, segments
+from bench.hops import BASELINE_MARKS, RESULT_HEAD, SEGMENTS, SUBMIT_HEAD, _tag, segments
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.timeout(120)
@@ -30,13 +31,28 @@ def test_segments_pair_the_kth_message_of_each_process() -> None:
     assert segments(sender, broker, worker, since=500)[SEGMENTS[0]] == [10]  # warm-up left out
 
 
-def test_a_real_run_marks_every_rpc_in_all_three_processes(tmp_path: Path) -> None:
-    """python -m bench.hops in a process of its own (it patches sqm.zmqfast there)."""
+def test_the_baseline_s_marks_are_its_sockets_and_frame_counts() -> None:
+    """The baseline's request, dispatch and reply, told apart by socket type and
+    frames; its READY (a 1-frame DEALER send, a 2-frame ROUTER read) marks nothing."""
+    request, read, reply, back = (_tag(zmq.DEALER, 2), _tag(zmq.ROUTER, 3),
+                                  _tag(zmq.PUSH, 1), _tag(zmq.PULL, 1))
+    sender = [(0, "s", request), (100, "r", back)]
+    broker = [(5, "r", _tag(zmq.ROUTER, 2)), (10, "r", read), (20, "s", read)]
+    worker = [(40, "r", request), (90, "s", reply), (92, "s", _tag(zmq.DEALER, 1))]
+    segs = segments(sender, broker, worker, 0, BASELINE_MARKS)
+    assert [segs[name] for name in SEGMENTS[:-1]] == [[10], [10], [20], [50], [10]]
+
+
+@pytest.mark.parametrize("system", ["sqm", "baseline"])
+def test_a_real_run_marks_every_rpc_in_all_three_processes(tmp_path: Path, system: str) -> None:
+    """python -m bench.hops in a process of its own (it patches sqm.zmqfast, or
+    pyzmq's socket methods for the baseline, there)."""
     out = tmp_path / "hops.json"
     subprocess.run([sys.executable, "-m", "bench.hops", "--n", "200", "--warmup", "20",
-                    "--runs", "2", "--json", str(out)], cwd=REPO, check=True, timeout=100,
-                   stdout=subprocess.DEVNULL)
+                    "--runs", "2", "--system", system, "--json", str(out)], cwd=REPO,
+                   check=True, timeout=100, stdout=subprocess.DEVNULL)
     first, result = json.loads(out.read_text())  # the second run: the patch is not doubled
+    assert first["system"] == result["system"] == system
     segs = result["segments"]
     assert result["rpc_per_s"] > 0
     assert all(len(segs[name]) == 200 for name in SEGMENTS[:-1]), {k: len(v) for k, v in segs.items()}
