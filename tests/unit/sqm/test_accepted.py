@@ -1,6 +1,7 @@
 """When sqm sends ACCEPTED: a sender's first message at once (it lists the
-features), then per sender every ACK_BATCH messages, when sqm is idle, or a
-tick later for what sqm still holds; ended messages are never listed.
+features), then per sender every ACK_BATCH messages (if half of them are still
+held), when sqm is idle, or a tick later for what sqm still holds; ended
+messages are never listed.
 
 A real QueueServer and real DEALER peers (test_dispatch_batches' Setup, the
 ``setup`` fixture of conftest.py); the test drives input, flushes and ticks
@@ -73,6 +74,30 @@ def test_every_ack_batch_of_one_sender_goes_at_once(setup: Setup) -> None:
     ids += setup.submit(1, oneway=False)
     setup.read_then_flush(1)
     assert accepted(setup.sender) == ids
+
+
+def test_a_sequential_sender_s_batch_of_ended_messages_is_not_told(setup: Setup) -> None:
+    """32 rpcs of a sequential Sender: all but the last ended before the 32nd came.
+    Its notice would list one message, read by a Sender only at its 20 ms look
+    (~100 µs in that rpc); that one waits for the idle moment or a tick instead."""
+    first = first_told(setup)
+    w = setup.peer(b"Wseq")
+    setup.hello(w, "wseq", slots=1)
+    setup.read_then_flush(1)  # the HELLO: the first message goes to the worker
+    setup.told_batches(w)
+    running = [envelope_id(setup.received(w)[2])]
+    assert running == first
+    last: list[bytes] = []
+    for _ in range(ACK_BATCH):
+        w.send_multipart([SIGNATURE, DONE, running.pop()])  # a reply went; the rpc ended
+        last = setup.submit(1, oneway=False)  # the Sender's next rpc
+        setup.read_then_flush(2)
+        running.append(envelope_id(setup.received(w)[2]))
+    assert running == last
+    assert accepted(setup.sender) is None  # 32 accepted since the first, one held: not told
+    assert setup.server.acks_pending == 1  # the ended ones are dropped, the held one waits
+    setup.server.send_acks()  # what sqm does after ACK_IDLE_MS with nothing to read
+    assert accepted(setup.sender) == last
 
 
 def test_many_senders_one_message_each_wait_for_a_tick(setup: Setup) -> None:
