@@ -7,7 +7,10 @@ processes). Each compact message's first bytes tell what it is, so the
 k-th SUBMIT, DISPATCH and RESULT of each process belong to the k-th rpc,
 and the table splits an rpc into the three processes' own time and the
 three hops between them. The patch costs ~0.5 µs per call: compare runs
-of this tool with each other, not with ``python -m bench``.
+of this tool with each other, not with ``python -m bench``. The last two
+rows split the rpcs by whether the Sender looked at its broker sockets
+during one (every 20 ms while it waits): the same run, so the VM's noise
+hits both alike.
 
 ``--system baseline`` does the same for the raw-pyzmq baseline (bench/baseline.py:
 its client, broker and worker, pyzmq's socket methods patched; a message is
@@ -19,13 +22,14 @@ the reply stand for SUBMIT, DISPATCH and RESULT. Alternate the two systems
 from __future__ import annotations
 
 import argparse
+import bisect
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -55,6 +59,8 @@ def _tag(socket_type: int, frames: int) -> bytes:
 BASELINE_MARKS = (("sender", "s", _tag(zmq.DEALER, 2)), ("broker", "r", _tag(zmq.ROUTER, 3)),
                   ("broker", "s", _tag(zmq.ROUTER, 3)), ("worker", "r", _tag(zmq.DEALER, 2)),
                   ("worker", "s", _tag(zmq.PUSH, 1)), ("sender", "r", _tag(zmq.PULL, 1)))
+LOOKED = "the rpcs in which the Sender looked at sqm"
+NOT_LOOKED = "the others"
 SEGMENTS = (
     "Sender's SUBMIT sent -> sqm has read it",
     "sqm: read -> DISPATCH sent",
@@ -169,6 +175,7 @@ def _pct(values: list[int], q: float) -> float:
 def table(segs: dict[str, list[int]]) -> str:
     lines = [f"{'segment':44s} {'p50':>8s} {'p90':>8s} {'p99':>8s}  (µs)"]
     lines += [f"{name:44s} {_pct(v, .5):8.1f} {_pct(v, .9):8.1f} {_pct(v, .99):8.1f}"
+              + (f"  ({len(v)} rpcs)" if name in (LOOKED, NOT_LOOKED) else "")
               for name, v in segs.items() if v]
     return "\n".join(lines)
 
@@ -178,6 +185,39 @@ def _child(code: str, *argv: str, system: str = "sqm") -> list[str]:
     patch = "install_baseline" if system == "baseline" else "install"
     pre = f"import sys; sys.path.insert(0, {root!r}); from bench import hops; hops.{patch}(); "
     return [sys.executable, "-c", pre + code, *argv]
+
+
+def _mark_looks(sender_cls: Any) -> None:
+    """Record (kind "c") each time a Sender looks at its broker sockets
+    (``_check_brokers``: every 20 ms while it waits): :func:`looks` splits the
+    rpcs by whether one fell inside them."""
+    look = sender_cls._check_brokers
+    if getattr(look, "_hops", False):
+        return
+    clock, records = time.perf_counter_ns, _records
+
+    def timed(self: Any, now: float) -> int:
+        records.append((clock(), "c", b""))
+        return cast(int, look(self, now))
+
+    timed._hops = True  # type: ignore[attr-defined]
+    sender_cls._check_brokers = timed
+
+
+def looks(sender: list[Record], since: int) -> tuple[list[int], list[int]]:
+    """The rpcs' times (ns) split: (those in which the Sender looked at its
+    brokers, the others). An rpc runs from its SUBMIT sent to its reply read."""
+    t0 = _times(sender, "s", SUBMIT_HEAD, since)
+    t5 = _times(sender, "r", RESULT_HEAD, since)
+    marks = _times(sender, "c", b"", since)
+    n = min(len(t0), len(t5))
+    hit = [False] * n
+    for t in marks:
+        i = bisect.bisect_right(t0, t) - 1
+        if 0 <= i < n and t < t5[i]:
+            hit[i] = True
+    return ([t5[i] - t0[i] for i in range(n) if hit[i]],
+            [t5[i] - t0[i] for i in range(n) if not hit[i]])
 
 
 def _measure(rpc: Callable[[int], Any], n: int, warmup: int) -> tuple[float, int]:
@@ -208,6 +248,7 @@ def run(n: int, warmup: int, tmp: str) -> tuple[float, dict[str, list[int]]]:
     install()
     from sender import Sender
 
+    _mark_looks(Sender)
     endpoint = f"ipc://{tmp}/hops.sock"
     broker = subprocess.Popen(
         _child("import atexit; atexit.register(hops.dump, sys.argv[1]); "
@@ -225,7 +266,11 @@ def run(n: int, warmup: int, tmp: str) -> tuple[float, dict[str, list[int]]]:
             rate, since = _measure(lambda i: s.rpc(METHOD, payload(i)), n, warmup)
     finally:
         _stop(worker, broker)
-    segs = segments(list(_records), load(f"{tmp}/broker.txt"), load(f"{tmp}/worker.txt"), since)
+    mine = list(_records)
+    segs = segments(mine, load(f"{tmp}/broker.txt"), load(f"{tmp}/worker.txt"), since)
+    with_look, without = looks(mine, since)
+    segs[LOOKED] = with_look
+    segs[NOT_LOOKED] = without
     return rate, segs
 
 

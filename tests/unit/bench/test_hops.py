@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 import zmq
 
-from bench.hops import BASELINE_MARKS, RESULT_HEAD, SEGMENTS, SUBMIT_HEAD, _tag, segments
+from bench.hops import (
+    BASELINE_MARKS,
+    LOOKED,
+    NOT_LOOKED,
+    RESULT_HEAD,
+    SEGMENTS,
+    SUBMIT_HEAD,
+    _tag,
+    segments,
+)
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.timeout(120)
@@ -63,3 +72,8 @@ def test_a_real_run_marks_every_rpc_in_all_three_processes(tmp_path: Path, syste
     rpc = segs["the rpc (SUBMIT sent -> reply read)"]
     per_rpc_ns = (sum(rpc) + sum(segs[SEGMENTS[-1]])) / 200
     assert 0.5 < per_rpc_ns * result["rpc_per_s"] / 1e9 < 1.5, (per_rpc_ns, result["rpc_per_s"])
+    if system == "sqm":  # every rpc on one side of the split by the Sender's looks at sqm
+        looked, others = segs[LOOKED], segs[NOT_LOOKED]
+        assert len(looked) + len(others) == 200
+        assert looked, "a Sender looks at sqm every 20 ms: some rpc must hold one"
+        assert sorted(looked + others) == sorted(rpc)
