@@ -232,6 +232,21 @@ def _measure(rpc: Callable[[int], Any], n: int, warmup: int) -> tuple[float, int
     return n / (time.perf_counter() - t0), since
 
 
+def _start(tmp: str, system: str, broker_cmd: list[str],
+           worker_code: str) -> list[subprocess.Popen[bytes]]:
+    """The broker (``broker_cmd``; its socket at ``tmp``/hops.sock), then a worker
+    process running ``worker_code`` and dumping its records to ``tmp``/worker.txt."""
+    procs = [subprocess.Popen(broker_cmd, stderr=subprocess.DEVNULL)]
+    try:
+        wait_until(lambda: os.path.exists(f"{tmp}/hops.sock"), 30, "the broker socket")
+        procs.append(subprocess.Popen(_child(
+            f"{worker_code}; hops.dump({tmp!r} + '/worker.txt')", system=system)))
+    except BaseException:
+        _stop(*procs)
+        raise
+    return procs
+
+
 def _stop(*procs: subprocess.Popen[bytes] | None) -> None:
     for proc in procs:
         if proc is not None:
@@ -250,22 +265,18 @@ def run(n: int, warmup: int, tmp: str) -> tuple[float, dict[str, list[int]]]:
 
     _mark_looks(Sender)
     endpoint = f"ipc://{tmp}/hops.sock"
-    broker = subprocess.Popen(
+    procs = _start(
+        tmp, "sqm",
         _child("import atexit; atexit.register(hops.dump, sys.argv[1]); "
                "sys.argv = ['sqm'] + sys.argv[2:]; from sqm.cli import main; main()",
                f"{tmp}/broker.txt", "serve", "hops", "--endpoint", endpoint),
-        stderr=subprocess.DEVNULL)
-    worker: subprocess.Popen[bytes] | None = None
+        "from bench import sqm_adapter; "
+        f"sqm_adapter.worker_host('hops', {endpoint!r}, 1, {tmp!r} + '/counts.json', 0)")
     try:
-        wait_until(lambda: os.path.exists(f"{tmp}/hops.sock"), 30, "the broker socket")
-        worker = subprocess.Popen(_child(
-            "from bench import sqm_adapter; "
-            f"sqm_adapter.worker_host('hops', {endpoint!r}, 1, {tmp!r} + '/counts.json', 0); "
-            f"hops.dump({tmp!r} + '/worker.txt')"))
         with Sender("hops", endpoint=endpoint, timeout=30) as s:
             rate, since = _measure(lambda i: s.rpc(METHOD, payload(i)), n, warmup)
     finally:
-        _stop(worker, broker)
+        _stop(*procs)
     mine = list(_records)
     segs = segments(mine, load(f"{tmp}/broker.txt"), load(f"{tmp}/worker.txt"), since)
     with_look, without = looks(mine, since)
@@ -281,17 +292,14 @@ def run_baseline(n: int, warmup: int, tmp: str) -> tuple[float, dict[str, list[i
     from bench import baseline
 
     endpoint = f"ipc://{tmp}/hops.sock"
-    broker = subprocess.Popen(_child(
-        "import atexit; atexit.register(hops.dump, sys.argv[1]); "
-        "from bench import baseline; baseline.broker_main(sys.argv[2])",
-        f"{tmp}/broker.txt", endpoint, system="baseline"))
-    worker: subprocess.Popen[bytes] | None = None
+    procs = _start(
+        tmp, "baseline",
+        _child("import atexit; atexit.register(hops.dump, sys.argv[1]); "
+               "from bench import baseline; baseline.broker_main(sys.argv[2])",
+               f"{tmp}/broker.txt", endpoint, system="baseline"),
+        "from bench import baseline; "
+        f"baseline.worker_host('hops', {endpoint!r}, 1, {tmp!r} + '/counts.json', 1)")
     try:
-        wait_until(lambda: os.path.exists(f"{tmp}/hops.sock"), 30, "the broker socket")
-        worker = subprocess.Popen(_child(
-            "from bench import baseline; "
-            f"baseline.worker_host('hops', {endpoint!r}, 1, {tmp!r} + '/counts.json', 1); "
-            f"hops.dump({tmp!r} + '/worker.txt')", system="baseline"))
         client = baseline._Client(endpoint, tmp, 30_000)
         try:
             def rpc(i: int) -> None:
@@ -302,7 +310,7 @@ def run_baseline(n: int, warmup: int, tmp: str) -> tuple[float, dict[str, list[i
         finally:
             client.close()
     finally:
-        _stop(worker, broker)
+        _stop(*procs)
     segs = segments(list(_records), load(f"{tmp}/broker.txt"), load(f"{tmp}/worker.txt"),
                     since, BASELINE_MARKS)
     return rate, segs
