@@ -105,9 +105,10 @@ BATCH = 256  # messages read from one socket per wake-up, at most
 # still held, for its first message (the features it lists), as soon as sqm
 # has nothing to read for ACK_IDLE_MS, and at a tick for messages accepted
 # before the previous tick (after every journal commit instead, in journal
-# mode). Ids whose messages have ended are left out: their replies say more. One send per message would cost ~10 µs
-# of broker CPU per message, and a wake-up per rpc for each of many waiting
-# sequential Senders (W9: 35 % of their throughput).
+# mode). Ids whose messages have ended are left out: their replies say more.
+# One send per message would cost ~10 µs of broker CPU per message, and a
+# wake-up per rpc for each of many waiting sequential Senders (W9: 35 % of
+# their throughput).
 ACK_BATCH = 32
 #: Connections told their first ACCEPTED, remembered at most this many.
 ACK_TOLD_MAX = 65_536
