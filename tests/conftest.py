@@ -49,9 +49,16 @@ def free_port() -> int:
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines the test apps' workers have appended to ``path`` so far.
+
+    A line still being written (no newline yet: the file is read while
+    worker processes append to it) waits for the next look.
+    """
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    done = text[:text.rfind("\n") + 1]
+    return [json.loads(line) for line in done.splitlines() if line.strip()]
 
 
 class Proc:

@@ -6,7 +6,6 @@ ran (tests/apps/abilities.py), so each check is made from both sides.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 
 from sender import Sender
 from sqm.errors import RemoteError
-from tests.conftest import wait_for
+from tests.conftest import read_log, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -22,10 +21,7 @@ APPS = "tests.apps.abilities"
 
 
 def ran(cluster) -> list[dict]:
-    path = Path(cluster.log)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_log(Path(cluster.log))
 
 
 def test_two_specialised_workers_each_run_only_their_method(cluster):

@@ -22,7 +22,7 @@ from sqm.admin import AdminClient
 from sqm.config import resolve
 from sqm.errors import RemoteError
 from sqm.protocol import COMPACT_RESULT, RESULT, classic_result
-from tests.conftest import REPO, Cluster, wait_for
+from tests.conftest import REPO, Cluster, read_log, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -32,11 +32,7 @@ LATE_S = 0.5
 
 
 def runs(cluster: Cluster, method: str | None = None) -> list[dict[str, Any]]:
-    path = Path(cluster.log)
-    if not path.exists():
-        return []
-    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return [e for e in lines if method is None or e["method"] == method]
+    return [e for e in read_log(Path(cluster.log)) if method is None or e["method"] == method]
 
 
 def dead(queue: str = "q") -> list[dict[str, Any]]:

@@ -6,14 +6,13 @@ tests/apps/abilities.py; the workers log each step they ran.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from sender import Sender
 from sqm.errors import Expired, RemoteError
-from tests.conftest import wait_for
+from tests.conftest import read_log, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -21,11 +20,7 @@ APPS = "tests.apps.abilities"
 
 
 def ran(cluster, method: str | None = None) -> list[dict]:
-    path = Path(cluster.log)
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if method is None or r["method"] == method]
+    return [r for r in read_log(Path(cluster.log)) if method is None or r["method"] == method]
 
 
 # ----------------------------------------------------------------- submit / receive / rpc
