@@ -24,6 +24,8 @@ pytestmark = pytest.mark.timeout(300)
 PROCS = 3
 THREADS = 100  # senders per process: 300 in all
 RPCS = 5  # sequential rpcs per sender
+#: eventfds of one ROUTER with a monitor (the ROUTER, the monitor's two PAIR ends).
+ACK_POOL = 3
 
 SENDERS = r"""
 import os, sys, threading
@@ -90,6 +92,23 @@ def test_the_probe_counts_zmq_sockets():
         ctx.term()
 
 
+def test_the_probe_counts_a_monitored_router_as_the_ack_pool():
+    """The allowance for the heartbeat thread's ACK pool is what such a socket costs."""
+    ctx = zmq.Context()
+    keep = ctx.socket(zmq.PAIR)  # the context's own eventfds come with its first socket
+    before, _ = fd_kinds(os.getpid())
+    router = ctx.socket(zmq.ROUTER)
+    monitor = router.get_monitor_socket(zmq.EVENT_CONNECTED)
+    try:
+        after, _ = fd_kinds(os.getpid())
+        assert after - before == ACK_POOL
+    finally:
+        router.disable_monitor()
+        for s in (monitor, router, keep):
+            s.close(0)
+        ctx.term()
+
+
 def test_300_senders_two_workers_one_mailbox_socket_each(cluster: Cluster, rundir: Path):
     cluster.serve("q")
     cluster.worker("q", processes=2)
@@ -126,7 +145,10 @@ def test_300_senders_two_workers_one_mailbox_socket_each(cluster: Cluster, rundi
         conns = during[pid][1] - before[pid][1]
         print(f"worker {pid}: +{zsocks} ZeroMQ sockets, +{conns} connections")
         # Old design: a socket per mailbox (up to 64 more); now the one ROUTER serves them all.
-        assert zsocks <= 1, (pid, before[pid], during[pid])
+        # The one other socket allowed: the heartbeat thread's own ROUTER for re-sent
+        # ACKs (3 eventfds with its monitor's pair), made when a beat finds a message
+        # running, which a loaded 2-core host makes likely (seen in CI).
+        assert zsocks <= ACK_POOL, (pid, before[pid], during[pid])
         served += conns
     # Each mailbox is a connection of its own: between them the workers reached most senders.
     assert served >= PROCS * THREADS, (before, during)
