@@ -51,9 +51,6 @@ from .protocol import (
 
 MAX_JSON = 64 * 1024  # the largest JSON body (hello, report, control) sqm decodes
 MAX_MAILBOX_CACHE = 100_000  # senders whose last mailbox is remembered as allowed
-#: A compact SUBMIT's envelope as sqm reads it: (flags, retries, priority,
-#: deadline, id, method, payload size, envelope end); see SubmitReader.compact_fields.
-CompactFields = tuple[int, int, int, float, bytes, bytes, int, int]
 
 #: Every command a peer may send sqm, by its wire byte (for plugins and tests).
 COMMANDS: dict[bytes, str] = {
@@ -154,13 +151,7 @@ class SubmitReader:
         The frame is kept as it came (``frames``, one frame): it is the
         compact DISPATCH as it stands.
         """
-        return self.compact_message(rid, frames, self.compact_fields(rid_frame, rid, frames[0]))
-
-    def compact_fields(self, rid_frame: zmq.Frame, rid: bytes, frame: bytes) -> CompactFields:
-        """What sqm reads of a compact SUBMIT's envelope, checked (Malformed if not
-        right), mailbox included: (flags, retries, priority, deadline, id, method,
-        payload size, envelope end). Enough to pick a worker before the
-        :class:`Message` is made (:meth:`compact_message`)."""
+        frame = frames[0]
         try:
             (flags, retries, priority, deadline, id_end, mailbox_end, method_end,
              end) = read_compact(frame)
@@ -169,25 +160,19 @@ class SubmitReader:
         mailbox = frame[id_end:mailbox_end]
         if self._mailbox_ok.get(rid) != mailbox:
             self._allow(rid_frame, rid, mailbox)
-        return (flags, retries, priority, deadline, frame[COMPACT_HEAD + HEAD:id_end],
-                frame[mailbox_end:method_end], len(frame) - end, end)
-
-    def compact_message(self, rid: bytes, frames: list[bytes], fields: CompactFields) -> Message:
-        """The :class:`Message` of a compact SUBMIT whose :meth:`compact_fields` are ``fields``."""
-        flags, retries, priority, deadline, msg_id, method, size, end = fields
         msg = Message(
-            msg_id,
+            frame[COMPACT_HEAD + HEAD:id_end],
             rid,
             frames,
-            size=size,
+            size=len(frame) - end,
             oneway=bool(flags & FLAG_ONEWAY),
             retries=retries,
             priority=priority,
             deadline=deadline,
-            method=method,
+            method=frame[mailbox_end:method_end],
         )
         if flags & FLAG_EXTRA:
-            self._read_extra(msg, frames[0][:end])
+            self._read_extra(msg, frame[:end])
         return msg
 
     @staticmethod

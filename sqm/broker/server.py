@@ -36,7 +36,6 @@ from ..core import (
     Reclaim,
     Stop,
     Watch,
-    WorkerState,
 )
 from ..errors import ConfigError
 from ..liveness import REPORT_EVERY, can_watch, keep_alive
@@ -60,7 +59,6 @@ from ..protocol import (
     DONE_FAILED,
     ERROR,
     FEATURES,
-    FLAG_EXTRA,
     FORWARD,
     GIVE_BACK,
     HEARTBEAT,
@@ -82,7 +80,6 @@ from ..protocol import (
 from ..security.keys import KeyPair
 from ..sockets import DEFAULT_IPC_MODE, ensure_ipc_dir, ipc_listener_alive, make_socket
 from ..wire import (
-    CompactFields,
     Malformed,
     SubmitReader,
     read_abilities,
@@ -181,8 +178,6 @@ class QueueServer:
         reader = SubmitReader(self.policy)
         self.read_submit = reader.read
         self.read_compact = reader.read_compact
-        self.compact_fields = reader.compact_fields
-        self.compact_message = reader.compact_message
         self.max_frame = opts.max_message_size + 64 * 1024
         self.bind = settings.bind
         if ipc_listener_alive(self.bind):
@@ -221,8 +216,6 @@ class QueueServer:
         self._acks_due = False  # a sender's first, or ACK_BATCH of one sender's
         self.acks_pending = 0  # ids in both
         self._streaming = False  # handle_burst's last look found more queued
-        self._lone = False  # the message being handled came alone: it may go first
-        self.sent_first = 0  # dispatches sent before the core accounted for them
         self._on_shutdown = on_shutdown
         #: When each unknown connection was last asked to re-register (BYE):
         #: at most once per heartbeat, however much it had queued meanwhile.
@@ -236,9 +229,6 @@ class QueueServer:
         self.core.track_ends = bool(hooks.ended)
         # read once per SUBMIT / per flush: one attribute lookup each
         self._accepted_hooks = hooks.accepted
-        # A lone message goes on before it is accounted for, unless a plugin
-        # must see it accepted first (the journal records it).
-        self._sends_first = not hooks.accepted
         self._before_acks = hooks.before_acks
         self.control_table: dict[str, ControlHandler] = {**BUILTIN_CONTROL, **hooks.control}
         self.handlers: dict[bytes, Handler] = {
@@ -295,11 +285,8 @@ class QueueServer:
         queued at no extra cost. When the last look found nothing queued (a
         lone rpc), the dispatch goes before the look, not after it.
         """
-        self._lone = self._sends_first and not self._streaming and not self.core.outbox
-        sent = self.sent_first
         self.handle_one(first, now)
-        self._lone = False
-        if not self.core.outbox and self.sent_first == sent:
+        if not self.core.outbox:
             self.flush(now)
             return
         if not self._streaming:
@@ -365,48 +352,21 @@ class QueueServer:
     def _take(self, msg: Message, now: float) -> None:
         """Queue a message read from a SUBMIT; its ACCEPTED goes out with the next ones."""
         if self.core.submit(now, msg):
-            self._accepted(msg)
-
-    def _send_first(self, now: float, w: WorkerState, rid: bytes, frames: list[bytes],
-                    fields: CompactFields) -> None:
-        """Send a lone compact SUBMIT on to the slot the core picked, then make its
-        Message and account for it (``core.submitted``), as :meth:`_take` would.
-
-        Its sender waits on this send, not on the bookkeeping, which now runs
-        while the worker works: sqm's share of a W1 rpc fell from ~30 to
-        ~11 µs (BENCHMARKS.md). A send that fails puts it back, as for any.
-        """
-        sock = self.sock
-        try:
-            send_more(sock, w.rid)
-        except zmq.ZMQError:  # EHOSTUNREACH (gone) or EAGAIN (not keeping up)
-            msg = self.compact_message(rid, frames, fields)
-            self.core.submitted(now, msg, w)
-            self.core.unreachable(now, w.rid, msg)
-        else:
-            send_frames(sock, frames if w.compact else classic(frames))
-            self.sent_first += 1
-            msg = self.compact_message(rid, frames, fields)
-            self.core.submitted(now, msg, w)
-        self._accepted(msg)
-
-    def _accepted(self, msg: Message) -> None:
-        """The core accepted ``msg``: the plugins see it; its ACCEPTED waits for the next ones."""
-        if self._accepted_hooks:
-            for accepted in self._accepted_hooks:
-                accepted(self, msg)
-        if not msg.oneway:
-            rid = msg.origin
-            ids = self._acks.get(rid)
-            if ids is None:
-                self._acks[rid] = [msg.id]
-                if rid not in self._told:
-                    self._acks_due = True
-            else:
-                ids.append(msg.id)
-                if len(ids) >= ACK_BATCH:
-                    self._batch_full(ids)
-            self.acks_pending += 1  # sent by flush(), after the dispatches
+            if self._accepted_hooks:
+                for accepted in self._accepted_hooks:
+                    accepted(self, msg)
+            if not msg.oneway:
+                rid = msg.origin
+                ids = self._acks.get(rid)
+                if ids is None:
+                    self._acks[rid] = [msg.id]
+                    if rid not in self._told:
+                        self._acks_due = True
+                else:
+                    ids.append(msg.id)
+                    if len(ids) >= ACK_BATCH:
+                        self._batch_full(ids)
+                self.acks_pending += 1  # sent by flush(), after the dispatches
 
     def _batch_full(self, ids: list[bytes]) -> None:
         """ACK_BATCH of one sender's messages await an ACCEPTED: due if at least
@@ -429,14 +389,7 @@ class QueueServer:
     def _on_compact_submit(self, rid_frame: zmq.Frame, frames: list[bytes], now: float) -> None:
         """Compact SUBMIT: one ``SQM1s`` frame per message (several: a batch)."""
         if len(frames) == 1:
-            rid = rid_frame.bytes
-            fields = self.compact_fields(rid_frame, rid, frames[0])
-            if self._lone and not fields[0] & FLAG_EXTRA:
-                w = self.core.pick(now, fields[4], fields[5], fields[6], fields[3])
-                if w is not None:
-                    self._send_first(now, w, rid, frames, fields)
-                    return
-            self._take(self.compact_message(rid, frames, fields), now)
+            self._take(self.read_compact(rid_frame, rid_frame.bytes, frames), now)
             return
         if len(frames) > MAX_SUBMIT_BATCH:
             raise Malformed(f"a compact submit carries at most {MAX_SUBMIT_BATCH} messages; "

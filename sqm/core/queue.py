@@ -251,71 +251,6 @@ class QueueCore:
 
     # ------------------------------------------------------------------ senders
 
-    def pick(self, now: float, msg_id: bytes, method: bytes, size: int,
-             deadline: float) -> WorkerState | None:
-        """Take the free slot :meth:`submit` would give a new message at once.
-
-        For an I/O layer that sends a lone message on before it accounts for
-        it (the sender waits on that send; the accounting can follow it): it
-        reads only the envelope's fields here, takes the slot, sends, then
-        calls :meth:`submitted`, which does exactly what :meth:`submit`
-        would have. None when :meth:`submit` would do anything else (refuse,
-        hold, queue): then call that. A message that is scheduled
-        (``not_before``) must go to :meth:`submit`.
-        """
-        if (msg_id in self._live or size > self.max_message_size
-                or (deadline and deadline <= now) or not self.dispatching):
-            return None
-        mq = self._mq.get(method, NO_QUEUE)
-        if mq.pending or not (mq.idle or self._idle):
-            return None
-        return self._free_slot(mq)
-
-    def submitted(self, now: float, msg: Message, w: WorkerState) -> None:
-        """Account for ``msg``, sent to ``w`` as :meth:`pick` chose: what
-        :meth:`submit` does for it, but no Dispatch in the outbox (it went)."""
-        stats = self.methods.get(msg.method)
-        if stats is None:
-            stats = self._method_stats(msg.method)
-        msg.stats = stats
-        self._sent_now(now, msg, w, stats)
-
-    def _free_slot(self, mq: MethodQueue) -> WorkerState | None:
-        """The admission fast path's slot for a message of ``mq`` (taken), or None."""
-        own = mq.idle
-        if own and not self._idle:  # only specialised workers: the usual case
-            head = own.popleft()
-            while head.free <= 0 and own:  # stale: took work elsewhere, or left
-                head = own.popleft()
-            return head if head.free > 0 else None
-        return self._idle_worker(mq)
-
-    def _sent_now(self, now: float, msg: Message, w: WorkerState, stats: MethodStats) -> None:
-        """_dispatch, specialised for the admission fast path: ``msg`` goes to
-        ``w`` as it comes, having waited 0 s (the wait histogram's first bucket)."""
-        self._seq += 1
-        mid = msg.id
-        msg.seq = self._seq
-        msg.submitted_at = msg.dispatched_at = now
-        self._live[mid] = msg
-        if msg.time_limit or w.time_limit:
-            self._limit(msg, w)
-        msg.state = INFLIGHT
-        msg.worker = w
-        msg.deliveries += 1
-        stats.assigned += 1
-        stats.wait.counts[0] += 1
-        if not w.in_flight:
-            w.busy_since = now
-        w.in_flight[mid] = msg
-        if (len(w.in_flight) >= w.concurrency and w.prefetches and not w.watch_at
-                and len(self.workers) > 1):
-            self._watch(w, now + self.reclaim_after)  # busy, with room for more: watch
-        w.free -= 1
-        w.last_sent = now
-        self.in_flight += 1
-        self.assigned_total += 1
-
     def submit(self, now: float, msg: Message) -> bool:
         """Accept a message (or refuse it at once) and dispatch what can be.
 
@@ -358,9 +293,40 @@ class QueueCore:
             return self._hold(now, msg)
         if not mq.pending and self.dispatching and (mq.idle or self._idle):
             # Fast path: a free slot and nothing of this method queued ahead.
-            w = self._free_slot(mq)
+            own = mq.idle
+            w: WorkerState | None
+            if own and not self._idle:  # only specialised workers: the usual case
+                head = own.popleft()
+                while head.free <= 0 and own:  # stale: took work elsewhere, or left
+                    head = own.popleft()
+                w = head if head.free > 0 else None
+            else:
+                w = self._idle_worker(mq)
             if w is not None:
-                self._sent_now(now, msg, w, stats)
+                # _dispatch, inlined and specialised for the hot path: the
+                # message waited 0 s (the first bucket of the wait histogram).
+                self._seq += 1
+                mid = msg.id
+                msg.seq = self._seq
+                msg.submitted_at = msg.dispatched_at = now
+                self._live[mid] = msg
+                if msg.time_limit or w.time_limit:
+                    self._limit(msg, w)
+                msg.state = INFLIGHT
+                msg.worker = w
+                msg.deliveries += 1
+                stats.assigned += 1
+                stats.wait.counts[0] += 1
+                if not w.in_flight:
+                    w.busy_since = now
+                w.in_flight[mid] = msg
+                if (len(w.in_flight) >= w.concurrency and w.prefetches and not w.watch_at
+                        and len(self.workers) > 1):
+                    self._watch(w, now + self.reclaim_after)  # busy, with room for more: watch
+                w.free -= 1
+                w.last_sent = now
+                self.in_flight += 1
+                self.assigned_total += 1
                 self.outbox.append(_new_tuple(Dispatch, (w.rid, msg)))
                 return True
         if self.pending >= self.max_pending:

@@ -77,7 +77,6 @@ from sqm.core import (
     OUT_FAIL,
     OUT_HEARTBEAT,
     OUT_WATCH,
-    Dispatch,
     Message,
     QueueCore,
     as_tuple,
@@ -92,20 +91,6 @@ MAX_PENDING = 6
 T0 = 1_000_000.0
 
 FAIL_KINDS = {"Malformed", "Expired", "QueueFull", "WorkerLost", "BrokerShutdown", "Purged"}
-
-
-def submit_first(core: QueueCore, now: float, msg: Message) -> bool:
-    """What QueueServer._send_first asks of the core for a lone message: the
-    slot (pick), the send, then the accounting (submitted); core.submit when
-    pick finds none. The dispatch it sends stands in the outbox here, where
-    the machines check what went."""
-    w = core.pick(now, msg.id, msg.method, msg.size, msg.deadline)
-    if w is None:
-        return core.submit(now, msg)
-    event("a lone message sent before it was accounted for")
-    core.submitted(now, msg, w)
-    core.outbox.append(Dispatch(w.rid, msg))
-    return True
 
 
 # --------------------------------------------------------------------------- model
@@ -674,13 +659,8 @@ class CoreMachine(RuleBasedStateMachine):
         retries=st.integers(0, 3),
         deadline=st.one_of(st.none(), st.sampled_from([-1.0, 0.0, 0.5, 1.0, 2.0, 3.5, 6.0])),
         oneway=st.booleans(),
-        first=st.booleans(),
     )
-    def submit(self, priority: int, retries: int, deadline: float | None, oneway: bool,
-               first: bool) -> None:
-        """``first``: as the server takes a lone message, picking its slot
-        (core.pick) and sending it before the core accounts for it
-        (core.submitted); else core.submit. The model expects the same of both."""
+    def submit(self, priority: int, retries: int, deadline: float | None, oneway: bool) -> None:
         self.steps += 1
         mid = b"m%d" % next(self.ids)
         msg = Message(
@@ -694,9 +674,7 @@ class CoreMachine(RuleBasedStateMachine):
         )
         self.submitted.append(msg)
         self.model.submit(msg, retries)
-        call = (lambda: submit_first(self.core, self.now, msg)) if first else (
-            lambda: self.core.submit(self.now, msg))
-        if self._run(f"submit({mid!r}, first={first})", call):
+        if self._run(f"submit({mid!r})", lambda: self.core.submit(self.now, msg)):
             self.accepted.add(msg)
 
     def _hello(self, label: str, rid: bytes, slots: int, asks: bool, watchable: bool) -> None:
@@ -1184,16 +1162,13 @@ class AbilitiesMachine(RuleBasedStateMachine):
         self._step(lambda: self.core.hello(self.now, rid, info))
 
     @rule(method=st.sampled_from(METHODS), priority=st.integers(0, 2),
-          deadline=st.one_of(st.none(), st.floats(0.5, 6.0)), first=st.booleans())
-    def submit(self, method: str, priority: int, deadline, first: bool) -> None:
+          deadline=st.one_of(st.none(), st.floats(0.5, 6.0)))
+    def submit(self, method: str, priority: int, deadline) -> None:
         mid = b"m%d" % next(self.mids)
         m = Message(mid, b"origin", None, method=method.encode(), priority=priority,
                     deadline=self.now + deadline if deadline else 0.0)
         result: list[bool] = []
-        if first:  # as the server takes a lone message (see submit_first)
-            self._step(lambda: result.append(submit_first(self.core, self.now, m)))
-        else:
-            self._step(lambda: result.append(self.core.submit(self.now, m)))
+        self._step(lambda: result.append(self.core.submit(self.now, m)))
         if result[0]:
             self.accepted.add(mid)
 
